@@ -1,0 +1,231 @@
+//! Multi-head attention with a hook: every attention call in the UNet knows its identity
+//! (execution index, self/cross, diffusers module path, spatial size) and lets an
+//! [`AttentionHook`] add a bias to the logits before the softmax and read the probabilities.
+//!
+//! With no hook (or a hook that declines a layer) attention runs the plain path; the math is the
+//! same, only nothing is reported.
+
+use candle_core::{DType, Tensor};
+
+use super::nn::{softmax_last, Linear};
+use super::weights::Scope;
+use crate::error::Result;
+
+/// Whether an attention layer attends to the image itself or to the text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AttnKind {
+    /// `attn1`: queries and keys are image positions.
+    SelfAttn,
+    /// `attn2`: queries are image positions, keys are text tokens.
+    CrossAttn,
+}
+
+/// The identity of one attention call, handed to the hook.
+#[derive(Clone, Debug)]
+pub struct AttnCall<'a> {
+    /// Execution index over all attention calls of one UNet forward (0..32 for SD: even =
+    /// self, odd = cross, as counted by the released MIFO / Bounded-Attention code).
+    pub index: usize,
+    /// Execution index among calls of the same kind (cross-attention 0..16 for SD).
+    pub kind_index: usize,
+    /// Self- or cross-attention.
+    pub kind: AttnKind,
+    /// The diffusers module path, e.g. `up_blocks.1.attentions.0.transformer_blocks.0.attn2`.
+    pub path: &'a str,
+    /// Feature-map height of the queries.
+    pub height: usize,
+    /// Feature-map width of the queries (query index `q = y·width + x`).
+    pub width: usize,
+    /// Number of heads.
+    pub heads: usize,
+    /// Batch size.
+    pub batch: usize,
+    /// Number of keys (h·w for self-attention, the text length for cross-attention).
+    pub key_len: usize,
+}
+
+/// Observes and edits attention. All methods have do-nothing defaults.
+pub trait AttentionHook {
+    /// Whether this call should be reported to [`AttentionHook::probs`] and asked for a bias.
+    fn wants(&mut self, _call: &AttnCall) -> bool {
+        true
+    }
+
+    /// An additive bias for the logits, broadcastable to `[batch, heads, queries, keys]`
+    /// (use a large negative value such as -1e4 / `f32::MIN` to mask), or `None`.
+    fn logit_bias(&mut self, _call: &AttnCall) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    /// The post-softmax probabilities `[batch, heads, queries, keys]` (after the bias).
+    /// They stay on the autograd graph, so losses built from them are differentiable.
+    fn probs(&mut self, _call: &AttnCall, _probs: &Tensor) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Per-forward state: the optional hook and the running call counters.
+pub struct HookCtx<'h> {
+    hook: Option<&'h mut dyn AttentionHook>,
+    next_index: usize,
+    next_self: usize,
+    next_cross: usize,
+}
+
+impl<'h> HookCtx<'h> {
+    /// A context around an optional hook.
+    pub fn new(hook: Option<&'h mut dyn AttentionHook>) -> Self {
+        Self {
+            hook,
+            next_index: 0,
+            next_self: 0,
+            next_cross: 0,
+        }
+    }
+
+    /// Number of attention calls seen so far.
+    pub fn calls(&self) -> usize {
+        self.next_index
+    }
+}
+
+/// One attention module (`attn1` / `attn2` of a transformer block, or the VAE mid attention).
+#[derive(Clone, Debug)]
+pub struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+    head_dim: usize,
+    kind: AttnKind,
+    path: String,
+    upcast: bool,
+}
+
+impl Attention {
+    /// Loads `to_q/to_k/to_v/to_out.0` from `s`. `context_dim` is the key/value input width
+    /// (the query width for self-attention). `qkv_bias` is false in the UNet, true in the VAE.
+    #[allow(clippy::too_many_arguments)]
+    pub fn load(
+        s: &Scope,
+        query_dim: usize,
+        context_dim: usize,
+        heads: usize,
+        head_dim: usize,
+        kind: AttnKind,
+        qkv_bias: bool,
+        upcast: bool,
+    ) -> Result<Self> {
+        let inner = heads * head_dim;
+        // Older VAE checkpoints name the projections query/key/value/proj_attn.
+        let legacy = !s.contains("to_q.weight") && s.contains("query.weight");
+        let (q, k, v, o) = if legacy {
+            ("query", "key", "value", s.pp("proj_attn"))
+        } else {
+            ("to_q", "to_k", "to_v", s.pp("to_out").pp(0))
+        };
+        Ok(Self {
+            to_q: Linear::load(&s.pp(q), query_dim, inner, qkv_bias)?,
+            to_k: Linear::load(&s.pp(k), context_dim, inner, qkv_bias)?,
+            to_v: Linear::load(&s.pp(v), context_dim, inner, qkv_bias)?,
+            to_out: Linear::load(&o, inner, query_dim, true)?,
+            heads,
+            head_dim,
+            kind,
+            path: s.path().to_string(),
+            upcast,
+        })
+    }
+
+    /// The module path (diffusers naming).
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// Number of heads.
+    pub fn heads(&self) -> usize {
+        self.heads
+    }
+
+    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, n, _) = x.dims3()?;
+        Ok(x.reshape((b, n, self.heads, self.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?)
+    }
+
+    /// `x` [B, N, query_dim]; `context` [B, M, context_dim] for cross-attention (None for
+    /// self-attention); `(height, width)` is the query feature map (N = height·width).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        (height, width): (usize, usize),
+        ctx: &mut HookCtx,
+    ) -> Result<Tensor> {
+        let (batch, n, _) = x.dims3()?;
+        let kv_in = context.unwrap_or(x);
+        let key_len = kv_in.dim(1)?;
+        let q = self.split_heads(&self.to_q.forward(x)?)?;
+        let k = self.split_heads(&self.to_k.forward(kv_in)?)?;
+        let v = self.split_heads(&self.to_v.forward(kv_in)?)?;
+
+        let index = ctx.next_index;
+        ctx.next_index += 1;
+        let kind_index = match self.kind {
+            AttnKind::SelfAttn => {
+                ctx.next_self += 1;
+                ctx.next_self - 1
+            }
+            AttnKind::CrossAttn => {
+                ctx.next_cross += 1;
+                ctx.next_cross - 1
+            }
+        };
+        let call = AttnCall {
+            index,
+            kind_index,
+            kind: self.kind,
+            path: &self.path,
+            height,
+            width,
+            heads: self.heads,
+            batch,
+            key_len,
+        };
+        let mut hook = match ctx.hook.as_deref_mut() {
+            Some(h) => {
+                if h.wants(&call) {
+                    Some(h)
+                } else {
+                    None
+                }
+            }
+            None => None,
+        };
+
+        let in_dtype = q.dtype();
+        let (q, k) = if self.upcast && in_dtype != DType::F64 {
+            (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?)
+        } else {
+            (q, k)
+        };
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let mut logits = (q.matmul(&k.t()?)? * scale)?;
+        if let Some(h) = hook.as_deref_mut() {
+            if let Some(bias) = h.logit_bias(&call)? {
+                logits = logits.broadcast_add(&bias.to_dtype(logits.dtype())?)?;
+            }
+        }
+        let probs = softmax_last(&logits)?.to_dtype(in_dtype)?;
+        if let Some(h) = hook {
+            h.probs(&call, &probs)?;
+        }
+        let out = probs.matmul(&v)?; // [B, heads, N, d]
+        let out = out
+            .transpose(1, 2)?
+            .reshape((batch, n, self.heads * self.head_dim))?;
+        self.to_out.forward(&out)
+    }
+}

@@ -1,0 +1,287 @@
+//! Blocks shared by the UNet and the VAE: ResNet blocks, down/up-sampling, and the spatial
+//! transformer (`Transformer2DModel` with `BasicTransformerBlock`s) of the UNet.
+
+use candle_core::{Tensor, D};
+
+use super::attention::{AttnKind, Attention, HookCtx};
+use super::nn::{resize_nearest, Conv2d, GroupNorm, LayerNorm, Linear};
+use super::weights::Scope;
+use crate::error::Result;
+
+/// `ResnetBlock2D`: two norm-SiLU-conv stages, an optional time-embedding projection, and a
+/// 1×1 shortcut when the channel count changes.
+#[derive(Clone, Debug)]
+pub struct ResnetBlock {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    time_emb_proj: Option<Linear>,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    shortcut: Option<Conv2d>,
+    output_scale: f64,
+}
+
+/// Shape parameters of a [`ResnetBlock`].
+#[derive(Clone, Copy, Debug)]
+pub struct ResnetParams {
+    /// Group-norm groups.
+    pub groups: usize,
+    /// Group-norm epsilon.
+    pub eps: f64,
+    /// Width of the time embedding, or None (VAE).
+    pub temb_dim: Option<usize>,
+    /// The block's output is divided by this (diffusers `output_scale_factor`).
+    pub output_scale: f64,
+}
+
+impl ResnetBlock {
+    /// Loads a block mapping `in_ch` to `out_ch` channels.
+    pub fn load(s: &Scope, in_ch: usize, out_ch: usize, p: ResnetParams) -> Result<Self> {
+        let shortcut = if in_ch != out_ch || s.contains("conv_shortcut.weight") {
+            Some(Conv2d::load(&s.pp("conv_shortcut"), in_ch, out_ch, 1, 1, 0)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            norm1: GroupNorm::load(&s.pp("norm1"), p.groups, in_ch, p.eps)?,
+            conv1: Conv2d::load(&s.pp("conv1"), in_ch, out_ch, 3, 1, 1)?,
+            time_emb_proj: match p.temb_dim {
+                Some(t) => Some(Linear::load(&s.pp("time_emb_proj"), t, out_ch, true)?),
+                None => None,
+            },
+            norm2: GroupNorm::load(&s.pp("norm2"), p.groups, out_ch, p.eps)?,
+            conv2: Conv2d::load(&s.pp("conv2"), out_ch, out_ch, 3, 1, 1)?,
+            shortcut,
+            output_scale: p.output_scale,
+        })
+    }
+
+    /// `x` [B, C, H, W]; `temb` [B, T] is the time embedding (required iff the block has one).
+    pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
+        let mut h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb) {
+            let t = proj.forward(&t.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
+            h = h.broadcast_add(&t)?;
+        }
+        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let skip = match &self.shortcut {
+            Some(c) => c.forward(x)?,
+            None => x.clone(),
+        };
+        let out = (skip + h)?;
+        if self.output_scale != 1.0 {
+            Ok((out / self.output_scale)?)
+        } else {
+            Ok(out)
+        }
+    }
+}
+
+/// `Downsample2D`: a stride-2 3×3 convolution (`padding` 0 means diffusers' asymmetric
+/// right/bottom zero padding, as in the VAE encoder).
+#[derive(Clone, Debug)]
+pub struct Downsample {
+    conv: Conv2d,
+    asymmetric_pad: bool,
+}
+
+impl Downsample {
+    /// Loads `conv` from `s` (the `downsamplers.0` scope).
+    pub fn load(s: &Scope, channels: usize, padding: usize) -> Result<Self> {
+        Ok(Self {
+            conv: Conv2d::load(&s.pp("conv"), channels, channels, 3, 2, padding)?,
+            asymmetric_pad: padding == 0,
+        })
+    }
+
+    /// Halves the spatial size.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.asymmetric_pad {
+            let x = x.pad_with_zeros(D::Minus1, 0, 1)?.pad_with_zeros(D::Minus2, 0, 1)?;
+            self.conv.forward(&x)
+        } else {
+            self.conv.forward(x)
+        }
+    }
+}
+
+/// `Upsample2D`: nearest upsampling followed by a 3×3 convolution.
+#[derive(Clone, Debug)]
+pub struct Upsample {
+    conv: Conv2d,
+}
+
+impl Upsample {
+    /// Loads `conv` from `s` (the `upsamplers.0` scope).
+    pub fn load(s: &Scope, channels: usize) -> Result<Self> {
+        Ok(Self {
+            conv: Conv2d::load(&s.pp("conv"), channels, channels, 3, 1, 1)?,
+        })
+    }
+
+    /// Upsamples to `size` (h, w), or 2× when `None`.
+    pub fn forward(&self, x: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        let (oh, ow) = size.unwrap_or((2 * h, 2 * w));
+        self.conv.forward(&resize_nearest(x, oh, ow)?)
+    }
+}
+
+/// `FeedForward` with GEGLU: `net.0.proj` to 2×inner, `h · gelu(gate)`, `net.2` back.
+#[derive(Clone, Debug)]
+struct GegluFeedForward {
+    proj: Linear,
+    out: Linear,
+}
+
+impl GegluFeedForward {
+    fn load(s: &Scope, dim: usize, inner: usize) -> Result<Self> {
+        Ok(Self {
+            proj: Linear::load(&s.pp("net.0.proj"), dim, inner * 2, true)?,
+            out: Linear::load(&s.pp("net.2"), inner, dim, true)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.proj.forward(x)?;
+        let chunks = h.chunk(2, D::Minus1)?;
+        let gated = (&chunks[0] * chunks[1].gelu_erf()?)?;
+        self.out.forward(&gated)
+    }
+}
+
+/// `BasicTransformerBlock`: self-attention, cross-attention and a GEGLU feed-forward, each
+/// pre-normed with a LayerNorm and added back to the residual stream.
+#[derive(Clone, Debug)]
+struct TransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff: GegluFeedForward,
+}
+
+/// Shape parameters of a [`SpatialTransformer`].
+#[derive(Clone, Copy, Debug)]
+pub struct TransformerParams {
+    /// Number of attention heads.
+    pub heads: usize,
+    /// Channels per head.
+    pub head_dim: usize,
+    /// Number of `BasicTransformerBlock`s.
+    pub layers: usize,
+    /// Width of the text states.
+    pub context_dim: usize,
+    /// Group-norm groups of the input norm.
+    pub groups: usize,
+    /// Linear (SD 2.x) or 1×1-conv (SD 1.x) `proj_in` / `proj_out`.
+    pub linear_projection: bool,
+    /// Compute attention logits and softmax in f32 even for f16/bf16 weights.
+    pub upcast_attention: bool,
+}
+
+enum Projection {
+    Linear(Linear),
+    Conv(Conv2d),
+}
+
+/// `Transformer2DModel` over a feature map: norm, project in, transformer blocks, project out,
+/// residual.
+pub struct SpatialTransformer {
+    norm: GroupNorm,
+    proj_in: Projection,
+    blocks: Vec<TransformerBlock>,
+    proj_out: Projection,
+}
+
+impl SpatialTransformer {
+    /// Loads a spatial transformer over `channels` channels.
+    pub fn load(s: &Scope, channels: usize, p: TransformerParams) -> Result<Self> {
+        let inner = p.heads * p.head_dim;
+        let (proj_in, proj_out) = if p.linear_projection {
+            (
+                Projection::Linear(Linear::load(&s.pp("proj_in"), channels, inner, true)?),
+                Projection::Linear(Linear::load(&s.pp("proj_out"), inner, channels, true)?),
+            )
+        } else {
+            (
+                Projection::Conv(Conv2d::load(&s.pp("proj_in"), channels, inner, 1, 1, 0)?),
+                Projection::Conv(Conv2d::load(&s.pp("proj_out"), inner, channels, 1, 1, 0)?),
+            )
+        };
+        let mut blocks = Vec::with_capacity(p.layers);
+        for i in 0..p.layers {
+            let b = s.pp("transformer_blocks").pp(i);
+            blocks.push(TransformerBlock {
+                norm1: LayerNorm::load(&b.pp("norm1"), inner, 1e-5)?,
+                attn1: Attention::load(
+                    &b.pp("attn1"),
+                    inner,
+                    inner,
+                    p.heads,
+                    p.head_dim,
+                    AttnKind::SelfAttn,
+                    false,
+                    p.upcast_attention,
+                )?,
+                norm2: LayerNorm::load(&b.pp("norm2"), inner, 1e-5)?,
+                attn2: Attention::load(
+                    &b.pp("attn2"),
+                    inner,
+                    p.context_dim,
+                    p.heads,
+                    p.head_dim,
+                    AttnKind::CrossAttn,
+                    false,
+                    p.upcast_attention,
+                )?,
+                norm3: LayerNorm::load(&b.pp("norm3"), inner, 1e-5)?,
+                ff: GegluFeedForward::load(&b.pp("ff"), inner, inner * 4)?,
+            });
+        }
+        Ok(Self {
+            norm: GroupNorm::load(&s.pp("norm"), p.groups, channels, 1e-6)?,
+            proj_in,
+            blocks,
+            proj_out,
+        })
+    }
+
+    /// `x` [B, C, H, W], `context` [B, M, context_dim].
+    pub fn forward(&self, x: &Tensor, context: &Tensor, ctx: &mut HookCtx) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let to_tokens = |t: &Tensor| -> Result<Tensor> {
+            let ch = t.dim(1)?;
+            Ok(t.permute((0, 2, 3, 1))?.reshape((b, h * w, ch))?)
+        };
+        let normed = self.norm.forward(x)?;
+        let mut tokens = match &self.proj_in {
+            Projection::Linear(l) => l.forward(&to_tokens(&normed)?)?,
+            Projection::Conv(cv) => to_tokens(&cv.forward(&normed)?)?,
+        };
+        for blk in &self.blocks {
+            let a = blk
+                .attn1
+                .forward(&blk.norm1.forward(&tokens)?, None, (h, w), ctx)?;
+            tokens = (tokens + a)?;
+            let a = blk
+                .attn2
+                .forward(&blk.norm2.forward(&tokens)?, Some(context), (h, w), ctx)?;
+            tokens = (tokens + a)?;
+            tokens = (&tokens + blk.ff.forward(&blk.norm3.forward(&tokens)?)?)?;
+        }
+        let out = match &self.proj_out {
+            Projection::Linear(l) => {
+                let t = l.forward(&tokens)?;
+                t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?
+            }
+            Projection::Conv(cv) => {
+                let inner = tokens.dim(2)?;
+                let t = tokens.reshape((b, h, w, inner))?.permute((0, 3, 1, 2))?;
+                cv.forward(&t.contiguous()?)?
+            }
+        };
+        Ok((out + x)?)
+    }
+}

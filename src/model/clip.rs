@@ -1,0 +1,252 @@
+//! CLIP text transformer (`CLIPTextModel`) that embeds token ids with a frozen vocabulary table
+//! plus a separate, trainable tensor for the placeholder rows.
+//!
+//! Ids below the base vocabulary size read the frozen table; ids `base + i` read row `i` of the
+//! placeholder tensor. The table is never copied or concatenated, and because it is a plain
+//! tensor an optimiser (and its weight decay) cannot touch it.
+
+use std::path::Path;
+use std::rc::Rc;
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::json;
+
+use super::config::ConfigJson;
+use super::nn::{softmax_last, Activation, LayerNorm, Linear};
+use super::weights::{Scope, WeightFile};
+use crate::error::{Error, Result};
+
+/// The resolved text-encoder configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClipConfig {
+    /// Base vocabulary size (rows of the frozen table).
+    pub vocab_size: usize,
+    /// Hidden width.
+    pub hidden_size: usize,
+    /// MLP width.
+    pub intermediate_size: usize,
+    /// Number of transformer layers.
+    pub num_layers: usize,
+    /// Number of attention heads.
+    pub num_heads: usize,
+    /// Length of the position table (77).
+    pub max_positions: usize,
+    /// MLP activation.
+    pub activation: Activation,
+    /// LayerNorm epsilon.
+    pub layer_norm_eps: f64,
+}
+
+impl ClipConfig {
+    /// Reads and validates a transformers `CLIPTextModel` config.
+    pub fn from_json(c: &ConfigJson) -> Result<Self> {
+        let act_name = c.str_or("hidden_act", "quick_gelu")?;
+        let activation = Activation::parse(&act_name).ok_or_else(|| {
+            Error::file(c.path(), format!("key `hidden_act`: `{act_name}` is not supported by mifo"))
+        })?;
+        c.require_one_of("model_type", &[json!("clip_text_model")])?;
+        let cfg = Self {
+            vocab_size: c.usize_or("vocab_size", 49408)?,
+            hidden_size: c.usize_or("hidden_size", 512)?,
+            intermediate_size: c.usize_or("intermediate_size", 2048)?,
+            num_layers: c.usize_or("num_hidden_layers", 12)?,
+            num_heads: c.usize_or("num_attention_heads", 8)?,
+            max_positions: c.usize_or("max_position_embeddings", 77)?,
+            activation,
+            layer_norm_eps: c.f64_or("layer_norm_eps", 1e-5)?,
+        };
+        if cfg.num_heads == 0 || cfg.hidden_size % cfg.num_heads != 0 {
+            return Err(Error::file(
+                c.path(),
+                format!(
+                    "hidden_size {} is not divisible by num_attention_heads {}",
+                    cfg.hidden_size, cfg.num_heads
+                ),
+            ));
+        }
+        Ok(cfg)
+    }
+}
+
+struct EncoderLayer {
+    ln1: LayerNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+    ln2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+/// The CLIP text transformer.
+pub struct ClipTextModel {
+    config: ClipConfig,
+    token_table: Tensor,
+    positions: Tensor,
+    layers: Vec<EncoderLayer>,
+    final_ln: LayerNorm,
+    device: Device,
+}
+
+impl ClipTextModel {
+    /// Loads from a transformers `text_encoder/` folder.
+    pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let config = ClipConfig::from_json(&ConfigJson::read(&dir.join("config.json"))?)?;
+        let file = super::loader::find_weights(dir, "model")?;
+        let weights = Rc::new(WeightFile::load(&file, dtype, device)?);
+        Self::load(config, weights, device)
+    }
+
+    /// Builds the model from a config and weights (keys with or without the `text_model.`
+    /// prefix).
+    pub fn load(config: ClipConfig, weights: Rc<WeightFile>, device: &Device) -> Result<Self> {
+        let root = Scope::root(weights.clone());
+        let s = if weights.contains("text_model.embeddings.token_embedding.weight") {
+            root.pp("text_model")
+        } else {
+            root
+        };
+        let d = config.hidden_size;
+        let eps = config.layer_norm_eps;
+        let emb = s.pp("embeddings");
+        let token_table = emb.get("token_embedding.weight", (config.vocab_size, d))?;
+        let positions = emb.get("position_embedding.weight", (config.max_positions, d))?;
+        let mut layers = Vec::with_capacity(config.num_layers);
+        for i in 0..config.num_layers {
+            let l = s.pp("encoder.layers").pp(i);
+            let a = l.pp("self_attn");
+            layers.push(EncoderLayer {
+                ln1: LayerNorm::load(&l.pp("layer_norm1"), d, eps)?,
+                q: Linear::load(&a.pp("q_proj"), d, d, true)?,
+                k: Linear::load(&a.pp("k_proj"), d, d, true)?,
+                v: Linear::load(&a.pp("v_proj"), d, d, true)?,
+                out: Linear::load(&a.pp("out_proj"), d, d, true)?,
+                ln2: LayerNorm::load(&l.pp("layer_norm2"), d, eps)?,
+                fc1: Linear::load(&l.pp("mlp.fc1"), d, config.intermediate_size, true)?,
+                fc2: Linear::load(&l.pp("mlp.fc2"), config.intermediate_size, d, true)?,
+            });
+        }
+        let final_ln = LayerNorm::load(&s.pp("final_layer_norm"), d, eps)?;
+        Ok(Self {
+            config,
+            token_table,
+            positions,
+            layers,
+            final_ln,
+            device: device.clone(),
+        })
+    }
+
+    /// The resolved configuration.
+    pub fn config(&self) -> &ClipConfig {
+        &self.config
+    }
+
+    /// The frozen vocabulary table [vocab, hidden].
+    pub fn token_table(&self) -> &Tensor {
+        &self.token_table
+    }
+
+    /// Rows of the frozen table for `ids` (e.g. to initialise placeholders from words).
+    pub fn token_rows(&self, ids: &[u32]) -> Result<Tensor> {
+        let idx = Tensor::new(ids, &self.device)?;
+        Ok(self.token_table.index_select(&idx, 0)?)
+    }
+
+    /// Mean of all rows of the frozen table [hidden] (the "vocabulary mean" initialisation).
+    pub fn mean_token_row(&self) -> Result<Tensor> {
+        Ok(self.token_table.mean(0)?)
+    }
+
+    /// Embeds `ids` [B, L] (u32 or i64) with the frozen table and, for ids at or above the base
+    /// vocabulary, the rows of `extra` [N, hidden]; returns [B, L, hidden].
+    pub fn embed_tokens(&self, ids: &Tensor, extra: Option<&Tensor>) -> Result<Tensor> {
+        let (b, l) = ids.dims2()?;
+        let flat: Vec<u32> = ids.to_dtype(DType::U32)?.flatten_all()?.to_vec1()?;
+        let base = self.config.vocab_size as u32;
+        let n_extra = extra.map(|e| e.dim(0)).transpose()?.unwrap_or(0) as u32;
+        if let Some(&bad) = flat.iter().find(|&&i| i >= base + n_extra) {
+            return Err(Error::Input(format!(
+                "token id {bad} is outside the vocabulary ({base} words + {n_extra} placeholders)"
+            )));
+        }
+        let base_ids: Vec<u32> = flat.iter().map(|&i| if i < base { i } else { 0 }).collect();
+        let base_ids = Tensor::new(base_ids, &self.device)?;
+        let mut emb = self.token_table.index_select(&base_ids, 0)?;
+        if let Some(extra) = extra {
+            if flat.iter().any(|&i| i >= base) {
+                let extra_ids: Vec<u32> = flat
+                    .iter()
+                    .map(|&i| if i >= base { i - base } else { 0 })
+                    .collect();
+                let is_extra: Vec<u8> = flat.iter().map(|&i| u8::from(i >= base)).collect();
+                let extra_ids = Tensor::new(extra_ids, &self.device)?;
+                let is_extra = Tensor::new(is_extra, &self.device)?
+                    .unsqueeze(1)?
+                    .broadcast_as(emb.shape())?;
+                let extra_emb = extra
+                    .to_dtype(emb.dtype())?
+                    .index_select(&extra_ids, 0)?;
+                emb = is_extra.where_cond(&extra_emb, &emb)?;
+            }
+        }
+        Ok(emb.reshape((b, l, self.config.hidden_size))?)
+    }
+
+    /// The last hidden state after the final layer norm, [B, L, hidden], for token ids
+    /// [B, L]; `extra` holds the placeholder rows (ids `vocab_size + i`).
+    pub fn forward(&self, ids: &Tensor, extra: Option<&Tensor>) -> Result<Tensor> {
+        let emb = self.embed_tokens(ids, extra)?;
+        self.forward_embeds(&emb)
+    }
+
+    /// The transformer on token embeddings [B, L, hidden] (positions are added here).
+    pub fn forward_embeds(&self, token_embeds: &Tensor) -> Result<Tensor> {
+        let (b, l, d) = token_embeds.dims3()?;
+        if l > self.config.max_positions {
+            return Err(Error::Input(format!(
+                "{l} tokens exceed the text encoder's {} positions",
+                self.config.max_positions
+            )));
+        }
+        let heads = self.config.num_heads;
+        let hd = d / heads;
+        let pos = self.positions.narrow(0, 0, l)?.unsqueeze(0)?;
+        let mut h = token_embeds.broadcast_add(&pos)?;
+        let mask = causal_mask(l, h.dtype(), &self.device)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let split = |t: Tensor| -> Result<Tensor> {
+            Ok(t.reshape((b, l, heads, hd))?.transpose(1, 2)?.contiguous()?)
+        };
+        for layer in &self.layers {
+            let x = layer.ln1.forward(&h)?;
+            let q = split((layer.q.forward(&x)? * scale)?)?;
+            let k = split(layer.k.forward(&x)?)?;
+            let v = split(layer.v.forward(&x)?)?;
+            let logits = q.matmul(&k.t()?)?.broadcast_add(&mask)?;
+            let probs = softmax_last(&logits)?;
+            let a = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, d))?;
+            h = (h + layer.out.forward(&a)?)?;
+            let x = layer.ln2.forward(&h)?;
+            let m = layer
+                .fc2
+                .forward(&self.config.activation.forward(&layer.fc1.forward(&x)?)?)?;
+            h = (h + m)?;
+        }
+        self.final_ln.forward(&h)
+    }
+}
+
+/// [L, L] additive causal mask: 0 on and below the diagonal, the dtype's minimum above.
+fn causal_mask(l: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let min = match dtype {
+        DType::F64 => f64::MIN,
+        DType::F32 => f32::MIN as f64,
+        _ => -65504.0,
+    };
+    let data: Vec<f64> = (0..l)
+        .flat_map(|i| (0..l).map(move |j| if j > i { min } else { 0.0 }))
+        .collect();
+    Ok(Tensor::from_vec(data, (l, l), device)?.to_dtype(dtype)?)
+}

@@ -1,0 +1,248 @@
+//! Building blocks shared by the text encoder, UNet and VAE: linear and conv layers, group and
+//! layer norm, activations, softmax and nearest resizing.
+//!
+//! Every op here has a correct backward when gradients are needed: candle's fused
+//! `softmax_last_dim` and `layer_norm` silently drop gradients, so they are used only when no
+//! input of the op is tracked by autograd (see [`Tensor::track_op`]) and the dtype supports them.
+
+use candle_core::{DType, Module, Tensor, D};
+
+use super::weights::Scope;
+use crate::error::Result;
+
+/// A linear layer `y = x Wᵀ + b` with weights from a [`Scope`].
+#[derive(Clone, Debug)]
+pub struct Linear {
+    inner: candle_nn::Linear,
+}
+
+impl Linear {
+    /// Loads `weight` [out, in] and, when `bias`, `bias` [out].
+    pub fn load(s: &Scope, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let w = s.get("weight", (out_dim, in_dim))?;
+        let b = if bias {
+            Some(s.get("bias", out_dim)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            inner: candle_nn::Linear::new(w, b),
+        })
+    }
+
+    /// Applies the layer to the last dimension of `x`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.inner.forward(x)?)
+    }
+
+    /// The weight matrix [out, in].
+    pub fn weight(&self) -> &Tensor {
+        self.inner.weight()
+    }
+}
+
+/// A 2-D convolution with weights from a [`Scope`].
+#[derive(Clone, Debug)]
+pub struct Conv2d {
+    inner: candle_nn::Conv2d,
+}
+
+impl Conv2d {
+    /// Loads `weight` [out, in, k, k] and `bias` [out].
+    pub fn load(
+        s: &Scope,
+        in_ch: usize,
+        out_ch: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        let w = s.get("weight", (out_ch, in_ch, kernel, kernel))?;
+        let b = s.get("bias", out_ch)?;
+        let cfg = candle_nn::Conv2dConfig {
+            padding,
+            stride,
+            ..Default::default()
+        };
+        Ok(Self {
+            inner: candle_nn::Conv2d::new(w, Some(b), cfg),
+        })
+    }
+
+    /// Applies the convolution to `x` [B, C, H, W].
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.inner.forward(x)?)
+    }
+}
+
+/// Group normalisation over [B, C, ...] (composite ops, differentiable).
+#[derive(Clone, Debug)]
+pub struct GroupNorm {
+    inner: candle_nn::GroupNorm,
+}
+
+impl GroupNorm {
+    /// Loads `weight` and `bias` [channels].
+    pub fn load(s: &Scope, groups: usize, channels: usize, eps: f64) -> Result<Self> {
+        let w = s.get("weight", channels)?;
+        let b = s.get("bias", channels)?;
+        Ok(Self {
+            inner: candle_nn::GroupNorm::new(w, b, channels, groups, eps)?,
+        })
+    }
+
+    /// Normalises `x`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.inner.forward(x)?)
+    }
+}
+
+/// Layer normalisation over the last dimension.
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f32,
+}
+
+impl LayerNorm {
+    /// Loads `weight` and `bias` [dim].
+    pub fn load(s: &Scope, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: s.get("weight", dim)?,
+            bias: s.get("bias", dim)?,
+            eps: eps as f32,
+        })
+    }
+
+    /// Normalises `x`; uses the fused kernel only when no gradient can flow through it.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let needs_grad = x.track_op() || self.weight.track_op() || self.bias.track_op();
+        if needs_grad || x.dtype() == DType::F64 {
+            Ok(candle_nn::ops::layer_norm_slow(
+                x,
+                &self.weight,
+                &self.bias,
+                self.eps,
+            )?)
+        } else {
+            Ok(candle_nn::ops::layer_norm(
+                &x.contiguous()?,
+                &self.weight,
+                &self.bias,
+                self.eps,
+            )?)
+        }
+    }
+}
+
+/// Softmax over the last dimension; fused when no gradient can flow, composite otherwise.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    if x.track_op() {
+        Ok(candle_nn::ops::softmax(x, D::Minus1)?)
+    } else {
+        Ok(candle_nn::ops::softmax_last_dim(&x.contiguous()?)?)
+    }
+}
+
+/// Activation functions named in the model configs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// Exact GELU, `x·Φ(x)` (HF `gelu`).
+    GeluErf,
+    /// Tanh-approximated GELU (HF `gelu_new` / `gelu_pytorch_tanh`).
+    GeluTanh,
+    /// `x·σ(1.702x)` (HF `quick_gelu`, SD 1.x text encoder).
+    QuickGelu,
+    /// `x·σ(x)`.
+    Silu,
+}
+
+impl Activation {
+    /// Parses an HF / diffusers activation name.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "gelu" => Some(Self::GeluErf),
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Some(Self::GeluTanh),
+            "quick_gelu" => Some(Self::QuickGelu),
+            "silu" | "swish" => Some(Self::Silu),
+            _ => None,
+        }
+    }
+
+    /// Applies the activation.
+    pub fn forward(self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Self::GeluErf => x.gelu_erf()?,
+            Self::GeluTanh => x.gelu()?,
+            Self::QuickGelu => (x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?,
+            Self::Silu => x.silu()?,
+        })
+    }
+}
+
+/// Nearest-neighbour resize of [B, C, H, W] to (h, w) with PyTorch's `nearest` rule
+/// (source index `floor(dst · in / out)`), built from `index_select` so that its backward
+/// accumulates correctly even when the input is used elsewhere.
+pub fn resize_nearest(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
+    let (_, _, in_h, in_w) = x.dims4()?;
+    let idx = |out: usize, inp: usize| -> Vec<u32> {
+        (0..out)
+            .map(|d| ((d as f64 * inp as f64 / out as f64).floor() as usize).min(inp - 1) as u32)
+            .collect()
+    };
+    let dev = x.device();
+    let rows = Tensor::new(idx(h, in_h), dev)?;
+    let cols = Tensor::new(idx(w, in_w), dev)?;
+    Ok(x.index_select(&rows, 2)?.index_select(&cols, 3)?)
+}
+
+/// The [out, in] matrix of PyTorch's `bilinear` resize along one axis (`align_corners=False`,
+/// no antialias): source coordinate `(dst + 0.5)·in/out − 0.5`, clamped at 0.
+pub fn bilinear_matrix(inp: usize, out: usize) -> Vec<f32> {
+    let mut m = vec![0f32; out * inp];
+    let scale = inp as f64 / out as f64;
+    for d in 0..out {
+        let src = ((d as f64 + 0.5) * scale - 0.5).max(0.0);
+        let i0 = (src.floor() as usize).min(inp - 1);
+        let i1 = (i0 + 1).min(inp - 1);
+        let frac = (src - i0 as f64) as f32;
+        m[d * inp + i0] += 1.0 - frac;
+        m[d * inp + i1] += frac;
+    }
+    m
+}
+
+/// Bilinear resize (PyTorch `F.interpolate(mode="bilinear", align_corners=False)`) of the last
+/// two dimensions of `x` [..., H, W] to (h, w), as two matrix products (differentiable).
+pub fn resize_bilinear(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let n = dims.len();
+    if n < 2 {
+        return Err(crate::error::Error::Input(
+            "resize_bilinear needs at least 2 dimensions".into(),
+        ));
+    }
+    let (in_h, in_w) = (dims[n - 2], dims[n - 1]);
+    let dev = x.device();
+    let ry = Tensor::from_vec(bilinear_matrix(in_h, h), (h, in_h), dev)?.to_dtype(x.dtype())?;
+    let rx = Tensor::from_vec(bilinear_matrix(in_w, w), (w, in_w), dev)?.to_dtype(x.dtype())?;
+    let lead: usize = dims[..n - 2].iter().product();
+    let flat = x.reshape((lead, in_h, in_w))?;
+    let rows = ry.unsqueeze(0)?.broadcast_as((lead, h, in_h))?.matmul(&flat)?;
+    let out = rows.matmul(&rx.t()?.unsqueeze(0)?.broadcast_as((lead, in_w, w))?.contiguous()?)?;
+    let mut out_dims = dims[..n - 2].to_vec();
+    out_dims.extend([h, w]);
+    Ok(out.reshape(out_dims)?)
+}
+
+/// Nearest resize (PyTorch `nearest`) of the last two dimensions of `x` [..., H, W].
+pub fn resize_nearest_hw(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let n = dims.len();
+    let lead: usize = dims[..n - 2].iter().product();
+    let out = resize_nearest(&x.reshape((1, lead, dims[n - 2], dims[n - 1]))?, h, w)?;
+    let mut out_dims = dims[..n - 2].to_vec();
+    out_dims.extend([h, w]);
+    Ok(out.reshape(out_dims)?)
+}
