@@ -31,7 +31,7 @@ pub enum Error {
     #[error("store: {0}")]
     Store(#[from] crate::store::StoreError),
     /// A tensor operation failed (shape mismatch and the like): a bug or an unsupported model.
-    #[error("tensor error: {0}")]
+    #[error("tensor error: {}", first_line(.0))]
     Tensor(#[from] candle_core::Error),
 }
 
@@ -54,4 +54,10 @@ impl Error {
             source,
         }
     }
+}
+
+/// candle appends a backtrace to its messages when RUST_BACKTRACE is set; keep the message.
+fn first_line(e: &candle_core::Error) -> String {
+    let text = e.to_string();
+    text.lines().next().unwrap_or("").trim().to_string()
 }

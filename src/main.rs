@@ -1,3 +1,12 @@
-fn main() -> anyhow::Result<()> {
-    mifo::cli::main()
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    match mifo::cli::main() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the whole cause chain, joined by ": ".
+            eprintln!("mifo: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

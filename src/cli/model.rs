@@ -2,14 +2,37 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::Subcommand;
 
-use crate::model::{parse_device, verify};
+use candle_core::Tensor;
+
+use crate::model::attention::{AttentionHook, AttnCall, AttnKind};
+use crate::model::{check_dtype_device, parse_device, parse_dtype, verify, StableDiffusion};
 
 /// `mifo model` subcommands.
 #[derive(Subcommand, Debug)]
 pub enum ModelCommand {
+    /// Load every component of a model folder and print what mifo sees: the resolved configs,
+    /// parameter counts, and the attention layers a hook can address (execution index,
+    /// self/cross, module path, feature-map size) for one UNet forward at the given size.
+    Info {
+        /// A diffusers Stable Diffusion folder.
+        model_dir: PathBuf,
+        /// Device: cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Weight dtype for the forward: f32, f16 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        /// Image size (pixels, square) for the attention table; default: the UNet's
+        /// `sample_size` × the VAE factor (512 for SD 2.1 base).
+        #[arg(long)]
+        size: Option<usize>,
+        /// Print one JSON document.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run this implementation on the inputs stored in a reference file dumped from
     /// diffusers/transformers and compare every output tensor (one line per tensor; exit 1 on
     /// any FAIL). Tolerances: max |err| / max |ref| ≤ 1e-4 forward, ≤ 1e-3 gradients.
@@ -31,6 +54,13 @@ pub enum ModelCommand {
 /// Runs a `mifo model` subcommand.
 pub fn run(cmd: ModelCommand) -> anyhow::Result<()> {
     match cmd {
+        ModelCommand::Info {
+            model_dir,
+            device,
+            dtype,
+            size,
+            json,
+        } => info(&model_dir, &device, &dtype, size, json),
         ModelCommand::Verify {
             model_dir,
             reference,
@@ -38,8 +68,7 @@ pub fn run(cmd: ModelCommand) -> anyhow::Result<()> {
             json,
         } => {
             let device = parse_device(&device)?;
-            let checks = verify::verify(&model_dir, &reference, &device)
-                .with_context(|| format!("verify {}", model_dir.display()))?;
+            let checks = verify::verify(&model_dir, &reference, &device)?;
             let failed = checks.iter().filter(|c| !c.ok).count();
             if json {
                 let rows: Vec<_> = checks
@@ -81,4 +110,104 @@ pub fn run(cmd: ModelCommand) -> anyhow::Result<()> {
 
 fn finite(v: f64) -> Option<f64> {
     v.is_finite().then_some(v)
+}
+
+/// Lists every attention call of one forward.
+#[derive(Default)]
+struct ListCalls {
+    rows: Vec<(usize, AttnKind, String, usize, usize, usize, usize)>,
+}
+
+impl AttentionHook for ListCalls {
+    fn wants(&mut self, call: &AttnCall) -> bool {
+        self.rows.push((
+            call.index,
+            call.kind,
+            call.path.to_string(),
+            call.height,
+            call.width,
+            call.heads,
+            call.key_len,
+        ));
+        false
+    }
+}
+
+fn info(
+    model_dir: &std::path::Path,
+    device: &str,
+    dtype: &str,
+    size: Option<usize>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let device = parse_device(device)?;
+    let dtype = parse_dtype(dtype)?;
+    check_dtype_device(dtype, &device)?;
+    let start = std::time::Instant::now();
+    let sd = StableDiffusion::load(model_dir, dtype, &device)?;
+    let load_s = start.elapsed().as_secs_f64();
+    let f = sd.vae.config().factor();
+    let size = size.unwrap_or(sd.unet.config().sample_size * f);
+    if size == 0 || size % f != 0 {
+        bail!("--size {size}: must be a multiple of the VAE factor {f}");
+    }
+    let uc = sd.unet.config();
+    let latent = Tensor::zeros((1, uc.in_channels, size / f, size / f), dtype, &device)?;
+    let ids = Tensor::new(sd.tokenizer.encode("")?, &device)?.unsqueeze(0)?;
+    let ctx = sd.text_encoder.forward(&ids, None)?;
+    let mut calls = ListCalls::default();
+    let t = Tensor::new(&[500f32], &device)?;
+    let start = std::time::Instant::now();
+    sd.unet.forward_hooked(&latent, &t, &ctx, Some(&mut calls))?;
+    let fwd_ms = start.elapsed().as_secs_f64() * 1e3;
+    let te = sd.text_encoder.config();
+    let sched = sd.scheduler.config();
+    if json {
+        let doc = serde_json::json!({
+            "model": model_dir,
+            "text_encoder": {"layers": te.num_layers, "hidden": te.hidden_size, "heads": te.num_heads,
+                              "activation": format!("{:?}", te.activation), "vocab": te.vocab_size},
+            "tokenizer": {"pad_id": sd.tokenizer.pad_id(), "max_len": sd.tokenizer.max_len()},
+            "unet": {"block_out_channels": uc.block_out_channels, "heads": uc.heads,
+                     "layers_per_block": uc.layers_per_block, "cross_attention_dim": uc.cross_attention_dim,
+                     "linear_projection": uc.linear_projection},
+            "vae": {"block_out_channels": sd.vae.config().block_out_channels, "factor": f,
+                    "scaling_factor": sd.vae.config().scaling_factor},
+            "scheduler": {"prediction": format!("{:?}", sched.prediction), "steps_offset": sched.steps_offset,
+                          "spacing": format!("{:?}", sched.spacing)},
+            "load_seconds": load_s, "unet_forward_ms": fwd_ms, "image_size": size,
+            "attention": calls.rows.iter().map(|(i, k, p, h, w, heads, keys)| serde_json::json!({
+                "index": i, "kind": if *k == AttnKind::SelfAttn {"self"} else {"cross"},
+                "path": p, "height": h, "width": w, "heads": heads, "keys": keys})).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(());
+    }
+    println!("model        {}", model_dir.display());
+    println!(
+        "text encoder {} layers, hidden {}, {} heads, {:?}, vocab {} (pad id {}, {} tokens)",
+        te.num_layers, te.hidden_size, te.num_heads, te.activation, te.vocab_size,
+        sd.tokenizer.pad_id(), sd.tokenizer.max_len()
+    );
+    println!(
+        "unet         channels {:?}, heads {:?}, layers/block {:?}, cross dim {}, {} projection",
+        uc.block_out_channels, uc.heads, uc.layers_per_block, uc.cross_attention_dim,
+        if uc.linear_projection { "linear" } else { "conv" }
+    );
+    println!(
+        "vae          channels {:?}, factor {f}, scaling {}",
+        sd.vae.config().block_out_channels, sd.vae.config().scaling_factor
+    );
+    println!(
+        "scheduler    {:?} prediction, {:?} spacing, steps_offset {}",
+        sched.prediction, sched.spacing, sched.steps_offset
+    );
+    println!("loaded in {load_s:.2} s; one UNet forward at {size}x{size} px: {fwd_ms:.1} ms");
+    println!();
+    println!("{:>5}  {:<5}  {:<56} {:>9}  {:>5}  {:>5}", "index", "kind", "path", "size", "heads", "keys");
+    for (i, k, p, h, w, heads, keys) in &calls.rows {
+        let kind = if *k == AttnKind::SelfAttn { "self" } else { "cross" };
+        println!("{i:>5}  {kind:<5}  {p:<56} {:>9}  {heads:>5}  {keys:>5}", format!("{h}x{w}"));
+    }
+    Ok(())
 }

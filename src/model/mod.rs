@@ -59,3 +59,13 @@ pub fn parse_dtype(spec: &str) -> Result<DType> {
         s => Err(Error::Input(format!("--dtype {s}: expected f32, f16 or bf16"))),
     }
 }
+
+/// Fails with a clear message for dtype/device pairs candle cannot run (bf16 on CPU).
+pub fn check_dtype_device(dtype: DType, device: &Device) -> Result<()> {
+    if dtype == DType::BF16 && device.is_cpu() {
+        return Err(Error::Input(
+            "--dtype bf16: candle has no bf16 convolution on CPU; use f32 or f16 there".into(),
+        ));
+    }
+    Ok(())
+}

@@ -63,6 +63,8 @@ pub struct UNetConfig {
     pub mid_block_scale: f64,
     /// Map the input from [0,1] to [-1,1] first.
     pub center_input_sample: bool,
+    /// The latent size the model was trained at (`sample_size`).
+    pub sample_size: usize,
 }
 
 impl UNetConfig {
@@ -181,6 +183,7 @@ impl UNetConfig {
             resnet_out_scale: c.f64_or("resnet_out_scale_factor", 1.0)?,
             mid_block_scale: c.f64_or("mid_block_scale_factor", 1.0)?,
             center_input_sample: c.bool_or("center_input_sample", false)?,
+            sample_size: c.usize_or("sample_size", 64)?,
         })
     }
 

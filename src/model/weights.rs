@@ -17,6 +17,15 @@ pub struct WeightFile {
     tensors: HashMap<String, Tensor>,
     trainable: bool,
     vars: RefCell<Vec<(String, Var)>>,
+    synthetic: Option<Synthetic>,
+}
+
+/// Seeded random weights made on demand (tests, benchmarks at real SD shapes).
+struct Synthetic {
+    seed: u64,
+    dtype: DType,
+    device: Device,
+    made: RefCell<HashMap<String, Tensor>>,
 }
 
 impl WeightFile {
@@ -46,7 +55,23 @@ impl WeightFile {
             tensors,
             trainable: false,
             vars: RefCell::new(Vec::new()),
+            synthetic: None,
         }
+    }
+
+    /// A weight source that invents every tensor it is asked for, with the asked shape, from a
+    /// seeded RNG keyed by the tensor's name (so the same name always gets the same values):
+    /// weights N(0, 1/fan_in), biases N(0, 0.05²), 1-D norm weights 1 + N(0, 0.1²), embedding
+    /// tables N(0, 0.5²). For tests and for timing real model shapes without the weights.
+    pub fn synthetic(label: impl Into<PathBuf>, seed: u64, dtype: DType, device: &Device) -> Self {
+        let mut w = Self::from_tensors(label, HashMap::new());
+        w.synthetic = Some(Synthetic {
+            seed,
+            dtype,
+            device: device.clone(),
+            made: RefCell::new(HashMap::new()),
+        });
+        w
     }
 
     /// In trainable mode every tensor handed out by [`Scope::get`] is a fresh [`Var`],
@@ -78,9 +103,20 @@ impl WeightFile {
     /// The tensor `name`, checked against `shape`.
     pub fn get(&self, name: &str, shape: impl Into<Shape>) -> Result<Tensor> {
         let shape = shape.into();
-        let t = self.tensors.get(name).ok_or_else(|| {
-            Error::file(&self.path, format!("missing weight `{name}` (expected shape {shape:?})"))
-        })?;
+        let invented;
+        let t = match (self.tensors.get(name), &self.synthetic) {
+            (Some(t), _) => t,
+            (None, Some(syn)) => {
+                invented = syn.get(name, &shape)?;
+                &invented
+            }
+            (None, None) => {
+                return Err(Error::file(
+                    &self.path,
+                    format!("missing weight `{name}` (expected shape {shape:?})"),
+                ))
+            }
+        };
         if t.shape() != &shape {
             return Err(Error::file(
                 &self.path,
@@ -156,5 +192,42 @@ impl Scope {
     /// The underlying file.
     pub fn file(&self) -> &Rc<WeightFile> {
         &self.file
+    }
+}
+
+impl Synthetic {
+    fn get(&self, name: &str, shape: &Shape) -> Result<Tensor> {
+        use rand::SeedableRng;
+        use rand_distr::Distribution;
+        if let Some(t) = self.made.borrow().get(name) {
+            return Ok(t.clone());
+        }
+        let key = blake3::hash(name.as_bytes());
+        let mut seed = [0u8; 32];
+        for (i, b) in key.as_bytes().iter().enumerate() {
+            seed[i] = b ^ self.seed.to_le_bytes()[i % 8];
+        }
+        let mut rng = rand::rngs::StdRng::from_seed(seed);
+        let dims = shape.dims();
+        let (mean, std) = if dims.len() >= 2 && name.contains("embedding") {
+            (0.0, 0.5)
+        } else if dims.len() >= 2 {
+            let fan_in: usize = dims[1..].iter().product();
+            (0.0, 1.0 / (fan_in.max(1) as f64).sqrt())
+        } else if name.ends_with("bias") {
+            (0.0, 0.05)
+        } else {
+            (1.0, 0.1)
+        };
+        let normal = rand_distr::Normal::new(mean, std)
+            .map_err(|e| Error::Config(format!("synthetic weights: {e}")))?;
+        let data: Vec<f64> = (0..shape.elem_count())
+            .map(|_| normal.sample(&mut rng))
+            .collect();
+        let t = Tensor::from_vec(data, shape.clone(), &Device::Cpu)?
+            .to_dtype(self.dtype)?
+            .to_device(&self.device)?;
+        self.made.borrow_mut().insert(name.to_string(), t.clone());
+        Ok(t)
     }
 }
