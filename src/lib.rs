@@ -2,9 +2,14 @@
 //! with candle, plus a reproducible run store and a terminal workbench.
 
 pub mod cli;
+pub mod config;
 pub mod error;
 pub mod learn;
+pub mod imageio;
+pub mod jobs;
 pub mod model;
+pub mod sink;
 pub mod store;
+pub mod synth;
 
 pub use error::{Error, Result};

@@ -3,6 +3,15 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     match mifo::cli::main() {
         Ok(()) => ExitCode::SUCCESS,
+        // `mifo runs ls | head`: a closed pipe is not an error.
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             // One line: the whole cause chain, joined by ": ".
             eprintln!("mifo: error: {e:#}");

@@ -1,6 +1,10 @@
 //! Command line: clap definitions and dispatch. Library errors become one-line messages here.
 
+pub mod learn;
 mod model;
+pub mod runs;
+
+use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
@@ -9,6 +13,9 @@ use clap::{Parser, Subcommand};
 #[derive(Parser, Debug)]
 #[command(name = "mifo", version, about, long_about = None)]
 pub struct Cli {
+    /// The run store folder.
+    #[arg(long, global = true, env = "MIFO_STORE", default_value = "runs")]
+    pub store: PathBuf,
     /// The subcommand.
     #[command(subcommand)]
     pub command: Command,
@@ -17,6 +24,11 @@ pub struct Cli {
 /// Top-level subcommands.
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Learn one placeholder token <vK> per instance mask from one image (paper Algorithm 1).
+    Learn(Box<learn::LearnArgs>),
+    /// List, inspect, compare, export and maintain stored runs.
+    #[command(subcommand)]
+    Runs(runs::RunsCommand),
     /// Inspect and check Stable Diffusion model folders.
     #[command(subcommand)]
     Model(model::ModelCommand),
@@ -26,6 +38,8 @@ pub enum Command {
 pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Learn(args) => learn::run(*args, &cli.store),
+        Command::Runs(cmd) => runs::run(cmd, &cli.store),
         Command::Model(cmd) => model::run(cmd),
     }
 }

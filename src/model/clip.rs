@@ -92,10 +92,26 @@ pub struct ClipTextModel {
 impl ClipTextModel {
     /// Loads from a transformers `text_encoder/` folder.
     pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        Ok(Self::load_dir_with(dir, dtype, device, Vec::new(), false)?.0)
+    }
+
+    /// Like [`ClipTextModel::load_dir`], with `overrides` replacing weights by name and, when
+    /// `trainable`, every weight a `Var` (the vocabulary table included: leave it out of the
+    /// optimiser).
+    pub fn load_dir_with(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+        overrides: Vec<(String, Tensor)>,
+        trainable: bool,
+    ) -> Result<(Self, Rc<WeightFile>)> {
         let config = ClipConfig::from_json(&ConfigJson::read(&dir.join("config.json"))?)?;
         let file = super::loader::find_weights(dir, "model")?;
-        let weights = Rc::new(WeightFile::load(&file, dtype, device)?);
-        Self::load(config, weights, device)
+        let mut weights = WeightFile::load(&file, dtype, device)?;
+        weights.insert_all(overrides);
+        weights.set_trainable(trainable);
+        let weights = Rc::new(weights);
+        Ok((Self::load(config, weights.clone(), device)?, weights))
     }
 
     /// Builds the model from a config and weights (keys with or without the `text_model.`

@@ -242,10 +242,25 @@ pub struct UNet {
 impl UNet {
     /// Loads a UNet from a diffusers `unet/` folder (config.json + weights).
     pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        Ok(Self::load_dir_with(dir, dtype, device, Vec::new(), false)?.0)
+    }
+
+    /// Like [`UNet::load_dir`], with `overrides` replacing weights by name and, when
+    /// `trainable`, every weight a `Var` (returned with the weights for the optimiser).
+    pub fn load_dir_with(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+        overrides: Vec<(String, Tensor)>,
+        trainable: bool,
+    ) -> Result<(Self, Rc<WeightFile>)> {
         let config = UNetConfig::from_json(&ConfigJson::read(&dir.join("config.json"))?)?;
         let file = super::loader::find_weights(dir, "diffusion_pytorch_model")?;
-        let weights = Rc::new(WeightFile::load(&file, dtype, device)?);
-        Self::load(config, weights, dtype, device)
+        let mut weights = WeightFile::load(&file, dtype, device)?;
+        weights.insert_all(overrides);
+        weights.set_trainable(trainable);
+        let weights = Rc::new(weights);
+        Ok((Self::load(config, weights.clone(), dtype, device)?, weights))
     }
 
     /// Builds the UNet from a config and its weights.

@@ -85,6 +85,12 @@ impl WeightFile {
         self.vars.borrow().clone()
     }
 
+    /// Replaces (or adds) tensors by name, e.g. fine-tuned weights over a base model. Each
+    /// must have the dtype/device of the file; shapes are checked when the model asks for them.
+    pub fn insert_all(&mut self, tensors: impl IntoIterator<Item = (String, Tensor)>) {
+        self.tensors.extend(tensors);
+    }
+
     /// The file the tensors came from.
     pub fn path(&self) -> &Path {
         &self.path

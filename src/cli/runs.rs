@@ -1,0 +1,851 @@
+//! `mifo runs …`: list, show, compare, remove, collect, check and export stored runs.
+//!
+//! Read commands take `--json` and then print exactly one JSON document on stdout. Errors (unknown
+//! or ambiguous run prefix, missing store, a store in use) are one line on stderr and a non-zero
+//! exit, with the store left as it was.
+
+use std::collections::BTreeMap;
+use std::io::{self, BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context as _};
+use serde_json::{json, Value};
+
+use crate::store::{
+    diff_runs, export_run, format_age, format_duration, format_utc, now_ms, RunDiff, RunId,
+    RunKind, RunRecord, RunStatus, SeriesSummary, Store,
+};
+
+/// `mifo runs` subcommands.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum RunsCommand {
+    /// List runs, newest first: id, kind, status, scene or parent, final loss, age, config changes.
+    Ls {
+        /// Only runs of this kind.
+        #[arg(long, value_enum)]
+        kind: Option<KindArg>,
+        /// Only runs with this status.
+        #[arg(long, value_enum)]
+        status: Option<StatusArg>,
+        /// Only runs with this tag.
+        #[arg(long)]
+        tag: Option<String>,
+        /// Print one JSON array instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Everything about one run: spec, config, timings, metrics, outputs, log.
+    Show {
+        /// Run id or any unique prefix of one.
+        run: String,
+        /// Print one JSON object instead of text (metrics as name -> [[step, value], …]).
+        #[arg(long)]
+        json: bool,
+        /// Print output image NAME in the terminal instead.
+        #[arg(long, value_name = "NAME", conflicts_with = "json")]
+        image: Option<String>,
+    },
+    /// Compare two runs: config keys, seed, inputs, model, code, metric summaries, outputs.
+    Diff {
+        /// First run (id or unique prefix).
+        a: String,
+        /// Second run (id or unique prefix).
+        b: String,
+        /// List equal config keys, fields and inputs too.
+        #[arg(long)]
+        all: bool,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a run, its metrics and log, and the blobs no other run uses.
+    Rm {
+        /// Run id or unique prefix.
+        run: String,
+        /// Do not ask for confirmation.
+        #[arg(long, short)]
+        yes: bool,
+    },
+    /// Add tags to a run (or remove them with --remove).
+    Tag {
+        /// Run id or unique prefix.
+        run: String,
+        /// Tags (no whitespace).
+        #[arg(required = true)]
+        tags: Vec<String>,
+        /// Remove the tags instead.
+        #[arg(long)]
+        remove: bool,
+    },
+    /// Remove blobs, specs and entries that no run refers to; print what was freed.
+    Gc,
+    /// Re-hash every blob and validate every record; exit non-zero when a problem is found.
+    Check {
+        /// Print the report as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a run's config (TOML), metrics (CSV), images (PNG with provenance) and learned
+    /// embeddings (diffusers and A1111 formats) into DIR.
+    Export {
+        /// Run id or unique prefix.
+        run: String,
+        /// Folder to create (must be empty if it exists).
+        dir: PathBuf,
+    },
+}
+
+/// `--kind` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum KindArg {
+    /// Learning runs.
+    Learn,
+    /// Synthesis runs.
+    Synth,
+}
+
+impl From<KindArg> for RunKind {
+    fn from(kind: KindArg) -> RunKind {
+        match kind {
+            KindArg::Learn => RunKind::Learn,
+            KindArg::Synth => RunKind::Synth,
+        }
+    }
+}
+
+/// `--status` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StatusArg {
+    /// Created, not started.
+    Queued,
+    /// Started and not finished.
+    Running,
+    /// Finished.
+    Done,
+    /// Stopped by an error.
+    Failed,
+    /// Stopped on request.
+    Cancelled,
+    /// Its process died while it ran.
+    Interrupted,
+}
+
+impl From<StatusArg> for RunStatus {
+    fn from(status: StatusArg) -> RunStatus {
+        match status {
+            StatusArg::Queued => RunStatus::Queued,
+            StatusArg::Running => RunStatus::Running,
+            StatusArg::Done => RunStatus::Done,
+            StatusArg::Failed => RunStatus::Failed,
+            StatusArg::Cancelled => RunStatus::Cancelled,
+            StatusArg::Interrupted => RunStatus::Interrupted,
+        }
+    }
+}
+
+/// Which runs `ls` lists.
+#[derive(Debug, Clone, Default)]
+pub struct LsFilter {
+    /// Only this kind.
+    pub kind: Option<RunKind>,
+    /// Only this status.
+    pub status: Option<RunStatus>,
+    /// Only runs with this tag.
+    pub tag: Option<String>,
+}
+
+/// Asks a yes/no question and returns the answer.
+pub type Confirm<'a> = &'a mut dyn FnMut(&str) -> io::Result<bool>;
+
+/// Where a command writes and how it asks for confirmation.
+pub struct Console<'a> {
+    /// Standard output (text or the JSON document).
+    pub out: &'a mut dyn Write,
+    /// Asks a yes/no question on the terminal; `None` when there is no terminal to ask on.
+    pub confirm: Option<Confirm<'a>>,
+}
+
+/// Runs `cmd` on the store at `store_dir`, printing to stdout and asking on the terminal.
+pub fn run(cmd: RunsCommand, store_dir: &Path) -> anyhow::Result<()> {
+    let stdout = io::stdout();
+    let mut out = stdout.lock();
+    let mut ask = ask_on_terminal;
+    let interactive = io::stdin().is_terminal() && io::stderr().is_terminal();
+    let mut console = Console {
+        out: &mut out,
+        confirm: if interactive { Some(&mut ask) } else { None },
+    };
+    let result = run_with(cmd, store_dir, &mut console);
+    out.flush()?;
+    result
+}
+
+fn ask_on_terminal(question: &str) -> io::Result<bool> {
+    let mut stderr = io::stderr();
+    write!(stderr, "{question} [y/N] ")?;
+    stderr.flush()?;
+    let mut answer = String::new();
+    io::stdin().lock().read_line(&mut answer)?;
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes"))
+}
+
+/// Runs `cmd` on the store at `store_dir` with explicit output and confirmation (for tests and the TUI).
+pub fn run_with(
+    cmd: RunsCommand,
+    store_dir: &Path,
+    console: &mut Console<'_>,
+) -> anyhow::Result<()> {
+    let store = Store::open(store_dir)?;
+    match cmd {
+        RunsCommand::Ls {
+            kind,
+            status,
+            tag,
+            json,
+        } => {
+            let filter = LsFilter {
+                kind: kind.map(Into::into),
+                status: status.map(Into::into),
+                tag,
+            };
+            write_ls(&store, &filter, json, console.out)?;
+        }
+        RunsCommand::Show { run, json, image } => {
+            let id = store.resolve(&run)?;
+            match image {
+                Some(name) => show_image(&store, &id, &name)?,
+                None => write_show(&store, &id, json, console.out)?,
+            }
+        }
+        RunsCommand::Diff { a, b, all, json } => {
+            let (a, b) = (store.resolve(&a)?, store.resolve(&b)?);
+            let diff = diff_runs(&store, &a, &b, all)?;
+            if json {
+                writeln!(console.out, "{}", serde_json::to_string_pretty(&diff)?)?;
+            } else {
+                write_diff_text(&diff, console.out)?;
+            }
+        }
+        RunsCommand::Rm { run, yes } => {
+            let id = store.resolve(&run)?;
+            if !yes {
+                let question = match store.get_run(&id) {
+                    Ok(r) => format!(
+                        "remove {} run {id} ({}, {} outputs, created {})?",
+                        r.kind,
+                        r.status,
+                        r.outputs.len(),
+                        format_utc(r.created_ms)
+                    ),
+                    Err(_) => format!("remove run {id} (its record is unreadable)?"),
+                };
+                match console.confirm.as_mut() {
+                    None => {
+                        bail!("refusing to remove run {id} without --yes (no terminal to ask on)")
+                    }
+                    Some(confirm) => {
+                        if !confirm(&question)? {
+                            writeln!(console.out, "run {id} kept")?;
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+            let report = store.remove_run(&id)?;
+            writeln!(
+                console.out,
+                "removed run {id}: {} blobs ({}) freed, {} kept (used by other runs), spec {}, {} metric/log/tag entries",
+                report.blobs_removed,
+                human_bytes(report.bytes_freed),
+                report.blobs_kept,
+                if report.spec_removed { "removed" } else { "kept" },
+                report.keys_removed
+            )?;
+            if let Some(note) = report.note {
+                writeln!(console.out, "note: {note}")?;
+            }
+        }
+        RunsCommand::Tag { run, tags, remove } => {
+            let id = store.resolve(&run)?;
+            for tag in &tags {
+                if remove {
+                    store.remove_tag(&id, tag)?;
+                } else {
+                    store.add_tag(&id, tag)?;
+                }
+            }
+            writeln!(
+                console.out,
+                "run {id} tags: {}",
+                store.tags(&id)?.join(", ")
+            )?;
+        }
+        RunsCommand::Gc => {
+            let report = store.gc()?;
+            writeln!(
+                console.out,
+                "gc freed {}: {} unreferenced blobs ({}), {} unused specs, {} orphan metric/log/tag entries, {} temp files ({})",
+                human_bytes(report.bytes_freed + report.temp_bytes_freed),
+                report.blobs_removed,
+                human_bytes(report.bytes_freed),
+                report.specs_removed,
+                report.orphan_keys_removed,
+                report.temp_files_removed,
+                human_bytes(report.temp_bytes_freed)
+            )?;
+        }
+        RunsCommand::Check { json } => {
+            let report = store.check()?;
+            if json {
+                writeln!(console.out, "{}", serde_json::to_string_pretty(&report)?)?;
+            } else {
+                for problem in &report.problems {
+                    writeln!(
+                        console.out,
+                        "problem: {}: {}",
+                        problem.subject, problem.message
+                    )?;
+                }
+                for id in &report.stale_running {
+                    writeln!(
+                        console.out,
+                        "note: run {id} is marked running but its process is gone"
+                    )?;
+                }
+                writeln!(
+                    console.out,
+                    "checked {} runs, {} specs, {} blobs ({}), {} metric chunks: {} problems; gc would remove {} blobs, {} specs, {} entries, {} temp files",
+                    report.runs_checked,
+                    report.specs_checked,
+                    report.blobs_checked,
+                    human_bytes(report.bytes_hashed),
+                    report.metric_chunks_checked,
+                    report.problems.len(),
+                    report.garbage_blobs,
+                    report.garbage_specs,
+                    report.garbage_keys,
+                    report.temp_files
+                )?;
+            }
+            if !report.is_clean() {
+                bail!(
+                    "store check found {} problems in {}",
+                    report.problems.len(),
+                    store_dir.display()
+                );
+            }
+        }
+        RunsCommand::Export { run, dir } => {
+            let id = store.resolve(&run)?;
+            let report = export_run(&store, &id, &dir)?;
+            for file in &report.files {
+                writeln!(console.out, "{}", file.display())?;
+            }
+            if !report.skipped_null_keys.is_empty() {
+                writeln!(
+                    console.out,
+                    "note: config keys with no value left out of config.toml: {}",
+                    report.skipped_null_keys.join(", ")
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+// === ls ===
+
+/// One row of `runs ls`.
+struct LsRow {
+    record: RunRecord,
+    final_loss: Option<f64>,
+    tags: Vec<String>,
+}
+
+/// Writes the `runs ls` listing (text or one JSON array) of the runs that pass `filter`. Reads run
+/// records and tags only; metrics are read just for runs that have not finished.
+pub fn write_ls(
+    store: &Store,
+    filter: &LsFilter,
+    json: bool,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let tags = store.all_tags()?;
+    let mut rows = Vec::new();
+    let mut all_ids: Vec<RunId> = Vec::new();
+    let mut unreadable = Vec::new();
+    for record in store.runs() {
+        let record = match record {
+            Ok(record) => record,
+            Err(e) => {
+                unreadable.push(e.to_string());
+                continue;
+            }
+        };
+        all_ids.push(record.id.clone());
+        let run_tags = tags.get(&record.id).cloned().unwrap_or_default();
+        if filter.kind.is_some_and(|k| k != record.kind)
+            || filter.status.is_some_and(|s| s != record.status)
+            || filter.tag.as_ref().is_some_and(|t| !run_tags.contains(t))
+        {
+            continue;
+        }
+        let final_loss = match record.summary.get(LOSS_SERIES) {
+            Some(summary) => Some(summary.last),
+            None if !record.status.is_final() => store
+                .metric_series(&record.id, LOSS_SERIES)?
+                .last()
+                .map(|p| p.1),
+            None => None,
+        };
+        rows.push(LsRow {
+            record,
+            final_loss,
+            tags: run_tags,
+        });
+    }
+    for problem in &unreadable {
+        eprintln!("warning: {problem} (run `mifo runs check`)");
+    }
+    let now = now_ms();
+    if json {
+        let items: Vec<Value> = rows
+            .iter()
+            .map(|row| {
+                let r = &row.record;
+                json!({
+                    "id": r.id.to_string(),
+                    "kind": r.kind,
+                    "status": r.status,
+                    "scene": r.scene,
+                    "parent": r.parent.as_ref().map(ToString::to_string),
+                    "config_deltas": r.config_deltas.iter().cloned().collect::<BTreeMap<_, _>>(),
+                    "final_loss": row.final_loss,
+                    "created_at": format_utc(r.created_ms),
+                    "age_s": now.saturating_sub(r.created_ms) / 1000,
+                    "tags": row.tags,
+                    "rerun_of": r.rerun_of.as_ref().map(ToString::to_string),
+                })
+            })
+            .collect();
+        serde_json::to_writer(&mut *out, &items)?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    let width = unique_prefix_width(&mut all_ids);
+    let mut text = String::with_capacity(rows.len() * 100 + 100);
+    use std::fmt::Write as _;
+    let _ = writeln!(
+        text,
+        "{:<width$}  {:<5}  {:<11}  {:<20}  {:>9}  {:>4}  CONFIG",
+        "ID", "KIND", "STATUS", "SCENE/PARENT", "LOSS", "AGE"
+    );
+    for row in &rows {
+        let r = &row.record;
+        let origin = match (&r.scene, &r.parent) {
+            (Some(scene), Some(parent)) => format!("{scene} ^{}", &parent.as_str()[..width]),
+            (Some(scene), None) => scene.clone(),
+            (None, Some(parent)) => format!("^{}", &parent.as_str()[..width]),
+            (None, None) => "-".to_string(),
+        };
+        let loss = row.final_loss.map_or_else(|| "-".to_string(), format_value);
+        let mut config: String = r
+            .config_deltas
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        if !row.tags.is_empty() {
+            config = format!("{config} [{}]", row.tags.join(","));
+        }
+        let _ = writeln!(
+            text,
+            "{:<width$}  {:<5}  {:<11}  {:<20}  {:>9}  {:>4}  {}",
+            &r.id.as_str()[..width],
+            r.kind.as_str(),
+            r.status.as_str(),
+            truncate(&origin, 20),
+            loss,
+            format_age(now.saturating_sub(r.created_ms)),
+            truncate(config.trim(), 60)
+        );
+    }
+    out.write_all(text.as_bytes())?;
+    Ok(())
+}
+
+const LOSS_SERIES: &str = "loss/total";
+
+/// Shortest prefix length (at least 8) that tells every id apart.
+fn unique_prefix_width(ids: &mut [RunId]) -> usize {
+    ids.sort_unstable();
+    let mut width = 8;
+    for pair in ids.windows(2) {
+        let common = pair[0]
+            .as_bytes()
+            .iter()
+            .zip(pair[1].as_bytes())
+            .take_while(|(a, b)| a == b)
+            .count();
+        width = width.max(common + 1);
+    }
+    width.min(crate::store::RUN_ID_LEN)
+}
+
+// === show ===
+
+/// Writes `runs show` for run `id`: text, or one JSON object with at least `id`, `kind`, `status`,
+/// `spec_hash`, `config`, `seed`, `inputs`, `parent`, `metrics` (name -> [[step, value], …]),
+/// `outputs`, `error` and the timings.
+pub fn write_show(
+    store: &Store,
+    id: &RunId,
+    json: bool,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let record = store.get_run(id)?;
+    let spec = store.spec(&record.spec_hash)?;
+    let metrics = store.metrics(id)?;
+    let tags = store.tags(id)?;
+    let logs = store.logs(id)?;
+    let now = now_ms();
+    if json {
+        let metrics_json: BTreeMap<&String, Vec<[Value; 2]>> = metrics
+            .iter()
+            .map(|(name, points)| {
+                (
+                    name,
+                    points.iter().map(|&(s, v)| [json!(s), json!(v)]).collect(),
+                )
+            })
+            .collect();
+        let doc = json!({
+            "id": record.id.to_string(),
+            "kind": record.kind,
+            "status": record.status,
+            "spec_hash": record.spec_hash.to_hex(),
+            "config": spec.config,
+            "seed": spec.seed,
+            "inputs": spec.inputs,
+            "parent": spec.parent.as_ref().map(ToString::to_string),
+            "model_fingerprint": spec.model_fingerprint.to_hex(),
+            "code_version": spec.code_version,
+            "metrics": metrics_json,
+            "summary": store.metric_summaries(&record)?,
+            "outputs": record.outputs,
+            "error": record.error,
+            "created_at": format_utc(record.created_ms),
+            "started_at": record.started_ms.map(format_utc),
+            "finished_at": record.finished_ms.map(format_utc),
+            "created_ms": record.created_ms,
+            "started_ms": record.started_ms,
+            "finished_ms": record.finished_ms,
+            "duration_s": record.duration_ms(now).map(|ms| ms as f64 / 1000.0),
+            "host": record.host,
+            "device": record.device,
+            "pid": record.pid,
+            "scene": record.scene,
+            "config_deltas": record.config_deltas.iter().cloned().collect::<BTreeMap<_, _>>(),
+            "tags": tags,
+            "rerun_of": record.rerun_of.as_ref().map(ToString::to_string),
+            "rerun_identical": record.rerun_identical,
+            "log": logs,
+        });
+        serde_json::to_writer_pretty(&mut *out, &doc)?;
+        writeln!(out)?;
+        return Ok(());
+    }
+
+    let dash = || "-".to_string();
+    writeln!(
+        out,
+        "run        {}  ({} {})",
+        record.id, record.kind, record.status
+    )?;
+    writeln!(out, "spec       {}", record.spec_hash)?;
+    writeln!(out, "seed       {}", spec.seed)?;
+    writeln!(
+        out,
+        "parent     {}",
+        spec.parent.as_ref().map_or_else(dash, ToString::to_string)
+    )?;
+    if let Some(earlier) = &record.rerun_of {
+        let identical = match record.rerun_identical {
+            Some(true) => "outputs bit-identical",
+            Some(false) => "outputs differ",
+            None => "not compared yet",
+        };
+        writeln!(out, "rerun of   {earlier} ({identical})")?;
+    }
+    writeln!(
+        out,
+        "scene      {}",
+        record.scene.clone().unwrap_or_else(dash)
+    )?;
+    writeln!(out, "model      {}", spec.model_fingerprint)?;
+    writeln!(out, "code       {}", spec.code_version)?;
+    writeln!(out, "created    {}", format_utc(record.created_ms))?;
+    if let Some(started) = record.started_ms {
+        writeln!(
+            out,
+            "started    {} on {} ({}, pid {})",
+            format_utc(started),
+            record.host,
+            record.device,
+            record.pid.map_or_else(dash, |p| p.to_string())
+        )?;
+    }
+    if let Some(finished) = record.finished_ms {
+        writeln!(out, "finished   {}", format_utc(finished))?;
+    }
+    if let Some(ms) = record.duration_ms(now) {
+        writeln!(out, "duration   {}", format_duration(ms))?;
+    }
+    if !tags.is_empty() {
+        writeln!(out, "tags       {}", tags.join(", "))?;
+    }
+    if let Some(error) = &record.error {
+        writeln!(out, "error      {error}")?;
+    }
+    if !spec.inputs.is_empty() {
+        writeln!(out, "inputs")?;
+        for (name, hash) in &spec.inputs {
+            writeln!(out, "  {name:<20} {hash}")?;
+        }
+    }
+    writeln!(out, "config")?;
+    let mut flat = BTreeMap::new();
+    flatten_json("", &spec.config, &mut flat);
+    for (key, value) in &flat {
+        writeln!(out, "  {key} = {value}")?;
+    }
+    if !metrics.is_empty() {
+        writeln!(
+            out,
+            "metrics    {:>7}  {:>12}  {:>12}  {:>12}",
+            "points", "last", "min", "max"
+        )?;
+        for (name, points) in &metrics {
+            if let Some(s) = SeriesSummary::of(points) {
+                writeln!(
+                    out,
+                    "  {name:<16} {:>7}  {:>12}  {:>12}  {:>12}",
+                    s.count,
+                    format_value(s.last),
+                    format_value(s.min),
+                    format_value(s.max)
+                )?;
+            }
+        }
+    }
+    if !record.outputs.is_empty() {
+        writeln!(out, "outputs")?;
+        for (name, hash) in &record.outputs {
+            let size = std::fs::metadata(store.blobs().path(hash)).map(|m| human_bytes(m.len()));
+            writeln!(
+                out,
+                "  {name:<20} {hash}  {}",
+                size.unwrap_or_else(|_| "MISSING".to_string())
+            )?;
+        }
+    }
+    if !logs.is_empty() {
+        const TAIL: usize = 10;
+        writeln!(
+            out,
+            "log (last {} of {} lines)",
+            TAIL.min(logs.len()),
+            logs.len()
+        )?;
+        for line in &logs[logs.len().saturating_sub(TAIL)..] {
+            writeln!(out, "  {line}")?;
+        }
+    }
+    Ok(())
+}
+
+fn show_image(store: &Store, id: &RunId, name: &str) -> anyhow::Result<()> {
+    let record = store.get_run(id)?;
+    let Some(hash) = record.outputs.get(name) else {
+        let names: Vec<&str> = record.outputs.keys().map(String::as_str).collect();
+        bail!(
+            "run {id} has no output named '{name}' (outputs: {})",
+            if names.is_empty() {
+                "none".to_string()
+            } else {
+                names.join(", ")
+            }
+        );
+    };
+    let bytes = store.read_blob(hash)?;
+    if !bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
+        bail!("output '{name}' of run {id} is not a PNG image");
+    }
+    let image = image::load_from_memory_with_format(&bytes, image::ImageFormat::Png)
+        .with_context(|| format!("output '{name}' of run {id}: PNG cannot be decoded"))?;
+    let config = viuer::Config {
+        absolute_offset: false,
+        restore_cursor: false,
+        ..viuer::Config::default()
+    };
+    viuer::print(&image, &config).map_err(|e| anyhow::anyhow!("printing output '{name}': {e}"))?;
+    Ok(())
+}
+
+// === diff ===
+
+fn write_diff_text(diff: &RunDiff, out: &mut dyn Write) -> anyhow::Result<()> {
+    writeln!(out, "A = {}", diff.a)?;
+    writeln!(out, "B = {}", diff.b)?;
+    let width = diff
+        .fields
+        .iter()
+        .map(|f| f.field.len())
+        .chain(diff.config.iter().map(|c| c.key.len() + 2))
+        .chain(diff.metrics.iter().map(|m| m.name.len() + 2))
+        .chain(diff.outputs.iter().map(|o| o.name.len() + 2))
+        .chain(diff.inputs.iter().map(|o| o.name.len() + 2))
+        .max()
+        .unwrap_or(10)
+        .max(10);
+    for field in &diff.fields {
+        let mark = if field.same { "=" } else { "≠" };
+        writeln!(
+            out,
+            "{:<width$}  {mark} {}  |  {}",
+            field.field, field.a, field.b
+        )?;
+    }
+    let show = |v: &Option<Value>| {
+        v.as_ref()
+            .map_or_else(|| "(absent)".to_string(), Value::to_string)
+    };
+    if diff.config.is_empty() {
+        writeln!(out, "config: identical")?;
+    } else {
+        writeln!(out, "config")?;
+        for delta in &diff.config {
+            let mark = if delta.same { "=" } else { "≠" };
+            writeln!(
+                out,
+                "  {:<w$}  {mark} {}  |  {}",
+                delta.key,
+                show(&delta.a),
+                show(&delta.b),
+                w = width - 2
+            )?;
+        }
+    }
+    let hash = |h: &Option<crate::store::BlobHash>| {
+        h.map_or_else(|| "(absent)".to_string(), |h| h.short(12))
+    };
+    if !diff.inputs.is_empty() {
+        writeln!(out, "inputs")?;
+        for input in &diff.inputs {
+            let mark = if input.identical { "=" } else { "≠" };
+            writeln!(
+                out,
+                "  {:<w$}  {mark} {}  |  {}",
+                input.name,
+                hash(&input.a),
+                hash(&input.b),
+                w = width - 2
+            )?;
+        }
+    }
+    if !diff.metrics.is_empty() {
+        writeln!(out, "metrics (final / min)")?;
+        let summary = |s: &Option<SeriesSummary>| {
+            s.map_or_else(
+                || "(absent)".to_string(),
+                |s| format!("{} / {}", format_value(s.last), format_value(s.min)),
+            )
+        };
+        for metric in &diff.metrics {
+            writeln!(
+                out,
+                "  {:<w$}    {}  |  {}",
+                metric.name,
+                summary(&metric.a),
+                summary(&metric.b),
+                w = width - 2
+            )?;
+        }
+    }
+    if !diff.outputs.is_empty() {
+        writeln!(out, "outputs")?;
+        for output in &diff.outputs {
+            let verdict = match (output.a, output.b) {
+                (Some(_), Some(_)) if output.identical => "identical".to_string(),
+                (Some(a), Some(b)) => format!("differ ({} | {})", a.short(12), b.short(12)),
+                (Some(_), None) => "only in A".to_string(),
+                (None, Some(_)) => "only in B".to_string(),
+                (None, None) => "-".to_string(),
+            };
+            writeln!(out, "  {:<w$}    {verdict}", output.name, w = width - 2)?;
+        }
+    }
+    Ok(())
+}
+
+// === helpers ===
+
+fn flatten_json(prefix: &str, value: &Value, out: &mut BTreeMap<String, String>) {
+    match value {
+        Value::Object(map) if !map.is_empty() => {
+            for (key, item) in map {
+                let path = if prefix.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{prefix}.{key}")
+                };
+                flatten_json(&path, item, out);
+            }
+        }
+        _ => {
+            out.insert(
+                if prefix.is_empty() {
+                    "(config)".to_string()
+                } else {
+                    prefix.to_string()
+                },
+                value.to_string(),
+            );
+        }
+    }
+}
+
+fn format_value(v: f64) -> String {
+    if v.is_nan() {
+        "NaN".to_string()
+    } else if v != 0.0 && (v.abs() < 1e-3 || v.abs() >= 1e6) {
+        format!("{v:.3e}")
+    } else {
+        format!("{v:.4}")
+    }
+}
+
+fn truncate(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        text.to_string()
+    } else {
+        let mut cut: String = text.chars().take(max.saturating_sub(1)).collect();
+        cut.push('…');
+        cut
+    }
+}
+
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}

@@ -1,0 +1,227 @@
+//! Launching and resuming learning runs against the store.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use candle_core::DType;
+
+use super::sink::{StoreSink, CHECKPOINT_OUTPUT};
+use crate::error::{Error, Result};
+use crate::learn::{self, Checkpoint, LearnConfig, LearnRequest, SceneFiles};
+use crate::model::{check_dtype_device, parse_device, parse_dtype, StableDiffusion};
+use crate::store::{
+    code_version, host_name, NewRun, RunId, RunKind, RunOutcome, RunRecord, RunSpec, RunStatus,
+    Store,
+};
+
+/// Everything that defines a learning run, as the user asked for it.
+#[derive(Clone, Debug)]
+pub struct LearnJob {
+    /// Diffusers model folder.
+    pub model: PathBuf,
+    /// Image and masks.
+    pub files: SceneFiles,
+    /// The scene folder, when given (for listings).
+    pub scene_dir: Option<PathBuf>,
+    /// Preset the config started from.
+    pub preset: String,
+    /// Fully resolved config.
+    pub config: LearnConfig,
+    /// Seed.
+    pub seed: u64,
+    /// `cpu`, `cuda`, `cuda:N`.
+    pub device: String,
+    /// `f32`, `f16`, `bf16`.
+    pub dtype: String,
+    /// Accept masks that overlap by more than 5%.
+    pub allow_overlap: bool,
+    /// Run again even if a finished run has the same spec.
+    pub rerun: bool,
+}
+
+/// Options of an in-process run.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Draw a progress bar on stderr.
+    pub progress_bar: bool,
+    /// Set to stop at the next step (checkpoint kept, run marked cancelled).
+    pub stop: Arc<AtomicBool>,
+}
+
+/// The spec's config document: preset, dtype and the resolved `learn` table.
+fn spec_config(preset: &str, dtype: &str, cfg: &LearnConfig) -> Result<serde_json::Value> {
+    Ok(serde_json::json!({
+        "preset": preset,
+        "dtype": dtype,
+        "learn": serde_json::to_value(cfg).map_err(|e| Error::Config(e.to_string()))?,
+    }))
+}
+
+fn model_resolution(sd: &StableDiffusion) -> u32 {
+    (sd.unet.config().sample_size * sd.vae.config().factor()) as u32
+}
+
+/// Validates everything, records a queued run, runs it to the end and returns its record.
+/// Nothing is written to the store when validation fails.
+pub fn launch(store: &Store, job: &LearnJob, opts: &RunOptions) -> Result<RunRecord> {
+    job.config.validate()?;
+    let device = parse_device(&job.device)?;
+    let dtype = parse_dtype(&job.dtype)?;
+    check_dtype_device(dtype, &device)?;
+    let sd = StableDiffusion::load(&job.model, dtype, &device)?;
+    let scene = learn::load_scene(&job.files, model_resolution(&sd), job.allow_overlap)?;
+    if let Some(init) = Some(job.config.init.as_str()).filter(|i| *i != "mean") {
+        let words = init.split(',').count();
+        if words != scene.masks.len() {
+            return Err(Error::Input(format!(
+                "learn.init: {words} words for {} masks (one word per mask, or `mean`)",
+                scene.masks.len()
+            )));
+        }
+    }
+
+    // Inputs go in as blobs (content-addressed: re-putting a file is free).
+    let mut inputs = BTreeMap::new();
+    inputs.insert("image".to_string(), store.put_blob_file(&job.files.image)?);
+    for (i, m) in job.files.masks.iter().enumerate() {
+        inputs.insert(format!("mask{i}"), store.put_blob_file(m)?);
+    }
+    let defaults = LearnConfig::preset(&job.preset)?;
+    let spec = RunSpec {
+        kind: RunKind::Learn,
+        config: spec_config(&job.preset, &job.dtype, &job.config)?,
+        seed: job.seed,
+        inputs,
+        parent: None,
+        model_fingerprint: store.model_fingerprint(&job.model)?,
+        code_version: code_version(),
+    };
+    let earlier = store.done_runs_with_spec(&spec.spec_hash()?)?;
+    let rerun_of = match (earlier.first(), job.rerun) {
+        (Some(r), false) => {
+            return Err(Error::Input(format!(
+                "this exact run already finished as {} (same spec); pass --rerun to run it again",
+                r.id
+            )))
+        }
+        (Some(r), true) => Some(r.id.clone()),
+        (None, _) => None,
+    };
+    let deltas = config_deltas(&defaults, &job.config);
+    let record = store.create_run(
+        &spec,
+        NewRun {
+            scene: Some(super::scene_label(&job.files.image, job.scene_dir.as_deref())),
+            config_deltas: deltas,
+            rerun_of,
+        },
+    )?;
+    let id = record.id.clone();
+    store.start_run(&id, &host_name(), &job.device)?;
+    execute(store, &id, &sd, &scene, job.config.clone(), job.seed, None, &job.model, opts)
+}
+
+/// `key=value` strings of the config keys that differ from the preset.
+pub fn config_deltas(defaults: &LearnConfig, cfg: &LearnConfig) -> Vec<(String, String)> {
+    let b = serde_json::to_value(cfg).unwrap_or_default();
+    crate::config::changed_keys(defaults, cfg)
+        .into_iter()
+        .map(|k| {
+            let v = b.get(&k).map(|v| v.to_string()).unwrap_or_default();
+            (format!("learn.{k}"), v)
+        })
+        .collect()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn execute(
+    store: &Store,
+    id: &RunId,
+    sd: &StableDiffusion,
+    scene: &learn::Scene,
+    config: LearnConfig,
+    seed: u64,
+    resume: Option<Checkpoint>,
+    model: &Path,
+    opts: &RunOptions,
+) -> Result<RunRecord> {
+    let mut sink = StoreSink::new(store.clone(), id.clone(), opts.progress_bar, opts.stop.clone());
+    use crate::sink::RunSink;
+    sink.log(&format!(
+        "learn {} instances, model {}, seed {seed}",
+        scene.masks.len(),
+        model.display()
+    ))?;
+    let result = learn::run(
+        LearnRequest {
+            sd,
+            scene,
+            config,
+            seed,
+            resume,
+        },
+        &mut sink,
+    );
+    sink.finish();
+    let outcome = match &result {
+        Ok(r) if r.cancelled => RunOutcome::Cancelled,
+        Ok(_) => RunOutcome::Done,
+        Err(e) => RunOutcome::Failed(e.to_string()),
+    };
+    let record = store.finish_run(id, outcome)?;
+    result?;
+    Ok(record)
+}
+
+/// Continues an interrupted learning run from its last checkpoint. The model folder must
+/// hold the same weights as when the run started (its fingerprint is checked).
+pub fn resume(store: &Store, prefix: &str, model: &Path, device: &str, opts: &RunOptions) -> Result<RunRecord> {
+    store.mark_stale_running_interrupted()?;
+    let id = store.resolve(prefix)?;
+    let record = store.get_run(&id)?;
+    if record.kind != RunKind::Learn {
+        return Err(Error::Input(format!("run {id} is a {} run, not a learning run", record.kind.as_str())));
+    }
+    if record.status != RunStatus::Interrupted {
+        return Err(Error::Input(format!(
+            "run {id} is {}; only an interrupted run can be resumed",
+            record.status.as_str()
+        )));
+    }
+    let spec = store.spec(&record.spec_hash)?;
+    let fingerprint = store.model_fingerprint(model)?;
+    if fingerprint != spec.model_fingerprint {
+        return Err(Error::file(
+            model,
+            format!("these are not the weights run {id} started with (fingerprint differs)"),
+        ));
+    }
+    let dtype_name = spec.config.get("dtype").and_then(|v| v.as_str()).unwrap_or("f32").to_string();
+    let config: LearnConfig = serde_json::from_value(spec.config.get("learn").cloned().unwrap_or_default())
+        .map_err(|e| Error::Input(format!("run {id}: stored config does not parse ({e})")))?;
+    let dev = parse_device(device)?;
+    let dtype: DType = parse_dtype(&dtype_name)?;
+    check_dtype_device(dtype, &dev)?;
+    let sd = StableDiffusion::load(model, dtype, &dev)?;
+    let blob = |name: &str| -> Result<PathBuf> {
+        let h = spec
+            .inputs
+            .get(name)
+            .ok_or_else(|| Error::Input(format!("run {id}: input `{name}` missing from its spec")))?;
+        Ok(store.blobs().path(h))
+    };
+    let mask_count = spec.inputs.keys().filter(|k| k.starts_with("mask")).count();
+    let files = SceneFiles {
+        image: blob("image")?,
+        masks: (0..mask_count).map(|i| blob(&format!("mask{i}"))).collect::<Result<_>>()?,
+    };
+    let scene = learn::load_scene(&files, model_resolution(&sd), true)?;
+    let checkpoint = match record.outputs.get(CHECKPOINT_OUTPUT) {
+        Some(h) => Some(Checkpoint::from_bytes(&store.read_blob(h)?, &dev)?),
+        None => None,
+    };
+    store.resume_run(&id, &host_name(), device)?;
+    execute(store, &id, &sd, &scene, config, spec.seed, checkpoint, model, opts)
+}

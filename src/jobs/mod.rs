@@ -1,0 +1,34 @@
+//! Jobs: a learning or synthesis run launched against the store (spec, inputs, record, sink).
+//! The CLI runs them in-process today; the engine will run the same functions in workers.
+
+pub mod learn;
+pub mod sink;
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// The model folder: `--model DIR`, else `$MIFO_MODEL`.
+pub fn model_dir(flag: Option<PathBuf>) -> Result<PathBuf> {
+    let dir = flag
+        .or_else(|| std::env::var_os("MIFO_MODEL").map(PathBuf::from))
+        .ok_or_else(|| {
+            Error::Input(
+                "no model: pass --model DIR (a local diffusers Stable Diffusion folder) or set MIFO_MODEL"
+                    .into(),
+            )
+        })?;
+    if !dir.is_dir() {
+        return Err(Error::file(&dir, "model folder does not exist"));
+    }
+    Ok(dir)
+}
+
+/// A short label for a scene: its folder name, or the image's file stem.
+pub fn scene_label(image: &Path, scene_dir: Option<&Path>) -> String {
+    scene_dir
+        .and_then(|d| d.file_name())
+        .or_else(|| image.file_stem())
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}

@@ -1,0 +1,89 @@
+//! A [`RunSink`] that records into the run store, with an optional progress bar on stderr.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::error::{Error, Result};
+use crate::sink::{Progress, RunSink};
+use crate::store::{RunId, Store};
+
+/// Name of the output that holds the latest checkpoint.
+pub const CHECKPOINT_OUTPUT: &str = "checkpoint";
+
+/// Records metrics, logs, outputs and checkpoints of one run into the store.
+pub struct StoreSink {
+    store: Store,
+    run: RunId,
+    bar: Option<ProgressBar>,
+    stop: Arc<AtomicBool>,
+}
+
+impl StoreSink {
+    /// A sink for `run`; `progress_bar` draws on stderr (use it when stderr is a terminal).
+    pub fn new(store: Store, run: RunId, progress_bar: bool, stop: Arc<AtomicBool>) -> Self {
+        let bar = progress_bar.then(|| {
+            let bar = ProgressBar::new(0);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} {prefix:>10} [{bar:30}] {pos}/{len} {msg} (ETA {eta})",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar
+        });
+        Self {
+            store,
+            run,
+            bar,
+            stop,
+        }
+    }
+
+    /// Ends the progress bar (leaves the last line on screen).
+    pub fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish();
+        }
+    }
+}
+
+impl RunSink for StoreSink {
+    fn metric(&mut self, name: &str, step: u64, value: f64) -> Result<()> {
+        Ok(self.store.append_metric(&self.run, name, step, value)?)
+    }
+
+    fn log(&mut self, line: &str) -> Result<()> {
+        if let Some(b) = &self.bar {
+            b.println(line);
+        }
+        Ok(self.store.append_log(&self.run, line)?)
+    }
+
+    fn progress(&mut self, p: &Progress) {
+        if let Some(b) = &self.bar {
+            b.set_length(p.total);
+            b.set_position(p.step);
+            b.set_prefix(p.phase.clone());
+            b.set_message(p.message.clone());
+        } else if p.step == p.total || p.step % 50 == 0 {
+            eprintln!("step {}/{} {} {}", p.step, p.total, p.phase, p.message);
+        }
+    }
+
+    fn artifact(&mut self, name: &str, bytes: Vec<u8>) -> Result<()> {
+        self.store.put_output(&self.run, name, &bytes)?;
+        Ok(())
+    }
+
+    fn checkpoint(&mut self, _step: u64, bytes: Vec<u8>) -> Result<()> {
+        self.store.put_output(&self.run, CHECKPOINT_OUTPUT, &bytes)?;
+        self.store.flush_metrics(&self.run).map_err(Error::from)
+    }
+
+    fn should_stop(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,181 @@
+//! `LearnConfig`: every knob of the learning stage, with the `paper` and `official` presets.
+//! See `shared/research/mifo-impl-notes.md` §3 for where each value comes from.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// The learning-stage configuration (`[learn]` in TOML, `--set learn.KEY=VALUE`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LearnConfig {
+    /// Phase A.1: embedding steps with the attention *reward* term.
+    pub reward_steps: u64,
+    /// Phase A.2: embedding steps with the attention *penalty* term.
+    pub penalty_steps: u64,
+    /// Phase B: DreamBooth steps after the embedding phase (0 = none).
+    pub dreambooth_steps: u64,
+    /// Phase B mode: `full` (fine-tune UNet + text encoder with the tokens), `none`.
+    pub dreambooth: String,
+    /// Phase A learning rate (AdamW on the placeholder rows).
+    pub lr: f64,
+    /// Phase B learning rate.
+    pub dreambooth_lr: f64,
+    /// LR schedule of phase A: `constant` or `cosine` (cosine decay over phase A after a
+    /// linear warm-up of `warmup_steps`).
+    pub lr_schedule: String,
+    /// Linear warm-up steps of phase A.
+    pub warmup_steps: u64,
+    /// AdamW β₁.
+    pub adam_beta1: f64,
+    /// AdamW β₂.
+    pub adam_beta2: f64,
+    /// AdamW ε.
+    pub adam_eps: f64,
+    /// AdamW decoupled weight decay (applies to the trained tensors only).
+    pub weight_decay: f64,
+    /// Clip the global gradient norm of the trained tensors to this (0 = off).
+    pub grad_clip: f64,
+    /// Weight of the masked reconstruction loss.
+    pub lambda_rec: f64,
+    /// Weight of the attention reward term (phase A.1).
+    pub lambda_reward: f64,
+    /// Weight of the attention penalty term (phase A.2).
+    pub lambda_penalty: f64,
+    /// α in the reward ‖α·M − A‖².
+    pub reward_alpha: f64,
+    /// The attention loss applies only when the sampled timestep t ≤ this.
+    pub t_max_attn: u64,
+    /// Cross-attention layers of the attention loss, as module-path prefixes (decoder 16² and
+    /// 32² for SD 2.1 at 512 px: `up_blocks.1`, `up_blocks.2`).
+    pub attn_layers: Vec<String>,
+    /// Placeholder initialisation: `mean` (vocabulary mean) or comma-separated words, one per
+    /// token (`dog,cat`): each token starts at its word's first BPE row.
+    pub init: String,
+    /// Probability of flipping image and masks horizontally each step.
+    pub flip_p: f64,
+    /// Encode the image with a VAE *sample* (as the released code) instead of the mean.
+    pub vae_sample: bool,
+    /// Phase B: extra penalty weight on the layers of `dreambooth_penalty_layers` (0 = off).
+    pub dreambooth_penalty: f64,
+    /// Phase B penalty layers (module-path prefixes; 16² down and up blocks in the official code).
+    pub dreambooth_penalty_layers: Vec<String>,
+    /// Checkpoint every this many steps (0 = only at the end of each phase).
+    pub checkpoint_every: u64,
+    /// Render `preview.png` (a sample of "a photo of <v0> and <v1> …") at the end.
+    pub preview: bool,
+    /// DDIM steps of the preview sample.
+    pub preview_steps: u64,
+    /// CFG scale of the preview sample.
+    pub preview_guidance: f64,
+}
+
+impl LearnConfig {
+    /// The paper's values (Sec. 4.1, App. B–C): 200 reward + 600 penalty steps at lr 5e-3,
+    /// attention loss for t ≤ 700 with λ 0.01 for both terms, then 400 DreamBooth steps at 2e-6
+    /// without prior preservation.
+    pub fn paper() -> Self {
+        Self {
+            reward_steps: 200,
+            penalty_steps: 600,
+            dreambooth_steps: 400,
+            dreambooth: "full".into(),
+            lr: 5e-3,
+            dreambooth_lr: 2e-6,
+            lr_schedule: "constant".into(),
+            warmup_steps: 0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.99,
+            adam_eps: 1e-8,
+            weight_decay: 0.01,
+            grad_clip: 1.0,
+            lambda_rec: 1.0,
+            lambda_reward: 0.01,
+            lambda_penalty: 0.01,
+            reward_alpha: 0.5,
+            t_max_attn: 700,
+            attn_layers: vec!["up_blocks.1".into(), "up_blocks.2".into()],
+            init: "mean".into(),
+            flip_p: 0.0,
+            vae_sample: true,
+            dreambooth_penalty: 0.0,
+            dreambooth_penalty_layers: vec!["down_blocks.2".into(), "up_blocks.1".into()],
+            checkpoint_every: 100,
+            preview: true,
+            preview_steps: 50,
+            preview_guidance: 7.5,
+        }
+    }
+
+    /// The released code's values: 200 + 400 steps, t < 500, reward 0.01 / penalty 0.02,
+    /// cosine schedule with 10 warm-up steps, flips with p 0.5, and the extra 0.02 penalty on
+    /// the 16² layers during DreamBooth.
+    pub fn official() -> Self {
+        Self {
+            penalty_steps: 400,
+            lambda_penalty: 0.02,
+            t_max_attn: 499,
+            lr_schedule: "cosine".into(),
+            warmup_steps: 10,
+            flip_p: 0.5,
+            dreambooth_penalty: 0.02,
+            ..Self::paper()
+        }
+    }
+
+    /// A preset by name.
+    pub fn preset(name: &str) -> Result<Self> {
+        match name {
+            "paper" => Ok(Self::paper()),
+            "official" => Ok(Self::official()),
+            o => Err(Error::Input(format!(
+                "--preset {o}: unknown preset (expected paper or official)"
+            ))),
+        }
+    }
+
+    /// Total steps of phases A and B.
+    pub fn total_steps(&self) -> u64 {
+        self.embedding_steps()
+            + if self.dreambooth == "none" {
+                0
+            } else {
+                self.dreambooth_steps
+            }
+    }
+
+    /// Steps of phase A.
+    pub fn embedding_steps(&self) -> u64 {
+        self.reward_steps + self.penalty_steps
+    }
+
+    /// Checks value ranges and enumerations; one-line errors naming the key.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |k: &str, m: &str| Err(Error::Input(format!("learn.{k}: {m}")));
+        if !["full", "none"].contains(&self.dreambooth.as_str()) {
+            return bad(
+                "dreambooth",
+                &format!("`{}` is not one of full, none (LoRA is not built yet)", self.dreambooth),
+            );
+        }
+        if !["constant", "cosine"].contains(&self.lr_schedule.as_str()) {
+            return bad("lr_schedule", "expected constant or cosine");
+        }
+        if self.embedding_steps() == 0 {
+            return bad("reward_steps", "reward_steps + penalty_steps must be at least 1");
+        }
+        if !(self.lr > 0.0) || !(self.dreambooth_lr >= 0.0) {
+            return bad("lr", "learning rates must be positive");
+        }
+        if !(0.0..=1.0).contains(&self.flip_p) {
+            return bad("flip_p", "must be in [0, 1]");
+        }
+        if !(0.0..1.0).contains(&self.adam_beta1) || !(0.0..1.0).contains(&self.adam_beta2) {
+            return bad("adam_beta1", "β must be in [0, 1)");
+        }
+        if self.attn_layers.is_empty() && (self.lambda_reward != 0.0 || self.lambda_penalty != 0.0) {
+            return bad("attn_layers", "no layers for a non-zero attention loss");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,151 @@
+//! Learning inputs: one image and one mask per instance, validated and brought to the model's
+//! resolution together (short side resized to the model size, centre crop).
+
+use std::path::{Path, PathBuf};
+
+use image::{GrayImage, RgbImage};
+
+use crate::error::{Error, Result};
+use crate::imageio::{fit_mask, fit_rgb, mask_channel, read_image};
+
+/// Most instances one run can learn.
+pub const MAX_MASKS: usize = 8;
+/// Smallest accepted image side in pixels.
+pub const MIN_IMAGE_SIDE: u32 = 64;
+/// A mask covering less than this fraction of the image is "empty".
+pub const MIN_MASK_FRACTION: f64 = 0.005;
+/// Two masks may share at most this fraction of the smaller one (unless allowed).
+pub const MAX_OVERLAP_FRACTION: f64 = 0.05;
+
+/// The files of a scene.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SceneFiles {
+    /// The image.
+    pub image: PathBuf,
+    /// One mask per instance; mask i becomes token `<vi>`.
+    pub masks: Vec<PathBuf>,
+}
+
+/// Finds `img.(png|jpg|jpeg)` and `mask*.png` (sorted by name) in a scene folder.
+pub fn scene_files(dir: &Path) -> Result<SceneFiles> {
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    let mut images = Vec::new();
+    let mut masks = Vec::new();
+    for e in entries {
+        let e = e.map_err(|e| Error::io(dir, e))?;
+        let name = e.file_name().to_string_lossy().to_lowercase();
+        let p = e.path();
+        if name.starts_with("mask") && name.ends_with(".png") {
+            masks.push(p);
+        } else if ["img.png", "img.jpg", "img.jpeg"].contains(&name.as_str()) {
+            images.push(p);
+        }
+    }
+    masks.sort();
+    images.sort();
+    let image = match images.len() {
+        1 => images.remove(0),
+        0 => {
+            return Err(Error::file(
+                dir,
+                "no img.png / img.jpg in the scene folder (expected img.* and mask*.png)",
+            ))
+        }
+        _ => return Err(Error::file(dir, "several img.* files; keep one")),
+    };
+    if masks.is_empty() {
+        return Err(Error::file(dir, "no mask*.png in the scene folder"));
+    }
+    Ok(SceneFiles { image, masks })
+}
+
+/// A validated scene at the model's resolution.
+#[derive(Clone, Debug)]
+pub struct Scene {
+    /// Where it came from.
+    pub files: SceneFiles,
+    /// The image, size×size.
+    pub image: RgbImage,
+    /// The masks, size×size, soft values kept (255 = instance).
+    pub masks: Vec<GrayImage>,
+}
+
+fn coverage(mask: &GrayImage) -> (f64, Vec<bool>) {
+    let on: Vec<bool> = mask.as_raw().iter().map(|&v| v >= 128).collect();
+    let n = on.iter().filter(|&&b| b).count();
+    (n as f64 / on.len().max(1) as f64, on)
+}
+
+/// Reads and checks the image and masks, then fits them to `size`×`size`.
+pub fn load_scene(files: &SceneFiles, size: u32, allow_overlap: bool) -> Result<Scene> {
+    if files.masks.is_empty() {
+        return Err(Error::Input("give at least one --mask".into()));
+    }
+    if files.masks.len() > MAX_MASKS {
+        return Err(Error::Input(format!(
+            "{} masks given; at most {MAX_MASKS} instances can be learned at once",
+            files.masks.len()
+        )));
+    }
+    let img = read_image(&files.image)?.to_rgb8();
+    let (w, h) = img.dimensions();
+    if w.min(h) < MIN_IMAGE_SIDE {
+        return Err(Error::file(
+            &files.image,
+            format!("image is {w}x{h}; the short side must be at least {MIN_IMAGE_SIDE} px"),
+        ));
+    }
+    let mut raw_masks = Vec::new();
+    for p in &files.masks {
+        let m = mask_channel(&read_image(p)?);
+        if m.dimensions() != (w, h) {
+            return Err(Error::file(
+                p,
+                format!(
+                    "mask is {}x{} but the image is {w}x{h}",
+                    m.width(),
+                    m.height()
+                ),
+            ));
+        }
+        let (frac, _) = coverage(&m);
+        if frac < MIN_MASK_FRACTION {
+            return Err(Error::file(
+                p,
+                format!(
+                    "mask is empty: {:.2}% of pixels are white (need at least {:.1}%)",
+                    frac * 100.0,
+                    MIN_MASK_FRACTION * 100.0
+                ),
+            ));
+        }
+        raw_masks.push(m);
+    }
+    if !allow_overlap {
+        for i in 0..raw_masks.len() {
+            for j in i + 1..raw_masks.len() {
+                let (_, a) = coverage(&raw_masks[i]);
+                let (_, b) = coverage(&raw_masks[j]);
+                let both = a.iter().zip(&b).filter(|(x, y)| **x && **y).count();
+                let smaller = a.iter().filter(|&&x| x).count().min(b.iter().filter(|&&x| x).count());
+                let frac = both as f64 / smaller.max(1) as f64;
+                if frac > MAX_OVERLAP_FRACTION {
+                    return Err(Error::file(
+                        &files.masks[j],
+                        format!(
+                            "overlaps {} on {:.1}% of the smaller mask (limit {:.0}%; pass --allow-overlap to accept)",
+                            files.masks[i].display(),
+                            frac * 100.0,
+                            MAX_OVERLAP_FRACTION * 100.0
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(Scene {
+        files: files.clone(),
+        image: fit_rgb(&img, size),
+        masks: raw_masks.iter().map(|m| fit_mask(m, size)).collect(),
+    })
+}

@@ -1,0 +1,123 @@
+//! AdamW with its state in plain tensors, so a checkpoint can hold it and a resumed run continues
+//! bit for bit (PyTorch's `torch.optim.AdamW` update rule).
+
+use std::collections::HashMap;
+
+use candle_core::{Tensor, Var};
+
+use crate::error::{Error, Result};
+
+/// Hyper-parameters.
+#[derive(Clone, Copy, Debug)]
+pub struct AdamWParams {
+    /// β₁.
+    pub beta1: f64,
+    /// β₂.
+    pub beta2: f64,
+    /// ε.
+    pub eps: f64,
+    /// Decoupled weight decay.
+    pub weight_decay: f64,
+}
+
+/// AdamW over a list of named variables.
+pub struct AdamW {
+    vars: Vec<(String, Var)>,
+    first: Vec<Tensor>,
+    second: Vec<Tensor>,
+    /// Number of updates applied so far.
+    pub step: u64,
+    params: AdamWParams,
+}
+
+impl AdamW {
+    /// A fresh optimiser (zero moments).
+    pub fn new(vars: Vec<(String, Var)>, params: AdamWParams) -> Result<Self> {
+        let first = vars
+            .iter()
+            .map(|(_, v)| v.zeros_like())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let second = first.clone();
+        Ok(Self {
+            vars,
+            first,
+            second,
+            step: 0,
+            params,
+        })
+    }
+
+    /// The optimised variables.
+    pub fn vars(&self) -> &[(String, Var)] {
+        &self.vars
+    }
+
+    /// Global L2 norm of the gradients (missing gradients count as zero).
+    pub fn grad_norm(&self, grads: &candle_core::backprop::GradStore) -> Result<f64> {
+        let mut total = 0f64;
+        for (_, v) in &self.vars {
+            if let Some(g) = grads.get(v.as_tensor()) {
+                total += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            }
+        }
+        Ok(total.sqrt())
+    }
+
+    /// One update with learning rate `lr`; gradients are scaled by `grad_scale` first (clipping).
+    pub fn update(
+        &mut self,
+        grads: &candle_core::backprop::GradStore,
+        lr: f64,
+        grad_scale: f64,
+    ) -> Result<()> {
+        self.step += 1;
+        let p = self.params;
+        let bc1 = 1.0 - p.beta1.powi(self.step as i32);
+        let bc2 = 1.0 - p.beta2.powi(self.step as i32);
+        for (i, (_, var)) in self.vars.iter().enumerate() {
+            let Some(g) = grads.get(var.as_tensor()) else {
+                continue;
+            };
+            let g = if grad_scale != 1.0 {
+                (g * grad_scale)?
+            } else {
+                g.clone()
+            };
+            let m = ((&self.first[i] * p.beta1)? + (&g * (1.0 - p.beta1))?)?;
+            let v = ((&self.second[i] * p.beta2)? + (g.sqr()? * (1.0 - p.beta2))?)?;
+            let decayed = (var.as_tensor() * (1.0 - lr * p.weight_decay))?;
+            let denom = ((&v / bc2)?.sqrt()? + p.eps)?;
+            let upd = ((&m / bc1)? / denom)?;
+            var.set(&(decayed - (upd * lr)?)?.detach())?;
+            self.first[i] = m.detach();
+            self.second[i] = v.detach();
+        }
+        Ok(())
+    }
+
+    /// The moments as named tensors (`<name>.m`, `<name>.v`) for a checkpoint.
+    pub fn state(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        for (i, (name, _)) in self.vars.iter().enumerate() {
+            out.push((format!("adam.{name}.m"), self.first[i].clone()));
+            out.push((format!("adam.{name}.v"), self.second[i].clone()));
+        }
+        out
+    }
+
+    /// Restores moments saved by [`AdamW::state`].
+    pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, step: u64) -> Result<()> {
+        for (i, (name, _)) in self.vars.iter().enumerate() {
+            let get = |k: String| {
+                tensors
+                    .get(&k)
+                    .cloned()
+                    .ok_or_else(|| Error::Input(format!("checkpoint lacks `{k}`")))
+            };
+            self.first[i] = get(format!("adam.{name}.m"))?;
+            self.second[i] = get(format!("adam.{name}.v"))?;
+        }
+        self.step = step;
+        Ok(())
+    }
+}

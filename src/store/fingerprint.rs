@@ -1,0 +1,156 @@
+//! Model fingerprints: one blake3 digest for the weight and config files of a model folder.
+//!
+//! ```text
+//! fingerprint = blake3("mifo-model-fingerprint/1\n" ++ for each file, sorted by relative path:
+//!                      relative path ("/"-separated) ++ "\n" ++ blake3(content) as hex ++ "\n")
+//! ```
+//! Files counted: every regular file (symlinks followed) whose extension is one of
+//! [`MODEL_FILE_EXTENSIONS`], at any depth, skipping names that start with `.`. Hashing multi-GB
+//! weights takes seconds, so each file's content hash is cached in the store's `meta` tree keyed by
+//! its absolute path and validated by size and modification time.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::UNIX_EPOCH;
+
+use serde::{Deserialize, Serialize};
+
+use super::error::{DbContext, StoreError, StoreResult};
+use super::ids::Digest;
+use super::record::bincode_config;
+
+/// Extensions of the files that make up a model: weights, configs and tokenizer files.
+pub const MODEL_FILE_EXTENSIONS: &[&str] = &[
+    "safetensors",
+    "bin",
+    "ckpt",
+    "pt",
+    "pth",
+    "json",
+    "txt",
+    "model",
+];
+
+const FINGERPRINT_PREFIX: &[u8] = b"mifo-model-fingerprint/1\n";
+/// Key prefix of file-hash cache entries in the `meta` tree.
+pub(crate) const CACHE_KEY_PREFIX: &[u8] = b"fingerprint-cache/";
+
+/// A cached file hash, valid while the file's size and modification time are unchanged.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct CachedFileHash {
+    size: u64,
+    mtime_ns: u128,
+    hash: Digest,
+}
+
+/// The model files of `dir`: (relative path with `/` separators, absolute path), sorted.
+fn model_files(dir: &Path) -> StoreResult<Vec<(String, PathBuf)>> {
+    fn walk(dir: &Path, rel: &str, out: &mut Vec<(String, PathBuf)>) -> StoreResult<()> {
+        for entry in fs::read_dir(dir).map_err(|e| StoreError::io(dir, e))? {
+            let entry = entry.map_err(|e| StoreError::io(dir, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                continue;
+            }
+            let path = entry.path();
+            let rel_path = if rel.is_empty() {
+                name.clone()
+            } else {
+                format!("{rel}/{name}")
+            };
+            // Follow symlinks (Hugging Face caches link files into snapshot folders).
+            let meta = fs::metadata(&path).map_err(|e| StoreError::io(&path, e))?;
+            if meta.is_dir() {
+                walk(&path, &rel_path, out)?;
+            } else if meta.is_file() {
+                let ext = Path::new(&name)
+                    .extension()
+                    .map(|e| e.to_string_lossy().to_ascii_lowercase())
+                    .unwrap_or_default();
+                if MODEL_FILE_EXTENSIONS.contains(&ext.as_str()) {
+                    out.push((rel_path, path));
+                }
+            }
+        }
+        Ok(())
+    }
+    let mut files = Vec::new();
+    walk(dir, "", &mut files)?;
+    files.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    Ok(files)
+}
+
+fn hash_file(path: &Path) -> StoreResult<Digest> {
+    let mut file = fs::File::open(path).map_err(|e| StoreError::io(path, e))?;
+    let mut hasher = blake3::Hasher::new();
+    io::copy(&mut file, &mut hasher).map_err(|e| StoreError::io(path, e))?;
+    Ok(Digest::from(hasher.finalize()))
+}
+
+/// Fingerprints `dir`, reusing and refreshing per-file hashes in `cache` (the `meta` tree) when given.
+pub(crate) fn fingerprint_dir(dir: &Path, cache: Option<&sled::Tree>) -> StoreResult<Digest> {
+    let meta = fs::metadata(dir).map_err(|e| StoreError::io(dir, e))?;
+    if !meta.is_dir() {
+        return Err(StoreError::io(dir, io::Error::other("not a folder")));
+    }
+    let files = model_files(dir)?;
+    if files.is_empty() {
+        return Err(StoreError::InvalidInput(format!(
+            "{}: no model files ({}) to fingerprint",
+            dir.display(),
+            MODEL_FILE_EXTENSIONS.join(", ")
+        )));
+    }
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(FINGERPRINT_PREFIX);
+    for (rel, path) in &files {
+        let hash = match cache {
+            Some(tree) => cached_hash(tree, path)?,
+            None => hash_file(path)?,
+        };
+        hasher.update(rel.as_bytes());
+        hasher.update(b"\n");
+        hasher.update(hash.to_hex().as_bytes());
+        hasher.update(b"\n");
+    }
+    Ok(Digest::from(hasher.finalize()))
+}
+
+fn cached_hash(tree: &sled::Tree, path: &Path) -> StoreResult<Digest> {
+    let absolute = fs::canonicalize(path).map_err(|e| StoreError::io(path, e))?;
+    let meta = fs::metadata(&absolute).map_err(|e| StoreError::io(&absolute, e))?;
+    let size = meta.len();
+    let mtime_ns = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let mut key = CACHE_KEY_PREFIX.to_vec();
+    key.extend_from_slice(absolute.to_string_lossy().as_bytes());
+    if let Some(bytes) = tree
+        .get(&key)
+        .db(|| format!("reading fingerprint cache for {}", absolute.display()))?
+    {
+        // A corrupt cache entry is only a cache miss.
+        if let Ok((entry, _)) =
+            bincode::serde::decode_from_slice::<CachedFileHash, _>(&bytes, bincode_config())
+        {
+            if entry.size == size && entry.mtime_ns == mtime_ns && mtime_ns != 0 {
+                return Ok(entry.hash);
+            }
+        }
+    }
+    let hash = hash_file(&absolute)?;
+    let entry = CachedFileHash {
+        size,
+        mtime_ns,
+        hash,
+    };
+    if let Ok(bytes) = bincode::serde::encode_to_vec(&entry, bincode_config()) {
+        tree.insert(key, bytes)
+            .db(|| format!("writing fingerprint cache for {}", absolute.display()))?;
+    }
+    Ok(hash)
+}

@@ -1,0 +1,222 @@
+//! `RunRecord`: what happened to one run, and its bounded binary encoding in the `runs` tree.
+//!
+//! Encoding: one format byte ([`RECORD_FORMAT`]) followed by the record in bincode 2 (standard
+//! config, varint integers) with a decode limit of `MAX_RECORD_BYTES` (1 MiB), so a corrupt length field
+//! fails cleanly instead of allocating. bincode is not self-describing: adding a field means a new
+//! format byte and a decoder for the old one.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::error::{StoreError, StoreResult};
+use super::ids::{BlobHash, RunId, SpecHash};
+use super::spec::RunKind;
+
+/// The format byte in front of every encoded record.
+pub const RECORD_FORMAT: u8 = 1;
+/// Largest encoded record the store writes or reads.
+pub const MAX_RECORD_BYTES: usize = 1 << 20;
+
+/// Where a run is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunStatus {
+    /// Created, not started.
+    Queued,
+    /// Started by a process that may still be working on it.
+    Running,
+    /// Finished and every output recorded.
+    Done,
+    /// Stopped by an error (see [`RunRecord::error`]).
+    Failed,
+    /// Stopped on request.
+    Cancelled,
+    /// Was running when its process died (found by [`super::Store::mark_stale_running_interrupted`]).
+    Interrupted,
+}
+
+impl RunStatus {
+    /// All statuses, in life order.
+    pub const ALL: [RunStatus; 6] = [
+        RunStatus::Queued,
+        RunStatus::Running,
+        RunStatus::Done,
+        RunStatus::Failed,
+        RunStatus::Cancelled,
+        RunStatus::Interrupted,
+    ];
+
+    /// The lowercase name used on the command line and in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Queued => "queued",
+            RunStatus::Running => "running",
+            RunStatus::Done => "done",
+            RunStatus::Failed => "failed",
+            RunStatus::Cancelled => "cancelled",
+            RunStatus::Interrupted => "interrupted",
+        }
+    }
+
+    /// True for statuses a run never leaves.
+    pub fn is_final(self) -> bool {
+        !matches!(self, RunStatus::Queued | RunStatus::Running)
+    }
+}
+
+impl std::fmt::Display for RunStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for RunStatus {
+    type Err = StoreError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        RunStatus::ALL
+            .into_iter()
+            .find(|s| s.as_str() == text)
+            .ok_or_else(|| {
+                StoreError::InvalidInput(format!(
+                    "unknown run status '{text}' (expected queued, running, done, failed, cancelled or interrupted)"
+                ))
+            })
+    }
+}
+
+/// Summary of one metric series, kept in the record so listings never read the series.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SeriesSummary {
+    /// Number of points.
+    pub count: u64,
+    /// Step of the last point appended.
+    pub last_step: u64,
+    /// Value of the last point appended (the "final" value).
+    pub last: f64,
+    /// Smallest value (NaN when every value is NaN).
+    pub min: f64,
+    /// Largest value (NaN when every value is NaN).
+    pub max: f64,
+}
+
+impl SeriesSummary {
+    /// Summarises points in append order; `None` for an empty series.
+    pub fn of(points: &[(u64, f64)]) -> Option<SeriesSummary> {
+        let &(last_step, last) = points.last()?;
+        let (mut min, mut max) = (f64::NAN, f64::NAN);
+        for &(_, v) in points {
+            min = min.min(v);
+            max = max.max(v);
+        }
+        Some(SeriesSummary {
+            count: points.len() as u64,
+            last_step,
+            last,
+            min,
+            max,
+        })
+    }
+}
+
+/// What happened to one run. Stored in the `runs` tree under the run id.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// The run's id (time-ordered; see [`RunId`]).
+    pub id: RunId,
+    /// Hash of the run's [`super::RunSpec`] in the `specs` tree.
+    pub spec_hash: SpecHash,
+    /// Copy of the spec's kind, so listings need not read specs.
+    pub kind: RunKind,
+    /// Copy of the spec's parent run, so listings need not read specs.
+    pub parent: Option<RunId>,
+    /// Where the run is in its life.
+    pub status: RunStatus,
+    /// When the run was created (ms since the Unix epoch).
+    pub created_ms: u64,
+    /// When the run started (ms since the Unix epoch).
+    pub started_ms: Option<u64>,
+    /// When the run reached a final status (ms since the Unix epoch).
+    pub finished_ms: Option<u64>,
+    /// Host name of the machine that ran it (empty until started).
+    pub host: String,
+    /// Device it ran on, e.g. `cpu` or `cuda:0` (empty until started).
+    pub device: String,
+    /// Process id of the process that started it.
+    pub pid: Option<u32>,
+    /// Short label of the inputs for listings, e.g. the scene folder's name.
+    pub scene: Option<String>,
+    /// The config keys the launcher set away from their defaults (`key`, `value`), for listings.
+    pub config_deltas: Vec<(String, String)>,
+    /// Output blobs by name (`embeddings`, `image0`, …).
+    pub outputs: BTreeMap<String, BlobHash>,
+    /// Summary of each metric series, filled in when the run reaches a final status.
+    pub summary: BTreeMap<String, SeriesSummary>,
+    /// Why the run failed or was interrupted.
+    pub error: Option<String>,
+    /// For a re-run: the earlier run with the same spec that this one repeats.
+    pub rerun_of: Option<RunId>,
+    /// For a finished re-run: whether every output came out bit-identical (same names, same blob
+    /// hashes) to the outputs of [`Self::rerun_of`]. `None` until then, or when that run is gone.
+    pub rerun_identical: Option<bool>,
+}
+
+impl RunRecord {
+    /// Encodes the record (format byte + bincode), refusing records over `MAX_RECORD_BYTES` (1 MiB).
+    pub fn encode(&self) -> StoreResult<Vec<u8>> {
+        let mut bytes = vec![RECORD_FORMAT];
+        let body = bincode::serde::encode_to_vec(self, bincode_config()).map_err(|e| {
+            StoreError::InvalidInput(format!("run {} cannot be encoded: {e}", self.id))
+        })?;
+        bytes.extend_from_slice(&body);
+        if bytes.len() > MAX_RECORD_BYTES {
+            return Err(StoreError::InvalidInput(format!(
+                "run {} record is {} bytes; the store accepts at most {MAX_RECORD_BYTES}",
+                self.id,
+                bytes.len()
+            )));
+        }
+        Ok(bytes)
+    }
+
+    /// Decodes a record; `what` names it in errors (e.g. `run 0j5…`).
+    pub fn decode(bytes: &[u8], what: &str) -> StoreResult<RunRecord> {
+        let (&format, body) = bytes
+            .split_first()
+            .ok_or_else(|| StoreError::corrupt(what, "empty record"))?;
+        if format != RECORD_FORMAT {
+            return Err(StoreError::corrupt(
+                what,
+                format!("unknown record format {format} (this mifo reads {RECORD_FORMAT})"),
+            ));
+        }
+        if bytes.len() > MAX_RECORD_BYTES {
+            return Err(StoreError::corrupt(
+                what,
+                format!("{} bytes is over the limit", bytes.len()),
+            ));
+        }
+        let (record, used): (RunRecord, usize) =
+            bincode::serde::decode_from_slice(body, bincode_config())
+                .map_err(|e| StoreError::corrupt(what, e))?;
+        if used != body.len() {
+            return Err(StoreError::corrupt(
+                what,
+                format!("{} trailing bytes after the record", body.len() - used),
+            ));
+        }
+        Ok(record)
+    }
+
+    /// Wall time from start to finish (or to `now_ms` while running), in milliseconds.
+    pub fn duration_ms(&self, now_ms: u64) -> Option<u64> {
+        let start = self.started_ms?;
+        Some(self.finished_ms.unwrap_or(now_ms).saturating_sub(start))
+    }
+}
+
+/// bincode 2 standard config with the record limit: the decoder refuses any length past it.
+pub(crate) fn bincode_config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<MAX_RECORD_BYTES>()
+}

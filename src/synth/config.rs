@@ -1,0 +1,325 @@
+//! The synthesis configuration (`[synth]` in config files, `--set synth.key=value`), its presets,
+//! and the two schedules that depend only on it: the penalty weight α(t) (paper Eq. 11) and the
+//! latent step size β_i.
+//!
+//! Defaults follow the released MIFO code (`shared/research/mifo-impl-notes.md` §4–5) except the
+//! α values, which follow the paper; the `official` preset switches those to the code's.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Every knob of the synthesis stage. Field names are the `--set synth.<name>` keys; scripts rely
+/// on `steps`, `guided_steps`, `guidance_scale` and the seven ablation switches, so those names
+/// are stable.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SynthConfig {
+    /// Number of DDIM denoising steps (50: t = 980, 960, …, 0 with `steps_offset` 0).
+    pub steps: usize,
+    /// Steps 0..guided_steps run the latent optimisation and use the boxes as regions; mask
+    /// refinement starts at this step (paper T_bound, code `num_guidance_steps` = 15). Also the
+    /// N of the α schedule.
+    pub guided_steps: usize,
+    /// Classifier-free guidance scale with the empty prompt as the unconditional input (7.5).
+    pub guidance_scale: f64,
+    /// DDIM `steps_offset` used for synthesis (0 as in MIFO, independent of the model folder's
+    /// scheduler config, which is 1 for diffusers SD).
+    pub steps_offset: usize,
+    /// DDIM eta; only 0 (deterministic DDIM) is supported.
+    pub eta: f64,
+
+    /// Master switch: `false` is plain Stable Diffusion (no attention masks, no latent
+    /// optimisation, no refinement; the attention is at most observed for the metrics).
+    pub box_control: bool,
+    /// Box control in the self-attention layers: the SA masks and the SA loss term.
+    pub sa_control: bool,
+    /// Box control in the cross-attention layers: the CA masks and the CA loss term.
+    pub ca_control: bool,
+    /// The out-of-box penalty `α(t)·log(1 + BG)` of the loss (paper Eq. 10); `false` sets α = 0.
+    pub out_of_box: bool,
+    /// Decay α over the guided steps (paper Eq. 11); `false` keeps α = `alpha_max`.
+    pub alpha_decay: bool,
+    /// Latent optimisation at steps < `guided_steps` (paper Eq. 15).
+    pub latent_opt: bool,
+    /// Replace the boxes by self-attention cluster masks from step `guided_steps` on.
+    pub refine: bool,
+
+    /// Most gradient iterations per guided step (5).
+    pub gd_iters: usize,
+    /// Stop the iterations of a step once loss/(batch·subjects) of the previous iteration is
+    /// below this (0.2; checked before each iteration, as the released code does).
+    pub loss_threshold: f64,
+    /// Step size β at guided step 0 (8).
+    pub step_size_start: f64,
+    /// Step size the linear schedule heads for: β_i = start + (end − start)/guided_steps·i, so
+    /// with 15 guided steps the last one uses 2.4, as in the released code (2).
+    pub step_size_end: f64,
+    /// Weight of the cross-attention loss term (1.5).
+    pub lambda_ca: f64,
+    /// Weight of the self-attention loss term (0.5).
+    pub lambda_sa: f64,
+    /// α at the first guided step (paper 0.5, code 0.4).
+    pub alpha_max: f64,
+    /// α at the end of the linear stage, step `alpha_stage1_steps` (paper α_min 0.2, code 0.1).
+    pub alpha_min: f64,
+    /// α the cosine stage ends at, reached at u = `guided_steps` (paper 0.1, code 0.01).
+    pub alpha_final: f64,
+    /// Length S1 of the linear stage of α (3).
+    pub alpha_stage1_steps: usize,
+    /// The α index u of guided step i is `i + alpha_step_base`. 1 (paper preset) evaluates
+    /// Eq. 11 on u = 1..N; 0 (official preset) reproduces the released code, whose counter makes
+    /// u equal the step index (α(0) = 0.55 there, above α_max).
+    pub alpha_step_base: usize,
+    /// Prompt words of the stop-word list (see `synth::control`) that are not part of a subject
+    /// are hidden from every pixel in the cross-attention (the released code's filter tokens).
+    pub hide_stop_words: bool,
+
+    /// Mask refinement every this many steps after the first one (5).
+    pub refine_every: usize,
+    /// K-means clusters per subject (3).
+    pub clusters_per_subject: usize,
+    /// Threshold σ_noun of the soft cross-attention masks: sigmoid(scale·(map − threshold)) (0.2).
+    pub ca_threshold: f64,
+    /// Clusters whose best subject score is below this become background (σ_cluster, 0.2).
+    pub cluster_threshold: f64,
+    /// Slope of the sigmoid of the soft cross-attention masks (10).
+    pub sigmoid_scale: f64,
+    /// Random restarts of the first K-means fit (100); later fits start from the previous centres.
+    pub kmeans_restarts: usize,
+    /// Most Lloyd iterations per K-means fit (100).
+    pub kmeans_iters: usize,
+    /// K-means stops when the centres move less than this (summed squared shift, 1e-4).
+    pub kmeans_tol: f64,
+    /// Seed of the K-means initialisation (123).
+    pub kmeans_seed: u64,
+
+    /// Module-path prefixes of the attention layers whose maps enter the loss and the leak
+    /// metric (cross-attention layers for CA, self-attention layers for SA). A prefix matches
+    /// whole dotted components: `up_blocks.1` matches `up_blocks.1.attentions.0…` but not
+    /// `up_blocks.10…`. Default: the mid block and the first decoder level (SD: 8² and 16²).
+    pub loss_layers: Vec<String>,
+    /// Module-path prefixes of the layers whose maps are averaged for mask refinement and for
+    /// the `attn/*` images (self- and cross-attention); they must share one resolution.
+    /// Default: the first decoder level (SD: 16²).
+    pub cluster_layers: Vec<String>,
+    /// Record `leak/*` metrics and `attn/*` images. Only reads attention probabilities; with
+    /// `box_control = false` and this `false`, the UNet runs with no hook at all.
+    pub attn_metrics: bool,
+}
+
+impl Default for SynthConfig {
+    fn default() -> Self {
+        Self {
+            steps: 50,
+            guided_steps: 15,
+            guidance_scale: 7.5,
+            steps_offset: 0,
+            eta: 0.0,
+            box_control: true,
+            sa_control: true,
+            ca_control: true,
+            out_of_box: true,
+            alpha_decay: true,
+            latent_opt: true,
+            refine: true,
+            gd_iters: 5,
+            loss_threshold: 0.2,
+            step_size_start: 8.0,
+            step_size_end: 2.0,
+            lambda_ca: 1.5,
+            lambda_sa: 0.5,
+            alpha_max: 0.5,
+            alpha_min: 0.2,
+            alpha_final: 0.1,
+            alpha_stage1_steps: 3,
+            alpha_step_base: 1,
+            hide_stop_words: true,
+            refine_every: 5,
+            clusters_per_subject: 3,
+            ca_threshold: 0.2,
+            cluster_threshold: 0.2,
+            sigmoid_scale: 10.0,
+            kmeans_restarts: 100,
+            kmeans_iters: 100,
+            kmeans_tol: 1e-4,
+            kmeans_seed: 123,
+            loss_layers: vec!["mid_block".into(), "up_blocks.1".into()],
+            cluster_layers: vec!["up_blocks.1".into()],
+            attn_metrics: true,
+        }
+    }
+}
+
+/// Names accepted by [`SynthConfig::preset`].
+pub const PRESETS: &[&str] = &["paper", "official"];
+
+impl SynthConfig {
+    /// A named preset: `paper` (the default: α 0.5 / 0.2 / 0.1, u = step + 1) or `official`
+    /// (the released code's α 0.4 / 0.1 / 0.01 indexed by the step, u = step).
+    pub fn preset(name: &str) -> Result<Self> {
+        match name {
+            "paper" => Ok(Self::default()),
+            "official" => Ok(Self {
+                alpha_max: 0.4,
+                alpha_min: 0.1,
+                alpha_final: 0.01,
+                alpha_step_base: 0,
+                ..Self::default()
+            }),
+            other => Err(Error::Input(format!(
+                "unknown synth preset `{other}` (expected {})",
+                PRESETS.join(" or ")
+            ))),
+        }
+    }
+
+    /// Checks values that serde cannot (ranges, supported features).
+    pub fn check(&self) -> Result<()> {
+        let bad = |key: &str, why: &str| Err(Error::Config(format!("synth.{key}: {why}")));
+        if self.steps == 0 {
+            return bad("steps", "must be at least 1");
+        }
+        if self.eta != 0.0 {
+            return bad("eta", "only 0 (deterministic DDIM) is supported");
+        }
+        if !self.guidance_scale.is_finite() {
+            return bad("guidance_scale", "must be a finite number");
+        }
+        if self.refine_every == 0 {
+            return bad("refine_every", "must be at least 1");
+        }
+        if self.clusters_per_subject == 0 {
+            return bad("clusters_per_subject", "must be at least 1");
+        }
+        if self.kmeans_restarts == 0 {
+            return bad("kmeans_restarts", "must be at least 1");
+        }
+        if self.alpha_stage1_steps == 0 {
+            return bad("alpha_stage1_steps", "must be at least 1");
+        }
+        for (key, v) in [
+            ("loss_threshold", self.loss_threshold),
+            ("step_size_start", self.step_size_start),
+            ("step_size_end", self.step_size_end),
+            ("lambda_ca", self.lambda_ca),
+            ("lambda_sa", self.lambda_sa),
+            ("alpha_max", self.alpha_max),
+            ("alpha_min", self.alpha_min),
+            ("alpha_final", self.alpha_final),
+            ("ca_threshold", self.ca_threshold),
+            ("cluster_threshold", self.cluster_threshold),
+            ("sigmoid_scale", self.sigmoid_scale),
+            ("kmeans_tol", self.kmeans_tol),
+        ] {
+            if !v.is_finite() {
+                return bad(key, "must be a finite number");
+            }
+        }
+        for (key, list) in [
+            ("loss_layers", &self.loss_layers),
+            ("cluster_layers", &self.cluster_layers),
+        ] {
+            if list.iter().any(|p| p.trim().is_empty()) {
+                return bad(key, "contains an empty prefix");
+            }
+        }
+        Ok(())
+    }
+
+    /// The penalty weight α for guided step `step` (0-based): 0 without `out_of_box`,
+    /// `alpha_max` without `alpha_decay`, else paper Eq. 11 at u = step + `alpha_step_base`
+    /// with S1 = `alpha_stage1_steps` and N = `guided_steps`:
+    /// linear α_max → α_min over u = 1..S1 (extrapolated for u = 0), then
+    /// α_final + (α_min − α_final)·(1 + cos(π(u − S1)/(N − S1)))/2 up to u = N, then α_final.
+    pub fn alpha(&self, step: usize) -> f64 {
+        if !self.out_of_box {
+            return 0.0;
+        }
+        if !self.alpha_decay {
+            return self.alpha_max;
+        }
+        let u = (step + self.alpha_step_base) as f64;
+        let s1 = self.alpha_stage1_steps as f64;
+        let n = self.guided_steps as f64;
+        if u <= s1 {
+            if self.alpha_stage1_steps <= 1 {
+                return self.alpha_min;
+            }
+            self.alpha_max + (u - 1.0) / (s1 - 1.0) * (self.alpha_min - self.alpha_max)
+        } else if u <= n {
+            let c = (std::f64::consts::PI * (u - s1) / (n - s1)).cos();
+            self.alpha_final + (1.0 + c) / 2.0 * (self.alpha_min - self.alpha_final)
+        } else {
+            self.alpha_final
+        }
+    }
+
+    /// The latent step size β_i = start + (end − start)/guided_steps·i for guided step i.
+    pub fn step_size(&self, step: usize) -> f64 {
+        let n = self.guided_steps.max(1) as f64;
+        self.step_size_start + (self.step_size_end - self.step_size_start) / n * step as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() < 1e-12
+    }
+
+    #[test]
+    fn alpha_paper_preset() {
+        let c = SynthConfig::preset("paper").unwrap();
+        let want = [(0, 0.5), (1, 0.35), (2, 0.2), (14, 0.1), (20, 0.1)];
+        for (i, a) in want {
+            assert!(close(c.alpha(i), a), "step {i}: {} vs {a}", c.alpha(i));
+        }
+        // u = 9 is half-way through the cosine stage (S1 = 3, N = 15).
+        assert!(close(c.alpha(8), 0.15), "{}", c.alpha(8));
+        // Monotone non-increasing over the guided steps.
+        for i in 0..15 {
+            assert!(c.alpha(i + 1) <= c.alpha(i) + 1e-15);
+        }
+    }
+
+    #[test]
+    fn alpha_official_preset_matches_code_counter() {
+        let c = SynthConfig::preset("official").unwrap();
+        let want = [
+            (0, 0.55),
+            (1, 0.4),
+            (2, 0.25),
+            (3, 0.1),
+            (9, 0.055),
+            (15, 0.01),
+        ];
+        for (i, a) in want {
+            assert!(close(c.alpha(i), a), "step {i}: {} vs {a}", c.alpha(i));
+        }
+    }
+
+    #[test]
+    fn alpha_switches() {
+        let c = SynthConfig {
+            alpha_decay: false,
+            ..SynthConfig::default()
+        };
+        assert!(close(c.alpha(7), 0.5));
+        let c = SynthConfig {
+            out_of_box: false,
+            ..SynthConfig::default()
+        };
+        assert!(close(c.alpha(0), 0.0));
+    }
+
+    #[test]
+    fn step_size_schedule() {
+        let c = SynthConfig::default();
+        assert!(close(c.step_size(0), 8.0));
+        assert!(close(c.step_size(14), 2.4));
+        assert!(SynthConfig::preset("nope").is_err());
+    }
+}

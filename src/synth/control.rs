@@ -1,0 +1,769 @@
+//! Box control inside attention (notes §4.3–4.4): which prompt tokens belong to which subject,
+//! the additive logit masks of every attention layer, the loss terms of the latent
+//! optimisation, and what the normal passes record (leak, maps for mask refinement, final maps).
+//!
+//! # Tokens
+//! The prompt is encoded with [`ClipTokenizer::encode_detailed`]. A box's subject (a placeholder
+//! such as `<v0>`, or word(s) such as `dog` / `teddy bear`) is encoded the same way and its word
+//! sequence is searched in the prompt's words; every token of every occurrence is a *subject
+//! token* (a word may span several BPE tokens; placeholders are single tokens). The subject's
+//! *leading token* (used for mask refinement) is its last token — the released code picks the
+//! last noun by POS tag, and without a tagger the last token is the head noun of an English
+//! noun phrase.
+//!
+//! # Stop words (the released code's "filter tokens")
+//! The released code POS-tags the prompt and filters tokens tagged CC, CD, DT, EX, IN, LS, MD,
+//! PDT, POS, PRP, PRP$, RP, TO, UH, WDT, WP, WRB, plus left/right/top/bottom. We have no tagger,
+//! so a word is a stop word when it is in [`STOP_WORDS`] (articles and determiners,
+//! conjunctions, prepositions, pronouns, modals, wh-words, `there`, `'s`, number words) or is
+//! made of digits only. Stop words
+//! * are never subjects: a box naming only stop words is an input error;
+//! * are hidden from every pixel in the conditional cross-attention (as the released code does
+//!   with its filter tokens), unless `hide_stop_words = false` or the word is part of a subject.
+//!
+//! The start token, ordinary words (`photo`, `beach`), and padding are never masked. The end
+//! token (EOS, the first position after the prompt) is hidden from background pixels in the
+//! normal passes.
+//!
+//! # Masks (added to the logits before the softmax; masked entries get the dtype's minimum)
+//! * Cross-attention, conditional half only: subject tokens (and stop words) are hidden from all
+//!   pixels, then each subject's tokens are re-allowed inside its region (its box before
+//!   `guided_steps`, its refined mask after); in the optimisation passes also in the background.
+//!   In the normal passes EOS is hidden from background pixels.
+//! * Self-attention, both halves: a query inside subject i's region sees only keys of region i
+//!   and of the background (a query in several regions sees their union and the background);
+//!   background queries see everything.
+//!
+//! # Loss (optimisation passes, conditional half, `loss_layers`, always the boxes)
+//! Per subject s and layer: CA: FG = Σ_heads Σ_{p∈box_s} Σ_{k∈tok_s ∪ EOS} A, BG = the same over
+//! background pixels (pixels in no box). SA: FG = Σ_heads Σ_{q∈box_s} Σ_{k∈box_s} A, BG = the same
+//! over background queries. FG and BG are averaged over the layers of each kind, and
+//! term = (1 − FG/(FG + BG))² + α·log(1 + BG); L = λ_CA·Σ_s term_CA + λ_SA·Σ_s term_SA.
+//!
+//! # Leak
+//! `leak/<subject>` at a step: for each cross-attention layer of `loss_layers` in the normal
+//! pass (conditional half), the head-mean attention of the subject's tokens summed over tokens
+//! gives a map; the leak of that layer is the map's mass outside the subject's **box** divided by
+//! its total mass; the metric is the mean over those layers. The box (not the refined mask) is the
+//! reference so that runs with and without box control are comparable.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::boxes::{box_mask, resize_mask, BoxSpec};
+use super::config::SynthConfig;
+use crate::error::{Error, Result};
+use crate::model::tokenizer::ClipTokenizer;
+use crate::model::{AttentionHook, AttnCall, AttnKind};
+
+/// Words that are never subjects and (with `hide_stop_words`) are hidden from all pixels.
+#[rustfmt::skip]
+pub const STOP_WORDS: &[&str] = &[
+    // determiners / articles (DT, PDT, WDT)
+    "a", "an", "the", "this", "that", "these", "those", "some", "any", "each", "every", "all",
+    "both", "either", "neither", "no", "another", "such", "half",
+    // conjunctions (CC)
+    "and", "or", "but", "nor", "yet", "plus", "&",
+    // prepositions / subordinators (IN), plus the released code's forced IN words
+    "of", "in", "on", "at", "by", "for", "with", "without", "from", "into", "onto", "upon",
+    "over", "under", "above", "below", "behind", "beside", "besides", "between", "among",
+    "amongst", "near", "around", "through", "across", "along", "against", "toward", "towards",
+    "within", "about", "after", "before", "during", "inside", "outside", "beneath", "underneath",
+    "beyond", "like", "unlike", "than", "as", "if", "while", "because", "since", "until", "via",
+    "per", "amid", "left", "right", "top", "bottom",
+    // TO, EX, POS, RP, UH
+    "to", "there", "'s", "'", "up", "down", "off", "out", "away", "oh",
+    // pronouns (PRP, PRP$, WP, WP$)
+    "i", "me", "my", "mine", "you", "your", "yours", "he", "him", "his", "she", "her", "hers",
+    "it", "its", "we", "us", "our", "ours", "they", "them", "their", "theirs", "itself",
+    "himself", "herself", "themselves", "who", "whom", "whose", "what", "which",
+    // modals (MD)
+    "can", "could", "may", "might", "must", "shall", "should", "will", "would",
+    // wh-adverbs (WRB)
+    "where", "when", "why", "how",
+    // number words (CD)
+    "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
+    "twelve", "dozen", "hundred", "thousand",
+];
+
+/// Whether a prompt word (as the tokenizer split it) is a stop word.
+pub fn is_stop_word(word: &str) -> bool {
+    let w = word.trim().to_lowercase();
+    (!w.is_empty() && w.chars().all(|c| c.is_ascii_digit())) || STOP_WORDS.contains(&w.as_str())
+}
+
+/// A box subject's tokens in the encoded prompt.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SubjectTokens {
+    /// The subject as named in the box.
+    pub name: String,
+    /// Positions in the 77-token sequence (SOT = 0), ascending.
+    pub positions: Vec<usize>,
+    /// The leading token's position (the subject's last token).
+    pub leading: usize,
+}
+
+/// Where everything is in the encoded prompt.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenPlan {
+    /// Token ids, `max_len` of them.
+    pub ids: Vec<u32>,
+    /// Token texts per position.
+    pub tokens: Vec<String>,
+    /// One entry per box, in box order.
+    pub subjects: Vec<SubjectTokens>,
+    /// Position of the end-of-text token.
+    pub eos: usize,
+    /// Positions of stop words that belong to no subject.
+    pub stop_positions: Vec<usize>,
+}
+
+/// Finds the subject tokens of each box subject, the EOS position and the stop-word positions.
+/// Errors (one line each): a subject that does not occur in the prompt, occurs only past the
+/// token limit, consists only of stop words, is named by two boxes, or shares tokens with
+/// another subject.
+pub fn plan_tokens(
+    tokenizer: &ClipTokenizer,
+    prompt: &str,
+    subjects: &[String],
+) -> Result<TokenPlan> {
+    let enc = tokenizer.encode_detailed(prompt)?;
+    let n_content = enc.word_of.iter().filter(|w| w.is_some()).count();
+    let eos = n_content + 1;
+    let mut out = Vec::with_capacity(subjects.len());
+    let mut owner: HashMap<usize, usize> = HashMap::new();
+    for (si, name) in subjects.iter().enumerate() {
+        if subjects[..si].iter().any(|o| o.trim() == name.trim()) {
+            return Err(Error::Input(format!(
+                "two boxes name the subject `{name}`; give each subject one box"
+            )));
+        }
+        let words = tokenizer.encode_detailed(name)?.words;
+        if words.is_empty() {
+            return Err(Error::Input(format!("box subject `{name}` is empty")));
+        }
+        if words.iter().all(|w| is_stop_word(w)) {
+            return Err(Error::Input(format!(
+                "box subject `{name}` is a stop word (a, the, of, and, …); name a noun or a placeholder"
+            )));
+        }
+        let m = words.len();
+        let mut word_idx = Vec::new();
+        if enc.words.len() >= m {
+            for start in 0..=enc.words.len() - m {
+                if enc.words[start..start + m] == words[..] {
+                    word_idx.extend(start..start + m);
+                }
+            }
+        }
+        if word_idx.is_empty() {
+            return Err(Error::Input(format!(
+                "box subject `{name}` does not occur in the prompt \"{prompt}\""
+            )));
+        }
+        let positions: Vec<usize> = enc
+            .word_of
+            .iter()
+            .enumerate()
+            .filter_map(|(p, w)| w.filter(|w| word_idx.contains(w)).map(|_| p))
+            .collect();
+        let Some(&leading) = positions.last() else {
+            return Err(Error::Input(format!(
+                "box subject `{name}` lies beyond the text encoder's {}-token limit",
+                tokenizer.max_len() - 2
+            )));
+        };
+        for &p in &positions {
+            if let Some(&other) = owner.get(&p) {
+                return Err(Error::Input(format!(
+                    "box subjects `{}` and `{name}` share the prompt token `{}`",
+                    subjects[other], enc.tokens[p]
+                )));
+            }
+            owner.insert(p, si);
+        }
+        out.push(SubjectTokens {
+            name: name.clone(),
+            positions,
+            leading,
+        });
+    }
+    let stop_positions = enc
+        .word_of
+        .iter()
+        .enumerate()
+        .filter_map(|(p, w)| {
+            let w = (*w)?;
+            (is_stop_word(&enc.words[w]) && !owner.contains_key(&p)).then_some(p)
+        })
+        .collect();
+    Ok(TokenPlan {
+        ids: enc.ids,
+        tokens: enc.tokens,
+        subjects: out,
+        eos,
+        stop_positions,
+    })
+}
+
+/// Whether a module path lies under one of the prefixes (whole dotted components).
+pub fn path_matches(path: &str, prefixes: &[String]) -> bool {
+    prefixes.iter().any(|p| {
+        let p = p.trim_end_matches('.');
+        path == p || (path.starts_with(p) && path.as_bytes().get(p.len()) == Some(&b'.'))
+    })
+}
+
+/// Which kind of forward pass the hook is serving.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Pass {
+    /// A latent-optimisation pass on the conditional half only (batch 1): subject tokens are
+    /// also visible to the background, EOS is not masked, loss terms are collected.
+    Guidance,
+    /// A denoising pass on `[uncond, cond]`: EOS hidden from the background; leak and maps
+    /// are recorded.
+    Normal,
+}
+
+/// The regions used by the masks: the boxes, or refined masks at one resolution.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Regions {
+    /// Each subject's box.
+    Boxes,
+    /// Refined masks, one per subject, row-major at `(h, w)`.
+    Masks {
+        /// Resolution of the masks.
+        size: (usize, usize),
+        /// One mask per subject.
+        masks: Vec<Vec<bool>>,
+    },
+}
+
+/// Per-pass statistics of the normal pass.
+#[derive(Clone, Debug, Default)]
+pub struct PassStats {
+    /// Per subject, the leak of each loss layer seen in this pass.
+    pub leak: Vec<Vec<f64>>,
+    /// Per subject, the sum over cluster layers of the head-mean map of its tokens (when
+    /// capturing), at `map_size`.
+    pub maps: Vec<Vec<f64>>,
+    /// Number of cluster layers summed into `maps`.
+    pub map_layers: usize,
+    /// Resolution of `maps`.
+    pub map_size: Option<(usize, usize)>,
+}
+
+/// Running means of the cluster layers' maps over all normal passes so far.
+#[derive(Clone, Debug, Default)]
+pub struct MapAccumulator {
+    /// Resolution of the cluster layers.
+    pub size: Option<(usize, usize)>,
+    /// Σ head-mean self-attention maps, `n × n`.
+    pub self_sum: Vec<f64>,
+    /// Number of self maps summed.
+    pub self_count: usize,
+    /// Σ head-mean cross-attention at each subject's leading token, `n × subjects`.
+    pub cross_sum: Vec<f64>,
+    /// Number of cross maps summed.
+    pub cross_count: usize,
+}
+
+impl MapAccumulator {
+    /// The running means as f32 (self `n × n`, cross `n × subjects`), if both kinds were seen.
+    pub fn means(&self) -> Option<(Vec<f32>, Vec<f32>)> {
+        if self.self_count == 0 || self.cross_count == 0 {
+            return None;
+        }
+        let s = self
+            .self_sum
+            .iter()
+            .map(|v| (v / self.self_count as f64) as f32)
+            .collect();
+        let c = self
+            .cross_sum
+            .iter()
+            .map(|v| (v / self.cross_count as f64) as f32)
+            .collect();
+        Some((s, c))
+    }
+}
+
+/// The attention hook of one synthesis run.
+pub struct ControlHook<'a> {
+    config: &'a SynthConfig,
+    plan: &'a TokenPlan,
+    boxes: &'a [BoxSpec],
+    device: Device,
+    mask_value: f32,
+    /// Whether masks are applied (box control on).
+    pub control: bool,
+    /// Whether the normal passes accumulate maps for refinement.
+    pub accumulate: bool,
+    /// Whether the normal pass records the final per-subject maps.
+    pub capture_maps: bool,
+    /// Whether the normal pass records leak.
+    pub measure_leak: bool,
+    pass: Pass,
+    regions: Regions,
+    bias_cache: HashMap<(AttnKind, usize, usize, Pass), Tensor>,
+    ca_terms: Vec<(Tensor, Tensor)>,
+    sa_terms: Vec<(Tensor, Tensor)>,
+    /// Statistics of the latest normal pass.
+    pub stats: PassStats,
+    /// Running maps for refinement.
+    pub maps: MapAccumulator,
+}
+
+impl<'a> ControlHook<'a> {
+    /// A hook for `plan` / `boxes` under `config`; `mask_value` is the logit added to masked
+    /// entries (the model dtype's minimum).
+    pub fn new(
+        config: &'a SynthConfig,
+        plan: &'a TokenPlan,
+        boxes: &'a [BoxSpec],
+        device: &Device,
+        dtype: DType,
+    ) -> Self {
+        let mask_value = match dtype {
+            DType::F16 => -65504.0,
+            DType::BF16 => -3.0e38,
+            _ => f32::MIN,
+        };
+        Self {
+            config,
+            plan,
+            boxes,
+            device: device.clone(),
+            mask_value,
+            control: config.box_control,
+            accumulate: config.box_control && config.refine,
+            capture_maps: false,
+            measure_leak: config.attn_metrics,
+            pass: Pass::Normal,
+            regions: Regions::Boxes,
+            bias_cache: HashMap::new(),
+            ca_terms: Vec::new(),
+            sa_terms: Vec::new(),
+            stats: PassStats::default(),
+            maps: MapAccumulator::default(),
+        }
+    }
+
+    /// Starts a pass: clears the per-pass records.
+    pub fn begin(&mut self, pass: Pass) {
+        self.pass = pass;
+        self.ca_terms.clear();
+        self.sa_terms.clear();
+        let s = self.plan.subjects.len();
+        self.stats = PassStats {
+            leak: vec![Vec::new(); s],
+            maps: Vec::new(),
+            map_layers: 0,
+            map_size: None,
+        };
+    }
+
+    /// Replaces the regions (after a refinement) and drops the cached masks.
+    pub fn set_regions(&mut self, regions: Regions) {
+        self.regions = regions;
+        self.bias_cache.clear();
+    }
+
+    /// The current regions.
+    pub fn regions(&self) -> &Regions {
+        &self.regions
+    }
+
+    fn subjects(&self) -> usize {
+        self.plan.subjects.len()
+    }
+
+    /// Each subject's region at `(h, w)`.
+    pub fn region_masks(&self, h: usize, w: usize) -> Vec<Vec<bool>> {
+        match &self.regions {
+            Regions::Boxes => self.box_masks(h, w),
+            Regions::Masks { size, masks } => masks
+                .iter()
+                .map(|m| resize_mask(m, *size, (h, w)))
+                .collect(),
+        }
+    }
+
+    /// Each subject's box at `(h, w)`.
+    pub fn box_masks(&self, h: usize, w: usize) -> Vec<Vec<bool>> {
+        self.boxes.iter().map(|b| box_mask(&b.rect, h, w)).collect()
+    }
+
+    fn background(regions: &[Vec<bool>], n: usize) -> Vec<bool> {
+        (0..n).map(|p| !regions.iter().any(|r| r[p])).collect()
+    }
+
+    /// Self-attention mask [1, 1, n, n] (both halves).
+    fn self_bias(&self, h: usize, w: usize) -> Result<Tensor> {
+        let n = h * w;
+        let regions = self.region_masks(h, w);
+        let bg = Self::background(&regions, n);
+        let mut data = vec![0f32; n * n];
+        for q in 0..n {
+            if bg[q] {
+                continue;
+            }
+            let row = &mut data[q * n..(q + 1) * n];
+            for (k, v) in row.iter_mut().enumerate() {
+                let visible = bg[k] || regions.iter().any(|r| r[q] && r[k]);
+                if !visible {
+                    *v = self.mask_value;
+                }
+            }
+        }
+        Ok(Tensor::from_vec(data, (1, 1, n, n), &self.device)?)
+    }
+
+    /// Cross-attention mask: [2, 1, n, L] (zeros for the unconditional half) in the normal
+    /// pass, [1, 1, n, L] in the guidance pass.
+    fn cross_bias(&self, h: usize, w: usize, key_len: usize, pass: Pass) -> Result<Tensor> {
+        let n = h * w;
+        let regions = self.region_masks(h, w);
+        let bg = Self::background(&regions, n);
+        let mut cond = vec![0f32; n * key_len];
+        let mut hidden_cols: Vec<usize> = self
+            .plan
+            .subjects
+            .iter()
+            .flat_map(|s| s.positions.iter().copied())
+            .collect();
+        if self.config.hide_stop_words {
+            hidden_cols.extend(&self.plan.stop_positions);
+        }
+        for p in 0..n {
+            let row = &mut cond[p * key_len..(p + 1) * key_len];
+            for &c in &hidden_cols {
+                if c < key_len {
+                    row[c] = self.mask_value;
+                }
+            }
+            for (s, subject) in self.plan.subjects.iter().enumerate() {
+                let allowed = regions[s][p] || (pass == Pass::Guidance && bg[p]);
+                if allowed {
+                    for &c in &subject.positions {
+                        if c < key_len {
+                            row[c] = 0.0;
+                        }
+                    }
+                }
+            }
+            if pass == Pass::Normal && bg[p] && self.plan.eos < key_len {
+                row[self.plan.eos] = self.mask_value;
+            }
+        }
+        Ok(match pass {
+            Pass::Guidance => Tensor::from_vec(cond, (1, 1, n, key_len), &self.device)?,
+            Pass::Normal => {
+                let mut data = vec![0f32; n * key_len];
+                data.extend(cond);
+                Tensor::from_vec(data, (2, 1, n, key_len), &self.device)?
+            }
+        })
+    }
+
+    /// Row selectors [S + 1, n] (boxes, then background) and key selectors [S, key_len] for the
+    /// loss of one layer, in `dtype`.
+    fn loss_selectors(&self, call: &AttnCall, dtype: DType) -> Result<(Tensor, Tensor)> {
+        let (h, w) = (call.height, call.width);
+        let n = h * w;
+        let boxes = self.box_masks(h, w);
+        let bg = Self::background(&boxes, n);
+        let s = self.subjects();
+        let mut rows = Vec::with_capacity((s + 1) * n);
+        for b in boxes.iter().chain(std::iter::once(&bg)) {
+            rows.extend(b.iter().map(|&v| if v { 1f32 } else { 0.0 }));
+        }
+        let k = call.key_len;
+        let mut keys = vec![0f32; s * k];
+        for (si, subject) in self.plan.subjects.iter().enumerate() {
+            match call.kind {
+                AttnKind::CrossAttn => {
+                    for &c in subject
+                        .positions
+                        .iter()
+                        .chain(std::iter::once(&self.plan.eos))
+                    {
+                        if c < k {
+                            keys[si * k + c] = 1.0;
+                        }
+                    }
+                }
+                AttnKind::SelfAttn => {
+                    for (c, &v) in boxes[si].iter().enumerate() {
+                        if v {
+                            keys[si * k + c] = 1.0;
+                        }
+                    }
+                }
+            }
+        }
+        let rows = Tensor::from_vec(rows, (s + 1, n), &self.device)?.to_dtype(dtype)?;
+        let keys = Tensor::from_vec(keys, (s, k), &self.device)?.to_dtype(dtype)?;
+        Ok((rows, keys))
+    }
+
+    /// FG [S] and BG [S] of one layer (on the autograd graph), from probs [1, heads, n, k].
+    fn loss_values(&self, call: &AttnCall, probs: &Tensor) -> Result<(Tensor, Tensor)> {
+        let s = self.subjects();
+        let a = probs.sum(1)?.squeeze(0)?; // [n, k], summed over heads
+        let (rows, keys) = self.loss_selectors(call, a.dtype())?;
+        let per_row = rows.matmul(&a)?; // [S+1, k]
+        let fg = (per_row.narrow(0, 0, s)? * &keys)?.sum(1)?;
+        let bg_row = per_row.narrow(0, s, 1)?.broadcast_as(keys.shape())?;
+        let bg = (bg_row * &keys)?.sum(1)?;
+        Ok((fg.to_dtype(DType::F32)?, bg.to_dtype(DType::F32)?))
+    }
+
+    /// Whether any loss term was collected in the current guidance pass.
+    pub fn has_loss_terms(&self) -> bool {
+        !self.ca_terms.is_empty() || !self.sa_terms.is_empty()
+    }
+
+    /// The latent-optimisation loss of the current guidance pass with penalty weight `alpha`
+    /// (a scalar f32 tensor on the graph).
+    pub fn loss(&self, alpha: f64) -> Result<Tensor> {
+        let term = |terms: &[(Tensor, Tensor)]| -> Result<Option<Tensor>> {
+            if terms.is_empty() {
+                return Ok(None);
+            }
+            let fg = Tensor::stack(&terms.iter().map(|t| t.0.clone()).collect::<Vec<_>>(), 0)?
+                .mean(0)?;
+            let bg = Tensor::stack(&terms.iter().map(|t| t.1.clone()).collect::<Vec<_>>(), 0)?
+                .mean(0)?;
+            let ratio = (&fg / ((&fg + &bg)? + 1e-12)?)?;
+            let reward = ratio.affine(-1.0, 1.0)?.sqr()?;
+            let penalty = (bg + 1.0)?.log()?;
+            Ok(Some((reward + (penalty * alpha)?)?.sum_all()?))
+        };
+        let mut total = Tensor::zeros((), DType::F32, &self.device)?;
+        if let Some(ca) = term(&self.ca_terms)? {
+            total = (total + (ca * self.config.lambda_ca)?)?;
+        }
+        if let Some(sa) = term(&self.sa_terms)? {
+            total = (total + (sa * self.config.lambda_sa)?)?;
+        }
+        Ok(total)
+    }
+
+    fn record_normal(&mut self, call: &AttnCall, probs: &Tensor) -> Result<()> {
+        let (h, w) = (call.height, call.width);
+        let n = h * w;
+        let is_loss = path_matches(call.path, &self.config.loss_layers);
+        let is_cluster = path_matches(call.path, &self.config.cluster_layers);
+        let want_cross_leak = self.measure_leak && is_loss && call.kind == AttnKind::CrossAttn;
+        let want_cluster = is_cluster && (self.accumulate || self.capture_maps);
+        if !want_cross_leak && !want_cluster {
+            return Ok(());
+        }
+        // Conditional half, head mean: [n, k] on the host.
+        let cond = probs.narrow(0, call.batch - 1, 1)?.squeeze(0)?;
+        let mean = cond.to_dtype(DType::F32)?.mean(0)?;
+        let k = call.key_len;
+        let host: Vec<f32> = mean.flatten_all()?.to_device(&Device::Cpu)?.to_vec1()?;
+        let s = self.subjects();
+        if call.kind == AttnKind::CrossAttn {
+            let token_map = |si: usize| -> Vec<f64> {
+                let pos = &self.plan.subjects[si].positions;
+                (0..n)
+                    .map(|p| {
+                        pos.iter()
+                            .filter(|&&c| c < k)
+                            .map(|&c| host[p * k + c] as f64)
+                            .sum()
+                    })
+                    .collect()
+            };
+            if want_cross_leak {
+                let boxes = self.box_masks(h, w);
+                for si in 0..s {
+                    let map = token_map(si);
+                    let total: f64 = map.iter().sum();
+                    let outside: f64 = map
+                        .iter()
+                        .zip(&boxes[si])
+                        .filter(|(_, b)| !**b)
+                        .map(|(v, _)| v)
+                        .sum();
+                    let leak = if total > 0.0 { outside / total } else { 0.0 };
+                    self.stats.leak[si].push(leak);
+                }
+            }
+            if want_cluster {
+                self.check_cluster_size(call)?;
+                if self.capture_maps {
+                    if self.stats.maps.is_empty() {
+                        self.stats.maps = vec![vec![0.0; n]; s];
+                        self.stats.map_size = Some((h, w));
+                    }
+                    for si in 0..s {
+                        for (acc, v) in self.stats.maps[si].iter_mut().zip(token_map(si)) {
+                            *acc += v;
+                        }
+                    }
+                    self.stats.map_layers += 1;
+                }
+                if self.accumulate {
+                    if self.maps.cross_sum.is_empty() {
+                        self.maps.cross_sum = vec![0.0; n * s];
+                    }
+                    for p in 0..n {
+                        for (si, subject) in self.plan.subjects.iter().enumerate() {
+                            if subject.leading < k {
+                                self.maps.cross_sum[p * s + si] +=
+                                    host[p * k + subject.leading] as f64;
+                            }
+                        }
+                    }
+                    self.maps.cross_count += 1;
+                }
+            }
+        } else if want_cluster && self.accumulate {
+            self.check_cluster_size(call)?;
+            if self.maps.self_sum.is_empty() {
+                self.maps.self_sum = vec![0.0; n * n];
+            }
+            for (acc, v) in self.maps.self_sum.iter_mut().zip(&host) {
+                *acc += *v as f64;
+            }
+            self.maps.self_count += 1;
+        }
+        Ok(())
+    }
+
+    fn check_cluster_size(&mut self, call: &AttnCall) -> Result<()> {
+        let size = (call.height, call.width);
+        match self.maps.size {
+            None => {
+                self.maps.size = Some(size);
+                Ok(())
+            }
+            Some(s) if s == size => Ok(()),
+            Some(s) => Err(Error::Config(format!(
+                "synth.cluster_layers: the layers must share one resolution, but {} is {}×{} and an earlier one is {}×{}",
+                call.path, size.0, size.1, s.0, s.1
+            ))),
+        }
+    }
+}
+
+impl AttentionHook for ControlHook<'_> {
+    fn wants(&mut self, call: &AttnCall) -> bool {
+        if self.control {
+            return true;
+        }
+        path_matches(call.path, &self.config.loss_layers)
+            || path_matches(call.path, &self.config.cluster_layers)
+    }
+
+    fn logit_bias(&mut self, call: &AttnCall) -> Result<Option<Tensor>> {
+        if !self.control || self.subjects() == 0 {
+            return Ok(None);
+        }
+        let on = match call.kind {
+            AttnKind::SelfAttn => self.config.sa_control,
+            AttnKind::CrossAttn => self.config.ca_control,
+        };
+        if !on {
+            return Ok(None);
+        }
+        let expected_batch = match self.pass {
+            Pass::Guidance => 1,
+            Pass::Normal => 2,
+        };
+        if call.batch != expected_batch {
+            return Err(Error::Input(format!(
+                "synthesis hook: {} got batch {} in a {:?} pass",
+                call.path, call.batch, self.pass
+            )));
+        }
+        let key = (call.kind, call.height, call.width, self.pass);
+        if let Some(t) = self.bias_cache.get(&key) {
+            return Ok(Some(t.clone()));
+        }
+        let t = match call.kind {
+            AttnKind::SelfAttn => self.self_bias(call.height, call.width)?,
+            AttnKind::CrossAttn => {
+                self.cross_bias(call.height, call.width, call.key_len, self.pass)?
+            }
+        };
+        self.bias_cache.insert(key, t.clone());
+        Ok(Some(t))
+    }
+
+    fn probs(&mut self, call: &AttnCall, probs: &Tensor) -> Result<()> {
+        match self.pass {
+            Pass::Guidance => {
+                if !path_matches(call.path, &self.config.loss_layers) || self.subjects() == 0 {
+                    return Ok(());
+                }
+                let on = match call.kind {
+                    AttnKind::SelfAttn => self.config.sa_control,
+                    AttnKind::CrossAttn => self.config.ca_control,
+                };
+                if !on {
+                    return Ok(());
+                }
+                let terms = self.loss_values(call, probs)?;
+                match call.kind {
+                    AttnKind::CrossAttn => self.ca_terms.push(terms),
+                    AttnKind::SelfAttn => self.sa_terms.push(terms),
+                }
+                Ok(())
+            }
+            Pass::Normal => self.record_normal(call, probs),
+        }
+    }
+}
+
+/// Mean over layers of per-layer values (0 when there are none).
+pub fn layer_mean(values: &[f64]) -> f64 {
+    if values.is_empty() {
+        0.0
+    } else {
+        values.iter().sum::<f64>() / values.len() as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_words() {
+        for w in [
+            "a", "The", "of", "and", "with", "in", "on", "at", "left", "two", "42", "'s",
+        ] {
+            assert!(is_stop_word(w), "{w}");
+        }
+        for w in ["dog", "photo", "beach", "<v0>", "v0", "red"] {
+            assert!(!is_stop_word(w), "{w}");
+        }
+    }
+
+    #[test]
+    fn prefixes_match_whole_components() {
+        let p = vec!["up_blocks.1".to_string(), "mid_block".to_string()];
+        assert!(path_matches(
+            "up_blocks.1.attentions.0.transformer_blocks.0.attn2",
+            &p
+        ));
+        assert!(path_matches(
+            "mid_block.attentions.0.transformer_blocks.0.attn1",
+            &p
+        ));
+        assert!(!path_matches(
+            "up_blocks.10.attentions.0.transformer_blocks.0.attn2",
+            &p
+        ));
+        assert!(!path_matches(
+            "up_blocks.2.attentions.0.transformer_blocks.0.attn2",
+            &p
+        ));
+    }
+}

@@ -1,0 +1,582 @@
+//! The synthesis stage (paper Algorithm 2, notes §4): Stable Diffusion with box control.
+//!
+//! [`run`] draws `samples` images of `prompt`, each subject named by a [`BoxSpec`] confined to
+//! its box: masks in every attention layer at every step, latent optimisation in the first
+//! `guided_steps` steps, and from then on the boxes replaced by self-attention cluster masks.
+//! See [`control`] for the masks, the loss and the token rules, [`cluster`] for the refinement,
+//! [`config::SynthConfig`] for every knob.
+//!
+//! # One denoising step i (t = timesteps[i]; notes §4.7)
+//! 1. If `i < guided_steps` (and `latent_opt`): up to `gd_iters` gradient iterations on the
+//!    conditional half (batch 1, the latent a `Var`, UNet weights constant). Before each
+//!    iteration the loop stops if the previous iteration's loss/(batch·subjects) was below
+//!    `loss_threshold`; each iteration computes the loss L and sets z ← z − β_i·∇_z L. One
+//!    more forward pass without gradient measures the loss at the final z.
+//! 2. If `i ≥ guided_steps` and `(i − guided_steps) % refine_every == 0` (and `refine`): the
+//!    cluster masks are rebuilt from the running-mean maps of all earlier normal passes.
+//! 3. The normal pass on `[z, z]` with `[uncond, cond]` text, classifier-free guidance and the
+//!    DDIM (eta 0) update.
+//!
+//! # What is reported through the [`RunSink`]
+//! Metric steps are global: the step of denoising step i of sample k is `k·steps + i`, so the
+//! curves of several samples follow each other.
+//! * `loss/box` — the latent-optimisation loss L at the start of a guided step (before any
+//!   update); `loss/box_after` — L at the latent after the step's updates (both un-normalised,
+//!   i.e. summed over subjects); `gd_iters` — gradient updates done; `alpha` — α(t) used. Only
+//!   at guided steps with `box_control` and `latent_opt`.
+//! * `leak/<subject>` — every step when `attn_metrics` (definition in [`control`]).
+//! * Artifacts per sample k: `sample_{k}.png`, `boxes_{k}.png`, `masks_{k}.png` (the refined
+//!   masks, or the boxes when no refinement ran), `attn/{subject}_{k}.png` (the last step's
+//!   cross-attention of the subject's tokens, head-mean over `cluster_layers`, when
+//!   `attn_metrics`).
+//! * A progress report after every step; [`RunSink::should_stop`] is checked before every step,
+//!   and a stop ends the run with `Ok(report)` where `report.cancelled` is true (samples already
+//!   finished keep their artifacts; the interrupted one emits none).
+
+pub mod boxes;
+pub mod cluster;
+pub mod config;
+pub mod control;
+pub mod render;
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use candle_core::{DType, Tensor, Var};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use rand_distr::{Distribution, StandardNormal};
+
+pub use boxes::{parse_box, BoxSpec};
+pub use config::SynthConfig;
+pub use control::{TokenPlan, STOP_WORDS};
+
+use crate::error::{Error, Result};
+use crate::imageio::{heat_overlay, png_bytes, tensor_to_rgb};
+use crate::model::ddim::{timesteps_tensor, Ddim, DdimConfig};
+use crate::model::unet::UNetConfig;
+use crate::model::{StableDiffusion, UNet};
+use crate::sink::{Progress, RunSink};
+use cluster::{KMeansOptions, RefineInput};
+use control::{layer_mean, path_matches, plan_tokens, ControlHook, Pass, Regions};
+
+/// Overlap (as a fraction of the smaller box) above which [`validate`] warns.
+pub const OVERLAP_WARN_FRACTION: f64 = 0.5;
+
+/// Everything one synthesis run needs.
+pub struct SynthRequest<'a> {
+    /// The model; its tokenizer already knows the placeholders of the learned run.
+    pub sd: &'a StableDiffusion,
+    /// Embedding rows `[N, hidden]` of the placeholders, for token ids `vocab..vocab+N` of the
+    /// text encoder's vocabulary; `None` for a plain model.
+    pub placeholder_rows: Option<Tensor>,
+    /// The prompt, e.g. `a photo of <v0> and <v1> on the beach`.
+    pub prompt: String,
+    /// One box per controlled subject.
+    pub boxes: Vec<BoxSpec>,
+    /// Number of images.
+    pub samples: usize,
+    /// Sample k starts from the latent drawn with seed `seed + k`.
+    pub seed: u64,
+    /// The configuration.
+    pub config: SynthConfig,
+}
+
+/// Per-sample outcome.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SampleReport {
+    /// Sample index k.
+    pub index: usize,
+    /// Seed of its initial latent (`seed + k`).
+    pub seed: u64,
+    /// `leak/<subject>` at the final step (empty without `attn_metrics`).
+    pub final_leak: BTreeMap<String, f64>,
+    /// Steps at which the latent optimisation ran.
+    pub guided_steps: usize,
+    /// Of those, the steps where `loss/box_after` < `loss/box`.
+    pub guided_lowered: usize,
+    /// Mask refinements done.
+    pub refinements: usize,
+    /// Subjects whose refined mask came out empty at least once and fell back to the box.
+    pub mask_fallbacks: Vec<String>,
+    /// Wall time of this sample (denoising, decoding and rendering), seconds.
+    pub wall_seconds: f64,
+}
+
+/// The outcome of [`run`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct SynthReport {
+    /// Finished samples, in order.
+    pub samples: Vec<SampleReport>,
+    /// Warnings from [`validate`] (also logged).
+    pub warnings: Vec<String>,
+    /// The token plan (subject token positions, EOS, stop words).
+    pub plan: TokenPlan,
+    /// True when [`RunSink::should_stop`] ended the run early.
+    pub cancelled: bool,
+    /// Wall time of the whole run, seconds (text encoding included).
+    pub wall_seconds: f64,
+}
+
+/// Module-path prefixes of the UNet's transformer blocks (`down_blocks.i.attentions.j`,
+/// `mid_block.attentions.0`, `up_blocks.i.attentions.j`), from its config.
+pub fn attention_blocks(cfg: &UNetConfig) -> Vec<String> {
+    let n = cfg.block_out_channels.len();
+    let mut out = Vec::new();
+    for i in 0..n {
+        if cfg.down_attn[i] {
+            for j in 0..cfg.layers_per_block[i] {
+                out.push(format!("down_blocks.{i}.attentions.{j}"));
+            }
+        }
+    }
+    out.push("mid_block.attentions.0".to_string());
+    for i in 0..n {
+        if cfg.up_attn[i] {
+            for j in 0..cfg.layers_per_block[n - 1 - i] + 1 {
+                out.push(format!("up_blocks.{i}.attentions.{j}"));
+            }
+        }
+    }
+    out
+}
+
+fn check_layers(key: &str, prefixes: &[String], blocks: &[String]) -> Result<()> {
+    for p in prefixes {
+        let hit = blocks.iter().any(|b| {
+            path_matches(b, std::slice::from_ref(p)) || path_matches(p, std::slice::from_ref(b))
+        });
+        if !hit {
+            return Err(Error::Config(format!(
+                "synth.{key}: `{p}` matches no attention layer of this UNet (its blocks: {})",
+                blocks.join(", ")
+            )));
+        }
+    }
+    if prefixes.is_empty() {
+        return Err(Error::Config(format!(
+            "synth.{key}: needs at least one layer prefix"
+        )));
+    }
+    Ok(())
+}
+
+struct Prepared {
+    plan: TokenPlan,
+    warnings: Vec<String>,
+}
+
+fn prepare(req: &SynthRequest) -> Result<Prepared> {
+    let cfg = &req.config;
+    cfg.check()?;
+    if req.samples == 0 {
+        return Err(Error::Input("--samples must be at least 1".into()));
+    }
+    for b in &req.boxes {
+        b.check()?;
+    }
+    if cfg.box_control && req.boxes.is_empty() {
+        return Err(Error::Input(
+            "box control needs at least one --box SUBJECT=x0,y0,x1,y1 (or set synth.box_control=false)".into(),
+        ));
+    }
+    let subjects: Vec<String> = req.boxes.iter().map(|b| b.subject.clone()).collect();
+    let plan = plan_tokens(&req.sd.tokenizer, &req.prompt, &subjects)?;
+    let base = req.sd.text_encoder.config().vocab_size;
+    let rows = match &req.placeholder_rows {
+        Some(r) => r.dim(0)?,
+        None => 0,
+    };
+    for (id, tok) in plan.ids.iter().zip(&plan.tokens) {
+        if *id as usize >= base + rows {
+            return Err(Error::Input(format!(
+                "prompt token `{tok}` (id {id}) is a placeholder without an embedding: {rows} placeholder rows were given"
+            )));
+        }
+    }
+    let blocks = attention_blocks(req.sd.unet.config());
+    check_layers("loss_layers", &cfg.loss_layers, &blocks)?;
+    check_layers("cluster_layers", &cfg.cluster_layers, &blocks)?;
+    let mut warnings = boxes::overlap_warnings(&req.boxes, OVERLAP_WARN_FRACTION);
+    if !cfg.box_control && !req.boxes.is_empty() {
+        warnings.push(
+            "synth.box_control=false: the boxes are only used for the leak metric and the overlays"
+                .into(),
+        );
+    }
+    Ok(Prepared { plan, warnings })
+}
+
+/// Checks a request without running it: the config, every box (coordinates, a subject that
+/// occurs in the prompt and is not a stop word, no subject twice), placeholder embeddings for
+/// every placeholder in the prompt, and that the layer prefixes exist in the UNet. Errors are
+/// one line ([`Error::Input`] / [`Error::Config`]); the result is the list of warnings (boxes
+/// overlapping by more than half of the smaller one). A placeholder in the prompt that no box
+/// names is fine: it is just not box-controlled.
+pub fn validate(req: &SynthRequest) -> Result<Vec<String>> {
+    Ok(prepare(req)?.warnings)
+}
+
+/// The seeded initial latent [1, C, h, w] (host RNG, standard normal).
+pub fn initial_latent(sd: &StableDiffusion, seed: u64) -> Result<Tensor> {
+    let c = sd.unet.config().in_channels;
+    let s = sd.unet.config().sample_size;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let data: Vec<f32> = (0..c * s * s)
+        .map(|_| StandardNormal.sample(&mut rng))
+        .collect();
+    Ok(Tensor::from_vec(data, (1, c, s, s), &sd.device)?.to_dtype(sd.dtype)?)
+}
+
+/// Text states [1, L, D] of a token sequence.
+fn encode_text(sd: &StableDiffusion, ids: &[u32], rows: Option<&Tensor>) -> Result<Tensor> {
+    let t = Tensor::new(ids, &sd.device)?.unsqueeze(0)?;
+    let rows = rows.map(|r| r.to_device(&sd.device)).transpose()?;
+    Ok(sd
+        .text_encoder
+        .forward(&t, rows.as_ref())?
+        .to_dtype(sd.dtype)?)
+}
+
+/// Result of the gradient iterations of one guided step.
+struct GuidedStep {
+    z: Tensor,
+    before: f64,
+    after: f64,
+    iters: usize,
+}
+
+fn guidance_loss(
+    unet: &UNet,
+    hook: &mut ControlHook,
+    z: &Tensor,
+    t: &Tensor,
+    cond: &Tensor,
+    alpha: f64,
+) -> Result<Tensor> {
+    hook.begin(Pass::Guidance);
+    unet.forward_hooked(z, t, cond, Some(hook))?;
+    if !hook.has_loss_terms() {
+        return Err(Error::Config(
+            "synth.loss_layers: no attention layer of the enabled kinds (sa_control / ca_control) matched".into(),
+        ));
+    }
+    hook.loss(alpha)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn optimise_latent(
+    unet: &UNet,
+    hook: &mut ControlHook,
+    z: &Tensor,
+    t: &Tensor,
+    cond: &Tensor,
+    cfg: &SynthConfig,
+    step: usize,
+    subjects: usize,
+) -> Result<GuidedStep> {
+    let alpha = cfg.alpha(step);
+    let beta = cfg.step_size(step);
+    let norm = subjects.max(1) as f64; // batch 1 per sample
+    let mut z = z.clone();
+    let mut before = None;
+    let mut prev_norm = f64::INFINITY;
+    let mut iters = 0;
+    for _ in 0..cfg.gd_iters {
+        if prev_norm < cfg.loss_threshold {
+            break;
+        }
+        let var = Var::from_tensor(&z)?;
+        let loss = guidance_loss(unet, hook, var.as_tensor(), t, cond, alpha)?;
+        let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        if !value.is_finite() {
+            return Err(Error::Input(format!(
+                "latent optimisation: the box loss is {value} at step {step}"
+            )));
+        }
+        before.get_or_insert(value);
+        prev_norm = value / norm;
+        let grads = loss.backward()?;
+        hook.begin(Pass::Guidance); // drop the graph held by the loss terms
+        let g = grads.get(var.as_tensor()).ok_or_else(|| {
+            Error::Input("latent optimisation: the loss does not depend on the latent".into())
+        })?;
+        z = (var.as_tensor() - (g * beta)?)?.detach();
+        iters += 1;
+    }
+    let after = guidance_loss(unet, hook, &z, t, cond, alpha)?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?;
+    hook.begin(Pass::Normal);
+    Ok(GuidedStep {
+        z,
+        before: before.unwrap_or(after),
+        after,
+        iters,
+    })
+}
+
+/// Runs the synthesis (see the module docs for the step order, metrics and artifacts).
+pub fn run(req: &SynthRequest, sink: &mut dyn RunSink) -> Result<SynthReport> {
+    let started = Instant::now();
+    let Prepared { plan, warnings } = prepare(req)?;
+    for w in &warnings {
+        sink.log(&format!("warning: {w}"))?;
+    }
+    for s in &plan.subjects {
+        let toks: Vec<&str> = s
+            .positions
+            .iter()
+            .map(|&p| plan.tokens[p].as_str())
+            .collect();
+        sink.log(&format!(
+            "subject {}: token positions {:?} ({}), leading {}",
+            s.name,
+            s.positions,
+            toks.join(" "),
+            s.leading
+        ))?;
+    }
+    let stops: Vec<&str> = plan
+        .stop_positions
+        .iter()
+        .map(|&p| plan.tokens[p].as_str())
+        .collect();
+    sink.log(&format!(
+        "eos position {}; stop words{}: {}",
+        plan.eos,
+        if req.config.hide_stop_words {
+            " (hidden)"
+        } else {
+            " (not hidden)"
+        },
+        if stops.is_empty() {
+            "none".to_string()
+        } else {
+            stops.join(" ")
+        }
+    ))?;
+
+    let sd = req.sd;
+    let cfg = &req.config;
+    let ddim = Ddim::new(DdimConfig {
+        steps_offset: cfg.steps_offset,
+        ..sd.scheduler.config().clone()
+    })?;
+    let timesteps = ddim.timesteps(cfg.steps)?;
+    let rows = req.placeholder_rows.as_ref();
+    let cond = encode_text(sd, &plan.ids, rows)?;
+    let uncond = encode_text(sd, &sd.tokenizer.encode("")?, rows)?;
+    let context = Tensor::cat(&[&uncond, &cond], 0)?;
+
+    let mut report = SynthReport {
+        samples: Vec::new(),
+        warnings,
+        plan: plan.clone(),
+        cancelled: false,
+        wall_seconds: 0.0,
+    };
+    for k in 0..req.samples {
+        match run_sample(req, &plan, &ddim, &timesteps, &cond, &context, k, sink)? {
+            Some(s) => report.samples.push(s),
+            None => {
+                report.cancelled = true;
+                sink.log(&format!("cancelled during sample {k}"))?;
+                break;
+            }
+        }
+    }
+    report.wall_seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_sample(
+    req: &SynthRequest,
+    plan: &TokenPlan,
+    ddim: &Ddim,
+    timesteps: &[usize],
+    cond: &Tensor,
+    context: &Tensor,
+    k: usize,
+    sink: &mut dyn RunSink,
+) -> Result<Option<SampleReport>> {
+    let started = Instant::now();
+    let sd = req.sd;
+    let cfg = &req.config;
+    let steps = timesteps.len();
+    let subjects = plan.subjects.len();
+    let seed = req.seed.wrapping_add(k as u64);
+    let mut hook = ControlHook::new(cfg, plan, &req.boxes, &sd.device, sd.dtype);
+    let use_hook = cfg.box_control || cfg.attn_metrics;
+    let control = cfg.box_control && subjects > 0;
+    let mut z = initial_latent(sd, seed)?;
+    let mut out = SampleReport {
+        index: k,
+        seed,
+        final_leak: BTreeMap::new(),
+        guided_steps: 0,
+        guided_lowered: 0,
+        refinements: 0,
+        mask_fallbacks: Vec::new(),
+        wall_seconds: 0.0,
+    };
+    let kmeans = KMeansOptions {
+        k: 0,
+        restarts: cfg.kmeans_restarts,
+        max_iters: cfg.kmeans_iters,
+        tol: cfg.kmeans_tol,
+        seed: cfg.kmeans_seed,
+    };
+    let mut centres: Option<Vec<f32>> = None;
+    let mut last_leak: Vec<f64> = vec![0.0; subjects];
+
+    for (i, &t) in timesteps.iter().enumerate() {
+        if sink.should_stop() {
+            return Ok(None);
+        }
+        let mstep = (k * steps + i) as u64;
+        let t_tensor = timesteps_tensor(&[t], &sd.device)?;
+        let mut message = format!(
+            "sample {}/{} step {}/{} t={t}",
+            k + 1,
+            req.samples,
+            i + 1,
+            steps
+        );
+
+        // 1. latent optimisation
+        let guided =
+            control && cfg.latent_opt && i < cfg.guided_steps && (cfg.ca_control || cfg.sa_control);
+        if guided {
+            let g = optimise_latent(&sd.unet, &mut hook, &z, &t_tensor, cond, cfg, i, subjects)?;
+            z = g.z;
+            sink.metric("loss/box", mstep, g.before)?;
+            sink.metric("loss/box_after", mstep, g.after)?;
+            sink.metric("gd_iters", mstep, g.iters as f64)?;
+            sink.metric("alpha", mstep, cfg.alpha(i))?;
+            out.guided_steps += 1;
+            if g.after < g.before {
+                out.guided_lowered += 1;
+            }
+            message.push_str(&format!(
+                " loss {:.4}→{:.4} ({} it)",
+                g.before, g.after, g.iters
+            ));
+        }
+
+        // 2. mask refinement
+        let refine_now = control
+            && cfg.refine
+            && i >= cfg.guided_steps
+            && (i - cfg.guided_steps) % cfg.refine_every == 0;
+        if refine_now {
+            if let (Some((self_map, cross_map)), Some(size)) = (hook.maps.means(), hook.maps.size) {
+                let boxes = hook.box_masks(size.0, size.1);
+                let existing = hook.region_masks(size.0, size.1);
+                let input = RefineInput {
+                    self_map: &self_map,
+                    cross_map: &cross_map,
+                    existing: &existing,
+                    boxes: &boxes,
+                    clusters_per_subject: cfg.clusters_per_subject,
+                    ca_threshold: cfg.ca_threshold,
+                    cluster_threshold: cfg.cluster_threshold,
+                    sigmoid_scale: cfg.sigmoid_scale,
+                };
+                let refined = cluster::refine(&input, &kmeans, centres.as_deref());
+                centres = Some(refined.fit.centres.clone());
+                for &j in &refined.fallbacks {
+                    let name = &plan.subjects[j].name;
+                    sink.log(&format!(
+                        "sample {k} step {i}: the refined mask of {name} is empty; using its box"
+                    ))?;
+                    if !out.mask_fallbacks.contains(name) {
+                        out.mask_fallbacks.push(name.clone());
+                    }
+                }
+                hook.set_regions(Regions::Masks {
+                    size,
+                    masks: refined.masks,
+                });
+                out.refinements += 1;
+                message.push_str(" (masks refined)");
+            }
+        }
+
+        // 3. normal pass, CFG, DDIM
+        hook.begin(Pass::Normal);
+        hook.capture_maps = cfg.attn_metrics && i + 1 == steps;
+        let x = Tensor::cat(&[&z, &z], 0)?;
+        let eps = if use_hook {
+            sd.unet
+                .forward_hooked(&x, &t_tensor, context, Some(&mut hook))?
+        } else {
+            sd.unet.forward(&x, &t_tensor, context)?
+        };
+        let (eu, ec) = (eps.narrow(0, 0, 1)?, eps.narrow(0, 1, 1)?);
+        let guided_eps = (&eu + ((&ec - &eu)? * cfg.guidance_scale)?)?;
+        z = ddim.step(&guided_eps, t, &z, cfg.steps)?.prev_sample;
+
+        if cfg.attn_metrics {
+            for (si, s) in plan.subjects.iter().enumerate() {
+                let leak = layer_mean(&hook.stats.leak[si]);
+                last_leak[si] = leak;
+                sink.metric(&format!("leak/{}", s.name), mstep, leak)?;
+            }
+        }
+        sink.progress(&Progress {
+            step: (k * steps + i + 1) as u64,
+            total: (req.samples * steps) as u64,
+            phase: if guided {
+                "guided".into()
+            } else {
+                "denoise".into()
+            },
+            message,
+        });
+    }
+
+    // Decode and render.
+    let scale = sd.vae.config().scaling_factor;
+    let image = sd.vae.decode(&(&z / scale)?)?;
+    let image = ((image.to_dtype(DType::F32)? + 1.0)? / 2.0)?.clamp(0f32, 1f32)?;
+    let rgb = tensor_to_rgb(&image)?;
+    sink.artifact(&format!("sample_{k}.png"), png_bytes(&rgb)?)?;
+    sink.artifact(
+        &format!("boxes_{k}.png"),
+        png_bytes(&render::draw_boxes(&rgb, &req.boxes))?,
+    )?;
+    let names: Vec<String> = req.boxes.iter().map(|b| b.subject.clone()).collect();
+    let regions_img = match hook.regions() {
+        Regions::Masks { size, masks } => render::draw_regions(&rgb, *size, masks, &names),
+        Regions::Boxes => {
+            let (h, w) = (rgb.height() as usize, rgb.width() as usize);
+            render::draw_regions(&rgb, (h, w), &render::box_regions(&req.boxes, h, w), &names)
+        }
+    };
+    sink.artifact(&format!("masks_{k}.png"), png_bytes(&regions_img)?)?;
+    if let Some((h, w)) = hook.stats.map_size {
+        for (si, s) in plan.subjects.iter().enumerate() {
+            let layers = hook.stats.map_layers.max(1) as f64;
+            let data: Vec<f32> = hook.stats.maps[si]
+                .iter()
+                .map(|v| (v / layers) as f32)
+                .collect();
+            let map = Tensor::from_vec(data, (h, w), &candle_core::Device::Cpu)?;
+            let img = heat_overlay(&rgb, &map)?;
+            sink.artifact(&format!("attn/{}_{k}.png", s.name), png_bytes(&img)?)?;
+        }
+    }
+    for (si, s) in plan.subjects.iter().enumerate() {
+        if cfg.attn_metrics {
+            out.final_leak.insert(s.name.clone(), last_leak[si]);
+        }
+    }
+    out.wall_seconds = started.elapsed().as_secs_f64();
+    sink.log(&format!(
+        "sample {k} (seed {seed}): {:.2}s, guided steps {} (loss lowered in {}), refinements {}, final leak {:?}",
+        out.wall_seconds, out.guided_steps, out.guided_lowered, out.refinements, out.final_leak
+    ))?;
+    Ok(Some(out))
+}

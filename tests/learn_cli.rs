@@ -1,0 +1,218 @@
+//! `mifo learn` from the command line: a stored run with all outputs, refusal and `--rerun` of a
+//! finished spec, resume after kill -9 giving the uninterrupted result, and one-line validation
+//! errors that leave the store untouched.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use image::{GrayImage, Luma, Rgb, RgbImage};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("mifo-learn-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn mifo(store: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_mifo"))
+        .arg("--store")
+        .arg(store)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+const SHORT: [&str; 10] = [
+    "--set", "learn.reward_steps=3",
+    "--set", "learn.penalty_steps=4",
+    "--set", "learn.dreambooth_steps=2",
+    "--set", "learn.preview_steps=3",
+    "--set", "learn.checkpoint_every=2",
+];
+
+fn learn_args<'a>(scene: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec!["learn", "--scene", scene, "--model", "fixtures/tiny-sd21", "--seed", "7"];
+    v.extend(SHORT);
+    v.extend(extra);
+    v
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("stdout is not one JSON document ({e}): {}", String::from_utf8_lossy(&out.stdout))
+    })
+}
+
+#[test]
+fn learn_stores_a_run_and_refuses_to_repeat_it_silently() {
+    let store = tmp("store");
+    std::env::set_current_dir(root()).unwrap();
+    let mut args = learn_args("fixtures/scenes/coffee", &["--json"]);
+    let out = mifo(&store, &args);
+    let rec = json(&out);
+    assert_eq!(rec["status"], "done");
+    assert_eq!(rec["kind"], "learn");
+    for name in ["embeddings", "weights", "preview.png", "attn/<v0>.png", "attn/<v1>.png"] {
+        assert!(rec["outputs"][name].is_string(), "missing {name}: {}", rec["outputs"]);
+    }
+    assert_eq!(rec["metrics"]["loss/total"].as_array().unwrap().len(), 9);
+    assert!(rec["metrics"]["leak/<v0>"].is_array());
+
+    // Same spec again: refused, nothing new stored.
+    let again = mifo(&store, &args);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--rerun"));
+
+    // --rerun: runs, and records that its outputs are bit-identical.
+    args.push("--rerun");
+    let rerun = json(&mifo(&store, &args));
+    assert_eq!(rerun["rerun_of"], rec["id"]);
+    assert_eq!(rerun["rerun_identical"], true, "re-run outputs differ: {} vs {}", rerun["outputs"], rec["outputs"]);
+    assert_eq!(rerun["outputs"]["embeddings"], rec["outputs"]["embeddings"]);
+    let _ = std::fs::remove_dir_all(store);
+}
+
+#[test]
+fn resume_after_kill_matches_the_uninterrupted_run() {
+    std::env::set_current_dir(root()).unwrap();
+    let store = tmp("resume");
+    let long = [
+        "--set", "learn.reward_steps=10", "--set", "learn.penalty_steps=30",
+        "--set", "learn.dreambooth=none", "--set", "learn.preview=false",
+        "--set", "learn.checkpoint_every=5",
+    ];
+    let mut args: Vec<&str> = vec!["learn", "--scene", "fixtures/scenes/coins", "--model", "fixtures/tiny-sd21", "--seed", "3"];
+    args.extend(long);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mifo"))
+        .arg("--store")
+        .arg(&store)
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(5));
+    let finished_early = child.try_wait().unwrap().is_some();
+    child.kill().ok(); // SIGKILL
+    child.wait().unwrap();
+
+    let ls = json(&mifo(&store, &["runs", "ls", "--json"]));
+    let runs = ls.as_array().or_else(|| ls["runs"].as_array()).expect("runs list").clone();
+    assert_eq!(runs.len(), 1);
+    let id = runs[0]["id"].as_str().unwrap().to_string();
+    if !finished_early {
+        assert_ne!(runs[0]["status"], "done", "the run was killed before it could finish");
+        let resumed = json(&mifo(&store, &["learn", "--resume", &id[..8], "--model", "fixtures/tiny-sd21", "--json"]));
+        assert_eq!(resumed["status"], "done");
+    }
+    let first = json(&mifo(&store, &["runs", "show", &id, "--json"]));
+    let steps: Vec<u64> = first["metrics"]["loss/total"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p[0].as_u64().unwrap())
+        .collect();
+    assert_eq!(*steps.last().unwrap(), 39);
+
+    let mut again = args.clone();
+    again.extend(["--rerun", "--json"]);
+    let clean = json(&mifo(&store, &again));
+    assert_eq!(
+        clean["outputs"]["embeddings"], first["outputs"]["embeddings"],
+        "resumed run's embeddings differ from an uninterrupted run"
+    );
+    let _ = std::fs::remove_dir_all(store);
+}
+
+fn write_rgb(path: &Path, w: u32, h: u32) {
+    RgbImage::from_fn(w, h, |x, y| Rgb([(x * 3) as u8, (y * 5) as u8, 90])).save(path).unwrap();
+}
+
+fn write_mask(path: &Path, w: u32, h: u32, on: impl Fn(u32, u32) -> bool) {
+    GrayImage::from_fn(w, h, |x, y| Luma([if on(x, y) { 255 } else { 0 }])).save(path).unwrap();
+}
+
+fn assert_rejected(store: &Path, args: &[&str], needle: &str) {
+    let out = mifo(store, args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "accepted: {args:?}");
+    assert!(!err.contains("panicked"), "{err}");
+    let last = err.trim().lines().last().unwrap_or("");
+    assert!(last.contains(needle), "error for {args:?} does not mention `{needle}`: {err}");
+    assert!(!store.join("db").exists() || store_is_empty(store), "store was written for {args:?}");
+}
+
+fn store_is_empty(store: &Path) -> bool {
+    let ls = mifo(store, &["runs", "ls", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&ls.stdout).unwrap_or_default();
+    v.as_array().or_else(|| v["runs"].as_array()).map(|a| a.is_empty()).unwrap_or(true)
+}
+
+#[test]
+fn bad_inputs_give_one_line_errors_and_store_nothing() {
+    std::env::set_current_dir(root()).unwrap();
+    let d = tmp("bad");
+    let store = d.join("store");
+    let img = d.join("img.png");
+    write_rgb(&img, 96, 96);
+    let m_left = d.join("left.png");
+    write_mask(&m_left, 96, 96, |x, _| x < 40);
+    let m_right = d.join("right.png");
+    write_mask(&m_right, 96, 96, |x, _| x > 56);
+    let m_overlap = d.join("overlap.png");
+    write_mask(&m_overlap, 96, 96, |x, _| x < 60);
+    let m_empty = d.join("empty.png");
+    write_mask(&m_empty, 96, 96, |x, y| x == 0 && y == 0);
+    let m_small = d.join("small.png");
+    write_mask(&m_small, 80, 96, |x, _| x < 40);
+    let tiny = d.join("tiny.png");
+    write_rgb(&tiny, 48, 48);
+    let tiny_mask = d.join("tiny_mask.png");
+    write_mask(&tiny_mask, 48, 48, |x, _| x < 20);
+    let junk = d.join("junk.png");
+    std::fs::write(&junk, b"not a png").unwrap();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let base = |image: &Path, masks: &[&Path]| -> Vec<String> {
+        let mut v = vec!["learn".into(), "--model".into(), "fixtures/tiny-sd21".into(), "--image".into(), s(image)];
+        for m in masks {
+            v.push("--mask".into());
+            v.push(s(m));
+        }
+        v
+    };
+    let check = |args: Vec<String>, needle: &str| {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        assert_rejected(&store, &refs, needle);
+    };
+    check(base(&junk, &[&m_left]), "junk.png");
+    check(base(&img, &[&junk]), "junk.png");
+    check(base(&img, &[&m_left, &m_small]), "small.png");
+    check(base(&img, &[&m_left, &m_empty]), "empty");
+    check(base(&img, &[&m_left, &m_overlap]), "--allow-overlap");
+    check(base(&tiny, &[&tiny_mask]), "at least 64");
+    let nine: Vec<&Path> = vec![&m_left; 9];
+    let mut a = base(&img, &nine);
+    a.push("--allow-overlap".into());
+    check(a, "at most 8");
+    let mut a = base(&img, &[&m_left, &m_right]);
+    a.extend(["--set".into(), "learn.no_such_key=1".into()]);
+    check(a, "unknown key `learn.no_such_key`");
+    let mut a = base(&img, &[&m_left, &m_right]);
+    a.extend(["--set".into(), "learn.penalty_steps=lots".into()]);
+    check(a, "expected an integer");
+    let mut a = base(&img, &[&m_left, &m_right]);
+    a.extend(["--preset".into(), "fancy".into()]);
+    check(a, "unknown preset");
+    let mut a = base(&img, &[&m_left, &m_right]);
+    a[2] = s(&d.join("no-model"));
+    check(a, "no-model");
+    assert!(!store.exists() || store_is_empty(&store), "a rejected launch wrote to the store");
+    let _ = std::fs::remove_dir_all(d);
+}
