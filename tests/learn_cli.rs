@@ -216,3 +216,24 @@ fn bad_inputs_give_one_line_errors_and_store_nothing() {
     assert!(!store.exists() || store_is_empty(&store), "a rejected launch wrote to the store");
     let _ = std::fs::remove_dir_all(d);
 }
+
+/// Class images are generated once per model and class prompt, then reused by later runs.
+#[test]
+fn class_images_are_reused_across_runs() {
+    std::env::set_current_dir(root()).unwrap();
+    let store = tmp("class");
+    let args = |seed: &'static str| -> Vec<&'static str> {
+        vec![
+            "learn", "--scene", "fixtures/scenes/coffee", "--model", "fixtures/tiny-sd21", "--preset", "official",
+            "--seed", seed, "--json",
+            "--set", "learn.reward_steps=1", "--set", "learn.penalty_steps=1", "--set", "learn.dreambooth_steps=2",
+            "--set", "learn.class_images=2", "--set", "learn.class_image_steps=2", "--set", "learn.preview=false",
+        ]
+    };
+    let a = json(&mifo(&store, &args("1")));
+    let b = json(&mifo(&store, &args("2")));
+    assert_eq!(a["outputs"]["class/1.png"], b["outputs"]["class/1.png"]);
+    let log = b["log"].to_string();
+    assert!(log.contains("2 reused from the store"), "second run regenerated its class images: {log}");
+    let _ = std::fs::remove_dir_all(store);
+}

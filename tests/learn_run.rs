@@ -33,7 +33,7 @@ fn short_config() -> LearnConfig {
 
 fn run(sd: &StableDiffusion, scene: &learn::Scene, cfg: LearnConfig, resume: Option<Checkpoint>, stop_after: Option<u64>) -> MemorySink {
     let mut sink = MemorySink { stop_after, ..Default::default() };
-    learn::run(LearnRequest { sd, scene, config: cfg, seed: 7, resume }, &mut sink).unwrap();
+    learn::run(LearnRequest { sd, scene, config: cfg, seed: 7, resume, class_images: Vec::new() }, &mut sink).unwrap();
     sink
 }
 
@@ -108,4 +108,55 @@ fn attention_penalty_falls_with_strong_weights() {
     let last: f64 = penalty[penalty.len() - 10..].iter().sum::<f64>() / 10.0;
     eprintln!("penalty first-10 mean {first:.4e}, last-10 mean {last:.4e}, ratio {:.3}", last / first);
     assert!(last <= 0.6 * first, "penalty did not fall: first {first:.4e} last {last:.4e}");
+}
+
+/// The official preset's DreamBooth phase with prior preservation: class images are generated
+/// (and reported as outputs) and the class loss is recorded.
+#[test]
+fn official_preset_trains_with_prior_preservation() {
+    let (sd, scene) = setup();
+    let cfg = LearnConfig {
+        reward_steps: 2,
+        penalty_steps: 2,
+        dreambooth_steps: 3,
+        class_images: 2,
+        class_image_steps: 2,
+        preview: false,
+        ..LearnConfig::official()
+    };
+    let sink = run(&sd, &scene, cfg, None, None);
+    assert!(sink.artifacts.contains_key("class/0.png") && sink.artifacts.contains_key("class/1.png"));
+    let prior = &sink.metrics["loss/prior"];
+    assert_eq!(prior.iter().map(|p| p.0).collect::<Vec<_>>(), vec![4, 5, 6]);
+    assert!(prior.iter().all(|p| p.1.is_finite() && p.1 > 0.0));
+    assert!(sink.logs.iter().any(|l| l.contains("0 reused")), "{:?}", sink.logs);
+}
+
+/// `learn.dreambooth=lora`: adapters are trained (B leaves zero), stored as `lora`, and a
+/// phase-B resume reproduces them exactly.
+#[test]
+fn lora_dreambooth_trains_adapters_and_resumes_exactly() {
+    let (sd, scene) = setup();
+    let cfg = LearnConfig {
+        dreambooth: "lora".into(),
+        dreambooth_lr: 1e-3,
+        preview: false,
+        ..short_config()
+    };
+    let full = run(&sd, &scene, cfg.clone(), None, None);
+    assert!(full.artifacts.contains_key("lora") && !full.artifacts.contains_key("weights"));
+    let lora = candle_core::safetensors::load_buffer(&full.artifacts["lora"], &Device::Cpu).unwrap();
+    let b_keys: Vec<&String> = lora.keys().filter(|k| k.ends_with("lora_B.weight")).collect();
+    assert!(b_keys.iter().any(|k| k.starts_with("unet.")) && b_keys.iter().any(|k| k.starts_with("text_encoder.")));
+    let moved = b_keys
+        .iter()
+        .filter(|k| lora[**k].abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0)
+        .count();
+    assert!(moved * 2 > b_keys.len(), "only {moved} of {} LoRA B matrices moved", b_keys.len());
+
+    let cut = run(&sd, &scene, cfg.clone(), None, Some(11));
+    let ck = Checkpoint::from_bytes(&cut.checkpoint.unwrap().1, &Device::Cpu).unwrap();
+    let resumed = run(&sd, &scene, cfg, Some(ck), None);
+    assert_eq!(full.artifacts["lora"], resumed.artifacts["lora"]);
+    assert_eq!(full.artifacts["embeddings"], resumed.artifacts["embeddings"]);
 }

@@ -147,6 +147,12 @@ fn execute(
     model: &Path,
     opts: &RunOptions,
 ) -> Result<RunRecord> {
+    let needs_class = config.prior_preservation && config.dreambooth != "none";
+    let class_key = (
+        config.class_prompt.clone(),
+        config.class_image_steps,
+        config.class_images,
+    );
     let mut sink = StoreSink::new(store.clone(), id.clone(), opts.progress_bar, opts.stop.clone());
     use crate::sink::RunSink;
     sink.log(&format!(
@@ -161,6 +167,11 @@ fn execute(
             config,
             seed,
             resume,
+            class_images: if needs_class {
+                cached_class_images(store, sd, model, &class_key)?
+            } else {
+                Vec::new()
+            },
         },
         &mut sink,
     );
@@ -224,4 +235,58 @@ pub fn resume(store: &Store, prefix: &str, model: &Path, device: &str, opts: &Ru
     };
     store.resume_run(&id, &host_name(), device)?;
     execute(store, &id, &sd, &scene, config, spec.seed, checkpoint, model, opts)
+}
+
+/// Class images already in the store for this model and class prompt: the `class/<i>.png`
+/// outputs of finished learning runs with the same model fingerprint, class prompt and
+/// generation steps (image `i` is always generated from seed `i`, so any run's image `i` will
+/// do).
+fn cached_class_images(
+    store: &Store,
+    sd: &StableDiffusion,
+    model: &Path,
+    (prompt, steps, count): &(String, u64, u64),
+) -> Result<Vec<image::RgbImage>> {
+    let fingerprint = store.model_fingerprint(model)?;
+    let mut found: BTreeMap<usize, crate::store::BlobHash> = BTreeMap::new();
+    for record in store.runs() {
+        let record = record?;
+        if record.kind != RunKind::Learn || record.status != RunStatus::Done {
+            continue;
+        }
+        let spec = store.spec(&record.spec_hash)?;
+        let learn = spec.config.get("learn");
+        let same = spec.model_fingerprint == fingerprint
+            && learn.and_then(|l| l.get("class_prompt")).and_then(|v| v.as_str()) == Some(prompt.as_str())
+            && learn.and_then(|l| l.get("class_image_steps")).and_then(|v| v.as_u64()) == Some(*steps)
+            && spec.config.get("dtype").and_then(|v| v.as_str()) == Some(dtype_name(sd.dtype));
+        if !same {
+            continue;
+        }
+        for (name, hash) in &record.outputs {
+            if let Some(i) = name.strip_prefix("class/").and_then(|r| r.strip_suffix(".png")).and_then(|i| i.parse::<usize>().ok()) {
+                if (i as u64) < *count {
+                    found.entry(i).or_insert_with(|| hash.clone());
+                }
+            }
+        }
+    }
+    let mut images = Vec::new();
+    for i in 0..*count as usize {
+        let Some(hash) = found.get(&i) else { break };
+        let bytes = store.read_blob(hash)?;
+        let img = image::load_from_memory(&bytes)
+            .map_err(|e| Error::Input(format!("cached class image {i}: {e}")))?;
+        images.push(img.to_rgb8());
+    }
+    Ok(images)
+}
+
+/// `f32` / `f16` / `bf16` (the `--dtype` spelling).
+pub fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        _ => "f32",
+    }
 }

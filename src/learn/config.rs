@@ -15,8 +15,11 @@ pub struct LearnConfig {
     pub penalty_steps: u64,
     /// Phase B: DreamBooth steps after the embedding phase (0 = none).
     pub dreambooth_steps: u64,
-    /// Phase B mode: `full` (fine-tune UNet + text encoder with the tokens), `none`.
+    /// Phase B mode: `full` (fine-tune all UNet and text-encoder weights with the tokens),
+    /// `lora` (train rank-`lora_rank` adapters on their attention projections instead), `none`.
     pub dreambooth: String,
+    /// Rank of the LoRA adapters (`dreambooth = "lora"`).
+    pub lora_rank: u64,
     /// Phase A learning rate (AdamW on the placeholder rows).
     pub lr: f64,
     /// Phase B learning rate.
@@ -60,6 +63,17 @@ pub struct LearnConfig {
     pub dreambooth_penalty: f64,
     /// Phase B penalty layers (module-path prefixes; 16² down and up blocks in the official code).
     pub dreambooth_penalty_layers: Vec<String>,
+    /// Phase B: DreamBooth prior preservation (each step also trains on a class image generated
+    /// by the base model from `class_prompt`; the released code does this with chairs).
+    pub prior_preservation: bool,
+    /// Prompt of the class images.
+    pub class_prompt: String,
+    /// Number of class images (generated once per model and prompt, then reused from the store).
+    pub class_images: u64,
+    /// DDIM steps used to generate each class image.
+    pub class_image_steps: u64,
+    /// Weight of the class (prior) reconstruction loss.
+    pub prior_weight: f64,
     /// Checkpoint every this many steps (0 = only at the end of each phase).
     pub checkpoint_every: u64,
     /// Render `preview.png` (a sample of "a photo of <v0> and <v1> …") at the end.
@@ -80,6 +94,7 @@ impl LearnConfig {
             penalty_steps: 600,
             dreambooth_steps: 400,
             dreambooth: "full".into(),
+            lora_rank: 4,
             lr: 5e-3,
             dreambooth_lr: 2e-6,
             lr_schedule: "constant".into(),
@@ -100,6 +115,11 @@ impl LearnConfig {
             vae_sample: true,
             dreambooth_penalty: 0.0,
             dreambooth_penalty_layers: vec!["down_blocks.2".into(), "up_blocks.1".into()],
+            prior_preservation: false,
+            class_prompt: "a photo of a chair".into(),
+            class_images: 100,
+            class_image_steps: 50,
+            prior_weight: 1.0,
             checkpoint_every: 100,
             preview: true,
             preview_steps: 50,
@@ -108,8 +128,9 @@ impl LearnConfig {
     }
 
     /// The released code's values: 200 + 400 steps, t < 500, reward 0.01 / penalty 0.02,
-    /// cosine schedule with 10 warm-up steps, flips with p 0.5, and the extra 0.02 penalty on
-    /// the 16² layers during DreamBooth.
+    /// cosine schedule with 10 warm-up steps, flips with p 0.5, and during DreamBooth prior
+    /// preservation (100 class images of "a photo of a chair", weight 1) plus the extra 0.02
+    /// penalty on the 16² layers.
     pub fn official() -> Self {
         Self {
             penalty_steps: 400,
@@ -119,6 +140,7 @@ impl LearnConfig {
             warmup_steps: 10,
             flip_p: 0.5,
             dreambooth_penalty: 0.02,
+            prior_preservation: true,
             ..Self::paper()
         }
     }
@@ -152,11 +174,14 @@ impl LearnConfig {
     /// Checks value ranges and enumerations; one-line errors naming the key.
     pub fn validate(&self) -> Result<()> {
         let bad = |k: &str, m: &str| Err(Error::Input(format!("learn.{k}: {m}")));
-        if !["full", "none"].contains(&self.dreambooth.as_str()) {
+        if !["full", "lora", "none"].contains(&self.dreambooth.as_str()) {
             return bad(
                 "dreambooth",
-                &format!("`{}` is not one of full, none (LoRA is not built yet)", self.dreambooth),
+                &format!("`{}` is not one of full, lora, none", self.dreambooth),
             );
+        }
+        if self.dreambooth == "lora" && self.lora_rank == 0 {
+            return bad("lora_rank", "must be at least 1");
         }
         if !["constant", "cosine"].contains(&self.lr_schedule.as_str()) {
             return bad("lr_schedule", "expected constant or cosine");
@@ -172,6 +197,9 @@ impl LearnConfig {
         }
         if !(0.0..1.0).contains(&self.adam_beta1) || !(0.0..1.0).contains(&self.adam_beta2) {
             return bad("adam_beta1", "β must be in [0, 1)");
+        }
+        if self.prior_preservation && self.class_images == 0 {
+            return bad("class_images", "prior preservation needs at least one class image");
         }
         if self.attn_layers.is_empty() && (self.lambda_reward != 0.0 || self.lambda_penalty != 0.0) {
             return bad("attn_layers", "no layers for a non-zero attention loss");

@@ -134,6 +134,9 @@ pub struct LearnRequest<'a> {
     pub seed: u64,
     /// Continue from this checkpoint.
     pub resume: Option<Checkpoint>,
+    /// Class images made earlier for the same model and `class_prompt` (prior preservation);
+    /// missing ones are generated. Image `i` is always generated from seed `i`.
+    pub class_images: Vec<image::RgbImage>,
 }
 
 /// Summary of a finished run.
@@ -233,8 +236,15 @@ impl<T> std::ops::Deref for ModelRef<'_, T> {
 /// (from a checkpoint) over the base ones.
 fn trainable_models<'a>(
     sd: &'a StableDiffusion,
+    cfg: &LearnConfig,
+    seed: u64,
     restore: &HashMap<String, Tensor>,
 ) -> Result<Models<'a>> {
+    let lora = (cfg.dreambooth == "lora").then(|| crate::model::weights::LoraConfig {
+        rank: cfg.lora_rank as usize,
+        seed,
+    });
+    let full = lora.is_none();
     let pick = |prefix: &str| -> Vec<(String, Tensor)> {
         restore
             .iter()
@@ -246,14 +256,16 @@ fn trainable_models<'a>(
         sd.dtype,
         &sd.device,
         pick("unet."),
-        true,
+        full,
+        lora.clone(),
     )?;
     let (te, te_w) = ClipTextModel::load_dir_with(
         &sd.root.join("text_encoder"),
         sd.dtype,
         &sd.device,
         pick("text_encoder."),
-        true,
+        full,
+        lora,
     )?;
     let mut trained: Vec<(String, Var)> = unet_w
         .vars()
@@ -315,6 +327,61 @@ fn init_rows(sd: &StableDiffusion, n: usize, init: &str) -> Result<Tensor> {
     Ok(sd.text_encoder.token_rows(&ids)?.contiguous()?)
 }
 
+/// Prior-preservation data: class images (as tensors), their prompt's ids, cached latents.
+struct ClassData {
+    images: Vec<Tensor>,
+    latents: Vec<Option<(Tensor, Tensor)>>,
+    ids: Tensor,
+}
+
+/// Makes sure `count` class images exist (reusing `given`, generating the rest with the base
+/// model) and reports each as the artifact `class/<i>.png`.
+fn class_data(
+    sd: &StableDiffusion,
+    tok: &ClipTokenizer,
+    cfg: &LearnConfig,
+    given: &[image::RgbImage],
+    uncond_ids: &Tensor,
+    sink: &mut dyn RunSink,
+) -> Result<ClassData> {
+    let dev = &sd.device;
+    let ids = Tensor::new(tok.encode(&cfg.class_prompt)?, dev)?.unsqueeze(0)?;
+    let size = sd.unet.config().sample_size;
+    let res = (size * sd.vae.config().factor()) as u32;
+    let sampler = Sampler {
+        text_encoder: &sd.text_encoder,
+        unet: &sd.unet,
+        vae: &sd.vae,
+        scheduler: &sd.scheduler,
+    };
+    let mut images = Vec::new();
+    let count = cfg.class_images as usize;
+    let reused = given.iter().filter(|g| g.dimensions() == (res, res)).count().min(count);
+    sink.log(&format!(
+        "prior preservation: {count} class image(s) of \"{}\", {reused} reused from the store, {} to generate",
+        cfg.class_prompt,
+        count - reused
+    ))?;
+    for i in 0..count {
+        let img = match given.get(i).filter(|g| g.dimensions() == (res, res)) {
+            Some(g) => g.clone(),
+            None => {
+                let latent = seeded_normal(&[1, sd.unet.config().in_channels, size, size], i as u64, dev)?
+                    .to_dtype(sd.dtype)?;
+                let t = sampler.generate(&ids, uncond_ids, None, &latent, cfg.class_image_steps as usize, 7.5)?;
+                tensor_to_rgb(&t)?
+            }
+        };
+        sink.artifact(&format!("class/{i}.png"), png_bytes(&img)?)?;
+        images.push(rgb_to_tensor(&img, dev)?);
+    }
+    Ok(ClassData {
+        latents: vec![None; images.len()],
+        images,
+        ids,
+    })
+}
+
 /// The tokenizer with `<v0>…<vN-1>` added, and their ids.
 pub fn tokenizer_with_placeholders(base: &ClipTokenizer, n: usize) -> Result<(ClipTokenizer, Vec<u32>)> {
     let mut tok = base.clone();
@@ -324,8 +391,10 @@ pub fn tokenizer_with_placeholders(base: &ClipTokenizer, n: usize) -> Result<(Cl
 }
 
 /// Runs the learning stage, reporting through `sink`. Artifacts: `embeddings`
-/// (safetensors, one [hidden] tensor per token), `weights` (phase B: fine-tuned UNet and text
-/// encoder tensors named `unet.…` / `text_encoder.…`), `attn/<vK>.png`, `preview.png`.
+/// (safetensors, one [hidden] tensor per token), `weights` (phase B full: fine-tuned UNet and
+/// text-encoder tensors named `unet.…` / `text_encoder.…`) or `lora` (phase B LoRA: adapters
+/// named `unet.<module>.lora_A.weight` / `lora_B.weight`, likewise for `text_encoder.`),
+/// `attn/<vK>.png`, `preview.png`, and with prior preservation `class/<i>.png`.
 pub fn run(req: LearnRequest, sink: &mut dyn RunSink) -> Result<LearnReport> {
     let started = Instant::now();
     let cfg = &req.config;
@@ -373,9 +442,11 @@ pub fn run(req: LearnRequest, sink: &mut dyn RunSink) -> Result<LearnReport> {
         trained: Vec::new(),
     };
     let mut in_phase_b = false;
+    let mut class: Option<ClassData> = None;
+    let uncond_ids = Tensor::new(tok.encode("")?, dev)?.unsqueeze(0)?;
     if let Some(c) = &resume {
         if c.step > embed_steps {
-            models = trainable_models(sd, &c.tensors)?;
+            models = trainable_models(sd, cfg, req.seed, &c.tensors)?;
             let mut vars = vec![("rows".to_string(), rows.clone())];
             vars.extend(models.trained.iter().cloned());
             opt = adam(vars)?;
@@ -396,7 +467,6 @@ pub fn run(req: LearnRequest, sink: &mut dyn RunSink) -> Result<LearnReport> {
         Ok(Checkpoint { step, tensors })
     };
 
-    let uncond_ids = Tensor::new(tok.encode("")?, dev)?.unsqueeze(0)?;
     let mut report = LearnReport::default();
     let mut prompt_cache: HashMap<Vec<usize>, (Tensor, Vec<usize>)> = HashMap::new();
     let latent_hw = |h: usize, w: usize| (h / sd.vae.config().factor(), w / sd.vae.config().factor());
@@ -418,12 +488,18 @@ pub fn run(req: LearnRequest, sink: &mut dyn RunSink) -> Result<LearnReport> {
         };
         if phase == Phase::DreamBooth && !in_phase_b {
             // Enter phase B: trainable copies of the UNet and text encoder, fresh optimiser.
-            sink.log("phase B: DreamBooth fine-tuning of the UNet and text encoder")?;
-            models = trainable_models(sd, &HashMap::new())?;
+            sink.log(&format!(
+                "phase B: DreamBooth ({}) of the UNet and text encoder",
+                cfg.dreambooth
+            ))?;
+            models = trainable_models(sd, cfg, req.seed, &HashMap::new())?;
             let mut vars = vec![("rows".to_string(), rows.clone())];
             vars.extend(models.trained.iter().cloned());
             opt = adam(vars)?;
             in_phase_b = true;
+        }
+        if phase == Phase::DreamBooth && cfg.prior_preservation && class.is_none() {
+            class = Some(class_data(sd, &tok, cfg, &req.class_images, &uncond_ids, sink)?);
         }
         let lr = match phase {
             Phase::DreamBooth => cfg.dreambooth_lr,
@@ -477,7 +553,38 @@ pub fn run(req: LearnRequest, sink: &mut dyn RunSink) -> Result<LearnReport> {
         let target = sd.scheduler.target(&z0, &noise, &[t])?;
 
         // ---- forward ----
-        let ehs = models.text_encoder.forward(&ids, Some(rows.as_tensor()))?;
+        // Prior preservation: a class sample rides along as batch item 1 with its own t.
+        let prior = match (&mut class, phase) {
+            (Some(cd), Phase::DreamBooth) => {
+                let ci = rng.random_range(0..cd.images.len());
+                let t_cls = rng.random_range(0..sd.scheduler.config().train_steps);
+                if cd.latents[ci].is_none() {
+                    cd.latents[ci] = Some(sd.vae.encode(&cd.images[ci].to_dtype(sd.dtype)?)?);
+                }
+                let (cm, cl) = cd.latents[ci].clone().expect("just set");
+                let cnoise = normal_tensor(&mut rng, cm.dims(), dev)?.to_dtype(sd.dtype)?;
+                let cz0 = if cfg.vae_sample {
+                    let e = normal_tensor(&mut rng, cm.dims(), dev)?;
+                    crate::model::Vae::sample(&cm, &cl, &e)?
+                } else {
+                    cm
+                };
+                let cz0 = (cz0 * sd.vae.config().scaling_factor)?;
+                let czt = sd.scheduler.add_noise(&cz0, &cnoise, &[t_cls])?;
+                let ctarget = sd.scheduler.target(&cz0, &cnoise, &[t_cls])?;
+                Some((czt, t_cls, ctarget, cd.ids.clone()))
+            }
+            _ => None,
+        };
+        let mut ehs = models.text_encoder.forward(&ids, Some(rows.as_tensor()))?;
+        let mut zt_in = zt.clone();
+        let mut t_in = vec![t as f32];
+        if let Some((czt, t_cls, _, cids)) = &prior {
+            let cehs = models.text_encoder.forward(cids, None)?;
+            ehs = Tensor::cat(&[&ehs, &cehs], 0)?;
+            zt_in = Tensor::cat(&[&zt, czt], 0)?;
+            t_in.push(*t_cls as f32);
+        }
         // Leak is measured on the attention-loss layers in every phase; phase B's penalty uses
         // its own layers.
         let loss_layers = match phase {
@@ -488,8 +595,9 @@ pub fn run(req: LearnRequest, sink: &mut dyn RunSink) -> Result<LearnReport> {
         let mut recorded = cfg.attn_layers.clone();
         recorded.extend(loss_layers.iter().cloned());
         let mut rec = ColumnRecorder::new(&recorded, &positions);
-        let tt = Tensor::new(&[t as f32], dev)?;
-        let eps = models.unet.forward_hooked(&zt, &tt, &ehs, Some(&mut rec))?;
+        let tt = Tensor::new(t_in, dev)?;
+        let eps_all = models.unet.forward_hooked(&zt_in, &tt, &ehs, Some(&mut rec))?;
+        let eps = eps_all.narrow(0, 0, 1)?;
 
         let masks = &scene.masks[usize::from(flipped)];
         let sel = Tensor::new(subset.iter().map(|&j| j as u32).collect::<Vec<_>>(), dev)?;
@@ -497,6 +605,14 @@ pub fn run(req: LearnRequest, sink: &mut dyn RunSink) -> Result<LearnReport> {
         let (lh, lw) = latent_hw(masks.dim(1)?, masks.dim(2)?);
         let rec_mask = resize_nearest_hw(&sel_masks.max_keepdim(0)?, lh, lw)?.to_dtype(sd.dtype)?;
         let l_rec = (losses::masked_rec_loss(&eps, &target, &rec_mask)? * cfg.lambda_rec)?;
+        let l_prior = match &prior {
+            Some((_, _, ctarget, _)) => {
+                let l = (eps_all.narrow(0, 1, 1)? - ctarget)?.sqr()?.mean_all()?;
+                sink.metric("loss/prior", step, l.to_dtype(DType::F64)?.to_scalar::<f64>()?)?;
+                Some((l * cfg.prior_weight)?)
+            }
+            None => None,
+        };
 
         let attn_active = t as u64 <= cfg.t_max_attn;
         let (weight, use_reward) = match phase {
@@ -541,10 +657,13 @@ pub fn run(req: LearnRequest, sink: &mut dyn RunSink) -> Result<LearnReport> {
             Some(s) => Some((s * weight)?),
             None => None,
         };
-        let loss = match &l_attn {
+        let mut loss = match &l_attn {
             Some(a) => (&l_rec + a)?,
             None => l_rec.clone(),
         };
+        if let Some(p) = &l_prior {
+            loss = (loss + p)?;
+        }
 
         // ---- update ----
         let grads = loss.backward()?;
@@ -643,8 +762,15 @@ fn write_outputs(
             .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
             .collect();
         let mut meta = BTreeMap::new();
-        meta.insert("format".into(), "mifo-finetuned-1".into());
-        sink.artifact("weights", safetensors_bytes(&w, meta)?)?;
+        let lora = cfg.dreambooth == "lora";
+        meta.insert(
+            "format".into(),
+            if lora { "mifo-lora-1" } else { "mifo-finetuned-1" }.into(),
+        );
+        if lora {
+            meta.insert("rank".into(), cfg.lora_rank.to_string());
+        }
+        sink.artifact(if lora { "lora" } else { "weights" }, safetensors_bytes(&w, meta)?)?;
     }
 
     // Final attention maps of each token over the input image (all tokens in one prompt).

@@ -10,10 +10,12 @@ use candle_core::{DType, Module, Tensor, D};
 use super::weights::Scope;
 use crate::error::Result;
 
-/// A linear layer `y = x Wᵀ + b` with weights from a [`Scope`].
+/// A linear layer `y = x Wᵀ + b` with weights from a [`Scope`], plus an optional LoRA
+/// adapter `scale · x Aᵀ Bᵀ` (see [`super::weights::LoraConfig`]).
 #[derive(Clone, Debug)]
 pub struct Linear {
     inner: candle_nn::Linear,
+    lora: Option<super::weights::LoraAdapter>,
 }
 
 impl Linear {
@@ -27,12 +29,21 @@ impl Linear {
         };
         Ok(Self {
             inner: candle_nn::Linear::new(w, b),
+            lora: s.lora_adapter(in_dim, out_dim)?,
         })
     }
 
     /// Applies the layer to the last dimension of `x`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.inner.forward(x)?)
+        let y = self.inner.forward(x)?;
+        match &self.lora {
+            None => Ok(y),
+            Some(l) => {
+                let down = x.broadcast_matmul(&l.a.t()?)?;
+                let up = down.broadcast_matmul(&l.b.t()?)?;
+                Ok((y + (up * l.scale)?)?)
+            }
+        }
     }
 
     /// The weight matrix [out, in].

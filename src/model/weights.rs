@@ -11,11 +11,40 @@ use candle_core::{DType, Device, Shape, Tensor, Var};
 
 use crate::error::{Error, Result};
 
+/// LoRA adapters on the attention projections: `W x + B A x` (alpha = rank, so the scale is
+/// 1 and stored adapters need no extra metadata), with A [rank, in] drawn N(0, 1/in) from a
+/// seed keyed by the layer name and B [out, rank] zero, so a fresh adapter changes nothing.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraConfig {
+    /// Adapter rank.
+    pub rank: usize,
+    /// Seed of A's initialisation.
+    pub seed: u64,
+}
+
+/// Module-name endings that receive LoRA adapters: UNet attention (`to_q`, `to_k`, `to_v`,
+/// `to_out.0`) and CLIP self-attention (`q_proj`, `k_proj`, `v_proj`, `out_proj`).
+pub const LORA_TARGETS: [&str; 8] = [
+    "to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj",
+];
+
+/// One LoRA adapter of a linear layer.
+#[derive(Clone, Debug)]
+pub struct LoraAdapter {
+    /// Down projection [rank, in].
+    pub a: Tensor,
+    /// Up projection [out, rank].
+    pub b: Tensor,
+    /// Output scale (1: alpha = rank).
+    pub scale: f64,
+}
+
 /// All tensors of one safetensors file (or of several shards of one component).
 pub struct WeightFile {
     path: PathBuf,
     tensors: HashMap<String, Tensor>,
     trainable: bool,
+    lora: Option<LoraConfig>,
     vars: RefCell<Vec<(String, Var)>>,
     synthetic: Option<Synthetic>,
 }
@@ -54,8 +83,78 @@ impl WeightFile {
             path: path.into(),
             tensors,
             trainable: false,
+            lora: None,
             vars: RefCell::new(Vec::new()),
             synthetic: None,
+        }
+    }
+
+    /// Adds fresh, trainable LoRA adapters to every target layer that has none in the file
+    /// (adapters already in the file, e.g. from a checkpoint, are trained from their values).
+    /// The base weights stay plain tensors unless [`WeightFile::set_trainable`] is also on.
+    pub fn set_lora(&mut self, lora: Option<LoraConfig>) {
+        self.lora = lora;
+    }
+
+    /// The adapter for the linear layer `module` ([out, in]): the file's `module.lora_A.weight`
+    /// / `lora_B.weight` when present (plain tensors, or Vars in LoRA training mode), a fresh
+    /// pair in LoRA training mode, else none.
+    pub fn lora_adapter(&self, module: &str, in_dim: usize, out_dim: usize) -> Result<Option<LoraAdapter>> {
+        let targeted = LORA_TARGETS.iter().any(|t| module.ends_with(&format!(".{t}")) || module == *t);
+        if !targeted {
+            return Ok(None);
+        }
+        let (ka, kb) = (format!("{module}.lora_A.weight"), format!("{module}.lora_B.weight"));
+        let stored = match (self.tensors.get(&ka), self.tensors.get(&kb)) {
+            (Some(a), Some(b)) => Some((a.clone(), b.clone())),
+            _ => None,
+        };
+        let (a, b) = match (stored, &self.lora) {
+            (None, None) => return Ok(None),
+            (Some((a, b)), _) => {
+                let rank = a.dim(0)?;
+                if a.dims() != [rank, in_dim] || b.dims() != [out_dim, rank] {
+                    return Err(Error::file(
+                        &self.path,
+                        format!("LoRA adapter `{module}` has shapes {:?}/{:?}, expected [r, {in_dim}]/[{out_dim}, r]", a.dims(), b.dims()),
+                    ));
+                }
+                (a, b)
+            }
+            (None, Some(cfg)) => {
+                use rand::SeedableRng;
+                use rand_distr::Distribution;
+                let key = blake3::hash(format!("{}:{module}", cfg.seed).as_bytes());
+                let mut rng = rand::rngs::StdRng::from_seed(*key.as_bytes());
+                let normal = rand_distr::Normal::new(0.0, 1.0 / (in_dim as f64).sqrt())
+                    .map_err(|e| Error::Config(format!("lora init: {e}")))?;
+                let data: Vec<f64> = (0..cfg.rank * in_dim).map(|_| normal.sample(&mut rng)).collect();
+                let proto = self.tensors.values().next();
+                let (dtype, device) = match proto {
+                    Some(t) => (t.dtype(), t.device().clone()),
+                    None => (DType::F32, Device::Cpu),
+                };
+                let a = Tensor::from_vec(data, (cfg.rank, in_dim), &Device::Cpu)?
+                    .to_dtype(dtype)?
+                    .to_device(&device)?;
+                let b = Tensor::zeros((out_dim, cfg.rank), dtype, &device)?;
+                (a, b)
+            }
+        };
+        let scale = 1.0;
+        if self.lora.is_some() {
+            let (va, vb) = (Var::from_tensor(&a)?, Var::from_tensor(&b)?);
+            let out = LoraAdapter {
+                a: va.as_tensor().clone(),
+                b: vb.as_tensor().clone(),
+                scale,
+            };
+            let mut vars = self.vars.borrow_mut();
+            vars.push((ka, va));
+            vars.push((kb, vb));
+            Ok(Some(out))
+        } else {
+            Ok(Some(LoraAdapter { a, b, scale }))
         }
     }
 
@@ -188,6 +287,12 @@ impl Scope {
     /// The tensor `name` under this scope, checked against `shape`.
     pub fn get(&self, name: &str, shape: impl Into<Shape>) -> Result<Tensor> {
         self.file.get(&self.full(name), shape)
+    }
+
+    /// The LoRA adapter of the linear layer at this scope, if any (see
+    /// [`WeightFile::lora_adapter`]).
+    pub fn lora_adapter(&self, in_dim: usize, out_dim: usize) -> Result<Option<LoraAdapter>> {
+        self.file.lora_adapter(&self.prefix, in_dim, out_dim)
     }
 
     /// Whether `name` exists under this scope.

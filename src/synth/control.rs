@@ -517,7 +517,8 @@ impl<'a> ControlHook<'a> {
         let fg = (per_row.narrow(0, 0, s)? * &keys)?.sum(1)?;
         let bg_row = per_row.narrow(0, s, 1)?.broadcast_as(keys.shape())?;
         let bg = (bg_row * &keys)?.sum(1)?;
-        Ok((fg.to_dtype(DType::F32)?, bg.to_dtype(DType::F32)?))
+        let dt = loss_dtype(probs.dtype());
+        Ok((fg.to_dtype(dt)?, bg.to_dtype(dt)?))
     }
 
     /// Whether any loss term was collected in the current guidance pass.
@@ -526,7 +527,7 @@ impl<'a> ControlHook<'a> {
     }
 
     /// The latent-optimisation loss of the current guidance pass with penalty weight `alpha`
-    /// (a scalar f32 tensor on the graph).
+    /// (a scalar tensor on the graph; f32, or f64 for f64 models).
     pub fn loss(&self, alpha: f64) -> Result<Tensor> {
         let term = |terms: &[(Tensor, Tensor)]| -> Result<Option<Tensor>> {
             if terms.is_empty() {
@@ -541,7 +542,13 @@ impl<'a> ControlHook<'a> {
             let penalty = (bg + 1.0)?.log()?;
             Ok(Some((reward + (penalty * alpha)?)?.sum_all()?))
         };
-        let mut total = Tensor::zeros((), DType::F32, &self.device)?;
+        let dt = self
+            .ca_terms
+            .iter()
+            .chain(&self.sa_terms)
+            .next()
+            .map_or(DType::F32, |t| t.0.dtype());
+        let mut total = Tensor::zeros((), dt, &self.device)?;
         if let Some(ca) = term(&self.ca_terms)? {
             total = (total + (ca * self.config.lambda_ca)?)?;
         }
@@ -581,12 +588,12 @@ impl<'a> ControlHook<'a> {
             };
             if want_cross_leak {
                 let boxes = self.box_masks(h, w);
-                for si in 0..s {
+                for (si, bx) in boxes.iter().enumerate() {
                     let map = token_map(si);
                     let total: f64 = map.iter().sum();
                     let outside: f64 = map
                         .iter()
-                        .zip(&boxes[si])
+                        .zip(bx)
                         .filter(|(_, b)| !**b)
                         .map(|(v, _)| v)
                         .sum();
@@ -682,7 +689,12 @@ impl AttentionHook for ControlHook<'_> {
                 call.path, call.batch, self.pass
             )));
         }
-        let key = (call.kind, call.height, call.width, self.pass);
+        // The self-attention mask is the same in both passes.
+        let pass_key = match call.kind {
+            AttnKind::SelfAttn => Pass::Normal,
+            AttnKind::CrossAttn => self.pass,
+        };
+        let key = (call.kind, call.height, call.width, pass_key);
         if let Some(t) = self.bias_cache.get(&key) {
             return Ok(Some(t.clone()));
         }
@@ -718,6 +730,15 @@ impl AttentionHook for ControlHook<'_> {
             }
             Pass::Normal => self.record_normal(call, probs),
         }
+    }
+}
+
+/// The dtype the loss is computed in: f64 for f64 models, else f32.
+fn loss_dtype(probs: DType) -> DType {
+    if probs == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
     }
 }
 

@@ -469,7 +469,7 @@ fn run_sample(
         let refine_now = control
             && cfg.refine
             && i >= cfg.guided_steps
-            && (i - cfg.guided_steps) % cfg.refine_every == 0;
+            && (i - cfg.guided_steps).is_multiple_of(cfg.refine_every);
         if refine_now {
             if let (Some((self_map, cross_map)), Some(size)) = (hook.maps.means(), hook.maps.size) {
                 let boxes = hook.box_masks(size.0, size.1);
