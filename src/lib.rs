@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod engine;
 pub mod error;
 pub mod learn;
 pub mod imageio;
@@ -11,5 +12,6 @@ pub mod model;
 pub mod sink;
 pub mod store;
 pub mod synth;
+pub mod tui;
 
 pub use error::{Error, Result};

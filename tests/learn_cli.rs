@@ -3,7 +3,7 @@
 //! errors that leave the store untouched.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use image::{GrayImage, Luma, Rgb, RgbImage};
@@ -21,6 +21,7 @@ fn tmp(name: &str) -> PathBuf {
 
 fn mifo(store: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_mifo"))
+        .env("MIFO_ENGINE_IDLE", "3")
         .arg("--store")
         .arg(store)
         .args(args)
@@ -90,25 +91,24 @@ fn resume_after_kill_matches_the_uninterrupted_run() {
     ];
     let mut args: Vec<&str> = vec!["learn", "--scene", "fixtures/scenes/coins", "--model", "fixtures/tiny-sd21", "--seed", "3"];
     args.extend(long);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mifo"))
-        .arg("--store")
-        .arg(&store)
-        .args(&args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_secs(5));
-    let finished_early = child.try_wait().unwrap().is_some();
-    child.kill().ok(); // SIGKILL
-    child.wait().unwrap();
+    // Queue the run in the engine, let it work a few seconds, then kill -9 the engine.
+    let mut detached = args.clone();
+    detached.push("--detach");
+    let out = mifo(&store, &detached);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::thread::sleep(Duration::from_secs(4));
+    let status = json(&mifo(&store, &["engine", "status", "--json"]));
+    let pid = status["pid"].as_u64().expect("engine pid");
+    let finished_early = status["running"].is_null() && status["queue"].as_array().is_some_and(|q| q.is_empty());
+    Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
 
     let ls = json(&mifo(&store, &["runs", "ls", "--json"]));
     let runs = ls.as_array().or_else(|| ls["runs"].as_array()).expect("runs list").clone();
     assert_eq!(runs.len(), 1);
     let id = runs[0]["id"].as_str().unwrap().to_string();
     if !finished_early {
-        assert_ne!(runs[0]["status"], "done", "the run was killed before it could finish");
+        assert_eq!(runs[0]["status"], "interrupted", "a run whose engine was killed must show as interrupted");
         let resumed = json(&mifo(&store, &["learn", "--resume", &id[..8], "--model", "fixtures/tiny-sd21", "--json"]));
         assert_eq!(resumed["status"], "done");
     }

@@ -1,14 +1,13 @@
 //! `mifo learn`: learn one placeholder token per mask from one image.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 
 use clap::Args;
 
 use crate::config::{apply_overrides, apply_toml_file, check_sections, parse_override};
-use crate::jobs::learn::{launch, resume, LearnJob, RunOptions};
+use crate::engine::Request;
+use crate::jobs::learn::LearnJob;
 use crate::learn::{scene_files, LearnConfig, SceneFiles};
-use crate::store::Store;
 
 /// Arguments of `mifo learn`.
 #[derive(Args, Debug)]
@@ -56,6 +55,9 @@ pub struct LearnArgs {
     /// Print the finished run's record as one JSON document (like `runs show --json`).
     #[arg(long)]
     pub json: bool,
+    /// Queue the run and return at once with its id (it runs in the engine).
+    #[arg(long)]
+    pub detach: bool,
 }
 
 /// Resolves the config: preset, then --config, then --set.
@@ -75,93 +77,69 @@ pub fn resolve_config(args: &LearnArgs) -> anyhow::Result<LearnConfig> {
     Ok(cfg)
 }
 
-/// First Ctrl-C: stop after the current step (checkpoint kept, run marked cancelled).
-/// Second Ctrl-C: quit at once (the run is marked interrupted next time the store opens).
-pub fn install_ctrl_c(opts: &RunOptions) {
-    let stop = opts.stop.clone();
-    let _ = ctrlc::set_handler(move || {
-        if stop.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-        eprintln!("\nstopping after this step (the checkpoint is kept); Ctrl-C again quits now");
-    });
-}
-
-/// Runs `mifo learn`.
+/// Runs `mifo learn`: validates locally what needs no model, submits the job to the engine
+/// (which validates the rest and queues it), then follows it unless `--detach`.
 pub fn run(args: LearnArgs, store_dir: &Path) -> anyhow::Result<()> {
-    let opts = RunOptions {
-        progress_bar: std::io::IsTerminal::is_terminal(&std::io::stderr()) && !args.json,
-        ..Default::default()
-    };
-    if let Some(prefix) = &args.resume {
+    let request = if let Some(prefix) = &args.resume {
         let model = crate::jobs::model_dir(args.model.clone())?;
-        let store = Store::open(store_dir)?;
-        install_ctrl_c(&opts);
-        let record = resume(&store, prefix, &model, &args.device, &opts)?;
-        return finish(&store, &record.id, args.json);
-    }
-    let config = resolve_config(&args)?;
-    let model = crate::jobs::model_dir(args.model.clone())?;
-    let (files, scene_dir) = match (&args.scene, &args.image) {
-        (Some(dir), _) => (scene_files(dir)?, Some(dir.clone())),
-        (None, Some(image)) => (
-            SceneFiles {
-                image: image.clone(),
-                masks: args.mask.clone(),
-            },
-            None,
-        ),
-        (None, None) => anyhow::bail!("give --scene DIR, or --image IMG with one --mask per instance"),
-    };
-    for p in std::iter::once(&files.image).chain(&files.masks) {
-        if !p.is_file() {
-            anyhow::bail!("{}: no such file", p.display());
+        let model = std::fs::canonicalize(&model).unwrap_or(model);
+        Request::ResumeLearn {
+            run: prefix.clone(),
+            model,
+            device: args.device.clone(),
         }
-    }
-    let seed = args.seed.unwrap_or_else(|| u64::from(rand::random::<u32>()));
-    let job = LearnJob {
-        model,
-        files,
-        scene_dir,
-        preset: args.preset.clone(),
-        config,
-        seed,
-        device: args.device.clone(),
-        dtype: args.dtype.clone(),
-        allow_overlap: args.allow_overlap,
-        rerun: args.rerun,
-    };
-    if !args.json {
-        eprintln!(
-            "learning {} instance(s) with preset {} and seed {} ({} steps)",
-            job.files.masks.len(),
-            job.preset,
-            job.seed,
-            job.config.total_steps()
-        );
-    }
-    let store = Store::create(store_dir)?;
-    install_ctrl_c(&opts);
-    let record = launch(&store, &job, &opts)?;
-    finish(&store, &record.id, args.json)
-}
-
-fn finish(store: &Store, id: &crate::store::RunId, json: bool) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
-    if json {
-        crate::cli::runs::write_show(store, id, true, &mut out)?;
     } else {
-        let record = store.get_run(id)?;
-        eprintln!(
-            "run {} {} in store {}",
-            record.id,
-            record.status.as_str(),
-            store.root().display()
-        );
-        for (name, hash) in &record.outputs {
-            eprintln!("  {name:<16} {}", hash.short(12));
+        let config = resolve_config(&args)?;
+        let model = crate::jobs::model_dir(args.model.clone())?;
+        let (files, scene_dir) = match (&args.scene, &args.image) {
+            (Some(dir), _) => (scene_files(dir)?, Some(dir.clone())),
+            (None, Some(image)) => (
+                SceneFiles {
+                    image: image.clone(),
+                    masks: args.mask.clone(),
+                },
+                None,
+            ),
+            (None, None) => {
+                anyhow::bail!("give --scene DIR, or --image IMG with one --mask per instance")
+            }
+        };
+        for p in std::iter::once(&files.image).chain(&files.masks) {
+            if !p.is_file() {
+                anyhow::bail!("{}: no such file", p.display());
+            }
         }
-        eprintln!("see it with: mifo runs show {}", record.id.as_str());
-    }
-    Ok(())
+        // The engine may run in another directory: send absolute paths.
+        let abs = |p: &PathBuf| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
+        let files = SceneFiles {
+            image: abs(&files.image),
+            masks: files.masks.iter().map(abs).collect(),
+        };
+        let seed = args
+            .seed
+            .unwrap_or_else(|| u64::from(rand::random::<u32>()));
+        let job = LearnJob {
+            model: abs(&model),
+            files,
+            scene_dir: scene_dir.map(|d| abs(&d)),
+            preset: args.preset.clone(),
+            config,
+            seed,
+            device: args.device.clone(),
+            dtype: args.dtype.clone(),
+            allow_overlap: args.allow_overlap,
+            rerun: args.rerun,
+        };
+        if !args.json {
+            eprintln!(
+                "learning {} instance(s) with preset {}, seed {}, {} steps",
+                job.files.masks.len(),
+                job.preset,
+                job.seed,
+                job.config.total_steps()
+            );
+        }
+        Request::SubmitLearn(Box::new(job))
+    };
+    crate::cli::engine::submit_and_follow(store_dir, &request, args.json, args.detach)
 }

@@ -1,8 +1,10 @@
 //! Command line: clap definitions and dispatch. Library errors become one-line messages here.
 
+pub mod engine;
 pub mod learn;
 mod model;
 pub mod runs;
+pub mod synth;
 
 use std::path::PathBuf;
 
@@ -26,12 +28,17 @@ pub struct Cli {
 pub enum Command {
     /// Learn one placeholder token <vK> per instance mask from one image (paper Algorithm 1).
     Learn(Box<learn::LearnArgs>),
+    /// Draw learned instances into a new scene, each in its box (paper Algorithm 2).
+    Synth(Box<synth::SynthArgs>),
     /// List, inspect, compare, export and maintain stored runs.
     #[command(subcommand)]
     Runs(runs::RunsCommand),
     /// Inspect and check Stable Diffusion model folders.
     #[command(subcommand)]
     Model(model::ModelCommand),
+    /// The background process that owns the store and runs the jobs.
+    #[command(subcommand)]
+    Engine(engine::EngineCommand),
 }
 
 /// Entry point called by `main.rs`.
@@ -39,7 +46,9 @@ pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Learn(args) => learn::run(*args, &cli.store),
-        Command::Runs(cmd) => runs::run(cmd, &cli.store),
+        Command::Synth(args) => synth::run(*args, &cli.store),
+        Command::Runs(cmd) => engine::runs(cmd, &cli.store),
         Command::Model(cmd) => model::run(cmd),
+        Command::Engine(cmd) => engine::run(cmd, &cli.store),
     }
 }

@@ -196,6 +196,12 @@ pub fn run_with(
     console: &mut Console<'_>,
 ) -> anyhow::Result<()> {
     let store = Store::open(store_dir)?;
+    run_on(cmd, &store, console)
+}
+
+/// Runs `cmd` on an already open store (the engine executes `runs` commands this way).
+pub fn run_on(cmd: RunsCommand, store: &Store, console: &mut Console<'_>) -> anyhow::Result<()> {
+    let store = store.clone();
     match cmd {
         RunsCommand::Ls {
             kind,
@@ -331,7 +337,7 @@ pub fn run_with(
                 bail!(
                     "store check found {} problems in {}",
                     report.problems.len(),
-                    store_dir.display()
+                    store.root().display()
                 );
             }
         }
@@ -678,17 +684,23 @@ fn show_image(store: &Store, id: &RunId, name: &str) -> anyhow::Result<()> {
         );
     };
     let bytes = store.read_blob(hash)?;
+    print_png(&bytes, &format!("output '{name}' of run {id}"))
+}
+
+/// Prints PNG bytes in the terminal with viuer (kitty / iTerm2 / blocks); `what` names the
+/// image in errors.
+pub fn print_png(bytes: &[u8], what: &str) -> anyhow::Result<()> {
     if !bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
-        bail!("output '{name}' of run {id} is not a PNG image");
+        bail!("{what} is not a PNG image");
     }
-    let image = image::load_from_memory_with_format(&bytes, image::ImageFormat::Png)
-        .with_context(|| format!("output '{name}' of run {id}: PNG cannot be decoded"))?;
+    let image = image::load_from_memory_with_format(bytes, image::ImageFormat::Png)
+        .with_context(|| format!("{what}: PNG cannot be decoded"))?;
     let config = viuer::Config {
         absolute_offset: false,
         restore_cursor: false,
         ..viuer::Config::default()
     };
-    viuer::print(&image, &config).map_err(|e| anyhow::anyhow!("printing output '{name}': {e}"))?;
+    viuer::print(&image, &config).map_err(|e| anyhow::anyhow!("printing {what}: {e}"))?;
     Ok(())
 }
 

@@ -1,13 +1,15 @@
-//! Launching and resuming learning runs against the store.
+//! Learning runs against the store: [`prepare`] validates a job and records it as queued
+//! (nothing is written when validation fails); [`start`] loads the model and runs it;
+//! [`resume`] continues an interrupted run from its checkpoint.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use candle_core::DType;
 
-use super::sink::{StoreSink, CHECKPOINT_OUTPUT};
+use super::sink::{Observer, StoreSink, CHECKPOINT_OUTPUT};
 use crate::error::{Error, Result};
 use crate::learn::{self, Checkpoint, LearnConfig, LearnRequest, SceneFiles};
 use crate::model::{check_dtype_device, parse_device, parse_dtype, StableDiffusion};
@@ -17,7 +19,7 @@ use crate::store::{
 };
 
 /// Everything that defines a learning run, as the user asked for it.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct LearnJob {
     /// Diffusers model folder.
     pub model: PathBuf,
@@ -41,13 +43,18 @@ pub struct LearnJob {
     pub rerun: bool,
 }
 
-/// Options of an in-process run.
-#[derive(Clone, Debug, Default)]
+/// How a run is executed.
+#[derive(Clone, Default)]
 pub struct RunOptions {
-    /// Draw a progress bar on stderr.
+    /// Draw a progress bar on stderr (in-process runs from a terminal).
     pub progress_bar: bool,
-    /// Set to stop at the next step (checkpoint kept, run marked cancelled).
+    /// Cancel: stop at the next step, keep the checkpoint, mark the run `cancelled`.
     pub stop: Arc<AtomicBool>,
+    /// Shut down: stop at the next step, keep the checkpoint, leave the run to be marked
+    /// `interrupted` (resumable) when the store is next opened.
+    pub shutdown: Arc<AtomicBool>,
+    /// Receives every metric, log line, progress report and output.
+    pub observer: Option<Observer>,
 }
 
 /// The spec's config document: preset, dtype and the resolved `learn` table.
@@ -59,21 +66,18 @@ fn spec_config(preset: &str, dtype: &str, cfg: &LearnConfig) -> Result<serde_jso
     }))
 }
 
-fn model_resolution(sd: &StableDiffusion) -> u32 {
-    (sd.unet.config().sample_size * sd.vae.config().factor()) as u32
-}
-
-/// Validates everything, records a queued run, runs it to the end and returns its record.
+/// Validates the job (config, device, model configs, scene) and records it as a queued run.
 /// Nothing is written to the store when validation fails.
-pub fn launch(store: &Store, job: &LearnJob, opts: &RunOptions) -> Result<RunRecord> {
+pub fn prepare(store: &Store, job: &LearnJob) -> Result<RunRecord> {
     job.config.validate()?;
+    LearnConfig::preset(&job.preset)?;
     let device = parse_device(&job.device)?;
     let dtype = parse_dtype(&job.dtype)?;
     check_dtype_device(dtype, &device)?;
-    let sd = StableDiffusion::load(&job.model, dtype, &device)?;
-    let scene = learn::load_scene(&job.files, model_resolution(&sd), job.allow_overlap)?;
-    if let Some(init) = Some(job.config.init.as_str()).filter(|i| *i != "mean") {
-        let words = init.split(',').count();
+    let resolution = crate::model::loader::resolution(&job.model)?;
+    let scene = learn::load_scene(&job.files, resolution, job.allow_overlap)?;
+    if job.config.init != "mean" {
+        let words = job.config.init.split(',').count();
         if words != scene.masks.len() {
             return Err(Error::Input(format!(
                 "learn.init: {words} words for {} masks (one word per mask, or `mean`)",
@@ -81,14 +85,16 @@ pub fn launch(store: &Store, job: &LearnJob, opts: &RunOptions) -> Result<RunRec
             )));
         }
     }
-
-    // Inputs go in as blobs (content-addressed: re-putting a file is free).
+    // Hash the inputs before writing anything, so a refused re-run stores nothing.
     let mut inputs = BTreeMap::new();
-    inputs.insert("image".to_string(), store.put_blob_file(&job.files.image)?);
+    let hash_file = |p: &Path| -> Result<crate::store::BlobHash> {
+        let bytes = std::fs::read(p).map_err(|e| Error::io(p, e))?;
+        Ok(crate::store::Digest::of(&bytes))
+    };
+    inputs.insert("image".to_string(), hash_file(&job.files.image)?);
     for (i, m) in job.files.masks.iter().enumerate() {
-        inputs.insert(format!("mask{i}"), store.put_blob_file(m)?);
+        inputs.insert(format!("mask{i}"), hash_file(m)?);
     }
-    let defaults = LearnConfig::preset(&job.preset)?;
     let spec = RunSpec {
         kind: RunKind::Learn,
         config: spec_config(&job.preset, &job.dtype, &job.config)?,
@@ -109,27 +115,70 @@ pub fn launch(store: &Store, job: &LearnJob, opts: &RunOptions) -> Result<RunRec
         (Some(r), true) => Some(r.id.clone()),
         (None, _) => None,
     };
-    let deltas = config_deltas(&defaults, &job.config);
-    let record = store.create_run(
+    store.put_blob_file(&job.files.image)?;
+    for m in &job.files.masks {
+        store.put_blob_file(m)?;
+    }
+    let defaults = LearnConfig::preset(&job.preset)?;
+    Ok(store.create_run(
         &spec,
         NewRun {
             scene: Some(super::scene_label(&job.files.image, job.scene_dir.as_deref())),
-            config_deltas: deltas,
+            config_deltas: config_deltas(&defaults, &job.config),
             rerun_of,
         },
-    )?;
-    let id = record.id.clone();
-    store.start_run(&id, &host_name(), &job.device)?;
-    execute(store, &id, &sd, &scene, job.config.clone(), job.seed, None, &job.model, opts)
+    )?)
+}
+
+/// Starts the queued run `id` (made by [`prepare`] from `job`) and runs it to the end.
+pub fn start(store: &Store, id: &RunId, job: &LearnJob, opts: &RunOptions) -> Result<RunRecord> {
+    start_with_hook(store, id, job, opts, &|| {})
+}
+
+/// [`start`], calling `on_started` once the run is marked running.
+pub fn start_with_hook(
+    store: &Store,
+    id: &RunId,
+    job: &LearnJob,
+    opts: &RunOptions,
+    on_started: &dyn Fn(),
+) -> Result<RunRecord> {
+    store.start_run(id, &host_name(), &job.device)?;
+    on_started();
+    let loaded = (|| {
+        let device = parse_device(&job.device)?;
+        let dtype = parse_dtype(&job.dtype)?;
+        let sd = StableDiffusion::load(&job.model, dtype, &device)?;
+        let scene = learn::load_scene(&job.files, model_resolution(&sd), job.allow_overlap)?;
+        Ok::<_, Error>((sd, scene))
+    })();
+    let (sd, scene) = match loaded {
+        Ok(v) => v,
+        Err(e) => {
+            store.finish_run(id, RunOutcome::Failed(e.to_string()))?;
+            return Err(e);
+        }
+    };
+    execute(store, id, &sd, &scene, job.config.clone(), job.seed, None, &job.model, opts)
+}
+
+/// [`prepare`] then [`start`].
+pub fn launch(store: &Store, job: &LearnJob, opts: &RunOptions) -> Result<RunRecord> {
+    let record = prepare(store, job)?;
+    start(store, &record.id, job, opts)
+}
+
+fn model_resolution(sd: &StableDiffusion) -> u32 {
+    (sd.unet.config().sample_size * sd.vae.config().factor()) as u32
 }
 
 /// `key=value` strings of the config keys that differ from the preset.
 pub fn config_deltas(defaults: &LearnConfig, cfg: &LearnConfig) -> Vec<(String, String)> {
-    let b = serde_json::to_value(cfg).unwrap_or_default();
+    let values = serde_json::to_value(cfg).unwrap_or_default();
     crate::config::changed_keys(defaults, cfg)
         .into_iter()
         .map(|k| {
-            let v = b.get(&k).map(|v| v.to_string()).unwrap_or_default();
+            let v = values.get(&k).map(|v| v.to_string()).unwrap_or_default();
             (format!("learn.{k}"), v)
         })
         .collect()
@@ -147,19 +196,30 @@ fn execute(
     model: &Path,
     opts: &RunOptions,
 ) -> Result<RunRecord> {
+    use crate::sink::RunSink;
     let needs_class = config.prior_preservation && config.dreambooth != "none";
     let class_key = (
         config.class_prompt.clone(),
         config.class_image_steps,
         config.class_images,
     );
-    let mut sink = StoreSink::new(store.clone(), id.clone(), opts.progress_bar, opts.stop.clone());
-    use crate::sink::RunSink;
+    let mut sink = StoreSink::new(
+        store.clone(),
+        id.clone(),
+        opts.progress_bar,
+        vec![opts.stop.clone(), opts.shutdown.clone()],
+    )
+    .with_observer(opts.observer.clone());
     sink.log(&format!(
         "learn {} instances, model {}, seed {seed}",
         scene.masks.len(),
         model.display()
     ))?;
+    let class_images = if needs_class {
+        cached_class_images(store, sd, model, &class_key)?
+    } else {
+        Vec::new()
+    };
     let result = learn::run(
         LearnRequest {
             sd,
@@ -167,15 +227,18 @@ fn execute(
             config,
             seed,
             resume,
-            class_images: if needs_class {
-                cached_class_images(store, sd, model, &class_key)?
-            } else {
-                Vec::new()
-            },
+            class_images,
         },
         &mut sink,
     );
     sink.finish();
+    if opts.shutdown.load(Ordering::SeqCst) && result.as_ref().is_ok_and(|r| r.cancelled) {
+        // Engine shutdown: the checkpoint is stored; the run stays `running` in this store
+        // handle and is marked `interrupted` (resumable) when the store is next opened.
+        store.flush_metrics(id)?;
+        store.flush()?;
+        return Ok(store.get_run(id)?);
+    }
     let outcome = match &result {
         Ok(r) if r.cancelled => RunOutcome::Cancelled,
         Ok(_) => RunOutcome::Done,
@@ -186,14 +249,16 @@ fn execute(
     Ok(record)
 }
 
-/// Continues an interrupted learning run from its last checkpoint. The model folder must
-/// hold the same weights as when the run started (its fingerprint is checked).
-pub fn resume(store: &Store, prefix: &str, model: &Path, device: &str, opts: &RunOptions) -> Result<RunRecord> {
-    store.mark_stale_running_interrupted()?;
+/// Checks that `prefix` names an interrupted learning run and that `model` holds the weights
+/// it started with; returns its id.
+pub fn check_resumable(store: &Store, prefix: &str, model: &Path) -> Result<RunId> {
     let id = store.resolve(prefix)?;
     let record = store.get_run(&id)?;
     if record.kind != RunKind::Learn {
-        return Err(Error::Input(format!("run {id} is a {} run, not a learning run", record.kind.as_str())));
+        return Err(Error::Input(format!(
+            "run {id} is a {} run, not a learning run",
+            record.kind.as_str()
+        )));
     }
     if record.status != RunStatus::Interrupted {
         return Err(Error::Input(format!(
@@ -202,16 +267,41 @@ pub fn resume(store: &Store, prefix: &str, model: &Path, device: &str, opts: &Ru
         )));
     }
     let spec = store.spec(&record.spec_hash)?;
-    let fingerprint = store.model_fingerprint(model)?;
-    if fingerprint != spec.model_fingerprint {
+    if store.model_fingerprint(model)? != spec.model_fingerprint {
         return Err(Error::file(
             model,
             format!("these are not the weights run {id} started with (fingerprint differs)"),
         ));
     }
-    let dtype_name = spec.config.get("dtype").and_then(|v| v.as_str()).unwrap_or("f32").to_string();
-    let config: LearnConfig = serde_json::from_value(spec.config.get("learn").cloned().unwrap_or_default())
-        .map_err(|e| Error::Input(format!("run {id}: stored config does not parse ({e})")))?;
+    Ok(id)
+}
+
+/// Continues the interrupted learning run `id` from its last checkpoint (see
+/// [`check_resumable`]).
+pub fn resume(store: &Store, id: &RunId, model: &Path, device: &str, opts: &RunOptions) -> Result<RunRecord> {
+    resume_with_hook(store, id, model, device, opts, &|| {})
+}
+
+/// [`resume`], calling `on_started` once the run is marked running again.
+pub fn resume_with_hook(
+    store: &Store,
+    id: &RunId,
+    model: &Path,
+    device: &str,
+    opts: &RunOptions,
+    on_started: &dyn Fn(),
+) -> Result<RunRecord> {
+    let record = store.get_run(id)?;
+    let spec = store.spec(&record.spec_hash)?;
+    let dtype_name = spec
+        .config
+        .get("dtype")
+        .and_then(|v| v.as_str())
+        .unwrap_or("f32")
+        .to_string();
+    let config: LearnConfig =
+        serde_json::from_value(spec.config.get("learn").cloned().unwrap_or_default())
+            .map_err(|e| Error::Input(format!("run {id}: stored config does not parse ({e})")))?;
     let dev = parse_device(device)?;
     let dtype: DType = parse_dtype(&dtype_name)?;
     check_dtype_device(dtype, &dev)?;
@@ -226,19 +316,22 @@ pub fn resume(store: &Store, prefix: &str, model: &Path, device: &str, opts: &Ru
     let mask_count = spec.inputs.keys().filter(|k| k.starts_with("mask")).count();
     let files = SceneFiles {
         image: blob("image")?,
-        masks: (0..mask_count).map(|i| blob(&format!("mask{i}"))).collect::<Result<_>>()?,
+        masks: (0..mask_count)
+            .map(|i| blob(&format!("mask{i}")))
+            .collect::<Result<_>>()?,
     };
     let scene = learn::load_scene(&files, model_resolution(&sd), true)?;
     let checkpoint = match record.outputs.get(CHECKPOINT_OUTPUT) {
         Some(h) => Some(Checkpoint::from_bytes(&store.read_blob(h)?, &dev)?),
         None => None,
     };
-    store.resume_run(&id, &host_name(), device)?;
-    execute(store, &id, &sd, &scene, config, spec.seed, checkpoint, model, opts)
+    store.resume_run(id, &host_name(), device)?;
+    on_started();
+    execute(store, id, &sd, &scene, config, spec.seed, checkpoint, model, opts)
 }
 
 /// Class images already in the store for this model and class prompt: the `class/<i>.png`
-/// outputs of finished learning runs with the same model fingerprint, class prompt and
+/// outputs of finished learning runs with the same model fingerprint, dtype, class prompt and
 /// generation steps (image `i` is always generated from seed `i`, so any run's image `i` will
 /// do).
 fn cached_class_images(
@@ -257,17 +350,21 @@ fn cached_class_images(
         let spec = store.spec(&record.spec_hash)?;
         let learn = spec.config.get("learn");
         let same = spec.model_fingerprint == fingerprint
-            && learn.and_then(|l| l.get("class_prompt")).and_then(|v| v.as_str()) == Some(prompt.as_str())
-            && learn.and_then(|l| l.get("class_image_steps")).and_then(|v| v.as_u64()) == Some(*steps)
+            && learn.and_then(|l| l.get("class_prompt")).and_then(|v| v.as_str())
+                == Some(prompt.as_str())
+            && learn.and_then(|l| l.get("class_image_steps")).and_then(|v| v.as_u64())
+                == Some(*steps)
             && spec.config.get("dtype").and_then(|v| v.as_str()) == Some(dtype_name(sd.dtype));
         if !same {
             continue;
         }
         for (name, hash) in &record.outputs {
-            if let Some(i) = name.strip_prefix("class/").and_then(|r| r.strip_suffix(".png")).and_then(|i| i.parse::<usize>().ok()) {
-                if (i as u64) < *count {
-                    found.entry(i).or_insert_with(|| hash.clone());
-                }
+            let index = name
+                .strip_prefix("class/")
+                .and_then(|r| r.strip_suffix(".png"))
+                .and_then(|i| i.parse::<usize>().ok());
+            if let Some(i) = index.filter(|&i| (i as u64) < *count) {
+                found.entry(i).or_insert_with(|| hash.clone());
             }
         }
     }

@@ -3,6 +3,7 @@
 
 pub mod learn;
 pub mod sink;
+pub mod synth;
 
 use std::path::{Path, PathBuf};
 

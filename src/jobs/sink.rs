@@ -12,17 +12,51 @@ use crate::store::{RunId, Store};
 /// Name of the output that holds the latest checkpoint.
 pub const CHECKPOINT_OUTPUT: &str = "checkpoint";
 
+/// Something that happened in a run, as seen by observers (the engine's event stream).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum SinkEvent {
+    /// A metric point.
+    Metric {
+        /// Series name.
+        name: String,
+        /// Step.
+        step: u64,
+        /// Value.
+        value: f64,
+    },
+    /// A log line.
+    Log(String),
+    /// Progress after a step.
+    Progress {
+        /// Steps done.
+        step: u64,
+        /// Total steps.
+        total: u64,
+        /// Phase name.
+        phase: String,
+        /// Latest losses in words.
+        message: String,
+    },
+    /// An output was recorded.
+    Output(String),
+}
+
+/// Receives the events of one run.
+pub type Observer = Arc<dyn Fn(&RunId, SinkEvent) + Send + Sync>;
+
 /// Records metrics, logs, outputs and checkpoints of one run into the store.
 pub struct StoreSink {
     store: Store,
     run: RunId,
     bar: Option<ProgressBar>,
-    stop: Arc<AtomicBool>,
+    stop: Vec<Arc<AtomicBool>>,
+    observer: Option<Observer>,
 }
 
 impl StoreSink {
     /// A sink for `run`; `progress_bar` draws on stderr (use it when stderr is a terminal).
-    pub fn new(store: Store, run: RunId, progress_bar: bool, stop: Arc<AtomicBool>) -> Self {
+    /// The run stops at the next step when any flag in `stop` is set.
+    pub fn new(store: Store, run: RunId, progress_bar: bool, stop: Vec<Arc<AtomicBool>>) -> Self {
         let bar = progress_bar.then(|| {
             let bar = ProgressBar::new(0);
             bar.set_style(
@@ -39,6 +73,19 @@ impl StoreSink {
             run,
             bar,
             stop,
+            observer: None,
+        }
+    }
+
+    /// Also reports every event to `observer`.
+    pub fn with_observer(mut self, observer: Option<Observer>) -> Self {
+        self.observer = observer;
+        self
+    }
+
+    fn emit(&self, event: SinkEvent) {
+        if let Some(o) = &self.observer {
+            o(&self.run, event);
         }
     }
 
@@ -52,17 +99,31 @@ impl StoreSink {
 
 impl RunSink for StoreSink {
     fn metric(&mut self, name: &str, step: u64, value: f64) -> Result<()> {
-        Ok(self.store.append_metric(&self.run, name, step, value)?)
+        self.store.append_metric(&self.run, name, step, value)?;
+        self.emit(SinkEvent::Metric {
+            name: name.to_string(),
+            step,
+            value,
+        });
+        Ok(())
     }
 
     fn log(&mut self, line: &str) -> Result<()> {
         if let Some(b) = &self.bar {
             b.println(line);
         }
-        Ok(self.store.append_log(&self.run, line)?)
+        self.store.append_log(&self.run, line)?;
+        self.emit(SinkEvent::Log(line.to_string()));
+        Ok(())
     }
 
     fn progress(&mut self, p: &Progress) {
+        self.emit(SinkEvent::Progress {
+            step: p.step,
+            total: p.total,
+            phase: p.phase.clone(),
+            message: p.message.clone(),
+        });
         if let Some(b) = &self.bar {
             b.set_length(p.total);
             b.set_position(p.step);
@@ -75,6 +136,7 @@ impl RunSink for StoreSink {
 
     fn artifact(&mut self, name: &str, bytes: Vec<u8>) -> Result<()> {
         self.store.put_output(&self.run, name, &bytes)?;
+        self.emit(SinkEvent::Output(name.to_string()));
         Ok(())
     }
 
@@ -84,6 +146,6 @@ impl RunSink for StoreSink {
     }
 
     fn should_stop(&self) -> bool {
-        self.stop.load(Ordering::Relaxed)
+        self.stop.iter().any(|f| f.load(Ordering::Relaxed))
     }
 }

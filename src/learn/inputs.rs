@@ -18,7 +18,7 @@ pub const MIN_MASK_FRACTION: f64 = 0.005;
 pub const MAX_OVERLAP_FRACTION: f64 = 0.05;
 
 /// The files of a scene.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SceneFiles {
     /// The image.
     pub image: PathBuf,

@@ -45,6 +45,25 @@ fn component(root: &Path, name: &str) -> Result<PathBuf> {
     }
 }
 
+/// The image resolution a model folder was trained at (UNet `sample_size` × VAE factor), read
+/// from the configs alone (no weights), with the same validation as a full load.
+pub fn resolution(root: &Path) -> Result<u32> {
+    use super::config::ConfigJson;
+    if !root.join("model_index.json").is_file() {
+        return Err(Error::file(
+            root.join("model_index.json"),
+            "missing: not a diffusers pipeline folder",
+        ));
+    }
+    let unet = super::unet::UNetConfig::from_json(&ConfigJson::read(
+        &component(root, "unet")?.join("config.json"),
+    )?)?;
+    let vae = super::vae::VaeConfig::from_json(&ConfigJson::read(
+        &component(root, "vae")?.join("config.json"),
+    )?)?;
+    Ok((unet.sample_size * vae.factor()) as u32)
+}
+
 /// All components of a Stable Diffusion pipeline.
 pub struct StableDiffusion {
     /// The folder it came from.
@@ -69,6 +88,24 @@ impl StableDiffusion {
     /// Loads every component of the folder `root` (model_index.json, tokenizer/,
     /// text_encoder/, unet/, vae/, scheduler/).
     pub fn load(root: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_with(root, dtype, device, Vec::new())
+    }
+
+    /// Like [`StableDiffusion::load`], with tensors named `unet.<name>` / `text_encoder.<name>`
+    /// replacing or adding weights (fine-tuned weights, LoRA adapters) over the folder's.
+    pub fn load_with(
+        root: &Path,
+        dtype: DType,
+        device: &Device,
+        overrides: Vec<(String, candle_core::Tensor)>,
+    ) -> Result<Self> {
+        let pick = |prefix: &str| -> Result<Vec<(String, candle_core::Tensor)>> {
+            overrides
+                .iter()
+                .filter_map(|(k, v)| k.strip_prefix(prefix).map(|n| (n.to_string(), v)))
+                .map(|(k, v)| Ok((k, v.to_dtype(dtype)?.to_device(device)?)))
+                .collect()
+        };
         if !root.is_dir() {
             return Err(Error::file(root, "model folder does not exist"));
         }
@@ -80,8 +117,24 @@ impl StableDiffusion {
             ));
         }
         let tokenizer = ClipTokenizer::from_dir(&component(root, "tokenizer")?)?;
-        let text_encoder = ClipTextModel::load_dir(&component(root, "text_encoder")?, dtype, device)?;
-        let unet = UNet::load_dir(&component(root, "unet")?, dtype, device)?;
+        let text_encoder = ClipTextModel::load_dir_with(
+            &component(root, "text_encoder")?,
+            dtype,
+            device,
+            pick("text_encoder.")?,
+            false,
+            None,
+        )?
+        .0;
+        let unet = UNet::load_dir_with(
+            &component(root, "unet")?,
+            dtype,
+            device,
+            pick("unet.")?,
+            false,
+            None,
+        )?
+        .0;
         let vae = Vae::load_dir(&component(root, "vae")?, dtype, device)?;
         let scheduler = Ddim::new(DdimConfig::load_dir(&component(root, "scheduler")?)?)?;
         Ok(Self {

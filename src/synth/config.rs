@@ -11,9 +11,10 @@ use crate::error::{Error, Result};
 
 /// Every knob of the synthesis stage. Field names are the `--set synth.<name>` keys; scripts rely
 /// on `steps`, `guided_steps`, `guidance_scale` and the seven ablation switches, so those names
-/// are stable.
+/// are stable. Keys missing when deserialising (records written before a key existed) take
+/// their defaults; unknown `--set` keys are rejected by [`crate::config::apply_overrides`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default)]
 pub struct SynthConfig {
     /// Number of DDIM denoising steps (50: t = 980, 960, …, 0 with `steps_offset` 0).
     pub steps: usize,

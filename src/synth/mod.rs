@@ -6,7 +6,7 @@
 //! See [`control`] for the masks, the loss and the token rules, [`cluster`] for the refinement,
 //! [`config::SynthConfig`] for every knob.
 //!
-//! # One denoising step i (t = timesteps[i]; notes §4.7)
+//! # One denoising step i (t = `timesteps[i]`; notes §4.7)
 //! 1. If `i < guided_steps` (and `latent_opt`): up to `gd_iters` gradient iterations on the
 //!    conditional half (batch 1, the latent a `Var`, UNet weights constant). Before each
 //!    iteration the loop stops if the previous iteration's loss/(batch·subjects) was below

@@ -1,0 +1,342 @@
+//! `mifo engine …` and the client side of store commands: `mifo runs …` and following a
+//! learning run go through the engine.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail};
+use clap::Subcommand;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::engine::{serve, Client, EngineOptions, EventKind, Request, Response};
+use crate::jobs::sink::SinkEvent;
+
+/// `mifo engine` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum EngineCommand {
+    /// Start the engine for the store in the background (if it is not running).
+    Start,
+    /// Stop it: the running step finishes and checkpoints (the run becomes `interrupted`,
+    /// resumable with `mifo learn --resume`); a second stop within 5 s forces.
+    Stop {
+        /// Exit at once without waiting for the step.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Pid, uptime, queue, running job, device.
+    Status {
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the engine in the foreground (what `start` launches).
+    Run {
+        /// Exit after this many seconds with no job and no client (0 = never).
+        #[arg(long, default_value_t = 0)]
+        idle_exit: u64,
+    },
+}
+
+/// Runs `mifo engine …`.
+pub fn run(cmd: EngineCommand, store: &Path) -> anyhow::Result<()> {
+    match cmd {
+        EngineCommand::Run { idle_exit } => Ok(serve(
+            store,
+            EngineOptions {
+                idle_exit: (idle_exit > 0).then(|| Duration::from_secs(idle_exit)),
+            },
+        )?),
+        EngineCommand::Start => {
+            let c = Client::connect(store)?;
+            eprintln!("engine running (pid {}) for {}", c.engine_pid, store.display());
+            Ok(())
+        }
+        EngineCommand::Stop { force } => {
+            let Some(mut c) = Client::try_connect(store)? else {
+                eprintln!("no engine is running for {}", store.display());
+                return Ok(());
+            };
+            expect_ok(c.request(&Request::Stop { force })?)?;
+            eprintln!(
+                "engine (pid {}) stopping{}",
+                c.engine_pid,
+                if force { " now" } else { " after the current step" }
+            );
+            Ok(())
+        }
+        EngineCommand::Status { json } => {
+            let Some(mut c) = Client::try_connect(store)? else {
+                if json {
+                    println!("{}", serde_json::json!({"running": false, "pid": null, "store": store}));
+                } else {
+                    println!("no engine is running for {}", store.display());
+                }
+                return Ok(());
+            };
+            let Response::Status(st) = c.request(&Request::Status)? else {
+                bail!("engine: unexpected reply to status");
+            };
+            if json {
+                let mut v = serde_json::to_value(&st)?;
+                v["running_engine"] = serde_json::json!(true);
+                println!("{v}");
+            } else {
+                println!("pid      {}", st.pid);
+                println!("uptime   {:.0} s", st.uptime_s);
+                println!("store    {}", st.store);
+                println!(
+                    "running  {}",
+                    match (&st.running, &st.progress) {
+                        (Some(r), Some((s, t, p))) => format!("{r} ({p} {s}/{t})"),
+                        (Some(r), None) => r.clone(),
+                        _ => "-".into(),
+                    }
+                );
+                println!("device   {}", st.device.as_deref().unwrap_or("-"));
+                println!("queue    {}", if st.queue.is_empty() { "-".into() } else { st.queue.join(" ") });
+            }
+            Ok(())
+        }
+    }
+}
+
+fn expect_ok(r: Response) -> anyhow::Result<()> {
+    match r {
+        Response::Ok => Ok(()),
+        Response::Error(e) => Err(anyhow!(e)),
+        other => Err(anyhow!("engine: unexpected reply {other:?}")),
+    }
+}
+
+/// The arguments after `runs` on the command line, without the global `--store`.
+fn runs_argv() -> Vec<String> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut out = Vec::new();
+    let mut seen_runs = false;
+    let mut skip_next = false;
+    for a in args {
+        if skip_next {
+            skip_next = false;
+            continue;
+        }
+        if a == "--store" {
+            skip_next = true;
+            continue;
+        }
+        if a.starts_with("--store=") {
+            continue;
+        }
+        if seen_runs {
+            out.push(a);
+        } else if a == "runs" {
+            seen_runs = true;
+        }
+    }
+    out
+}
+
+/// `mifo runs …` through the engine.
+pub fn runs(cmd: crate::cli::runs::RunsCommand, store: &Path) -> anyhow::Result<()> {
+    use crate::cli::runs::RunsCommand;
+    if !store.join("db").is_dir() {
+        bail!(
+            "{}: no run store here (nothing has run yet, or pass --store DIR / set MIFO_STORE)",
+            store.display()
+        );
+    }
+    let mut argv = runs_argv();
+    match &cmd {
+        RunsCommand::Show {
+            run,
+            image: Some(name),
+            ..
+        } => {
+            let mut c = Client::connect(store)?;
+            return match c.request(&Request::Output {
+                run: run.clone(),
+                name: name.clone(),
+            })? {
+                Response::Bytes(b) => crate::cli::runs::print_png(&b, &format!("output '{name}' of run {run}")),
+                Response::Error(e) => Err(anyhow!(e)),
+                other => Err(anyhow!("engine: unexpected reply {other:?}")),
+            };
+        }
+        RunsCommand::Rm { run, yes: false } => {
+            if std::io::stdin().is_terminal() && std::io::stderr().is_terminal() {
+                eprint!("remove run {run} and the outputs no other run uses? [y/N] ");
+                std::io::stderr().flush()?;
+                let mut answer = String::new();
+                std::io::stdin().read_line(&mut answer)?;
+                if !matches!(answer.trim(), "y" | "Y" | "yes") {
+                    bail!("not removed");
+                }
+                argv.push("--yes".into());
+            }
+        }
+        RunsCommand::Export { .. } => {
+            // The engine may run in another directory: make the target absolute.
+            let positional: Vec<usize> = argv
+                .iter()
+                .enumerate()
+                .filter(|(i, a)| *i > 0 && !a.starts_with('-'))
+                .map(|(i, _)| i)
+                .collect();
+            if let Some(&i) = positional.get(1) {
+                let p = PathBuf::from(&argv[i]);
+                if p.is_relative() {
+                    argv[i] = std::env::current_dir()?.join(p).display().to_string();
+                }
+            }
+        }
+        _ => {}
+    }
+    let mut c = Client::connect(store)?;
+    match c.request(&Request::Runs { argv })? {
+        Response::Runs { stdout, error } => {
+            let mut out = std::io::stdout().lock();
+            out.write_all(&stdout)?;
+            out.flush()?;
+            match error {
+                Some(e) => Err(anyhow!(e)),
+                None => Ok(()),
+            }
+        }
+        Response::Error(e) => Err(anyhow!(e)),
+        other => Err(anyhow!("engine: unexpected reply {other:?}")),
+    }
+}
+
+/// Follows run `id` until it ends, drawing progress on stderr. Ctrl-C detaches (the run goes
+/// on in the engine). Returns the final status.
+pub fn follow(store: &Path, id: &str, quiet: bool) -> anyhow::Result<String> {
+    let detached = Arc::new(AtomicBool::new(false));
+    {
+        let detached = detached.clone();
+        let id = id.to_string();
+        let _ = ctrlc::set_handler(move || {
+            if !detached.swap(true, Ordering::SeqCst) {
+                eprintln!(
+                    "\ndetached: run {id} goes on in the engine. Watch it with `mifo runs show {id}`; stop it with `mifo engine stop`."
+                );
+                std::process::exit(0);
+            }
+        });
+    }
+    let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
+        let b = ProgressBar::new(0);
+        b.set_style(
+            ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} {msg} (ETA {eta})")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        b
+    });
+    let events = Client::connect(store)?.subscribe(Some(id))?;
+    let mut last_print = 0u64;
+    for ev in events {
+        let ev = ev?;
+        match ev.kind {
+            EventKind::Status { status, error } => {
+                if let Some(b) = &bar {
+                    b.finish_and_clear();
+                }
+                if matches!(status.as_str(), "done" | "failed" | "cancelled" | "interrupted") {
+                    if let Some(e) = error {
+                        if !quiet {
+                            eprintln!("run {id} {status}: {e}");
+                        }
+                    }
+                    return Ok(status);
+                }
+                if !quiet && bar.is_none() {
+                    eprintln!("run {id} {status}");
+                }
+            }
+            EventKind::Run(SinkEvent::Progress {
+                step,
+                total,
+                phase,
+                message,
+            }) => match &bar {
+                Some(b) => {
+                    b.set_length(total);
+                    b.set_position(step);
+                    b.set_prefix(phase);
+                    b.set_message(message);
+                }
+                None => {
+                    if !quiet && (step == total || step >= last_print + 50) {
+                        last_print = step;
+                        eprintln!("step {step}/{total} {phase} {message}");
+                    }
+                }
+            },
+            EventKind::Run(SinkEvent::Log(line)) => {
+                if !quiet {
+                    match &bar {
+                        Some(b) => b.println(&line),
+                        None => eprintln!("{line}"),
+                    }
+                }
+            }
+            EventKind::Run(_) => {}
+        }
+    }
+    bail!("the engine closed the event stream before run {id} ended (see engine.log)")
+}
+
+/// Prints `runs show RUN --json` from the engine on stdout.
+pub fn runs_show_json(store: &Path, id: &str) -> anyhow::Result<()> {
+    let mut c = Client::connect(store)?;
+    match c.request(&Request::Runs {
+        argv: vec!["show".into(), id.into(), "--json".into()],
+    })? {
+        Response::Runs { stdout, error: None } => {
+            std::io::stdout().write_all(&stdout)?;
+            Ok(())
+        }
+        Response::Runs { error: Some(e), .. } | Response::Error(e) => Err(anyhow!(e)),
+        other => Err(anyhow!("engine: unexpected reply {other:?}")),
+    }
+}
+
+/// Submits a job to the engine, prints its warnings, then follows it (or returns at once with
+/// `detach`). With `json`, prints the finished run's record (or `{id, status}` when detached).
+pub fn submit_and_follow(store: &Path, request: &Request, json: bool, detach: bool) -> anyhow::Result<()> {
+    let mut client = Client::connect(store)?;
+    let id = match client.request(request)? {
+        Response::Queued { run, warnings } => {
+            for w in warnings {
+                eprintln!("warning: {w}");
+            }
+            run
+        }
+        Response::Error(e) => bail!(e),
+        other => bail!("engine: unexpected reply {other:?}"),
+    };
+    drop(client);
+    if detach {
+        if json {
+            println!("{}", serde_json::json!({ "id": id, "status": "queued" }));
+        } else {
+            eprintln!("queued run {id}; follow it with `mifo runs show {id}`");
+        }
+        return Ok(());
+    }
+    if !json {
+        eprintln!("run {id} (Ctrl-C detaches; the run goes on in the engine)");
+    }
+    let status = follow(store, &id, json)?;
+    if json {
+        runs_show_json(store, &id)?;
+    } else {
+        eprintln!("run {id} {status}; see it with `mifo runs show {id}`");
+    }
+    match status.as_str() {
+        "done" => Ok(()),
+        other => bail!("run {id} ended {other}"),
+    }
+}

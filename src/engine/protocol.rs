@@ -1,0 +1,188 @@
+//! The engine's wire protocol: length-prefixed frames (u32 big-endian length, then a bincode 2
+//! payload) over a unix socket, with a version handshake.
+
+use std::io::{Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+use crate::jobs::learn::LearnJob;
+use crate::jobs::sink::SinkEvent;
+
+/// Bumped whenever a message changes shape.
+pub const PROTOCOL_VERSION: u32 = 2;
+/// Largest frame accepted (a `runs show --json` of a long run is well below this).
+pub const MAX_FRAME: usize = 64 << 20;
+
+/// Client → engine.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Request {
+    /// First message of every connection.
+    Hello {
+        /// The client's [`PROTOCOL_VERSION`].
+        version: u32,
+    },
+    /// Engine status.
+    Status,
+    /// Run a `mifo runs …` command (argv after `runs`) on the engine's store; the reply
+    /// carries what it printed.
+    Runs {
+        /// Arguments after `runs`.
+        argv: Vec<String>,
+    },
+    /// The bytes of a run's output (e.g. a PNG for `runs show --image`).
+    Output {
+        /// Run id or unique prefix.
+        run: String,
+        /// Output name.
+        name: String,
+    },
+    /// Validate and queue a learning run.
+    SubmitLearn(Box<LearnJob>),
+    /// Validate and queue a synthesis run.
+    SubmitSynth(Box<crate::jobs::synth::SynthJob>),
+    /// Queue the continuation of an interrupted learning run.
+    ResumeLearn {
+        /// Run id or unique prefix.
+        run: String,
+        /// The model folder (its fingerprint must match the run's).
+        model: std::path::PathBuf,
+        /// Device.
+        device: String,
+    },
+    /// Cancel a queued or running run (it stops at the next step; its checkpoint is kept).
+    Cancel {
+        /// Run id or unique prefix.
+        run: String,
+    },
+    /// From now on this connection only receives [`Response::Event`]s (of one run, or all).
+    Subscribe {
+        /// Run id or prefix; `None` for every run.
+        run: Option<String>,
+    },
+    /// Stop the engine: the running step finishes and checkpoints; `force` exits at once.
+    Stop {
+        /// Exit without waiting for the step.
+        force: bool,
+    },
+}
+
+/// What the engine reports about itself.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EngineStatus {
+    /// Process id.
+    pub pid: u32,
+    /// Seconds since start.
+    pub uptime_s: f64,
+    /// The store folder.
+    pub store: String,
+    /// Queued run ids, oldest first.
+    pub queue: Vec<String>,
+    /// The running run, if any.
+    pub running: Option<String>,
+    /// Progress of the running run: (step, total, phase).
+    pub progress: Option<(u64, u64, String)>,
+    /// Device of the running job.
+    pub device: Option<String>,
+    /// Protocol version.
+    pub version: u32,
+}
+
+/// Something that happened, streamed to subscribers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// The run.
+    pub run: String,
+    /// What happened.
+    pub kind: EventKind,
+}
+
+/// Kinds of [`Event`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum EventKind {
+    /// Status change (`queued`, `running`, `done`, `failed`, `cancelled`, `interrupted`).
+    Status {
+        /// New status.
+        status: String,
+        /// Error text of a failed run.
+        error: Option<String>,
+    },
+    /// A metric point, log line, progress report or new output.
+    Run(SinkEvent),
+}
+
+/// Engine → client.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Response {
+    /// Handshake accepted.
+    Hello {
+        /// The engine's version.
+        version: u32,
+        /// The engine's pid.
+        pid: u32,
+    },
+    /// Engine status.
+    Status(EngineStatus),
+    /// Output of a `runs` command; `error` set when it failed.
+    Runs {
+        /// Its stdout.
+        stdout: Vec<u8>,
+        /// Its error, one line.
+        error: Option<String>,
+    },
+    /// Raw bytes (an output).
+    Bytes(Vec<u8>),
+    /// A run was queued.
+    Queued {
+        /// Its id.
+        run: String,
+        /// Validation warnings (e.g. overlapping boxes).
+        warnings: Vec<String>,
+    },
+    /// Request done.
+    Ok,
+    /// Request refused or failed (one line).
+    Error(String),
+    /// A streamed event (after `Subscribe`).
+    Event(Event),
+}
+
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<MAX_FRAME>()
+}
+
+/// Writes one frame.
+pub fn write_frame<T: Serialize>(w: &mut impl Write, msg: &T) -> std::io::Result<()> {
+    let bytes = bincode::serde::encode_to_vec(msg, config())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+    if bytes.len() > MAX_FRAME {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("message of {} bytes exceeds the {MAX_FRAME}-byte frame limit", bytes.len()),
+        ));
+    }
+    w.write_all(&(bytes.len() as u32).to_be_bytes())?;
+    w.write_all(&bytes)?;
+    w.flush()
+}
+
+/// Reads one frame (`Ok(None)` on a clean end of stream).
+pub fn read_frame<T: for<'de> Deserialize<'de>>(r: &mut impl Read) -> std::io::Result<Option<T>> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes exceeds the {MAX_FRAME}-byte limit"),
+        ));
+    }
+    let mut buf = vec![0u8; len];
+    r.read_exact(&mut buf)?;
+    let (msg, _) = bincode::serde::decode_from_slice(&buf, config())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+    Ok(Some(msg))
+}

@@ -1,0 +1,599 @@
+//! The engine process: owns the store, queues and runs jobs, streams events, answers clients on
+//! `<store>/engine.sock` (mode 0600, same-uid peers only).
+
+use std::collections::VecDeque;
+use std::io::{BufReader, BufWriter};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+
+use super::protocol::{
+    read_frame, write_frame, EngineStatus, Event, EventKind, Request, Response, PROTOCOL_VERSION,
+};
+use super::socket_path;
+use crate::error::{Error, Result};
+use crate::jobs::learn::{self as learn_job, LearnJob, RunOptions};
+use crate::jobs::sink::{Observer, SinkEvent};
+use crate::store::{RunId, RunOutcome, Store};
+
+/// How the engine behaves.
+#[derive(Clone, Debug, Default)]
+pub struct EngineOptions {
+    /// Exit after this long with no job and no client (auto-started engines); `None` = never.
+    pub idle_exit: Option<Duration>,
+}
+
+enum Job {
+    Learn(RunId, Box<LearnJob>),
+    Synth(RunId, Box<crate::jobs::synth::SynthJob>),
+    Resume {
+        id: RunId,
+        model: PathBuf,
+        device: String,
+    },
+}
+
+impl Job {
+    fn id(&self) -> &RunId {
+        match self {
+            Job::Learn(id, _) => id,
+            Job::Synth(id, _) => id,
+            Job::Resume { id, .. } => id,
+        }
+    }
+}
+
+struct Current {
+    id: RunId,
+    cancel: Arc<AtomicBool>,
+    device: String,
+    progress: Option<(u64, u64, String)>,
+}
+
+struct Subscriber {
+    run: Option<RunId>,
+    tx: mpsc::Sender<Event>,
+}
+
+struct Shared {
+    store: Store,
+    queue: Mutex<VecDeque<Job>>,
+    wake: Condvar,
+    current: Mutex<Option<Current>>,
+    subscribers: Mutex<Vec<Subscriber>>,
+    shutdown: Arc<AtomicBool>,
+    first_stop: Mutex<Option<Instant>>,
+    started: Instant,
+    clients: AtomicUsize,
+    last_activity: Mutex<Instant>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    fn publish(&self, event: Event) {
+        let mut subs = lock(&self.subscribers);
+        subs.retain(|s| {
+            let wanted = s.run.as_ref().is_none_or(|r| r.as_str() == event.run);
+            !wanted || s.tx.send(event.clone()).is_ok()
+        });
+    }
+
+    fn publish_status(&self, id: &RunId) {
+        if let Ok(r) = self.store.get_run(id) {
+            self.publish(Event {
+                run: id.to_string(),
+                kind: EventKind::Status {
+                    status: r.status.as_str().to_string(),
+                    error: r.error.clone(),
+                },
+            });
+        }
+    }
+
+    fn touch(&self) {
+        *lock(&self.last_activity) = Instant::now();
+    }
+
+    fn status(&self, store_dir: &Path) -> EngineStatus {
+        let cur = lock(&self.current);
+        EngineStatus {
+            pid: std::process::id(),
+            uptime_s: self.started.elapsed().as_secs_f64(),
+            store: store_dir.display().to_string(),
+            queue: lock(&self.queue).iter().map(|j| j.id().to_string()).collect(),
+            running: cur.as_ref().map(|c| c.id.to_string()),
+            progress: cur.as_ref().and_then(|c| c.progress.clone()),
+            device: cur.as_ref().map(|c| c.device.clone()),
+            version: PROTOCOL_VERSION,
+        }
+    }
+}
+
+/// The uid of the peer of a unix stream (SO_PEERCRED).
+fn peer_uid(stream: &UnixStream) -> Option<u32> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, a properly sized ucred.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            &mut cred as *mut libc::ucred as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    (rc == 0).then_some(cred.uid)
+}
+
+fn my_uid() -> u32 {
+    // SAFETY: getuid has no preconditions.
+    unsafe { libc::getuid() }
+}
+
+/// Runs the engine on `store_dir` until it is stopped (or idle past `idle_exit`).
+pub fn serve(store_dir: &Path, opts: EngineOptions) -> Result<()> {
+    let store = Store::create(store_dir)?;
+    let _ = std::fs::set_permissions(store_dir, std::fs::Permissions::from_mode(0o700));
+    let stale = store.mark_stale_running_interrupted()?;
+    for id in &stale {
+        eprintln!("engine: run {id} was left running by a dead process: marked interrupted");
+    }
+    // Queued runs of a previous engine were never started: close them so they can be launched
+    // again.
+    for rec in store.runs() {
+        let rec = rec?;
+        if rec.status == crate::store::RunStatus::Queued {
+            store.append_log(&rec.id, "the engine stopped before this run started")?;
+            store.finish_run(&rec.id, RunOutcome::Cancelled)?;
+        }
+    }
+    let sock = socket_path(store_dir);
+    if sock.exists() {
+        if UnixStream::connect(&sock).is_ok() {
+            return Err(Error::Input(format!(
+                "an engine is already running on {} (see `mifo engine status`)",
+                store_dir.display()
+            )));
+        }
+        std::fs::remove_file(&sock).map_err(|e| Error::io(&sock, e))?;
+    }
+    let listener = UnixListener::bind(&sock).map_err(|e| Error::io(&sock, e))?;
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| Error::io(&sock, e))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| Error::io(&sock, e))?;
+    eprintln!(
+        "engine: pid {} serving {} (protocol {PROTOCOL_VERSION})",
+        std::process::id(),
+        store_dir.display()
+    );
+
+    let shared = Arc::new(Shared {
+        store,
+        queue: Mutex::new(VecDeque::new()),
+        wake: Condvar::new(),
+        current: Mutex::new(None),
+        subscribers: Mutex::new(Vec::new()),
+        shutdown: Arc::new(AtomicBool::new(false)),
+        first_stop: Mutex::new(None),
+        started: Instant::now(),
+        clients: AtomicUsize::new(0),
+        last_activity: Mutex::new(Instant::now()),
+    });
+    let worker = {
+        let shared = shared.clone();
+        std::thread::spawn(move || worker_loop(&shared))
+    };
+    let store_dir = store_dir.to_path_buf();
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let _ = stream.set_nonblocking(false);
+                if peer_uid(&stream) != Some(my_uid()) {
+                    let mut w = BufWriter::new(&stream);
+                    let _ = write_frame(
+                        &mut w,
+                        &Response::Error("connection refused: the engine serves its own user only".into()),
+                    );
+                    continue;
+                }
+                let shared = shared.clone();
+                let dir = store_dir.clone();
+                shared.clients.fetch_add(1, Ordering::SeqCst);
+                shared.touch();
+                std::thread::spawn(move || {
+                    if let Err(e) = handle_client(&shared, &dir, stream) {
+                        eprintln!("engine: client error: {e}");
+                    }
+                    shared.clients.fetch_sub(1, Ordering::SeqCst);
+                    shared.touch();
+                });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => eprintln!("engine: accept failed: {e}"),
+        }
+        if shared.shutdown.load(Ordering::SeqCst) && worker.is_finished() {
+            break;
+        }
+        if let Some(idle) = opts.idle_exit {
+            let busy = lock(&shared.current).is_some() || !lock(&shared.queue).is_empty();
+            let quiet = shared.clients.load(Ordering::SeqCst) == 0
+                && lock(&shared.last_activity).elapsed() >= idle;
+            if !busy && quiet {
+                eprintln!("engine: idle for {idle:?}, exiting");
+                shared.shutdown.store(true, Ordering::SeqCst);
+                shared.wake.notify_all();
+            }
+        }
+    }
+    let _ = worker.join();
+    // Queued jobs never started.
+    for job in lock(&shared.queue).drain(..) {
+        let _ = shared
+            .store
+            .append_log(job.id(), "the engine stopped before this run started");
+        let _ = shared.store.finish_run(job.id(), RunOutcome::Cancelled);
+    }
+    let _ = shared.store.flush();
+    let _ = std::fs::remove_file(&sock);
+    eprintln!("engine: stopped");
+    Ok(())
+}
+
+fn worker_loop(shared: &Arc<Shared>) {
+    loop {
+        let job = {
+            let mut q = lock(&shared.queue);
+            loop {
+                if shared.shutdown.load(Ordering::SeqCst) {
+                    return;
+                }
+                if let Some(j) = q.pop_front() {
+                    break j;
+                }
+                q = shared
+                    .wake
+                    .wait_timeout(q, Duration::from_millis(200))
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|p| p.into_inner().0);
+            }
+        };
+        let id = job.id().clone();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let device = match &job {
+            Job::Learn(_, j) => j.device.clone(),
+            Job::Synth(_, j) => j.device.clone(),
+            Job::Resume { device, .. } => device.clone(),
+        };
+        *lock(&shared.current) = Some(Current {
+            id: id.clone(),
+            cancel: cancel.clone(),
+            device,
+            progress: None,
+        });
+        let observer: Observer = {
+            let shared = shared.clone();
+            Arc::new(move |run: &RunId, ev: SinkEvent| {
+                if let SinkEvent::Progress {
+                    step, total, phase, ..
+                } = &ev
+                {
+                    if let Some(c) = lock(&shared.current).as_mut() {
+                        c.progress = Some((*step, *total, phase.clone()));
+                    }
+                }
+                shared.publish(Event {
+                    run: run.to_string(),
+                    kind: EventKind::Run(ev),
+                });
+            })
+        };
+        let opts = RunOptions {
+            progress_bar: false,
+            stop: cancel,
+            shutdown: shared.shutdown.clone(),
+            observer: Some(observer),
+        };
+        eprintln!("engine: starting run {id}");
+        let store = shared.store.clone();
+        let status_shared = shared.clone();
+        let status_id = id.clone();
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &job {
+            Job::Learn(id, j) => {
+                // start_run happens inside; announce running right after.
+                let r = learn_job::start_with_hook(&store, id, j, &opts, &|| {
+                    status_shared.publish_status(&status_id)
+                });
+                r.map(|_| ())
+            }
+            Job::Synth(id, j) => crate::jobs::synth::start(&store, id, j, &opts, &|| {
+                status_shared.publish_status(&status_id)
+            })
+            .map(|_| ()),
+            Job::Resume { id, model, device } => {
+                learn_job::resume_with_hook(&store, id, model, device, &opts, &|| {
+                    status_shared.publish_status(&status_id)
+                })
+                .map(|_| ())
+            }
+        }));
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("engine: run {id} failed: {e}"),
+            Err(_) => {
+                eprintln!("engine: run {id} panicked");
+                let _ = shared
+                    .store
+                    .finish_run(&id, RunOutcome::Failed("internal error (panic); see engine.log".into()));
+            }
+        }
+        *lock(&shared.current) = None;
+        shared.publish_status(&id);
+        shared.touch();
+    }
+}
+
+/// `mifo runs …` parsed on the engine side.
+#[derive(Parser)]
+#[command(name = "mifo runs", no_binary_name = true)]
+struct RunsArgv {
+    #[command(subcommand)]
+    cmd: crate::cli::runs::RunsCommand,
+}
+
+fn handle_client(shared: &Arc<Shared>, store_dir: &Path, stream: UnixStream) -> std::io::Result<()> {
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut writer = BufWriter::new(stream);
+    match read_frame::<Request>(&mut reader) {
+        Ok(Some(Request::Hello { version })) if version == PROTOCOL_VERSION => {
+            write_frame(
+                &mut writer,
+                &Response::Hello {
+                    version: PROTOCOL_VERSION,
+                    pid: std::process::id(),
+                },
+            )?;
+        }
+        Ok(Some(Request::Hello { version })) => {
+            return write_frame(
+                &mut writer,
+                &Response::Error(format!(
+                    "protocol mismatch: the engine speaks version {PROTOCOL_VERSION}, this client {version}; stop it with `mifo engine stop` (same binary as the engine) and retry"
+                )),
+            );
+        }
+        Ok(Some(_)) | Ok(None) => {
+            return write_frame(&mut writer, &Response::Error("expected a Hello first".into()))
+        }
+        Err(e) => {
+            let _ = write_frame(&mut writer, &Response::Error(format!("bad frame: {e}")));
+            return Ok(());
+        }
+    }
+    while let Some(req) = match read_frame::<Request>(&mut reader) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = write_frame(&mut writer, &Response::Error(format!("bad frame: {e}")));
+            return Ok(());
+        }
+    } {
+        shared.touch();
+        let reply = match req {
+            Request::Hello { .. } => Response::Error("already greeted".into()),
+            Request::Status => Response::Status(shared.status(store_dir)),
+            Request::Runs { argv } => run_runs_command(shared, argv),
+            Request::Output { run, name } => output_bytes(shared, &run, &name),
+            Request::SubmitLearn(job) => {
+                if shared.shutdown.load(Ordering::SeqCst) {
+                    Response::Error("the engine is stopping; try again in a moment".into())
+                } else {
+                    match learn_job::prepare(&shared.store, &job) {
+                        Ok(rec) => {
+                            lock(&shared.queue).push_back(Job::Learn(rec.id.clone(), job));
+                            shared.wake.notify_all();
+                            shared.publish_status(&rec.id);
+                            Response::Queued {
+                                run: rec.id.to_string(),
+                                warnings: Vec::new(),
+                            }
+                        }
+                        Err(e) => Response::Error(e.to_string()),
+                    }
+                }
+            }
+            Request::SubmitSynth(job) => {
+                if shared.shutdown.load(Ordering::SeqCst) {
+                    Response::Error("the engine is stopping; try again in a moment".into())
+                } else {
+                    match crate::jobs::synth::prepare(&shared.store, &job) {
+                        Ok((rec, warnings)) => {
+                            lock(&shared.queue).push_back(Job::Synth(rec.id.clone(), job));
+                            shared.wake.notify_all();
+                            shared.publish_status(&rec.id);
+                            Response::Queued {
+                                run: rec.id.to_string(),
+                                warnings,
+                            }
+                        }
+                        Err(e) => Response::Error(e.to_string()),
+                    }
+                }
+            }
+            Request::ResumeLearn { run, model, device } => {
+                match learn_job::check_resumable(&shared.store, &run, &model) {
+                    Ok(id) => {
+                        lock(&shared.queue).push_back(Job::Resume {
+                            id: id.clone(),
+                            model,
+                            device,
+                        });
+                        shared.wake.notify_all();
+                        Response::Queued {
+                            run: id.to_string(),
+                            warnings: Vec::new(),
+                        }
+                    }
+                    Err(e) => Response::Error(e.to_string()),
+                }
+            }
+            Request::Cancel { run } => cancel(shared, &run),
+            Request::Subscribe { run } => {
+                let run = match run.map(|r| shared.store.resolve(&r)).transpose() {
+                    Ok(r) => r,
+                    Err(e) => {
+                        write_frame(&mut writer, &Response::Error(e.to_string()))?;
+                        continue;
+                    }
+                };
+                write_frame(&mut writer, &Response::Ok)?;
+                return stream_events(shared, run, &mut writer);
+            }
+            Request::Stop { force } => {
+                let mut first = lock(&shared.first_stop);
+                let again = first.is_some_and(|t| t.elapsed() < Duration::from_secs(5));
+                if force || again {
+                    eprintln!("engine: forced stop");
+                    let _ = shared.store.flush();
+                    let _ = std::fs::remove_file(socket_path(store_dir));
+                    write_frame(&mut writer, &Response::Ok)?;
+                    std::process::exit(0);
+                }
+                *first = Some(Instant::now());
+                eprintln!("engine: stopping after the current step");
+                shared.shutdown.store(true, Ordering::SeqCst);
+                shared.wake.notify_all();
+                Response::Ok
+            }
+        };
+        write_frame(&mut writer, &reply)?;
+    }
+    Ok(())
+}
+
+fn cancel(shared: &Arc<Shared>, run: &str) -> Response {
+    let id = match shared.store.resolve(run) {
+        Ok(id) => id,
+        Err(e) => return Response::Error(e.to_string()),
+    };
+    if let Some(c) = lock(&shared.current).as_ref().filter(|c| c.id == id) {
+        c.cancel.store(true, Ordering::SeqCst);
+        return Response::Ok;
+    }
+    let mut q = lock(&shared.queue);
+    if let Some(pos) = q.iter().position(|j| *j.id() == id) {
+        q.remove(pos);
+        drop(q);
+        let _ = shared.store.append_log(&id, "cancelled before it started");
+        return match shared.store.finish_run(&id, RunOutcome::Cancelled) {
+            Ok(_) => {
+                shared.publish_status(&id);
+                Response::Ok
+            }
+            Err(e) => Response::Error(e.to_string()),
+        };
+    }
+    Response::Error(format!("run {id} is not queued or running"))
+}
+
+fn output_bytes(shared: &Arc<Shared>, run: &str, name: &str) -> Response {
+    let result = (|| -> Result<Vec<u8>> {
+        let id = shared.store.resolve(run)?;
+        let rec = shared.store.get_run(&id)?;
+        let hash = rec.outputs.get(name).ok_or_else(|| {
+            let names: Vec<&str> = rec.outputs.keys().map(String::as_str).collect();
+            Error::Input(format!(
+                "run {id} has no output named '{name}' (outputs: {})",
+                if names.is_empty() { "none".to_string() } else { names.join(", ") }
+            ))
+        })?;
+        Ok(shared.store.read_blob(hash)?)
+    })();
+    match result {
+        Ok(b) => Response::Bytes(b),
+        Err(e) => Response::Error(e.to_string()),
+    }
+}
+
+fn run_runs_command(shared: &Arc<Shared>, argv: Vec<String>) -> Response {
+    let parsed = match RunsArgv::try_parse_from(&argv) {
+        Ok(p) => p,
+        Err(e) => {
+            return Response::Runs {
+                stdout: Vec::new(),
+                error: Some(e.to_string().lines().next().unwrap_or("bad arguments").to_string()),
+            }
+        }
+    };
+    let mut out = Vec::new();
+    let result = {
+        let mut console = crate::cli::runs::Console {
+            out: &mut out,
+            confirm: None,
+        };
+        crate::cli::runs::run_on(parsed.cmd, &shared.store, &mut console)
+    };
+    Response::Runs {
+        stdout: out,
+        error: result.err().map(|e| format!("{e:#}")),
+    }
+}
+
+fn stream_events(
+    shared: &Arc<Shared>,
+    run: Option<RunId>,
+    writer: &mut BufWriter<UnixStream>,
+) -> std::io::Result<()> {
+    let (tx, rx) = mpsc::channel();
+    lock(&shared.subscribers).push(Subscriber {
+        run: run.clone(),
+        tx,
+    });
+    // A run that already ended (and is not queued to resume) gets its final status at once.
+    if let Some(id) = &run {
+        let pending = lock(&shared.queue).iter().any(|j| j.id() == id)
+            || lock(&shared.current).as_ref().is_some_and(|c| &c.id == id);
+        if let Ok(r) = shared.store.get_run(id) {
+            if r.status.is_final() && !pending {
+                write_frame(
+                    writer,
+                    &Response::Event(Event {
+                        run: id.to_string(),
+                        kind: EventKind::Status {
+                            status: r.status.as_str().into(),
+                            error: r.error.clone(),
+                        },
+                    }),
+                )?;
+            }
+        }
+    }
+    loop {
+        match rx.recv_timeout(Duration::from_millis(500)) {
+            Ok(ev) => write_frame(writer, &Response::Event(ev))?,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if shared.shutdown.load(Ordering::SeqCst) && lock(&shared.current).is_none() {
+                    return Ok(());
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+        }
+    }
+}

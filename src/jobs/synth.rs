@@ -1,0 +1,276 @@
+//! Synthesis runs against the store: [`prepare`] validates a job (prompt, boxes, the learned
+//! run it draws from) and records it as queued; [`start`] runs it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::Tensor;
+
+use super::learn::{dtype_name, RunOptions};
+use super::sink::StoreSink;
+use crate::error::{Error, Result};
+use crate::learn::tokenizer_with_placeholders;
+use crate::model::{check_dtype_device, parse_device, parse_dtype, StableDiffusion};
+use crate::sink::{Progress, RunSink};
+use crate::store::{
+    add_png_text_chunks, code_version, host_name, NewRun, RunId, RunKind, RunOutcome, RunRecord,
+    RunSpec, RunStatus, Store,
+};
+use crate::synth::{self, parse_box, BoxSpec, SynthConfig, SynthRequest};
+
+/// Everything that defines a synthesis run.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct SynthJob {
+    /// The finished learning run whose tokens (and phase-B weights) to use; `None` for a plain
+    /// model with ordinary words as subjects.
+    pub from: Option<String>,
+    /// Diffusers model folder (for `from`, the one the learning run used: its fingerprint is
+    /// checked).
+    pub model: PathBuf,
+    /// Prompt, e.g. `a photo of <v0> and <v1> on the beach`.
+    pub prompt: String,
+    /// Boxes as typed: `<v0>=x0,y0,x1,y1`.
+    pub boxes: Vec<String>,
+    /// Number of images.
+    pub samples: usize,
+    /// Seed (sample k uses seed + k).
+    pub seed: u64,
+    /// Preset the config started from.
+    pub preset: String,
+    /// Resolved config.
+    pub config: SynthConfig,
+    /// Device.
+    pub device: String,
+    /// Dtype.
+    pub dtype: String,
+    /// Run again even if a finished run has the same spec.
+    pub rerun: bool,
+}
+
+/// What a learned run contributes: placeholder count, rows, phase-B tensors.
+struct Learned {
+    id: RunId,
+    scene: Option<String>,
+    rows: Tensor,
+    overrides: Vec<(String, Tensor)>,
+}
+
+fn load_learned(store: &Store, prefix: &str, model: &Path, device: &candle_core::Device) -> Result<Learned> {
+    let id = store.resolve(prefix)?;
+    let rec = store.get_run(&id)?;
+    if rec.kind != RunKind::Learn || rec.status != RunStatus::Done {
+        return Err(Error::Input(format!(
+            "--from {prefix}: run {id} is a {} {} run; synthesis needs a finished learning run",
+            rec.status.as_str(),
+            rec.kind.as_str()
+        )));
+    }
+    let spec = store.spec(&rec.spec_hash)?;
+    if store.model_fingerprint(model)? != spec.model_fingerprint {
+        return Err(Error::file(
+            model,
+            format!("not the model run {id} learned on (fingerprint differs); pass its --model"),
+        ));
+    }
+    let emb = rec
+        .outputs
+        .get("embeddings")
+        .ok_or_else(|| Error::Input(format!("run {id} has no `embeddings` output")))?;
+    let tensors = candle_core::safetensors::load_buffer(&store.read_blob(emb)?, device)
+        .map_err(|e| Error::Input(format!("run {id}: embeddings unreadable ({e})")))?;
+    let mut rows = Vec::new();
+    for i in 0..tensors.len() {
+        let name = crate::learn::token_name(i);
+        let t = tensors
+            .get(&name)
+            .ok_or_else(|| Error::Input(format!("run {id}: embeddings lack `{name}`")))?;
+        rows.push(t.clone());
+    }
+    let rows = Tensor::stack(&rows, 0)?;
+    let mut overrides = Vec::new();
+    for name in ["weights", "lora"] {
+        if let Some(h) = rec.outputs.get(name) {
+            let t = candle_core::safetensors::load_buffer(&store.read_blob(h)?, device)
+                .map_err(|e| Error::Input(format!("run {id}: `{name}` unreadable ({e})")))?;
+            overrides.extend(t);
+        }
+    }
+    Ok(Learned {
+        id,
+        scene: rec.scene.clone(),
+        rows,
+        overrides,
+    })
+}
+
+/// The model (with the learned run's weights and tokens) and the synthesis request.
+fn build(store: &Store, job: &SynthJob) -> Result<(StableDiffusion, Option<Learned>, Vec<BoxSpec>)> {
+    job.config.check()?;
+    let device = parse_device(&job.device)?;
+    let dtype = parse_dtype(&job.dtype)?;
+    check_dtype_device(dtype, &device)?;
+    let boxes = job
+        .boxes
+        .iter()
+        .map(|b| parse_box(b))
+        .collect::<Result<Vec<_>>>()?;
+    let learned = job
+        .from
+        .as_deref()
+        .map(|p| load_learned(store, p, &job.model, &device))
+        .transpose()?;
+    let overrides = learned.as_ref().map(|l| l.overrides.clone()).unwrap_or_default();
+    let mut sd = StableDiffusion::load_with(&job.model, dtype, &device, overrides)?;
+    if let Some(l) = &learned {
+        sd.tokenizer = tokenizer_with_placeholders(&sd.tokenizer, l.rows.dim(0)?)?.0;
+    }
+    Ok((sd, learned, boxes))
+}
+
+fn request<'a>(sd: &'a StableDiffusion, learned: Option<&Learned>, boxes: Vec<BoxSpec>, job: &SynthJob) -> Result<SynthRequest<'a>> {
+    Ok(SynthRequest {
+        sd,
+        placeholder_rows: learned.map(|l| l.rows.to_dtype(sd.dtype)).transpose()?,
+        prompt: job.prompt.clone(),
+        boxes,
+        samples: job.samples,
+        seed: job.seed,
+        config: job.config.clone(),
+    })
+}
+
+/// Validates and records a queued synthesis run; returns it and the validation warnings.
+pub fn prepare(store: &Store, job: &SynthJob) -> Result<(RunRecord, Vec<String>)> {
+    if job.samples == 0 {
+        return Err(Error::Input("--samples must be at least 1".into()));
+    }
+    let defaults = SynthConfig::preset(&job.preset)?;
+    let (sd, learned, boxes) = build(store, job)?;
+    let warnings = synth::validate(&request(&sd, learned.as_ref(), boxes, job)?)?;
+    let spec = RunSpec {
+        kind: RunKind::Synth,
+        config: serde_json::json!({
+            "preset": job.preset,
+            "dtype": dtype_name(sd.dtype),
+            "prompt": job.prompt,
+            "boxes": job.boxes,
+            "samples": job.samples,
+            "synth": serde_json::to_value(&job.config).map_err(|e| Error::Config(e.to_string()))?,
+        }),
+        seed: job.seed,
+        inputs: BTreeMap::new(),
+        parent: learned.as_ref().map(|l| l.id.clone()),
+        model_fingerprint: store.model_fingerprint(&job.model)?,
+        code_version: code_version(),
+    };
+    let earlier = store.done_runs_with_spec(&spec.spec_hash()?)?;
+    let rerun_of = match (earlier.first(), job.rerun) {
+        (Some(r), false) => {
+            return Err(Error::Input(format!(
+                "this exact run already finished as {} (same spec); pass --rerun to run it again",
+                r.id
+            )))
+        }
+        (Some(r), true) => Some(r.id.clone()),
+        (None, _) => None,
+    };
+    let values = serde_json::to_value(&job.config).unwrap_or_default();
+    let deltas = crate::config::changed_keys(&defaults, &job.config)
+        .into_iter()
+        .map(|k| (format!("synth.{k}"), values.get(&k).map(|v| v.to_string()).unwrap_or_default()))
+        .collect();
+    let record = store.create_run(
+        &spec,
+        NewRun {
+            scene: learned
+                .as_ref()
+                .and_then(|l| l.scene.clone())
+                .or_else(|| Some(job.prompt.clone())),
+            config_deltas: deltas,
+            rerun_of,
+        },
+    )?;
+    Ok((record, warnings))
+}
+
+/// Adds a PNG text chunk (prompt, boxes, seed, spec hash) to every `sample_K.png`; the run id
+/// is left out so that re-runs of one spec stay byte-identical (`runs export` adds it).
+struct SampleTextSink<'a> {
+    inner: StoreSink,
+    texts: Vec<(String, String)>,
+    _marker: std::marker::PhantomData<&'a ()>,
+}
+
+impl RunSink for SampleTextSink<'_> {
+    fn metric(&mut self, name: &str, step: u64, value: f64) -> Result<()> {
+        self.inner.metric(name, step, value)
+    }
+    fn log(&mut self, line: &str) -> Result<()> {
+        self.inner.log(line)
+    }
+    fn progress(&mut self, p: &Progress) {
+        self.inner.progress(p)
+    }
+    fn artifact(&mut self, name: &str, bytes: Vec<u8>) -> Result<()> {
+        let bytes = if name.starts_with("sample_") && name.ends_with(".png") {
+            let texts: Vec<(&str, &str)> = self
+                .texts
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            add_png_text_chunks(&bytes, &texts)?
+        } else {
+            bytes
+        };
+        self.inner.artifact(name, bytes)
+    }
+    fn should_stop(&self) -> bool {
+        self.inner.should_stop()
+    }
+}
+
+/// Runs the queued synthesis run `id` (made by [`prepare`] from `job`).
+pub fn start(store: &Store, id: &RunId, job: &SynthJob, opts: &RunOptions, on_started: &dyn Fn()) -> Result<RunRecord> {
+    store.start_run(id, &host_name(), &job.device)?;
+    on_started();
+    let rec = store.get_run(id)?;
+    let result = (|| {
+        let (sd, learned, boxes) = build(store, job)?;
+        let req = request(&sd, learned.as_ref(), boxes, job)?;
+        let inner = StoreSink::new(
+            store.clone(),
+            id.clone(),
+            opts.progress_bar,
+            vec![opts.stop.clone(), opts.shutdown.clone()],
+        )
+        .with_observer(opts.observer.clone());
+        let mut sink = SampleTextSink {
+            inner,
+            texts: vec![
+                ("prompt".into(), job.prompt.clone()),
+                ("boxes".into(), job.boxes.join(" ")),
+                ("seed".into(), job.seed.to_string()),
+                ("spec".into(), rec.spec_hash.to_string()),
+                ("software".into(), code_version()),
+            ],
+            _marker: std::marker::PhantomData,
+        };
+        sink.log(&format!(
+            "synthesise {} sample(s) of \"{}\" from {}",
+            job.samples,
+            job.prompt,
+            learned.as_ref().map(|l| l.id.to_string()).unwrap_or_else(|| "the plain model".into())
+        ))?;
+        let report = synth::run(&req, &mut sink)?;
+        sink.inner.finish();
+        Ok::<_, Error>(report)
+    })();
+    let outcome = match &result {
+        Ok(r) if r.cancelled => RunOutcome::Cancelled,
+        Ok(_) => RunOutcome::Done,
+        Err(e) => RunOutcome::Failed(e.to_string()),
+    };
+    let record = store.finish_run(id, outcome)?;
+    result?;
+    Ok(record)
+}

@@ -1,0 +1,146 @@
+//! The engine over its real unix socket: two clients watching one run see the same live
+//! events; status, cancel, and the protocol-version handshake.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use mifo::engine::protocol::{read_frame, write_frame};
+use mifo::engine::{serve, Client, EngineOptions, Event, EventKind, Request, Response};
+use mifo::jobs::learn::LearnJob;
+use mifo::jobs::sink::SinkEvent;
+use mifo::learn::{scene_files, LearnConfig};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
+}
+
+fn start_engine(name: &str) -> PathBuf {
+    let store = std::env::temp_dir().join(format!("mifo-engine-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&store);
+    let dir = store.clone();
+    std::thread::spawn(move || serve(&dir, EngineOptions { idle_exit: Some(Duration::from_secs(30)) }).unwrap());
+    for _ in 0..200 {
+        if Client::try_connect(&store).ok().flatten().is_some() {
+            return store;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("engine did not come up");
+}
+
+fn job(steps: u64, seed: u64) -> LearnJob {
+    let config = LearnConfig {
+        reward_steps: 2,
+        penalty_steps: steps,
+        dreambooth: "none".into(),
+        preview: false,
+        ..LearnConfig::paper()
+    };
+    LearnJob {
+        model: root().join("fixtures/tiny-sd21"),
+        files: scene_files(&root().join("fixtures/scenes/coffee")).unwrap(),
+        scene_dir: None,
+        preset: "paper".into(),
+        config,
+        seed,
+        device: "cpu".into(),
+        dtype: "f32".into(),
+        allow_overlap: false,
+        rerun: false,
+    }
+}
+
+fn collect(store: &Path, run: &str) -> std::thread::JoinHandle<Vec<Event>> {
+    let events = Client::connect(store).unwrap().subscribe(Some(run)).unwrap();
+    std::thread::spawn(move || {
+        let mut out = Vec::new();
+        for ev in events {
+            let ev = ev.unwrap();
+            let end = matches!(&ev.kind, EventKind::Status { status, .. } if status == "done" || status == "failed" || status == "cancelled");
+            out.push(ev);
+            if end {
+                break;
+            }
+        }
+        out
+    })
+}
+
+#[test]
+fn two_clients_see_the_same_live_events() {
+    let store = start_engine("two");
+    let mut c = Client::connect(&store).unwrap();
+    // Queue a first run so the second one is still queued when both watchers subscribe.
+    let Response::Queued { run: first, .. } = c.request(&Request::SubmitLearn(Box::new(job(6, 1)))).unwrap() else {
+        panic!("not queued")
+    };
+    let Response::Queued { run, .. } = c.request(&Request::SubmitLearn(Box::new(job(4, 2)))).unwrap() else {
+        panic!("not queued")
+    };
+    let a = collect(&store, &run);
+    let b = collect(&store, &run);
+    let (a, b) = (a.join().unwrap(), b.join().unwrap());
+    assert_eq!(a, b, "the two clients saw different events");
+    let progress: Vec<u64> = a
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::Run(SinkEvent::Progress { step, .. }) => Some(*step),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(progress, (1..=6).collect::<Vec<_>>());
+    assert!(a.iter().any(|e| matches!(&e.kind, EventKind::Run(SinkEvent::Metric { name, .. }) if name == "loss/total")));
+    assert!(matches!(&a.last().unwrap().kind, EventKind::Status { status, .. } if status == "done"));
+
+    let Response::Status(st) = c.request(&Request::Status).unwrap() else { panic!() };
+    assert_eq!(st.pid, std::process::id());
+    assert!(st.queue.is_empty());
+    let Response::Runs { stdout, error: None } = c.request(&Request::Runs { argv: vec!["show".into(), first, "--json".into()] }).unwrap() else {
+        panic!("runs show failed")
+    };
+    let rec: serde_json::Value = serde_json::from_slice(&stdout).unwrap();
+    assert_eq!(rec["status"], "done");
+}
+
+#[test]
+fn cancel_stops_a_running_job_and_keeps_its_checkpoint() {
+    let store = start_engine("cancel");
+    let mut c = Client::connect(&store).unwrap();
+    let mut j = job(400, 3);
+    j.config.checkpoint_every = 2;
+    let Response::Queued { run, .. } = c.request(&Request::SubmitLearn(Box::new(j))).unwrap() else { panic!() };
+    let watcher = collect(&store, &run);
+    // Wait for some progress, then cancel.
+    loop {
+        let Response::Status(st) = c.request(&Request::Status).unwrap() else { panic!() };
+        if st.progress.as_ref().is_some_and(|p| p.0 >= 3) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(matches!(c.request(&Request::Cancel { run: run.clone() }).unwrap(), Response::Ok));
+    let events = watcher.join().unwrap();
+    assert!(matches!(&events.last().unwrap().kind, EventKind::Status { status, .. } if status == "cancelled"));
+    let Response::Runs { stdout, .. } = c.request(&Request::Runs { argv: vec!["show".into(), run, "--json".into()] }).unwrap() else { panic!() };
+    let rec: serde_json::Value = serde_json::from_slice(&stdout).unwrap();
+    assert!(rec["outputs"]["checkpoint"].is_string(), "no checkpoint kept: {}", rec["outputs"]);
+    let steps = rec["metrics"]["loss/total"].as_array().unwrap().len();
+    assert!(steps < 400, "ran to the end despite the cancel");
+}
+
+#[test]
+fn a_client_with_another_protocol_version_is_refused() {
+    let store = start_engine("version");
+    let stream = std::os::unix::net::UnixStream::connect(mifo::engine::socket_path(&store)).unwrap();
+    let mut w = stream.try_clone().unwrap();
+    let mut r = stream;
+    write_frame(&mut w, &Request::Hello { version: 9999 }).unwrap();
+    let reply: Response = read_frame(&mut r).unwrap().unwrap();
+    match reply {
+        Response::Error(e) => assert!(e.contains("protocol mismatch"), "{e}"),
+        other => panic!("accepted a wrong version: {other:?}"),
+    }
+    let meta = std::fs::metadata(mifo::engine::socket_path(&store)).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+}

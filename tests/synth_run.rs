@@ -1,0 +1,264 @@
+//! End-to-end synthesis on the tiny SD 2.1-style fixture (CPU, shortened schedules): box control
+//! confines the placeholders' cross-attention, the latent optimisation lowers the box loss, runs
+//! are reproducible, every artifact and metric is there, and cancellation stops cleanly.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use mifo::model::StableDiffusion;
+use mifo::sink::MemorySink;
+use mifo::synth::{self, parse_box, SynthConfig, SynthReport, SynthRequest};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use rand_distr::{Distribution, StandardNormal};
+
+const PROMPT: &str = "a photo of <v0> and <v1> on the beach";
+const STEPS: usize = 10;
+const GUIDED: usize = 5;
+
+/// The tiny model with `<v0>`, `<v1>` added to its tokenizer, and seeded random embedding rows
+/// (scaled to the vocabulary's spread).
+fn model() -> (StableDiffusion, Tensor) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tiny-sd21");
+    let mut sd = StableDiffusion::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    let mut tok = sd.tokenizer.clone();
+    tok.add_tokens(&["<v0>".to_string(), "<v1>".to_string()])
+        .unwrap();
+    sd.tokenizer = tok;
+    let hidden = sd.text_encoder.config().hidden_size;
+    let std = sd
+        .text_encoder
+        .token_table()
+        .flatten_all()
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .sqrt()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let mut rng = StdRng::seed_from_u64(7);
+    let data: Vec<f32> = (0..2 * hidden)
+        .map(|_| {
+            let v: f32 = StandardNormal.sample(&mut rng);
+            v * std
+        })
+        .collect();
+    let rows = Tensor::from_vec(data, (2, hidden), &Device::Cpu).unwrap();
+    (sd, rows)
+}
+
+/// A short schedule: 10 steps, 5 guided, refinement at steps 5 and 8, 10 K-means restarts.
+fn short_config() -> SynthConfig {
+    SynthConfig {
+        steps: STEPS,
+        guided_steps: GUIDED,
+        refine_every: 3,
+        kmeans_restarts: 10,
+        ..SynthConfig::default()
+    }
+}
+
+/// Two subjects side by side in the lower half; the upper half is background at every
+/// resolution down to the 2×2 mid block. (Boxes that tile the whole image leave no background,
+/// and then the box loss is exactly 0: with the masks on, a subject's attention can only fall in
+/// its own box or the background.)
+fn request<'a>(
+    sd: &'a StableDiffusion,
+    rows: &Tensor,
+    config: SynthConfig,
+    seed: u64,
+    samples: usize,
+) -> SynthRequest<'a> {
+    SynthRequest {
+        sd,
+        placeholder_rows: Some(rows.clone()),
+        prompt: PROMPT.to_string(),
+        boxes: vec![
+            parse_box("<v0>=0,0.5,0.5,1").unwrap(),
+            parse_box("<v1>=0.5,0.5,1,1").unwrap(),
+        ],
+        samples,
+        seed,
+        config,
+    }
+}
+
+fn run(req: &SynthRequest) -> (SynthReport, MemorySink) {
+    let mut sink = MemorySink::default();
+    let report = synth::run(req, &mut sink).unwrap();
+    (report, sink)
+}
+
+fn final_leak(sink: &MemorySink, name: &str) -> f64 {
+    sink.metrics[name].last().unwrap().1
+}
+
+#[test]
+fn box_control_confines_cross_attention() {
+    let (sd, rows) = model();
+    let (on, on_sink) = run(&request(&sd, &rows, short_config(), 11, 1));
+    let off_cfg = SynthConfig {
+        box_control: false,
+        ..short_config()
+    };
+    let (off, off_sink) = run(&request(&sd, &rows, off_cfg, 11, 1));
+    let leak_on = [
+        final_leak(&on_sink, "leak/<v0>"),
+        final_leak(&on_sink, "leak/<v1>"),
+    ];
+    let leak_off = [
+        final_leak(&off_sink, "leak/<v0>"),
+        final_leak(&off_sink, "leak/<v1>"),
+    ];
+    println!("final leak with box control {leak_on:?}, without {leak_off:?}");
+    println!(
+        "wall per image: control {:.2}s, plain {:.2}s; refinements {}, fallbacks {:?}",
+        on.samples[0].wall_seconds,
+        off.samples[0].wall_seconds,
+        on.samples[0].refinements,
+        on.samples[0].mask_fallbacks
+    );
+    assert_eq!(on.samples[0].final_leak["<v0>"], leak_on[0]);
+    for l in leak_on {
+        assert!(l < 0.05, "leak with box control {leak_on:?}");
+    }
+    assert!(
+        leak_off.iter().any(|&l| l > 0.3),
+        "leak without box control {leak_off:?}"
+    );
+    assert_eq!(on.samples[0].refinements, 2);
+    // Without box control nothing is optimised or refined.
+    assert!(!off_sink.metrics.contains_key("loss/box"));
+    assert_eq!(off.samples[0].refinements, 0);
+}
+
+#[test]
+fn latent_optimisation_lowers_the_box_loss() {
+    let (sd, rows) = model();
+    let cfg = SynthConfig {
+        steps: STEPS,
+        guided_steps: GUIDED,
+        refine: false,
+        ..SynthConfig::default()
+    };
+    let (report, sink) = run(&request(&sd, &rows, cfg, 3, 1));
+    let before = &sink.metrics["loss/box"];
+    let after = &sink.metrics["loss/box_after"];
+    assert_eq!(before.len(), GUIDED);
+    let lowered = before.iter().zip(after).filter(|(b, a)| a.1 < b.1).count();
+    println!(
+        "loss/box before {:?}\nloss/box after  {:?}\ngd_iters {:?}\nlowered in {lowered} of {GUIDED}",
+        before.iter().map(|p| p.1).collect::<Vec<_>>(),
+        after.iter().map(|p| p.1).collect::<Vec<_>>(),
+        sink.metrics["gd_iters"].iter().map(|p| p.1).collect::<Vec<_>>()
+    );
+    assert_eq!(report.samples[0].guided_lowered, lowered);
+    assert!(
+        lowered * 2 > GUIDED,
+        "lowered in {lowered} of {GUIDED} guided steps"
+    );
+    // α follows the paper preset: 0.5, 0.35, 0.2, then the cosine stage down to α_final at N.
+    let alpha: Vec<f64> = sink.metrics["alpha"].iter().map(|p| p.1).collect();
+    assert!(
+        (alpha[0] - 0.5).abs() < 1e-12 && (alpha[2] - 0.2).abs() < 1e-12,
+        "{alpha:?}"
+    );
+    assert!((alpha[4] - 0.1).abs() < 1e-12, "{alpha:?}");
+}
+
+#[test]
+fn same_seed_same_pixels_and_all_outputs() {
+    let (sd, rows) = model();
+    let cfg = SynthConfig {
+        steps: 6,
+        guided_steps: 2,
+        refine_every: 2,
+        gd_iters: 2,
+        kmeans_restarts: 5,
+        ..SynthConfig::default()
+    };
+    let (report, a) = run(&request(&sd, &rows, cfg.clone(), 5, 2));
+    let (_, b) = run(&request(&sd, &rows, cfg.clone(), 5, 1));
+    let (_, c) = run(&request(&sd, &rows, cfg, 6, 1));
+    assert_eq!(a.artifacts["sample_0.png"], b.artifacts["sample_0.png"]);
+    assert_ne!(a.artifacts["sample_0.png"], c.artifacts["sample_0.png"]);
+    // Sample 1 of seed 5 starts from seed 6.
+    assert_eq!(a.artifacts["sample_1.png"], c.artifacts["sample_0.png"]);
+    assert!(!report.cancelled);
+
+    let mut names: Vec<&str> = a.artifacts.keys().map(String::as_str).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        vec![
+            "attn/<v0>_0.png",
+            "attn/<v0>_1.png",
+            "attn/<v1>_0.png",
+            "attn/<v1>_1.png",
+            "boxes_0.png",
+            "boxes_1.png",
+            "masks_0.png",
+            "masks_1.png",
+            "sample_0.png",
+            "sample_1.png",
+        ]
+    );
+    for (name, bytes) in &a.artifacts {
+        let img = image::load_from_memory(bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(img.width() == 128 && img.height() >= 128, "{name}");
+    }
+    // Per-step metrics on global steps k·steps + i.
+    let steps_of = |name: &str| a.metrics[name].iter().map(|p| p.0).collect::<Vec<_>>();
+    assert_eq!(steps_of("leak/<v0>"), (0..12).collect::<Vec<_>>());
+    assert_eq!(steps_of("leak/<v1>"), (0..12).collect::<Vec<_>>());
+    for m in ["loss/box", "loss/box_after", "gd_iters", "alpha"] {
+        assert_eq!(steps_of(m), vec![0, 1, 6, 7], "{m}");
+    }
+    assert!(a.metrics["gd_iters"]
+        .iter()
+        .all(|p| p.1 >= 1.0 && p.1 <= 2.0));
+}
+
+#[test]
+fn observing_attention_does_not_change_plain_sd() {
+    let (sd, rows) = model();
+    let plain = |attn_metrics: bool| SynthConfig {
+        steps: 4,
+        box_control: false,
+        attn_metrics,
+        ..SynthConfig::default()
+    };
+    let (_, observed) = run(&request(&sd, &rows, plain(true), 9, 1));
+    let (_, bare) = run(&request(&sd, &rows, plain(false), 9, 1));
+    assert_eq!(
+        observed.artifacts["sample_0.png"],
+        bare.artifacts["sample_0.png"]
+    );
+    assert!(!bare.metrics.contains_key("leak/<v0>"));
+    assert!(!bare.artifacts.contains_key("attn/<v0>_0.png"));
+    assert_eq!(observed.metrics["leak/<v0>"].len(), 4);
+}
+
+#[test]
+fn cancellation_stops_between_steps() {
+    let (sd, rows) = model();
+    let cfg = SynthConfig {
+        steps: 5,
+        guided_steps: 1,
+        ..SynthConfig::default()
+    };
+    let req = request(&sd, &rows, cfg, 1, 2);
+    let mut sink = MemorySink {
+        stop_after: Some(7),
+        ..MemorySink::default()
+    };
+    let report = synth::run(&req, &mut sink).unwrap();
+    assert!(report.cancelled);
+    assert_eq!(report.samples.len(), 1);
+    assert!(sink.artifacts.contains_key("sample_0.png"));
+    assert!(!sink.artifacts.contains_key("sample_1.png"));
+    assert_eq!(sink.metrics["leak/<v0>"].len(), 7);
+}
