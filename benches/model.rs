@@ -102,7 +102,9 @@ fn main() -> mifo::Result<()> {
         loss.backward()?;
         Ok(())
     });
-    time("vae encode (mean)", iters, || sd.vae.encode(&image).map(|_| ()));
+    time("vae encode (mean)", iters, || {
+        sd.vae.encode(&image).map(|_| ())
+    });
     time("vae decode", iters, || sd.vae.decode(&latent).map(|_| ()));
     Ok(())
 }

@@ -214,17 +214,48 @@ mod tests {
 
     #[test]
     fn overrides_apply_with_type_checks() {
-        let d = apply_overrides(&demo(), "learn", &sets(&["learn.steps=3", "learn.lr=1", "learn.flag=true", "learn.mode=lora", "synth.x=1"])).unwrap();
-        assert_eq!(d, Demo { steps: 3, lr: 1.0, flag: true, mode: "lora".into() });
-        let e = apply_overrides(&demo(), "learn", &sets(&["learn.nope=1"])).unwrap_err().to_string();
-        assert!(e.contains("unknown key `learn.nope`") && e.contains("learn.steps"), "{e}");
-        let e = apply_overrides(&demo(), "learn", &sets(&["learn.steps=1.5"])).unwrap_err().to_string();
+        let d = apply_overrides(
+            &demo(),
+            "learn",
+            &sets(&[
+                "learn.steps=3",
+                "learn.lr=1",
+                "learn.flag=true",
+                "learn.mode=lora",
+                "synth.x=1",
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            d,
+            Demo {
+                steps: 3,
+                lr: 1.0,
+                flag: true,
+                mode: "lora".into()
+            }
+        );
+        let e = apply_overrides(&demo(), "learn", &sets(&["learn.nope=1"]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("unknown key `learn.nope`") && e.contains("learn.steps"),
+            "{e}"
+        );
+        let e = apply_overrides(&demo(), "learn", &sets(&["learn.steps=1.5"]))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("expected an integer"), "{e}");
-        let e = apply_overrides(&demo(), "learn", &sets(&["learn.flag=3"])).unwrap_err().to_string();
+        let e = apply_overrides(&demo(), "learn", &sets(&["learn.flag=3"]))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("expected a boolean"), "{e}");
         assert!(parse_override("steps=3").is_err());
         assert!(parse_override("learn.steps").is_err());
         assert!(check_sections(&sets(&["lern.steps=3"]), &["learn", "synth"]).is_err());
-        assert_eq!(changed_keys(&demo(), &Demo { lr: 0.1, ..demo() }), vec!["lr".to_string()]);
+        assert_eq!(
+            changed_keys(&demo(), &Demo { lr: 0.1, ..demo() }),
+            vec!["lr".to_string()]
+        );
     }
 }

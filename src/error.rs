@@ -27,6 +27,12 @@ pub enum Error {
     /// Invalid user input that is not tied to one file (a prompt, a box, a flag combination).
     #[error("{0}")]
     Input(String),
+    /// A finished run already has exactly this spec (pass `--rerun` to run it again).
+    #[error("this exact run already finished as {run} (same spec); pass --rerun to run it again")]
+    AlreadyRan {
+        /// The earlier run's id.
+        run: String,
+    },
     /// An error from the run store.
     #[error("store: {0}")]
     Store(#[from] crate::store::StoreError),

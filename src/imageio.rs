@@ -53,18 +53,32 @@ fn resize_crop(img: &DynamicImage, size: u32, filter: FilterType) -> DynamicImag
 
 /// An RGB image resized (short side) and centre-cropped to size×size.
 pub fn fit_rgb(img: &RgbImage, size: u32) -> RgbImage {
-    resize_crop(&DynamicImage::ImageRgb8(img.clone()), size, FilterType::CatmullRom).to_rgb8()
+    resize_crop(
+        &DynamicImage::ImageRgb8(img.clone()),
+        size,
+        FilterType::CatmullRom,
+    )
+    .to_rgb8()
 }
 
 /// A grey mask resized (short side, bilinear: soft edges kept) and centre-cropped.
 pub fn fit_mask(mask: &GrayImage, size: u32) -> GrayImage {
-    resize_crop(&DynamicImage::ImageLuma8(mask.clone()), size, FilterType::Triangle).to_luma8()
+    resize_crop(
+        &DynamicImage::ImageLuma8(mask.clone()),
+        size,
+        FilterType::Triangle,
+    )
+    .to_luma8()
 }
 
 /// RGB → [1, 3, H, W] in [-1, 1].
 pub fn rgb_to_tensor(img: &RgbImage, device: &Device) -> Result<Tensor> {
     let (w, h) = img.dimensions();
-    let data: Vec<f32> = img.as_raw().iter().map(|&v| v as f32 / 127.5 - 1.0).collect();
+    let data: Vec<f32> = img
+        .as_raw()
+        .iter()
+        .map(|&v| v as f32 / 127.5 - 1.0)
+        .collect();
     let t = Tensor::from_vec(data, (h as usize, w as usize, 3), device)?;
     Ok(t.permute((2, 0, 1))?.unsqueeze(0)?.contiguous()?)
 }
@@ -78,7 +92,11 @@ pub fn mask_to_tensor(mask: &GrayImage, device: &Device) -> Result<Tensor> {
 
 /// [3, H, W] (or [1, 3, H, W]) in [0, 1] → RGB image (values clamped and rounded).
 pub fn tensor_to_rgb(t: &Tensor) -> Result<RgbImage> {
-    let t = if t.rank() == 4 { t.squeeze(0)? } else { t.clone() };
+    let t = if t.rank() == 4 {
+        t.squeeze(0)?
+    } else {
+        t.clone()
+    };
     let (c, h, w) = t.dims3()?;
     if c != 3 {
         return Err(Error::Input(format!("expected 3 channels, got {c}")));
@@ -118,7 +136,9 @@ pub fn heat_overlay(base: &RgbImage, map: &Tensor) -> Result<RgbImage> {
     let small = GrayImage::from_raw(
         w as u32,
         h as u32,
-        v.iter().map(|x| ((x / max).clamp(0.0, 1.0) * 255.0) as u8).collect(),
+        v.iter()
+            .map(|x| ((x / max).clamp(0.0, 1.0) * 255.0) as u8)
+            .collect(),
     )
     .ok_or_else(|| Error::Input("map size mismatch".into()))?;
     let big = image::imageops::resize(&small, base.width(), base.height(), FilterType::Triangle);

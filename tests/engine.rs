@@ -18,7 +18,15 @@ fn start_engine(name: &str) -> PathBuf {
     let store = std::env::temp_dir().join(format!("mifo-engine-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&store);
     let dir = store.clone();
-    std::thread::spawn(move || serve(&dir, EngineOptions { idle_exit: Some(Duration::from_secs(30)) }).unwrap());
+    std::thread::spawn(move || {
+        serve(
+            &dir,
+            EngineOptions {
+                idle_exit: Some(Duration::from_secs(30)),
+            },
+        )
+        .unwrap()
+    });
     for _ in 0..200 {
         if Client::try_connect(&store).ok().flatten().is_some() {
             return store;
@@ -51,7 +59,10 @@ fn job(steps: u64, seed: u64) -> LearnJob {
 }
 
 fn collect(store: &Path, run: &str) -> std::thread::JoinHandle<Vec<Event>> {
-    let events = Client::connect(store).unwrap().subscribe(Some(run)).unwrap();
+    let events = Client::connect(store)
+        .unwrap()
+        .subscribe(Some(run))
+        .unwrap();
     std::thread::spawn(move || {
         let mut out = Vec::new();
         for ev in events {
@@ -71,10 +82,16 @@ fn two_clients_see_the_same_live_events() {
     let store = start_engine("two");
     let mut c = Client::connect(&store).unwrap();
     // Queue a first run so the second one is still queued when both watchers subscribe.
-    let Response::Queued { run: first, .. } = c.request(&Request::SubmitLearn(Box::new(job(6, 1)))).unwrap() else {
+    let Response::Queued { run: first, .. } = c
+        .request(&Request::SubmitLearn(Box::new(job(6, 1))))
+        .unwrap()
+    else {
         panic!("not queued")
     };
-    let Response::Queued { run, .. } = c.request(&Request::SubmitLearn(Box::new(job(4, 2)))).unwrap() else {
+    let Response::Queued { run, .. } = c
+        .request(&Request::SubmitLearn(Box::new(job(4, 2))))
+        .unwrap()
+    else {
         panic!("not queued")
     };
     let a = collect(&store, &run);
@@ -90,12 +107,24 @@ fn two_clients_see_the_same_live_events() {
         .collect();
     assert_eq!(progress, (1..=6).collect::<Vec<_>>());
     assert!(a.iter().any(|e| matches!(&e.kind, EventKind::Run(SinkEvent::Metric { name, .. }) if name == "loss/total")));
-    assert!(matches!(&a.last().unwrap().kind, EventKind::Status { status, .. } if status == "done"));
+    assert!(
+        matches!(&a.last().unwrap().kind, EventKind::Status { status, .. } if status == "done")
+    );
 
-    let Response::Status(st) = c.request(&Request::Status).unwrap() else { panic!() };
+    let Response::Status(st) = c.request(&Request::Status).unwrap() else {
+        panic!()
+    };
     assert_eq!(st.pid, std::process::id());
     assert!(st.queue.is_empty());
-    let Response::Runs { stdout, error: None } = c.request(&Request::Runs { argv: vec!["show".into(), first, "--json".into()] }).unwrap() else {
+    let Response::Runs {
+        stdout,
+        error: None,
+    } = c
+        .request(&Request::Runs {
+            argv: vec!["show".into(), first, "--json".into()],
+        })
+        .unwrap()
+    else {
         panic!("runs show failed")
     };
     let rec: serde_json::Value = serde_json::from_slice(&stdout).unwrap();
@@ -108,22 +137,43 @@ fn cancel_stops_a_running_job_and_keeps_its_checkpoint() {
     let mut c = Client::connect(&store).unwrap();
     let mut j = job(400, 3);
     j.config.checkpoint_every = 2;
-    let Response::Queued { run, .. } = c.request(&Request::SubmitLearn(Box::new(j))).unwrap() else { panic!() };
+    let Response::Queued { run, .. } = c.request(&Request::SubmitLearn(Box::new(j))).unwrap()
+    else {
+        panic!()
+    };
     let watcher = collect(&store, &run);
     // Wait for some progress, then cancel.
     loop {
-        let Response::Status(st) = c.request(&Request::Status).unwrap() else { panic!() };
+        let Response::Status(st) = c.request(&Request::Status).unwrap() else {
+            panic!()
+        };
         if st.progress.as_ref().is_some_and(|p| p.0 >= 3) {
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(matches!(c.request(&Request::Cancel { run: run.clone() }).unwrap(), Response::Ok));
+    assert!(matches!(
+        c.request(&Request::Cancel { run: run.clone() }).unwrap(),
+        Response::Ok
+    ));
     let events = watcher.join().unwrap();
-    assert!(matches!(&events.last().unwrap().kind, EventKind::Status { status, .. } if status == "cancelled"));
-    let Response::Runs { stdout, .. } = c.request(&Request::Runs { argv: vec!["show".into(), run, "--json".into()] }).unwrap() else { panic!() };
+    assert!(
+        matches!(&events.last().unwrap().kind, EventKind::Status { status, .. } if status == "cancelled")
+    );
+    let Response::Runs { stdout, .. } = c
+        .request(&Request::Runs {
+            argv: vec!["show".into(), run, "--json".into()],
+        })
+        .unwrap()
+    else {
+        panic!()
+    };
     let rec: serde_json::Value = serde_json::from_slice(&stdout).unwrap();
-    assert!(rec["outputs"]["checkpoint"].is_string(), "no checkpoint kept: {}", rec["outputs"]);
+    assert!(
+        rec["outputs"]["checkpoint"].is_string(),
+        "no checkpoint kept: {}",
+        rec["outputs"]
+    );
     let steps = rec["metrics"]["loss/total"].as_array().unwrap().len();
     assert!(steps < 400, "ran to the end despite the cancel");
 }
@@ -131,7 +181,8 @@ fn cancel_stops_a_running_job_and_keeps_its_checkpoint() {
 #[test]
 fn a_client_with_another_protocol_version_is_refused() {
     let store = start_engine("version");
-    let stream = std::os::unix::net::UnixStream::connect(mifo::engine::socket_path(&store)).unwrap();
+    let stream =
+        std::os::unix::net::UnixStream::connect(mifo::engine::socket_path(&store)).unwrap();
     let mut w = stream.try_clone().unwrap();
     let mut r = stream;
     write_frame(&mut w, &Request::Hello { version: 9999 }).unwrap();

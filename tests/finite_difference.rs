@@ -26,7 +26,8 @@ fn tiny_unet(weights: Rc<WeightFile>) -> UNet {
         "in_channels": 4, "out_channels": 4,
         "flip_sin_to_cos": true, "freq_shift": 0
     });
-    let cfg = UNetConfig::from_json(&ConfigJson::from_value("tiny-unet.json", cfg).unwrap()).unwrap();
+    let cfg =
+        UNetConfig::from_json(&ConfigJson::from_value("tiny-unet.json", cfg).unwrap()).unwrap();
     UNet::load(cfg, weights, DType::F64, &Device::Cpu).unwrap()
 }
 
@@ -36,7 +37,8 @@ fn tiny_clip(weights: Rc<WeightFile>) -> ClipTextModel {
         "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 6,
         "hidden_act": "quick_gelu", "model_type": "clip_text_model"
     });
-    let cfg = ClipConfig::from_json(&ConfigJson::from_value("tiny-clip.json", cfg).unwrap()).unwrap();
+    let cfg =
+        ClipConfig::from_json(&ConfigJson::from_value("tiny-clip.json", cfg).unwrap()).unwrap();
     ClipTextModel::load(cfg, weights, &Device::Cpu).unwrap()
 }
 
@@ -51,7 +53,9 @@ impl AttentionHook for MapLoss {
     fn logit_bias(&mut self, call: &AttnCall) -> mifo::Result<Option<Tensor>> {
         if call.kind == AttnKind::SelfAttn {
             let n = call.height * call.width;
-            let bias: Vec<f64> = (0..n * n).map(|i| if i % 3 == 0 { -2.0 } else { 0.0 }).collect();
+            let bias: Vec<f64> = (0..n * n)
+                .map(|i| if i % 3 == 0 { -2.0 } else { 0.0 })
+                .collect();
             return Ok(Some(Tensor::from_vec(bias, (n, n), &Device::Cpu)?));
         }
         Ok(None)
@@ -83,14 +87,21 @@ fn randn(shape: &[usize], seed: u64) -> Tensor {
 fn objective(unet: &UNet, latent: &Tensor, context: &Tensor, w: &Tensor) -> Tensor {
     let t = Tensor::new(&[321f64, 17.0], &Device::Cpu).unwrap();
     let mut hook = MapLoss { total: None };
-    let eps = unet.forward_hooked(latent, &t, context, Some(&mut hook)).unwrap();
+    let eps = unet
+        .forward_hooked(latent, &t, context, Some(&mut hook))
+        .unwrap();
     let s = (eps * w).unwrap().sum_all().unwrap();
     (s + hook.total.unwrap()).unwrap()
 }
 
 /// Central differences on `n` elements of `var`, compared with `analytic`.
 fn check_var(name: &str, var: &Var, analytic: &Tensor, f: &dyn Fn() -> f64, n: usize) {
-    let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let base = var
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
     let grad = analytic.flatten_all().unwrap().to_vec1::<f64>().unwrap();
     let shape = var.as_tensor().shape().clone();
     let h = 1e-5;
@@ -101,16 +112,19 @@ fn check_var(name: &str, var: &Var, analytic: &Tensor, f: &dyn Fn() -> f64, n: u
         let i = (k * stride + k * 7) % base.len();
         let mut plus = base.clone();
         plus[i] += h;
-        var.set(&Tensor::from_vec(plus, shape.clone(), &Device::Cpu).unwrap()).unwrap();
+        var.set(&Tensor::from_vec(plus, shape.clone(), &Device::Cpu).unwrap())
+            .unwrap();
         let fp = f();
         let mut minus = base.clone();
         minus[i] -= h;
-        var.set(&Tensor::from_vec(minus, shape.clone(), &Device::Cpu).unwrap()).unwrap();
+        var.set(&Tensor::from_vec(minus, shape.clone(), &Device::Cpu).unwrap())
+            .unwrap();
         let fm = f();
         let numeric = (fp - fm) / (2.0 * h);
         worst = worst.max((numeric - grad[i]).abs() / scale);
     }
-    var.set(&Tensor::from_vec(base, shape, &Device::Cpu).unwrap()).unwrap();
+    var.set(&Tensor::from_vec(base, shape, &Device::Cpu).unwrap())
+        .unwrap();
     assert!(
         worst < 1e-6,
         "{name}: finite-difference mismatch {worst:.3e} (relative to max |grad| {scale:.3e})"
@@ -138,9 +152,25 @@ fn unet_gradients_match_finite_differences() {
         .collect();
     assert!(missing.is_empty(), "weights without gradient: {missing:?}");
 
-    let f = || objective(&unet, latent.as_tensor(), context.as_tensor(), &w).to_scalar::<f64>().unwrap();
-    check_var("latent", &latent, grads.get(latent.as_tensor()).unwrap(), &f, 8);
-    check_var("context", &context, grads.get(context.as_tensor()).unwrap(), &f, 8);
+    let f = || {
+        objective(&unet, latent.as_tensor(), context.as_tensor(), &w)
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    check_var(
+        "latent",
+        &latent,
+        grads.get(latent.as_tensor()).unwrap(),
+        &f,
+        8,
+    );
+    check_var(
+        "context",
+        &context,
+        grads.get(context.as_tensor()).unwrap(),
+        &f,
+        8,
+    );
     // The weights whose gradients candle's stock SD code loses: attention q/k and norms.
     for wanted in [
         "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight",
@@ -150,7 +180,10 @@ fn unet_gradients_match_finite_differences() {
         "up_blocks.1.attentions.0.proj_in.weight",
         "time_embedding.linear_1.weight",
     ] {
-        let (_, var) = vars.iter().find(|(n, _)| n == wanted).unwrap_or_else(|| panic!("no var {wanted}"));
+        let (_, var) = vars
+            .iter()
+            .find(|(n, _)| n == wanted)
+            .unwrap_or_else(|| panic!("no var {wanted}"));
         check_var(wanted, var, grads.get(var.as_tensor()).unwrap(), &f, 4);
     }
 }
@@ -163,7 +196,11 @@ fn text_encoder_gradients_match_finite_differences() {
     let clip = tiny_clip(file.clone());
     // Two placeholder rows: ids 40 and 41.
     let rows = Var::from_tensor(&randn(&[2, 8], 5)).unwrap();
-    let ids = Tensor::new(&[[38u32, 3, 40, 7, 41, 39], [38, 41, 39, 0, 0, 0]], &Device::Cpu).unwrap();
+    let ids = Tensor::new(
+        &[[38u32, 3, 40, 7, 41, 39], [38, 41, 39, 0, 0, 0]],
+        &Device::Cpu,
+    )
+    .unwrap();
     let w = randn(&[2, 6, 8], 6);
     let eval = || {
         let h = clip.forward(&ids, Some(rows.as_tensor())).unwrap();
@@ -181,7 +218,13 @@ fn text_encoder_gradients_match_finite_differences() {
     // base ids, which it does. Every weight must be on the graph.
     assert!(missing.is_empty(), "weights without gradient: {missing:?}");
     let f = || eval().to_scalar::<f64>().unwrap();
-    check_var("placeholder rows", &rows, grads.get(rows.as_tensor()).unwrap(), &f, 8);
+    check_var(
+        "placeholder rows",
+        &rows,
+        grads.get(rows.as_tensor()).unwrap(),
+        &f,
+        8,
+    );
     let vars = file.vars();
     for wanted in [
         "encoder.layers.0.layer_norm1.weight",

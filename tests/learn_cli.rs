@@ -30,24 +30,44 @@ fn mifo(store: &Path, args: &[&str]) -> Output {
 }
 
 const SHORT: [&str; 10] = [
-    "--set", "learn.reward_steps=3",
-    "--set", "learn.penalty_steps=4",
-    "--set", "learn.dreambooth_steps=2",
-    "--set", "learn.preview_steps=3",
-    "--set", "learn.checkpoint_every=2",
+    "--set",
+    "learn.reward_steps=3",
+    "--set",
+    "learn.penalty_steps=4",
+    "--set",
+    "learn.dreambooth_steps=2",
+    "--set",
+    "learn.preview_steps=3",
+    "--set",
+    "learn.checkpoint_every=2",
 ];
 
 fn learn_args<'a>(scene: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut v = vec!["learn", "--scene", scene, "--model", "fixtures/tiny-sd21", "--seed", "7"];
+    let mut v = vec![
+        "learn",
+        "--scene",
+        scene,
+        "--model",
+        "fixtures/tiny-sd21",
+        "--seed",
+        "7",
+    ];
     v.extend(SHORT);
     v.extend(extra);
     v
 }
 
 fn json(out: &Output) -> serde_json::Value {
-    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!("stdout is not one JSON document ({e}): {}", String::from_utf8_lossy(&out.stdout))
+        panic!(
+            "stdout is not one JSON document ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
     })
 }
 
@@ -60,8 +80,18 @@ fn learn_stores_a_run_and_refuses_to_repeat_it_silently() {
     let rec = json(&out);
     assert_eq!(rec["status"], "done");
     assert_eq!(rec["kind"], "learn");
-    for name in ["embeddings", "weights", "preview.png", "attn/<v0>.png", "attn/<v1>.png"] {
-        assert!(rec["outputs"][name].is_string(), "missing {name}: {}", rec["outputs"]);
+    for name in [
+        "embeddings",
+        "weights",
+        "preview.png",
+        "attn/<v0>.png",
+        "attn/<v1>.png",
+    ] {
+        assert!(
+            rec["outputs"][name].is_string(),
+            "missing {name}: {}",
+            rec["outputs"]
+        );
     }
     assert_eq!(rec["metrics"]["loss/total"].as_array().unwrap().len(), 9);
     assert!(rec["metrics"]["leak/<v0>"].is_array());
@@ -75,7 +105,11 @@ fn learn_stores_a_run_and_refuses_to_repeat_it_silently() {
     args.push("--rerun");
     let rerun = json(&mifo(&store, &args));
     assert_eq!(rerun["rerun_of"], rec["id"]);
-    assert_eq!(rerun["rerun_identical"], true, "re-run outputs differ: {} vs {}", rerun["outputs"], rec["outputs"]);
+    assert_eq!(
+        rerun["rerun_identical"], true,
+        "re-run outputs differ: {} vs {}",
+        rerun["outputs"], rec["outputs"]
+    );
     assert_eq!(rerun["outputs"]["embeddings"], rec["outputs"]["embeddings"]);
     let _ = std::fs::remove_dir_all(store);
 }
@@ -85,31 +119,71 @@ fn resume_after_kill_matches_the_uninterrupted_run() {
     std::env::set_current_dir(root()).unwrap();
     let store = tmp("resume");
     let long = [
-        "--set", "learn.reward_steps=10", "--set", "learn.penalty_steps=30",
-        "--set", "learn.dreambooth=none", "--set", "learn.preview=false",
-        "--set", "learn.checkpoint_every=5",
+        "--set",
+        "learn.reward_steps=10",
+        "--set",
+        "learn.penalty_steps=30",
+        "--set",
+        "learn.dreambooth=none",
+        "--set",
+        "learn.preview=false",
+        "--set",
+        "learn.checkpoint_every=5",
     ];
-    let mut args: Vec<&str> = vec!["learn", "--scene", "fixtures/scenes/coins", "--model", "fixtures/tiny-sd21", "--seed", "3"];
+    let mut args: Vec<&str> = vec![
+        "learn",
+        "--scene",
+        "fixtures/scenes/coins",
+        "--model",
+        "fixtures/tiny-sd21",
+        "--seed",
+        "3",
+    ];
     args.extend(long);
     // Queue the run in the engine, let it work a few seconds, then kill -9 the engine.
     let mut detached = args.clone();
     detached.push("--detach");
     let out = mifo(&store, &detached);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     std::thread::sleep(Duration::from_secs(4));
     let status = json(&mifo(&store, &["engine", "status", "--json"]));
     let pid = status["pid"].as_u64().expect("engine pid");
-    let finished_early = status["running"].is_null() && status["queue"].as_array().is_some_and(|q| q.is_empty());
-    Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+    let finished_early =
+        status["running"].is_null() && status["queue"].as_array().is_some_and(|q| q.is_empty());
+    Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
     std::thread::sleep(Duration::from_millis(300));
 
     let ls = json(&mifo(&store, &["runs", "ls", "--json"]));
-    let runs = ls.as_array().or_else(|| ls["runs"].as_array()).expect("runs list").clone();
+    let runs = ls
+        .as_array()
+        .or_else(|| ls["runs"].as_array())
+        .expect("runs list")
+        .clone();
     assert_eq!(runs.len(), 1);
     let id = runs[0]["id"].as_str().unwrap().to_string();
     if !finished_early {
-        assert_eq!(runs[0]["status"], "interrupted", "a run whose engine was killed must show as interrupted");
-        let resumed = json(&mifo(&store, &["learn", "--resume", &id[..8], "--model", "fixtures/tiny-sd21", "--json"]));
+        assert_eq!(
+            runs[0]["status"], "interrupted",
+            "a run whose engine was killed must show as interrupted"
+        );
+        let resumed = json(&mifo(
+            &store,
+            &[
+                "learn",
+                "--resume",
+                &id[..8],
+                "--model",
+                "fixtures/tiny-sd21",
+                "--json",
+            ],
+        ));
         assert_eq!(resumed["status"], "done");
     }
     let first = json(&mifo(&store, &["runs", "show", &id, "--json"]));
@@ -132,11 +206,15 @@ fn resume_after_kill_matches_the_uninterrupted_run() {
 }
 
 fn write_rgb(path: &Path, w: u32, h: u32) {
-    RgbImage::from_fn(w, h, |x, y| Rgb([(x * 3) as u8, (y * 5) as u8, 90])).save(path).unwrap();
+    RgbImage::from_fn(w, h, |x, y| Rgb([(x * 3) as u8, (y * 5) as u8, 90]))
+        .save(path)
+        .unwrap();
 }
 
 fn write_mask(path: &Path, w: u32, h: u32, on: impl Fn(u32, u32) -> bool) {
-    GrayImage::from_fn(w, h, |x, y| Luma([if on(x, y) { 255 } else { 0 }])).save(path).unwrap();
+    GrayImage::from_fn(w, h, |x, y| Luma([if on(x, y) { 255 } else { 0 }]))
+        .save(path)
+        .unwrap();
 }
 
 fn assert_rejected(store: &Path, args: &[&str], needle: &str) {
@@ -145,14 +223,23 @@ fn assert_rejected(store: &Path, args: &[&str], needle: &str) {
     assert!(!out.status.success(), "accepted: {args:?}");
     assert!(!err.contains("panicked"), "{err}");
     let last = err.trim().lines().last().unwrap_or("");
-    assert!(last.contains(needle), "error for {args:?} does not mention `{needle}`: {err}");
-    assert!(!store.join("db").exists() || store_is_empty(store), "store was written for {args:?}");
+    assert!(
+        last.contains(needle),
+        "error for {args:?} does not mention `{needle}`: {err}"
+    );
+    assert!(
+        !store.join("db").exists() || store_is_empty(store),
+        "store was written for {args:?}"
+    );
 }
 
 fn store_is_empty(store: &Path) -> bool {
     let ls = mifo(store, &["runs", "ls", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&ls.stdout).unwrap_or_default();
-    v.as_array().or_else(|| v["runs"].as_array()).map(|a| a.is_empty()).unwrap_or(true)
+    v.as_array()
+        .or_else(|| v["runs"].as_array())
+        .map(|a| a.is_empty())
+        .unwrap_or(true)
 }
 
 #[test]
@@ -180,7 +267,13 @@ fn bad_inputs_give_one_line_errors_and_store_nothing() {
     std::fs::write(&junk, b"not a png").unwrap();
     let s = |p: &Path| p.to_str().unwrap().to_string();
     let base = |image: &Path, masks: &[&Path]| -> Vec<String> {
-        let mut v = vec!["learn".into(), "--model".into(), "fixtures/tiny-sd21".into(), "--image".into(), s(image)];
+        let mut v = vec![
+            "learn".into(),
+            "--model".into(),
+            "fixtures/tiny-sd21".into(),
+            "--image".into(),
+            s(image),
+        ];
         for m in masks {
             v.push("--mask".into());
             v.push(s(m));
@@ -213,7 +306,10 @@ fn bad_inputs_give_one_line_errors_and_store_nothing() {
     let mut a = base(&img, &[&m_left, &m_right]);
     a[2] = s(&d.join("no-model"));
     check(a, "no-model");
-    assert!(!store.exists() || store_is_empty(&store), "a rejected launch wrote to the store");
+    assert!(
+        !store.exists() || store_is_empty(&store),
+        "a rejected launch wrote to the store"
+    );
     let _ = std::fs::remove_dir_all(d);
 }
 
@@ -224,16 +320,37 @@ fn class_images_are_reused_across_runs() {
     let store = tmp("class");
     let args = |seed: &'static str| -> Vec<&'static str> {
         vec![
-            "learn", "--scene", "fixtures/scenes/coffee", "--model", "fixtures/tiny-sd21", "--preset", "official",
-            "--seed", seed, "--json",
-            "--set", "learn.reward_steps=1", "--set", "learn.penalty_steps=1", "--set", "learn.dreambooth_steps=2",
-            "--set", "learn.class_images=2", "--set", "learn.class_image_steps=2", "--set", "learn.preview=false",
+            "learn",
+            "--scene",
+            "fixtures/scenes/coffee",
+            "--model",
+            "fixtures/tiny-sd21",
+            "--preset",
+            "official",
+            "--seed",
+            seed,
+            "--json",
+            "--set",
+            "learn.reward_steps=1",
+            "--set",
+            "learn.penalty_steps=1",
+            "--set",
+            "learn.dreambooth_steps=2",
+            "--set",
+            "learn.class_images=2",
+            "--set",
+            "learn.class_image_steps=2",
+            "--set",
+            "learn.preview=false",
         ]
     };
     let a = json(&mifo(&store, &args("1")));
     let b = json(&mifo(&store, &args("2")));
     assert_eq!(a["outputs"]["class/1.png"], b["outputs"]["class/1.png"]);
     let log = b["log"].to_string();
-    assert!(log.contains("2 reused from the store"), "second run regenerated its class images: {log}");
+    assert!(
+        log.contains("2 reused from the store"),
+        "second run regenerated its class images: {log}"
+    );
     let _ = std::fs::remove_dir_all(store);
 }

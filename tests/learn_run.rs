@@ -12,7 +12,8 @@ fn root() -> PathBuf {
 }
 
 fn setup() -> (StableDiffusion, learn::Scene) {
-    let sd = StableDiffusion::load(&root().join("fixtures/tiny-sd21"), DType::F32, &Device::Cpu).unwrap();
+    let sd = StableDiffusion::load(&root().join("fixtures/tiny-sd21"), DType::F32, &Device::Cpu)
+        .unwrap();
     let files = learn::scene_files(&root().join("fixtures/scenes/coffee")).unwrap();
     let size = (sd.unet.config().sample_size * sd.vae.config().factor()) as u32;
     let scene = learn::load_scene(&files, size, false).unwrap();
@@ -31,9 +32,29 @@ fn short_config() -> LearnConfig {
     }
 }
 
-fn run(sd: &StableDiffusion, scene: &learn::Scene, cfg: LearnConfig, resume: Option<Checkpoint>, stop_after: Option<u64>) -> MemorySink {
-    let mut sink = MemorySink { stop_after, ..Default::default() };
-    learn::run(LearnRequest { sd, scene, config: cfg, seed: 7, resume, class_images: Vec::new() }, &mut sink).unwrap();
+fn run(
+    sd: &StableDiffusion,
+    scene: &learn::Scene,
+    cfg: LearnConfig,
+    resume: Option<Checkpoint>,
+    stop_after: Option<u64>,
+) -> MemorySink {
+    let mut sink = MemorySink {
+        stop_after,
+        ..Default::default()
+    };
+    learn::run(
+        LearnRequest {
+            sd,
+            scene,
+            config: cfg,
+            seed: 7,
+            resume,
+            class_images: Vec::new(),
+        },
+        &mut sink,
+    )
+    .unwrap();
     sink
 }
 
@@ -41,8 +62,18 @@ fn run(sd: &StableDiffusion, scene: &learn::Scene, cfg: LearnConfig, resume: Opt
 fn a_run_produces_every_output_and_metric() {
     let (sd, scene) = setup();
     let sink = run(&sd, &scene, short_config(), None, None);
-    for name in ["embeddings", "weights", "attn/<v0>.png", "attn/<v1>.png", "preview.png"] {
-        assert!(sink.artifacts.contains_key(name), "missing output {name}: {:?}", sink.artifacts.keys());
+    for name in [
+        "embeddings",
+        "weights",
+        "attn/<v0>.png",
+        "attn/<v1>.png",
+        "preview.png",
+    ] {
+        assert!(
+            sink.artifacts.contains_key(name),
+            "missing output {name}: {:?}",
+            sink.artifacts.keys()
+        );
     }
     let total = sink.metrics["loss/total"].len();
     assert_eq!(total, 13);
@@ -61,7 +92,10 @@ fn same_spec_same_bytes_and_resume_is_bit_identical() {
     let (sd, scene) = setup();
     let a = run(&sd, &scene, short_config(), None, None);
     let b = run(&sd, &scene, short_config(), None, None);
-    assert_eq!(a.artifacts["embeddings"], b.artifacts["embeddings"], "two runs of one spec differ");
+    assert_eq!(
+        a.artifacts["embeddings"], b.artifacts["embeddings"],
+        "two runs of one spec differ"
+    );
     assert_eq!(a.artifacts["preview.png"], b.artifacts["preview.png"]);
 
     // Interrupt in phase A (after 7 steps; last checkpoint at 5) and resume.
@@ -70,7 +104,10 @@ fn same_spec_same_bytes_and_resume_is_bit_identical() {
     assert_eq!(step, 7, "cancellation checkpoints where it stopped");
     let ck = Checkpoint::from_bytes(&bytes, &Device::Cpu).unwrap();
     let resumed = run(&sd, &scene, short_config(), Some(ck), None);
-    assert_eq!(a.artifacts["embeddings"], resumed.artifacts["embeddings"], "resume changed the result");
+    assert_eq!(
+        a.artifacts["embeddings"], resumed.artifacts["embeddings"],
+        "resume changed the result"
+    );
     assert_eq!(a.artifacts["weights"], resumed.artifacts["weights"]);
 
     // Interrupt in phase B and resume.
@@ -79,7 +116,10 @@ fn same_spec_same_bytes_and_resume_is_bit_identical() {
     assert_eq!(step, 11);
     let ck = Checkpoint::from_bytes(&bytes, &Device::Cpu).unwrap();
     let resumed = run(&sd, &scene, short_config(), Some(ck), None);
-    assert_eq!(a.artifacts["weights"], resumed.artifacts["weights"], "phase-B resume changed the weights");
+    assert_eq!(
+        a.artifacts["weights"], resumed.artifacts["weights"],
+        "phase-B resume changed the weights"
+    );
     assert_eq!(a.artifacts["embeddings"], resumed.artifacts["embeddings"]);
 }
 
@@ -102,12 +142,26 @@ fn attention_penalty_falls_with_strong_weights() {
     .collect();
     let cfg = mifo::config::apply_overrides(&LearnConfig::paper(), "learn", &overrides).unwrap();
     let sink = run(&sd, &scene, cfg, None, None);
-    let penalty: Vec<f64> = sink.metrics["loss/attn"].iter().filter(|p| p.0 >= 20).map(|p| p.1).collect();
-    assert!(penalty.len() >= 40, "too few steps with an attention term: {}", penalty.len());
+    let penalty: Vec<f64> = sink.metrics["loss/attn"]
+        .iter()
+        .filter(|p| p.0 >= 20)
+        .map(|p| p.1)
+        .collect();
+    assert!(
+        penalty.len() >= 40,
+        "too few steps with an attention term: {}",
+        penalty.len()
+    );
     let first: f64 = penalty[..10].iter().sum::<f64>() / 10.0;
     let last: f64 = penalty[penalty.len() - 10..].iter().sum::<f64>() / 10.0;
-    eprintln!("penalty first-10 mean {first:.4e}, last-10 mean {last:.4e}, ratio {:.3}", last / first);
-    assert!(last <= 0.6 * first, "penalty did not fall: first {first:.4e} last {last:.4e}");
+    eprintln!(
+        "penalty first-10 mean {first:.4e}, last-10 mean {last:.4e}, ratio {:.3}",
+        last / first
+    );
+    assert!(
+        last <= 0.6 * first,
+        "penalty did not fall: first {first:.4e} last {last:.4e}"
+    );
 }
 
 /// The official preset's DreamBooth phase with prior preservation: class images are generated
@@ -125,11 +179,17 @@ fn official_preset_trains_with_prior_preservation() {
         ..LearnConfig::official()
     };
     let sink = run(&sd, &scene, cfg, None, None);
-    assert!(sink.artifacts.contains_key("class/0.png") && sink.artifacts.contains_key("class/1.png"));
+    assert!(
+        sink.artifacts.contains_key("class/0.png") && sink.artifacts.contains_key("class/1.png")
+    );
     let prior = &sink.metrics["loss/prior"];
     assert_eq!(prior.iter().map(|p| p.0).collect::<Vec<_>>(), vec![4, 5, 6]);
     assert!(prior.iter().all(|p| p.1.is_finite() && p.1 > 0.0));
-    assert!(sink.logs.iter().any(|l| l.contains("0 reused")), "{:?}", sink.logs);
+    assert!(
+        sink.logs.iter().any(|l| l.contains("0 reused")),
+        "{:?}",
+        sink.logs
+    );
 }
 
 /// `learn.dreambooth=lora`: adapters are trained (B leaves zero), stored as `lora`, and a
@@ -145,18 +205,41 @@ fn lora_dreambooth_trains_adapters_and_resumes_exactly() {
     };
     let full = run(&sd, &scene, cfg.clone(), None, None);
     assert!(full.artifacts.contains_key("lora") && !full.artifacts.contains_key("weights"));
-    let lora = candle_core::safetensors::load_buffer(&full.artifacts["lora"], &Device::Cpu).unwrap();
-    let b_keys: Vec<&String> = lora.keys().filter(|k| k.ends_with("lora_B.weight")).collect();
-    assert!(b_keys.iter().any(|k| k.starts_with("unet.")) && b_keys.iter().any(|k| k.starts_with("text_encoder.")));
+    let lora =
+        candle_core::safetensors::load_buffer(&full.artifacts["lora"], &Device::Cpu).unwrap();
+    let b_keys: Vec<&String> = lora
+        .keys()
+        .filter(|k| k.ends_with("lora_B.weight"))
+        .collect();
+    assert!(
+        b_keys.iter().any(|k| k.starts_with("unet."))
+            && b_keys.iter().any(|k| k.starts_with("text_encoder."))
+    );
     let moved = b_keys
         .iter()
-        .filter(|k| lora[**k].abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0)
+        .filter(|k| {
+            lora[**k]
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0
+        })
         .count();
-    assert!(moved * 2 > b_keys.len(), "only {moved} of {} LoRA B matrices moved", b_keys.len());
+    assert!(
+        moved * 2 > b_keys.len(),
+        "only {moved} of {} LoRA B matrices moved",
+        b_keys.len()
+    );
 
     let cut = run(&sd, &scene, cfg.clone(), None, Some(11));
     let ck = Checkpoint::from_bytes(&cut.checkpoint.unwrap().1, &Device::Cpu).unwrap();
     let resumed = run(&sd, &scene, cfg, Some(ck), None);
     assert_eq!(full.artifacts["lora"], resumed.artifacts["lora"]);
-    assert_eq!(full.artifacts["embeddings"], resumed.artifacts["embeddings"]);
+    assert_eq!(
+        full.artifacts["embeddings"],
+        resumed.artifacts["embeddings"]
+    );
 }

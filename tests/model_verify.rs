@@ -40,7 +40,10 @@ fn every_reference_tensor_matches_diffusers() {
         .filter(|c| !c.ok)
         .map(|c| format!("{} rel {:.3e} {:?}", c.name, c.max_rel, c.note))
         .collect();
-    assert!(failed.is_empty(), "tensors differ from diffusers: {failed:#?}");
+    assert!(
+        failed.is_empty(),
+        "tensors differ from diffusers: {failed:#?}"
+    );
     let names: Vec<&str> = checks.iter().map(|c| c.name.as_str()).collect();
     for must in [
         "tokens.prompt_input_ids",
@@ -73,16 +76,27 @@ fn a_perturbed_weight_is_caught() {
     let t = tensors.get(key).unwrap();
     tensors.insert(key.to_string(), (t * 1.01).unwrap());
     candle_core::safetensors::save(&tensors, &file).unwrap();
-    let checks = verify::verify(&dir, &fixture().join("reference.safetensors"), &Device::Cpu).unwrap();
-    let failed: Vec<&str> = checks.iter().filter(|c| !c.ok).map(|c| c.name.as_str()).collect();
-    assert!(failed.contains(&"unet.eps"), "perturbation not caught: {failed:?}");
+    let checks =
+        verify::verify(&dir, &fixture().join("reference.safetensors"), &Device::Cpu).unwrap();
+    let failed: Vec<&str> = checks
+        .iter()
+        .filter(|c| !c.ok)
+        .map(|c| c.name.as_str())
+        .collect();
+    assert!(
+        failed.contains(&"unet.eps"),
+        "perturbation not caught: {failed:?}"
+    );
     // The tokenizer and text encoder are untouched and still pass.
     assert!(!failed.contains(&"text.last_hidden_state"));
     let _ = std::fs::remove_dir_all(dir);
 }
 
 fn mifo(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_mifo")).args(args).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mifo"))
+        .args(args)
+        .output()
+        .unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -92,11 +106,19 @@ fn mifo(args: &[&str]) -> (i32, String, String) {
 
 fn assert_one_line_error(dir: &Path, needle: &str) {
     let reference = fixture().join("reference.safetensors");
-    let (code, _, err) = mifo(&["model", "verify", dir.to_str().unwrap(), reference.to_str().unwrap()]);
+    let (code, _, err) = mifo(&[
+        "model",
+        "verify",
+        dir.to_str().unwrap(),
+        reference.to_str().unwrap(),
+    ]);
     assert_ne!(code, 0, "expected failure, stderr: {err}");
     assert!(!err.contains("panicked"), "panic: {err}");
     assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
-    assert!(err.contains(needle), "error does not mention `{needle}`: {err}");
+    assert!(
+        err.contains(needle),
+        "error does not mention `{needle}`: {err}"
+    );
 }
 
 #[test]
@@ -111,7 +133,14 @@ fn broken_model_folders_give_one_line_errors() {
     let d = scratch("badcfg");
     let p = d.join("unet/config.json");
     let cfg = std::fs::read_to_string(&p).unwrap();
-    std::fs::write(&p, cfg.replace("\"attention_type\": \"default\"", "\"attention_type\": \"gated\"")).unwrap();
+    std::fs::write(
+        &p,
+        cfg.replace(
+            "\"attention_type\": \"default\"",
+            "\"attention_type\": \"gated\"",
+        ),
+    )
+    .unwrap();
     assert_one_line_error(&d, "attention_type");
     let _ = std::fs::remove_dir_all(&d);
 
@@ -146,7 +175,12 @@ fn broken_model_folders_give_one_line_errors() {
 fn verify_prints_one_line_per_tensor_and_exits_zero() {
     let dir = fixture();
     let reference = dir.join("reference.safetensors");
-    let (code, out, err) = mifo(&["model", "verify", dir.to_str().unwrap(), reference.to_str().unwrap()]);
+    let (code, out, err) = mifo(&[
+        "model",
+        "verify",
+        dir.to_str().unwrap(),
+        reference.to_str().unwrap(),
+    ]);
     assert_eq!(code, 0, "stderr: {err}");
     let rows: Vec<&str> = out.lines().filter(|l| l.ends_with(" ok")).collect();
     assert!(rows.len() >= 80, "{out}");

@@ -51,7 +51,11 @@ pub fn run(cmd: EngineCommand, store: &Path) -> anyhow::Result<()> {
         )?),
         EngineCommand::Start => {
             let c = Client::connect(store)?;
-            eprintln!("engine running (pid {}) for {}", c.engine_pid, store.display());
+            eprintln!(
+                "engine running (pid {}) for {}",
+                c.engine_pid,
+                store.display()
+            );
             Ok(())
         }
         EngineCommand::Stop { force } => {
@@ -63,14 +67,21 @@ pub fn run(cmd: EngineCommand, store: &Path) -> anyhow::Result<()> {
             eprintln!(
                 "engine (pid {}) stopping{}",
                 c.engine_pid,
-                if force { " now" } else { " after the current step" }
+                if force {
+                    " now"
+                } else {
+                    " after the current step"
+                }
             );
             Ok(())
         }
         EngineCommand::Status { json } => {
             let Some(mut c) = Client::try_connect(store)? else {
                 if json {
-                    println!("{}", serde_json::json!({"running": false, "pid": null, "store": store}));
+                    println!(
+                        "{}",
+                        serde_json::json!({"running": false, "pid": null, "store": store})
+                    );
                 } else {
                     println!("no engine is running for {}", store.display());
                 }
@@ -96,7 +107,14 @@ pub fn run(cmd: EngineCommand, store: &Path) -> anyhow::Result<()> {
                     }
                 );
                 println!("device   {}", st.device.as_deref().unwrap_or("-"));
-                println!("queue    {}", if st.queue.is_empty() { "-".into() } else { st.queue.join(" ") });
+                println!(
+                    "queue    {}",
+                    if st.queue.is_empty() {
+                        "-".into()
+                    } else {
+                        st.queue.join(" ")
+                    }
+                );
             }
             Ok(())
         }
@@ -159,7 +177,9 @@ pub fn runs(cmd: crate::cli::runs::RunsCommand, store: &Path) -> anyhow::Result<
                 run: run.clone(),
                 name: name.clone(),
             })? {
-                Response::Bytes(b) => crate::cli::runs::print_png(&b, &format!("output '{name}' of run {run}")),
+                Response::Bytes(b) => {
+                    crate::cli::runs::print_png(&b, &format!("output '{name}' of run {run}"))
+                }
                 Response::Error(e) => Err(anyhow!(e)),
                 other => Err(anyhow!("engine: unexpected reply {other:?}")),
             };
@@ -243,7 +263,10 @@ pub fn follow(store: &Path, id: &str, quiet: bool) -> anyhow::Result<String> {
                 if let Some(b) = &bar {
                     b.finish_and_clear();
                 }
-                if matches!(status.as_str(), "done" | "failed" | "cancelled" | "interrupted") {
+                if matches!(
+                    status.as_str(),
+                    "done" | "failed" | "cancelled" | "interrupted"
+                ) {
                     if let Some(e) = error {
                         if !quiet {
                             eprintln!("run {id} {status}: {e}");
@@ -294,7 +317,10 @@ pub fn runs_show_json(store: &Path, id: &str) -> anyhow::Result<()> {
     match c.request(&Request::Runs {
         argv: vec!["show".into(), id.into(), "--json".into()],
     })? {
-        Response::Runs { stdout, error: None } => {
+        Response::Runs {
+            stdout,
+            error: None,
+        } => {
             std::io::stdout().write_all(&stdout)?;
             Ok(())
         }
@@ -303,21 +329,42 @@ pub fn runs_show_json(store: &Path, id: &str) -> anyhow::Result<()> {
     }
 }
 
-/// Submits a job to the engine, prints its warnings, then follows it (or returns at once with
-/// `detach`). With `json`, prints the finished run's record (or `{id, status}` when detached).
-pub fn submit_and_follow(store: &Path, request: &Request, json: bool, detach: bool) -> anyhow::Result<()> {
+/// What the engine did with a submitted job.
+pub enum Submitted {
+    /// Queued as this run.
+    Queued(String),
+    /// A finished run already has this spec.
+    AlreadyRan(String),
+}
+
+/// Submits a job to the engine and prints its validation warnings.
+pub fn submit(store: &Path, request: &Request) -> anyhow::Result<Submitted> {
     let mut client = Client::connect(store)?;
-    let id = match client.request(request)? {
+    match client.request(request)? {
         Response::Queued { run, warnings } => {
             for w in warnings {
                 eprintln!("warning: {w}");
             }
-            run
+            Ok(Submitted::Queued(run))
         }
+        Response::AlreadyRan { run } => Ok(Submitted::AlreadyRan(run)),
         Response::Error(e) => bail!(e),
         other => bail!("engine: unexpected reply {other:?}"),
+    }
+}
+
+/// Submits a job to the engine, prints its warnings, then follows it (or returns at once with
+/// `detach`). With `json`, prints the finished run's record (or `{id, status}` when detached).
+pub fn submit_and_follow(
+    store: &Path,
+    request: &Request,
+    json: bool,
+    detach: bool,
+) -> anyhow::Result<()> {
+    let id = match submit(store, request)? {
+        Submitted::Queued(id) => id,
+        Submitted::AlreadyRan(run) => return Err(crate::Error::AlreadyRan { run }.into()),
     };
-    drop(client);
     if detach {
         if json {
             println!("{}", serde_json::json!({ "id": id, "status": "queued" }));

@@ -11,7 +11,9 @@ use crate::learn::{scene_files, LearnConfig, SceneFiles};
 
 /// Arguments of `mifo learn`.
 #[derive(Args, Debug)]
-#[command(after_help = "Examples:\n  mifo learn --scene fixtures/scenes/coffee --model fixtures/tiny-sd21 --seed 7\n  mifo learn --image img.jpg --mask cup.png --mask spoon.png --model ~/sd21-base --device cuda:0\n  mifo learn --scene DIR --preset official --set learn.penalty_steps=300\n  mifo learn --resume 01HX3 --model ~/sd21-base")]
+#[command(
+    after_help = "Examples:\n  mifo learn --scene fixtures/scenes/coffee --model fixtures/tiny-sd21 --seed 7\n  mifo learn --image img.jpg --mask cup.png --mask spoon.png --model ~/sd21-base --device cuda:0\n  mifo learn --scene DIR --preset official --set learn.penalty_steps=300\n  mifo learn --resume 01HX3 --model ~/sd21-base"
+)]
 pub struct LearnArgs {
     /// A scene folder: img.png|jpg plus mask*.png (sorted by name: the first mask is <v0>).
     #[arg(long, conflicts_with_all = ["image", "resume"])]

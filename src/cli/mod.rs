@@ -1,5 +1,6 @@
 //! Command line: clap definitions and dispatch. Library errors become one-line messages here.
 
+mod demo;
 pub mod engine;
 pub mod learn;
 mod model;
@@ -26,6 +27,8 @@ pub struct Cli {
 /// Top-level subcommands.
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Learn and synthesise on the bundled tiny model and scene: the first thing to try.
+    Demo(demo::DemoArgs),
     /// Learn one placeholder token <vK> per instance mask from one image (paper Algorithm 1).
     Learn(Box<learn::LearnArgs>),
     /// Draw learned instances into a new scene, each in its box (paper Algorithm 2).
@@ -45,6 +48,7 @@ pub enum Command {
 pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Demo(args) => demo::run(args, &cli.store),
         Command::Learn(args) => learn::run(*args, &cli.store),
         Command::Synth(args) => synth::run(*args, &cli.store),
         Command::Runs(cmd) => engine::runs(cmd, &cli.store),

@@ -81,7 +81,8 @@ pub fn run(cmd: ModelCommand) -> anyhow::Result<()> {
                         })
                     })
                     .collect();
-                let doc = serde_json::json!({"checks": rows, "failed": failed, "total": checks.len()});
+                let doc =
+                    serde_json::json!({"checks": rows, "failed": failed, "total": checks.len()});
                 println!("{}", serde_json::to_string_pretty(&doc)?);
             } else {
                 let width = checks.iter().map(|c| c.name.len()).max().unwrap_or(10);
@@ -92,16 +93,28 @@ pub fn run(cmd: ModelCommand) -> anyhow::Result<()> {
                 for c in &checks {
                     let shape = format!("{:?}", c.shape);
                     let verdict = if c.ok { "ok" } else { "FAIL" };
-                    let note = c.note.as_deref().map(|n| format!("  ({n})")).unwrap_or_default();
+                    let note = c
+                        .note
+                        .as_deref()
+                        .map(|n| format!("  ({n})"))
+                        .unwrap_or_default();
                     println!(
                         "{:<width$}  {:<18}  {:>10.3e}  {:>10.3e}  {verdict}{note}",
                         c.name, shape, c.max_abs, c.max_rel
                     );
                 }
-                println!("{} checked, {} ok, {} failed", checks.len(), checks.len() - failed, failed);
+                println!(
+                    "{} checked, {} ok, {} failed",
+                    checks.len(),
+                    checks.len() - failed,
+                    failed
+                );
             }
             if failed > 0 {
-                bail!("{failed} of {} tensors differ from the reference", checks.len());
+                bail!(
+                    "{failed} of {} tensors differ from the reference",
+                    checks.len()
+                );
             }
             Ok(())
         }
@@ -158,7 +171,8 @@ fn info(
     let mut calls = ListCalls::default();
     let t = Tensor::new(&[500f32], &device)?;
     let start = std::time::Instant::now();
-    sd.unet.forward_hooked(&latent, &t, &ctx, Some(&mut calls))?;
+    sd.unet
+        .forward_hooked(&latent, &t, &ctx, Some(&mut calls))?;
     let fwd_ms = start.elapsed().as_secs_f64() * 1e3;
     let te = sd.text_encoder.config();
     let sched = sd.scheduler.config();
@@ -186,17 +200,30 @@ fn info(
     println!("model        {}", model_dir.display());
     println!(
         "text encoder {} layers, hidden {}, {} heads, {:?}, vocab {} (pad id {}, {} tokens)",
-        te.num_layers, te.hidden_size, te.num_heads, te.activation, te.vocab_size,
-        sd.tokenizer.pad_id(), sd.tokenizer.max_len()
+        te.num_layers,
+        te.hidden_size,
+        te.num_heads,
+        te.activation,
+        te.vocab_size,
+        sd.tokenizer.pad_id(),
+        sd.tokenizer.max_len()
     );
     println!(
         "unet         channels {:?}, heads {:?}, layers/block {:?}, cross dim {}, {} projection",
-        uc.block_out_channels, uc.heads, uc.layers_per_block, uc.cross_attention_dim,
-        if uc.linear_projection { "linear" } else { "conv" }
+        uc.block_out_channels,
+        uc.heads,
+        uc.layers_per_block,
+        uc.cross_attention_dim,
+        if uc.linear_projection {
+            "linear"
+        } else {
+            "conv"
+        }
     );
     println!(
         "vae          channels {:?}, factor {f}, scaling {}",
-        sd.vae.config().block_out_channels, sd.vae.config().scaling_factor
+        sd.vae.config().block_out_channels,
+        sd.vae.config().scaling_factor
     );
     println!(
         "scheduler    {:?} prediction, {:?} spacing, steps_offset {}",
@@ -204,10 +231,20 @@ fn info(
     );
     println!("loaded in {load_s:.2} s; one UNet forward at {size}x{size} px: {fwd_ms:.1} ms");
     println!();
-    println!("{:>5}  {:<5}  {:<56} {:>9}  {:>5}  {:>5}", "index", "kind", "path", "size", "heads", "keys");
+    println!(
+        "{:>5}  {:<5}  {:<56} {:>9}  {:>5}  {:>5}",
+        "index", "kind", "path", "size", "heads", "keys"
+    );
     for (i, k, p, h, w, heads, keys) in &calls.rows {
-        let kind = if *k == AttnKind::SelfAttn { "self" } else { "cross" };
-        println!("{i:>5}  {kind:<5}  {p:<56} {:>9}  {heads:>5}  {keys:>5}", format!("{h}x{w}"));
+        let kind = if *k == AttnKind::SelfAttn {
+            "self"
+        } else {
+            "cross"
+        };
+        println!(
+            "{i:>5}  {kind:<5}  {p:<56} {:>9}  {heads:>5}  {keys:>5}",
+            format!("{h}x{w}")
+        );
     }
     Ok(())
 }

@@ -9,7 +9,7 @@ use crate::jobs::learn::LearnJob;
 use crate::jobs::sink::SinkEvent;
 
 /// Bumped whenever a message changes shape.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest frame accepted (a `runs show --json` of a long run is well below this).
 pub const MAX_FRAME: usize = 64 << 20;
 
@@ -138,6 +138,11 @@ pub enum Response {
         /// Validation warnings (e.g. overlapping boxes).
         warnings: Vec<String>,
     },
+    /// A finished run already has this exact spec (nothing was queued).
+    AlreadyRan {
+        /// Its id.
+        run: String,
+    },
     /// Request done.
     Ok,
     /// Request refused or failed (one line).
@@ -157,7 +162,10 @@ pub fn write_frame<T: Serialize>(w: &mut impl Write, msg: &T) -> std::io::Result
     if bytes.len() > MAX_FRAME {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
-            format!("message of {} bytes exceeds the {MAX_FRAME}-byte frame limit", bytes.len()),
+            format!(
+                "message of {} bytes exceeds the {MAX_FRAME}-byte frame limit",
+                bytes.len()
+            ),
         ));
     }
     w.write_all(&(bytes.len() as u32).to_be_bytes())?;

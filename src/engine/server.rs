@@ -109,7 +109,10 @@ impl Shared {
             pid: std::process::id(),
             uptime_s: self.started.elapsed().as_secs_f64(),
             store: store_dir.display().to_string(),
-            queue: lock(&self.queue).iter().map(|j| j.id().to_string()).collect(),
+            queue: lock(&self.queue)
+                .iter()
+                .map(|j| j.id().to_string())
+                .collect(),
             running: cur.as_ref().map(|c| c.id.to_string()),
             progress: cur.as_ref().and_then(|c| c.progress.clone()),
             device: cur.as_ref().map(|c| c.device.clone()),
@@ -209,7 +212,9 @@ pub fn serve(store_dir: &Path, opts: EngineOptions) -> Result<()> {
                     let mut w = BufWriter::new(&stream);
                     let _ = write_frame(
                         &mut w,
-                        &Response::Error("connection refused: the engine serves its own user only".into()),
+                        &Response::Error(
+                            "connection refused: the engine serves its own user only".into(),
+                        ),
                     );
                     continue;
                 }
@@ -340,9 +345,10 @@ fn worker_loop(shared: &Arc<Shared>) {
             Ok(Err(e)) => eprintln!("engine: run {id} failed: {e}"),
             Err(_) => {
                 eprintln!("engine: run {id} panicked");
-                let _ = shared
-                    .store
-                    .finish_run(&id, RunOutcome::Failed("internal error (panic); see engine.log".into()));
+                let _ = shared.store.finish_run(
+                    &id,
+                    RunOutcome::Failed("internal error (panic); see engine.log".into()),
+                );
             }
         }
         *lock(&shared.current) = None;
@@ -359,7 +365,11 @@ struct RunsArgv {
     cmd: crate::cli::runs::RunsCommand,
 }
 
-fn handle_client(shared: &Arc<Shared>, store_dir: &Path, stream: UnixStream) -> std::io::Result<()> {
+fn handle_client(
+    shared: &Arc<Shared>,
+    store_dir: &Path,
+    stream: UnixStream,
+) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut writer = BufWriter::new(stream);
     match read_frame::<Request>(&mut reader) {
@@ -381,7 +391,10 @@ fn handle_client(shared: &Arc<Shared>, store_dir: &Path, stream: UnixStream) -> 
             );
         }
         Ok(Some(_)) | Ok(None) => {
-            return write_frame(&mut writer, &Response::Error("expected a Hello first".into()))
+            return write_frame(
+                &mut writer,
+                &Response::Error("expected a Hello first".into()),
+            )
         }
         Err(e) => {
             let _ = write_frame(&mut writer, &Response::Error(format!("bad frame: {e}")));
@@ -415,6 +428,7 @@ fn handle_client(shared: &Arc<Shared>, store_dir: &Path, stream: UnixStream) -> 
                                 warnings: Vec::new(),
                             }
                         }
+                        Err(Error::AlreadyRan { run }) => Response::AlreadyRan { run },
                         Err(e) => Response::Error(e.to_string()),
                     }
                 }
@@ -433,6 +447,7 @@ fn handle_client(shared: &Arc<Shared>, store_dir: &Path, stream: UnixStream) -> 
                                 warnings,
                             }
                         }
+                        Err(Error::AlreadyRan { run }) => Response::AlreadyRan { run },
                         Err(e) => Response::Error(e.to_string()),
                     }
                 }
@@ -521,7 +536,11 @@ fn output_bytes(shared: &Arc<Shared>, run: &str, name: &str) -> Response {
             let names: Vec<&str> = rec.outputs.keys().map(String::as_str).collect();
             Error::Input(format!(
                 "run {id} has no output named '{name}' (outputs: {})",
-                if names.is_empty() { "none".to_string() } else { names.join(", ") }
+                if names.is_empty() {
+                    "none".to_string()
+                } else {
+                    names.join(", ")
+                }
             ))
         })?;
         Ok(shared.store.read_blob(hash)?)
@@ -538,7 +557,13 @@ fn run_runs_command(shared: &Arc<Shared>, argv: Vec<String>) -> Response {
         Err(e) => {
             return Response::Runs {
                 stdout: Vec::new(),
-                error: Some(e.to_string().lines().next().unwrap_or("bad arguments").to_string()),
+                error: Some(
+                    e.to_string()
+                        .lines()
+                        .next()
+                        .unwrap_or("bad arguments")
+                        .to_string(),
+                ),
             }
         }
     };

@@ -107,10 +107,9 @@ pub fn prepare(store: &Store, job: &LearnJob) -> Result<RunRecord> {
     let earlier = store.done_runs_with_spec(&spec.spec_hash()?)?;
     let rerun_of = match (earlier.first(), job.rerun) {
         (Some(r), false) => {
-            return Err(Error::Input(format!(
-                "this exact run already finished as {} (same spec); pass --rerun to run it again",
-                r.id
-            )))
+            return Err(Error::AlreadyRan {
+                run: r.id.to_string(),
+            })
         }
         (Some(r), true) => Some(r.id.clone()),
         (None, _) => None,
@@ -123,7 +122,10 @@ pub fn prepare(store: &Store, job: &LearnJob) -> Result<RunRecord> {
     Ok(store.create_run(
         &spec,
         NewRun {
-            scene: Some(super::scene_label(&job.files.image, job.scene_dir.as_deref())),
+            scene: Some(super::scene_label(
+                &job.files.image,
+                job.scene_dir.as_deref(),
+            )),
             config_deltas: config_deltas(&defaults, &job.config),
             rerun_of,
         },
@@ -159,7 +161,17 @@ pub fn start_with_hook(
             return Err(e);
         }
     };
-    execute(store, id, &sd, &scene, job.config.clone(), job.seed, None, &job.model, opts)
+    execute(
+        store,
+        id,
+        &sd,
+        &scene,
+        job.config.clone(),
+        job.seed,
+        None,
+        &job.model,
+        opts,
+    )
 }
 
 /// [`prepare`] then [`start`].
@@ -278,7 +290,13 @@ pub fn check_resumable(store: &Store, prefix: &str, model: &Path) -> Result<RunI
 
 /// Continues the interrupted learning run `id` from its last checkpoint (see
 /// [`check_resumable`]).
-pub fn resume(store: &Store, id: &RunId, model: &Path, device: &str, opts: &RunOptions) -> Result<RunRecord> {
+pub fn resume(
+    store: &Store,
+    id: &RunId,
+    model: &Path,
+    device: &str,
+    opts: &RunOptions,
+) -> Result<RunRecord> {
     resume_with_hook(store, id, model, device, opts, &|| {})
 }
 
@@ -307,10 +325,9 @@ pub fn resume_with_hook(
     check_dtype_device(dtype, &dev)?;
     let sd = StableDiffusion::load(model, dtype, &dev)?;
     let blob = |name: &str| -> Result<PathBuf> {
-        let h = spec
-            .inputs
-            .get(name)
-            .ok_or_else(|| Error::Input(format!("run {id}: input `{name}` missing from its spec")))?;
+        let h = spec.inputs.get(name).ok_or_else(|| {
+            Error::Input(format!("run {id}: input `{name}` missing from its spec"))
+        })?;
         Ok(store.blobs().path(h))
     };
     let mask_count = spec.inputs.keys().filter(|k| k.starts_with("mask")).count();
@@ -327,7 +344,9 @@ pub fn resume_with_hook(
     };
     store.resume_run(id, &host_name(), device)?;
     on_started();
-    execute(store, id, &sd, &scene, config, spec.seed, checkpoint, model, opts)
+    execute(
+        store, id, &sd, &scene, config, spec.seed, checkpoint, model, opts,
+    )
 }
 
 /// Class images already in the store for this model and class prompt: the `class/<i>.png`
@@ -350,9 +369,13 @@ fn cached_class_images(
         let spec = store.spec(&record.spec_hash)?;
         let learn = spec.config.get("learn");
         let same = spec.model_fingerprint == fingerprint
-            && learn.and_then(|l| l.get("class_prompt")).and_then(|v| v.as_str())
+            && learn
+                .and_then(|l| l.get("class_prompt"))
+                .and_then(|v| v.as_str())
                 == Some(prompt.as_str())
-            && learn.and_then(|l| l.get("class_image_steps")).and_then(|v| v.as_u64())
+            && learn
+                .and_then(|l| l.get("class_image_steps"))
+                .and_then(|v| v.as_u64())
                 == Some(*steps)
             && spec.config.get("dtype").and_then(|v| v.as_str()) == Some(dtype_name(sd.dtype));
         if !same {

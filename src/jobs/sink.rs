@@ -141,7 +141,8 @@ impl RunSink for StoreSink {
     }
 
     fn checkpoint(&mut self, _step: u64, bytes: Vec<u8>) -> Result<()> {
-        self.store.put_output(&self.run, CHECKPOINT_OUTPUT, &bytes)?;
+        self.store
+            .put_output(&self.run, CHECKPOINT_OUTPUT, &bytes)?;
         self.store.flush_metrics(&self.run).map_err(Error::from)
     }
 

@@ -55,7 +55,12 @@ struct Learned {
     overrides: Vec<(String, Tensor)>,
 }
 
-fn load_learned(store: &Store, prefix: &str, model: &Path, device: &candle_core::Device) -> Result<Learned> {
+fn load_learned(
+    store: &Store,
+    prefix: &str,
+    model: &Path,
+    device: &candle_core::Device,
+) -> Result<Learned> {
     let id = store.resolve(prefix)?;
     let rec = store.get_run(&id)?;
     if rec.kind != RunKind::Learn || rec.status != RunStatus::Done {
@@ -104,7 +109,10 @@ fn load_learned(store: &Store, prefix: &str, model: &Path, device: &candle_core:
 }
 
 /// The model (with the learned run's weights and tokens) and the synthesis request.
-fn build(store: &Store, job: &SynthJob) -> Result<(StableDiffusion, Option<Learned>, Vec<BoxSpec>)> {
+fn build(
+    store: &Store,
+    job: &SynthJob,
+) -> Result<(StableDiffusion, Option<Learned>, Vec<BoxSpec>)> {
     job.config.check()?;
     let device = parse_device(&job.device)?;
     let dtype = parse_dtype(&job.dtype)?;
@@ -119,7 +127,10 @@ fn build(store: &Store, job: &SynthJob) -> Result<(StableDiffusion, Option<Learn
         .as_deref()
         .map(|p| load_learned(store, p, &job.model, &device))
         .transpose()?;
-    let overrides = learned.as_ref().map(|l| l.overrides.clone()).unwrap_or_default();
+    let overrides = learned
+        .as_ref()
+        .map(|l| l.overrides.clone())
+        .unwrap_or_default();
     let mut sd = StableDiffusion::load_with(&job.model, dtype, &device, overrides)?;
     if let Some(l) = &learned {
         sd.tokenizer = tokenizer_with_placeholders(&sd.tokenizer, l.rows.dim(0)?)?.0;
@@ -127,7 +138,12 @@ fn build(store: &Store, job: &SynthJob) -> Result<(StableDiffusion, Option<Learn
     Ok((sd, learned, boxes))
 }
 
-fn request<'a>(sd: &'a StableDiffusion, learned: Option<&Learned>, boxes: Vec<BoxSpec>, job: &SynthJob) -> Result<SynthRequest<'a>> {
+fn request<'a>(
+    sd: &'a StableDiffusion,
+    learned: Option<&Learned>,
+    boxes: Vec<BoxSpec>,
+    job: &SynthJob,
+) -> Result<SynthRequest<'a>> {
     Ok(SynthRequest {
         sd,
         placeholder_rows: learned.map(|l| l.rows.to_dtype(sd.dtype)).transpose()?,
@@ -166,10 +182,9 @@ pub fn prepare(store: &Store, job: &SynthJob) -> Result<(RunRecord, Vec<String>)
     let earlier = store.done_runs_with_spec(&spec.spec_hash()?)?;
     let rerun_of = match (earlier.first(), job.rerun) {
         (Some(r), false) => {
-            return Err(Error::Input(format!(
-                "this exact run already finished as {} (same spec); pass --rerun to run it again",
-                r.id
-            )))
+            return Err(Error::AlreadyRan {
+                run: r.id.to_string(),
+            })
         }
         (Some(r), true) => Some(r.id.clone()),
         (None, _) => None,
@@ -177,7 +192,12 @@ pub fn prepare(store: &Store, job: &SynthJob) -> Result<(RunRecord, Vec<String>)
     let values = serde_json::to_value(&job.config).unwrap_or_default();
     let deltas = crate::config::changed_keys(&defaults, &job.config)
         .into_iter()
-        .map(|k| (format!("synth.{k}"), values.get(&k).map(|v| v.to_string()).unwrap_or_default()))
+        .map(|k| {
+            (
+                format!("synth.{k}"),
+                values.get(&k).map(|v| v.to_string()).unwrap_or_default(),
+            )
+        })
         .collect();
     let record = store.create_run(
         &spec,
@@ -230,7 +250,13 @@ impl RunSink for SampleTextSink<'_> {
 }
 
 /// Runs the queued synthesis run `id` (made by [`prepare`] from `job`).
-pub fn start(store: &Store, id: &RunId, job: &SynthJob, opts: &RunOptions, on_started: &dyn Fn()) -> Result<RunRecord> {
+pub fn start(
+    store: &Store,
+    id: &RunId,
+    job: &SynthJob,
+    opts: &RunOptions,
+    on_started: &dyn Fn(),
+) -> Result<RunRecord> {
     store.start_run(id, &host_name(), &job.device)?;
     on_started();
     let rec = store.get_run(id)?;
@@ -259,7 +285,10 @@ pub fn start(store: &Store, id: &RunId, job: &SynthJob, opts: &RunOptions, on_st
             "synthesise {} sample(s) of \"{}\" from {}",
             job.samples,
             job.prompt,
-            learned.as_ref().map(|l| l.id.to_string()).unwrap_or_else(|| "the plain model".into())
+            learned
+                .as_ref()
+                .map(|l| l.id.to_string())
+                .unwrap_or_else(|| "the plain model".into())
         ))?;
         let report = synth::run(&req, &mut sink)?;
         sink.inner.finish();

@@ -187,7 +187,10 @@ impl LearnConfig {
             return bad("lr_schedule", "expected constant or cosine");
         }
         if self.embedding_steps() == 0 {
-            return bad("reward_steps", "reward_steps + penalty_steps must be at least 1");
+            return bad(
+                "reward_steps",
+                "reward_steps + penalty_steps must be at least 1",
+            );
         }
         if !(self.lr > 0.0) || !(self.dreambooth_lr >= 0.0) {
             return bad("lr", "learning rates must be positive");
@@ -199,9 +202,13 @@ impl LearnConfig {
             return bad("adam_beta1", "β must be in [0, 1)");
         }
         if self.prior_preservation && self.class_images == 0 {
-            return bad("class_images", "prior preservation needs at least one class image");
+            return bad(
+                "class_images",
+                "prior preservation needs at least one class image",
+            );
         }
-        if self.attn_layers.is_empty() && (self.lambda_reward != 0.0 || self.lambda_penalty != 0.0) {
+        if self.attn_layers.is_empty() && (self.lambda_reward != 0.0 || self.lambda_penalty != 0.0)
+        {
             return bad("attn_layers", "no layers for a non-zero attention loss");
         }
         Ok(())

@@ -127,7 +127,11 @@ pub fn load_scene(files: &SceneFiles, size: u32, allow_overlap: bool) -> Result<
                 let (_, a) = coverage(&raw_masks[i]);
                 let (_, b) = coverage(&raw_masks[j]);
                 let both = a.iter().zip(&b).filter(|(x, y)| **x && **y).count();
-                let smaller = a.iter().filter(|&&x| x).count().min(b.iter().filter(|&&x| x).count());
+                let smaller = a
+                    .iter()
+                    .filter(|&&x| x)
+                    .count()
+                    .min(b.iter().filter(|&&x| x).count());
                 let frac = both as f64 / smaller.max(1) as f64;
                 if frac > MAX_OVERLAP_FRACTION {
                     return Err(Error::file(

@@ -356,7 +356,11 @@ fn class_data(
     };
     let mut images = Vec::new();
     let count = cfg.class_images as usize;
-    let reused = given.iter().filter(|g| g.dimensions() == (res, res)).count().min(count);
+    let reused = given
+        .iter()
+        .filter(|g| g.dimensions() == (res, res))
+        .count()
+        .min(count);
     sink.log(&format!(
         "prior preservation: {count} class image(s) of \"{}\", {reused} reused from the store, {} to generate",
         cfg.class_prompt,
@@ -366,9 +370,20 @@ fn class_data(
         let img = match given.get(i).filter(|g| g.dimensions() == (res, res)) {
             Some(g) => g.clone(),
             None => {
-                let latent = seeded_normal(&[1, sd.unet.config().in_channels, size, size], i as u64, dev)?
-                    .to_dtype(sd.dtype)?;
-                let t = sampler.generate(&ids, uncond_ids, None, &latent, cfg.class_image_steps as usize, 7.5)?;
+                let latent = seeded_normal(
+                    &[1, sd.unet.config().in_channels, size, size],
+                    i as u64,
+                    dev,
+                )?
+                .to_dtype(sd.dtype)?;
+                let t = sampler.generate(
+                    &ids,
+                    uncond_ids,
+                    None,
+                    &latent,
+                    cfg.class_image_steps as usize,
+                    7.5,
+                )?;
                 tensor_to_rgb(&t)?
             }
         };
@@ -383,7 +398,10 @@ fn class_data(
 }
 
 /// The tokenizer with `<v0>…<vN-1>` added, and their ids.
-pub fn tokenizer_with_placeholders(base: &ClipTokenizer, n: usize) -> Result<(ClipTokenizer, Vec<u32>)> {
+pub fn tokenizer_with_placeholders(
+    base: &ClipTokenizer,
+    n: usize,
+) -> Result<(ClipTokenizer, Vec<u32>)> {
     let mut tok = base.clone();
     let names: Vec<String> = (0..n).map(token_name).collect();
     let ids = tok.add_tokens(&names)?;
@@ -469,7 +487,8 @@ pub fn run(req: LearnRequest, sink: &mut dyn RunSink) -> Result<LearnReport> {
 
     let mut report = LearnReport::default();
     let mut prompt_cache: HashMap<Vec<usize>, (Tensor, Vec<usize>)> = HashMap::new();
-    let latent_hw = |h: usize, w: usize| (h / sd.vae.config().factor(), w / sd.vae.config().factor());
+    let latent_hw =
+        |h: usize, w: usize| (h / sd.vae.config().factor(), w / sd.vae.config().factor());
 
     for step in start_step..total {
         if sink.should_stop() {
@@ -499,7 +518,14 @@ pub fn run(req: LearnRequest, sink: &mut dyn RunSink) -> Result<LearnReport> {
             in_phase_b = true;
         }
         if phase == Phase::DreamBooth && cfg.prior_preservation && class.is_none() {
-            class = Some(class_data(sd, &tok, cfg, &req.class_images, &uncond_ids, sink)?);
+            class = Some(class_data(
+                sd,
+                &tok,
+                cfg,
+                &req.class_images,
+                &uncond_ids,
+                sink,
+            )?);
         }
         let lr = match phase {
             Phase::DreamBooth => cfg.dreambooth_lr,
@@ -530,7 +556,9 @@ pub fn run(req: LearnRequest, sink: &mut dyn RunSink) -> Result<LearnReport> {
                     .map(|&j| {
                         enc.iter()
                             .position(|&id| id == token_ids[j])
-                            .ok_or_else(|| Error::Input(format!("{} fell off the prompt", token_names[j])))
+                            .ok_or_else(|| {
+                                Error::Input(format!("{} fell off the prompt", token_names[j]))
+                            })
                     })
                     .collect::<Result<Vec<_>>>()?;
                 let ids = Tensor::new(enc, dev)?.unsqueeze(0)?;
@@ -591,12 +619,15 @@ pub fn run(req: LearnRequest, sink: &mut dyn RunSink) -> Result<LearnReport> {
             Phase::DreamBooth => &cfg.dreambooth_penalty_layers,
             _ => &cfg.attn_layers,
         };
-        let in_any = |path: &str, prefixes: &[String]| prefixes.iter().any(|p| path.starts_with(p.as_str()));
+        let in_any =
+            |path: &str, prefixes: &[String]| prefixes.iter().any(|p| path.starts_with(p.as_str()));
         let mut recorded = cfg.attn_layers.clone();
         recorded.extend(loss_layers.iter().cloned());
         let mut rec = ColumnRecorder::new(&recorded, &positions);
         let tt = Tensor::new(t_in, dev)?;
-        let eps_all = models.unet.forward_hooked(&zt_in, &tt, &ehs, Some(&mut rec))?;
+        let eps_all = models
+            .unet
+            .forward_hooked(&zt_in, &tt, &ehs, Some(&mut rec))?;
         let eps = eps_all.narrow(0, 0, 1)?;
 
         let masks = &scene.masks[usize::from(flipped)];
@@ -608,7 +639,11 @@ pub fn run(req: LearnRequest, sink: &mut dyn RunSink) -> Result<LearnReport> {
         let l_prior = match &prior {
             Some((_, _, ctarget, _)) => {
                 let l = (eps_all.narrow(0, 1, 1)? - ctarget)?.sqr()?.mean_all()?;
-                sink.metric("loss/prior", step, l.to_dtype(DType::F64)?.to_scalar::<f64>()?)?;
+                sink.metric(
+                    "loss/prior",
+                    step,
+                    l.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+                )?;
                 Some((l * cfg.prior_weight)?)
             }
             None => None,
@@ -634,7 +669,10 @@ pub fn run(req: LearnRequest, sink: &mut dyn RunSink) -> Result<LearnReport> {
             let m = resize_bilinear(&sel_masks, h, w)?.to_dtype(abar.dtype())?;
             let inv = (m.ones_like()? - &m)?;
             // leak: attention mass outside the mask / total mass, per token
-            let outside: Vec<f32> = (&inv * &abar)?.sum((1, 2))?.to_dtype(DType::F32)?.to_vec1()?;
+            let outside: Vec<f32> = (&inv * &abar)?
+                .sum((1, 2))?
+                .to_dtype(DType::F32)?
+                .to_vec1()?;
             let all: Vec<f32> = abar.sum((1, 2))?.to_dtype(DType::F32)?.to_vec1()?;
             if in_any(&layer, &cfg.attn_layers) {
                 for (j, (o, a)) in outside.iter().zip(&all).enumerate() {
@@ -680,7 +718,8 @@ pub fn run(req: LearnRequest, sink: &mut dyn RunSink) -> Result<LearnReport> {
         opt.update(&grads, lr, scale)?;
 
         // ---- report ----
-        let scalar = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
+        let scalar =
+            |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
         let total_v = scalar(&loss)?;
         let rec_v = scalar(&l_rec)?;
         sink.metric("loss/total", step, total_v)?;
@@ -696,7 +735,9 @@ pub fn run(req: LearnRequest, sink: &mut dyn RunSink) -> Result<LearnReport> {
         if !rec.layers().is_empty() {
             for (j, &tokidx) in subset.iter().enumerate() {
                 sink.metric(&format!("leak/{}", token_names[tokidx]), step, leak[j])?;
-                report.final_leak.insert(token_names[tokidx].clone(), leak[j]);
+                report
+                    .final_leak
+                    .insert(token_names[tokidx].clone(), leak[j]);
             }
         }
         sink.metric("lr", step, lr)?;
@@ -726,7 +767,18 @@ pub fn run(req: LearnRequest, sink: &mut dyn RunSink) -> Result<LearnReport> {
     }
 
     if !report.cancelled {
-        write_outputs(sd, &tok, &token_names, &rows, &models, &mut scene, cfg, req.seed, &uncond_ids, sink)?;
+        write_outputs(
+            sd,
+            &tok,
+            &token_names,
+            &rows,
+            &models,
+            &mut scene,
+            cfg,
+            req.seed,
+            &uncond_ids,
+            sink,
+        )?;
     }
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
@@ -765,12 +817,20 @@ fn write_outputs(
         let lora = cfg.dreambooth == "lora";
         meta.insert(
             "format".into(),
-            if lora { "mifo-lora-1" } else { "mifo-finetuned-1" }.into(),
+            if lora {
+                "mifo-lora-1"
+            } else {
+                "mifo-finetuned-1"
+            }
+            .into(),
         );
         if lora {
             meta.insert("rank".into(), cfg.lora_rank.to_string());
         }
-        sink.artifact(if lora { "lora" } else { "weights" }, safetensors_bytes(&w, meta)?)?;
+        sink.artifact(
+            if lora { "lora" } else { "weights" },
+            safetensors_bytes(&w, meta)?,
+        )?;
     }
 
     // Final attention maps of each token over the input image (all tokens in one prompt).
@@ -778,7 +838,10 @@ fn write_outputs(
     let enc = tok.encode(&prompt)?;
     let positions: Vec<usize> = token_names
         .iter()
-        .filter_map(|name| tok.token_to_id(name).and_then(|id| enc.iter().position(|&x| x == id)))
+        .filter_map(|name| {
+            tok.token_to_id(name)
+                .and_then(|id| enc.iter().position(|&x| x == id))
+        })
         .collect();
     let ids = Tensor::new(enc, dev)?.unsqueeze(0)?;
     let (mean, _) = scene.latent_dist(sd, false)?;
@@ -808,7 +871,10 @@ fn write_outputs(
             });
         }
         if let Some(a) = acc {
-            sink.artifact(&format!("attn/{name}.png"), png_bytes(&heat_overlay(&base, &a)?)?)?;
+            sink.artifact(
+                &format!("attn/{name}.png"),
+                png_bytes(&heat_overlay(&base, &a)?)?,
+            )?;
         }
     }
 

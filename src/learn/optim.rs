@@ -57,7 +57,11 @@ impl AdamW {
         let mut total = 0f64;
         for (_, v) in &self.vars {
             if let Some(g) = grads.get(v.as_tensor()) {
-                total += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+                total += g
+                    .sqr()?
+                    .sum_all()?
+                    .to_dtype(candle_core::DType::F64)?
+                    .to_scalar::<f64>()?;
             }
         }
         Ok(total.sqrt())

@@ -3,7 +3,7 @@
 
 use candle_core::{Tensor, D};
 
-use super::attention::{AttnKind, Attention, HookCtx};
+use super::attention::{Attention, AttnKind, HookCtx};
 use super::nn::{resize_nearest, Conv2d, GroupNorm, LayerNorm, Linear};
 use super::weights::Scope;
 use crate::error::Result;
@@ -38,7 +38,14 @@ impl ResnetBlock {
     /// Loads a block mapping `in_ch` to `out_ch` channels.
     pub fn load(s: &Scope, in_ch: usize, out_ch: usize, p: ResnetParams) -> Result<Self> {
         let shortcut = if in_ch != out_ch || s.contains("conv_shortcut.weight") {
-            Some(Conv2d::load(&s.pp("conv_shortcut"), in_ch, out_ch, 1, 1, 0)?)
+            Some(Conv2d::load(
+                &s.pp("conv_shortcut"),
+                in_ch,
+                out_ch,
+                1,
+                1,
+                0,
+            )?)
         } else {
             None
         };
@@ -97,7 +104,9 @@ impl Downsample {
     /// Halves the spatial size.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if self.asymmetric_pad {
-            let x = x.pad_with_zeros(D::Minus1, 0, 1)?.pad_with_zeros(D::Minus2, 0, 1)?;
+            let x = x
+                .pad_with_zeros(D::Minus1, 0, 1)?
+                .pad_with_zeros(D::Minus2, 0, 1)?;
             self.conv.forward(&x)
         } else {
             self.conv.forward(x)

@@ -42,7 +42,10 @@ impl ClipConfig {
     pub fn from_json(c: &ConfigJson) -> Result<Self> {
         let act_name = c.str_or("hidden_act", "quick_gelu")?;
         let activation = Activation::parse(&act_name).ok_or_else(|| {
-            Error::file(c.path(), format!("key `hidden_act`: `{act_name}` is not supported by mifo"))
+            Error::file(
+                c.path(),
+                format!("key `hidden_act`: `{act_name}` is not supported by mifo"),
+            )
         })?;
         c.require_one_of("model_type", &[json!("clip_text_model")])?;
         let cfg = Self {
@@ -203,9 +206,7 @@ impl ClipTextModel {
                 let is_extra = Tensor::new(is_extra, &self.device)?
                     .unsqueeze(1)?
                     .broadcast_as(emb.shape())?;
-                let extra_emb = extra
-                    .to_dtype(emb.dtype())?
-                    .index_select(&extra_ids, 0)?;
+                let extra_emb = extra.to_dtype(emb.dtype())?.index_select(&extra_ids, 0)?;
                 emb = is_extra.where_cond(&extra_emb, &emb)?;
             }
         }
@@ -235,7 +236,9 @@ impl ClipTextModel {
         let mask = causal_mask(l, h.dtype(), &self.device)?;
         let scale = 1.0 / (hd as f64).sqrt();
         let split = |t: Tensor| -> Result<Tensor> {
-            Ok(t.reshape((b, l, heads, hd))?.transpose(1, 2)?.contiguous()?)
+            Ok(t.reshape((b, l, heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()?)
         };
         for layer in &self.layers {
             let x = layer.ln1.forward(&h)?;

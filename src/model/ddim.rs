@@ -136,14 +136,19 @@ impl Ddim {
     pub fn new(config: DdimConfig) -> Result<Self> {
         let n = config.train_steps;
         if n < 2 {
-            return Err(Error::Config("scheduler: num_train_timesteps must be ≥ 2".into()));
+            return Err(Error::Config(
+                "scheduler: num_train_timesteps must be ≥ 2".into(),
+            ));
         }
         // Computed in f32 like diffusers, so ᾱ matches its values bit for bit where possible.
         let betas: Vec<f32> = (0..n)
             .map(|i| {
                 let frac = i as f64 / (n - 1) as f64;
                 if config.scaled_linear {
-                    let (a, b) = (config.beta_start.sqrt() as f32, config.beta_end.sqrt() as f32);
+                    let (a, b) = (
+                        config.beta_start.sqrt() as f32,
+                        config.beta_end.sqrt() as f32,
+                    );
                     let v = a + (b - a) * frac as f32;
                     v * v
                 } else {
@@ -285,7 +290,13 @@ impl Ddim {
 
     /// One deterministic DDIM step (eta 0) from `sample` at timestep `t` with the model's
     /// `output`; the previous timestep is `t − T/steps`.
-    pub fn step(&self, output: &Tensor, t: usize, sample: &Tensor, steps: usize) -> Result<DdimStep> {
+    pub fn step(
+        &self,
+        output: &Tensor,
+        t: usize,
+        sample: &Tensor,
+        steps: usize,
+    ) -> Result<DdimStep> {
         self.check_t(t)?;
         let prev_t = t as i64 - (self.config.train_steps / steps.max(1)) as i64;
         let a_t = self.alphas_cumprod[t];

@@ -57,7 +57,10 @@ impl AttentionHook for ColumnRecorder {
     fn wants(&mut self, call: &AttnCall) -> bool {
         call.kind == AttnKind::CrossAttn
             && !self.columns.is_empty()
-            && self.prefixes.iter().any(|p| call.path.starts_with(p.as_str()))
+            && self
+                .prefixes
+                .iter()
+                .any(|p| call.path.starts_with(p.as_str()))
     }
 
     fn probs(&mut self, call: &AttnCall, probs: &Tensor) -> Result<()> {

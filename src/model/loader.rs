@@ -40,7 +40,9 @@ fn component(root: &Path, name: &str) -> Result<PathBuf> {
     } else {
         Err(Error::file(
             &p,
-            format!("missing component folder `{name}/` (expected a diffusers Stable Diffusion folder)"),
+            format!(
+                "missing component folder `{name}/` (expected a diffusers Stable Diffusion folder)"
+            ),
         ))
     }
 }

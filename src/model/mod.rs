@@ -58,7 +58,9 @@ pub fn parse_dtype(spec: &str) -> Result<DType> {
         "f32" => Ok(DType::F32),
         "f16" => Ok(DType::F16),
         "bf16" => Ok(DType::BF16),
-        s => Err(Error::Input(format!("--dtype {s}: expected f32, f16 or bf16"))),
+        s => Err(Error::Input(format!(
+            "--dtype {s}: expected f32, f16 or bf16"
+        ))),
     }
 }
 

@@ -240,8 +240,16 @@ pub fn resize_bilinear(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
     let rx = Tensor::from_vec(bilinear_matrix(in_w, w), (w, in_w), dev)?.to_dtype(x.dtype())?;
     let lead: usize = dims[..n - 2].iter().product();
     let flat = x.reshape((lead, in_h, in_w))?;
-    let rows = ry.unsqueeze(0)?.broadcast_as((lead, h, in_h))?.matmul(&flat)?;
-    let out = rows.matmul(&rx.t()?.unsqueeze(0)?.broadcast_as((lead, in_w, w))?.contiguous()?)?;
+    let rows = ry
+        .unsqueeze(0)?
+        .broadcast_as((lead, h, in_h))?
+        .matmul(&flat)?;
+    let out = rows.matmul(
+        &rx.t()?
+            .unsqueeze(0)?
+            .broadcast_as((lead, in_w, w))?
+            .contiguous()?,
+    )?;
     let mut out_dims = dims[..n - 2].to_vec();
     out_dims.extend([h, w]);
     Ok(out.reshape(out_dims)?)

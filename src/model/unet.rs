@@ -116,7 +116,9 @@ impl UNetConfig {
             .map(|t| match t.as_str() {
                 "CrossAttnDownBlock2D" => Ok(true),
                 "DownBlock2D" => Ok(false),
-                o => Err(bad(format!("key `down_block_types`: block type `{o}` is not supported by mifo"))),
+                o => Err(bad(format!(
+                    "key `down_block_types`: block type `{o}` is not supported by mifo"
+                ))),
             })
             .collect::<Result<Vec<_>>>()?;
         let up_attn = up_types
@@ -124,15 +126,15 @@ impl UNetConfig {
             .map(|t| match t.as_str() {
                 "CrossAttnUpBlock2D" => Ok(true),
                 "UpBlock2D" => Ok(false),
-                o => Err(bad(format!("key `up_block_types`: block type `{o}` is not supported by mifo"))),
+                o => Err(bad(format!(
+                    "key `up_block_types`: block type `{o}` is not supported by mifo"
+                ))),
             })
             .collect::<Result<Vec<_>>>()?;
         let layers_per_block = c.per_block("layers_per_block", n)?.unwrap_or(vec![2; n]);
         let heads = match c.per_block("num_attention_heads", n)? {
             Some(h) => h,
-            None => c
-                .per_block("attention_head_dim", n)?
-                .unwrap_or(vec![8; n]),
+            None => c.per_block("attention_head_dim", n)?.unwrap_or(vec![8; n]),
         };
         for (i, (&ch, &h)) in boc.iter().zip(&heads).enumerate() {
             if h == 0 || ch % h != 0 {
@@ -158,7 +160,9 @@ impl UNetConfig {
             return Err(bad("conv_in_kernel / conv_out_kernel must be odd".into()));
         }
         if boc[0] % 2 != 0 {
-            return Err(bad("block_out_channels[0] must be even (sinusoidal time embedding)".into()));
+            return Err(bad(
+                "block_out_channels[0] must be even (sinusoidal time embedding)".into(),
+            ));
         }
         Ok(Self {
             in_channels: c.usize_or("in_channels", 4)?,
@@ -325,7 +329,11 @@ impl UNet {
                 layers.push(Layer {
                     resnet: ResnetBlock::load(&bs.pp("resnets").pp(j), in_ch, out, rp)?,
                     attn: if cfg.down_attn[i] {
-                        Some(SpatialTransformer::load(&bs.pp("attentions").pp(j), out, tp(i))?)
+                        Some(SpatialTransformer::load(
+                            &bs.pp("attentions").pp(j),
+                            out,
+                            tp(i),
+                        )?)
                     } else {
                         None
                     },
@@ -392,7 +400,12 @@ impl UNet {
             prev_out = out;
         }
 
-        let norm_out = GroupNorm::load(&s.pp("conv_norm_out"), cfg.norm_groups, boc[0], cfg.norm_eps)?;
+        let norm_out = GroupNorm::load(
+            &s.pp("conv_norm_out"),
+            cfg.norm_groups,
+            boc[0],
+            cfg.norm_eps,
+        )?;
         let conv_out = Conv2d::load(
             &s.pp("conv_out"),
             boc[0],

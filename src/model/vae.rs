@@ -7,7 +7,7 @@ use std::rc::Rc;
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 
-use super::attention::{AttnKind, Attention, HookCtx};
+use super::attention::{Attention, AttnKind, HookCtx};
 use super::blocks::{Downsample, ResnetBlock, ResnetParams, Upsample};
 use super::config::ConfigJson;
 use super::nn::{Conv2d, GroupNorm};
@@ -62,7 +62,10 @@ impl VaeConfig {
             }
         }
         let norm_groups = c.usize_or("norm_num_groups", 32)?;
-        if boc.iter().any(|&ch| norm_groups == 0 || ch % norm_groups != 0) {
+        if boc
+            .iter()
+            .any(|&ch| norm_groups == 0 || ch % norm_groups != 0)
+        {
             return Err(Error::file(
                 c.path(),
                 format!("key `norm_num_groups`: {norm_groups} does not divide every block width"),
@@ -192,7 +195,14 @@ impl Vae {
         let lat = cfg.latent_channels;
         let enc_conv_out = Conv2d::load(&e.pp("conv_out"), last, 2 * lat, 3, 1, 1)?;
         let quant_conv = if cfg.quant_conv {
-            Some(Conv2d::load(&s.pp("quant_conv"), 2 * lat, 2 * lat, 1, 1, 0)?)
+            Some(Conv2d::load(
+                &s.pp("quant_conv"),
+                2 * lat,
+                2 * lat,
+                1,
+                1,
+                0,
+            )?)
         } else {
             None
         };
@@ -266,7 +276,9 @@ impl Vae {
             }
         }
         x = self.enc_mid.forward(&x)?;
-        x = self.enc_conv_out.forward(&self.enc_norm_out.forward(&x)?.silu()?)?;
+        x = self
+            .enc_conv_out
+            .forward(&self.enc_norm_out.forward(&x)?.silu()?)?;
         if let Some(q) = &self.quant_conv {
             x = q.forward(&x)?;
         }

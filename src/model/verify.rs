@@ -155,7 +155,11 @@ pub fn compare(name: &str, ours: &Tensor, reference: &Tensor, tolerance: f64) ->
         }
         max_abs = max_abs.max(d);
     }
-    let max_rel = if max_ref > 0.0 { max_abs / max_ref } else { max_abs };
+    let max_rel = if max_ref > 0.0 {
+        max_abs / max_ref
+    } else {
+        max_abs
+    };
     Check {
         name: name.to_string(),
         shape,
@@ -197,8 +201,7 @@ impl AttentionHook for Recorder {
                 probs.device(),
             )?;
             let cols = mean.index_select(&idx, D::Minus1)?; // [B, q, J]
-            self.head_mean
-                .insert(p, (cols, call.height, call.width));
+            self.head_mean.insert(p, (cols, call.height, call.width));
         }
         Ok(())
     }
@@ -238,7 +241,11 @@ pub fn verify(model_dir: &Path, reference: &Path, device: &Device) -> Result<Vec
         .meta
         .get("prompts")
         .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
         .unwrap_or_default();
     let mut new_tokens: Vec<(String, u32)> = r
         .meta
@@ -265,11 +272,21 @@ pub fn verify(model_dir: &Path, reference: &Path, device: &Device) -> Result<Vec
         Ok(Tensor::from_vec(flat, (n, l), &Device::Cpu)?)
     };
     if r.has("tokens.prompt_input_ids") && !prompts.is_empty() {
-        cmp(&mut out, "tokens.prompt_input_ids", &encode_all(&tok, &prompts)?, 0.0)?;
+        cmp(
+            &mut out,
+            "tokens.prompt_input_ids",
+            &encode_all(&tok, &prompts)?,
+            0.0,
+        )?;
     }
     if r.has("tokens.prompt_input_ids_base_tokenizer") && !prompts.is_empty() {
         let ours = encode_all(&sd.tokenizer, &prompts)?;
-        cmp(&mut out, "tokens.prompt_input_ids_base_tokenizer", &ours, 0.0)?;
+        cmp(
+            &mut out,
+            "tokens.prompt_input_ids_base_tokenizer",
+            &ours,
+            0.0,
+        )?;
     }
     if r.has("tokens.uncond_input_ids") {
         let neg = r
@@ -278,22 +295,42 @@ pub fn verify(model_dir: &Path, reference: &Path, device: &Device) -> Result<Vec
             .and_then(Value::as_str)
             .unwrap_or("")
             .to_string();
-        cmp(&mut out, "tokens.uncond_input_ids", &encode_all(&tok, &[neg])?, 0.0)?;
+        cmp(
+            &mut out,
+            "tokens.uncond_input_ids",
+            &encode_all(&tok, &[neg])?,
+            0.0,
+        )?;
     }
     if r.has("tokens.new_token_ids") {
-        let ours = Tensor::new(added.iter().map(|&i| i as i64).collect::<Vec<_>>(), &Device::Cpu)?;
+        let ours = Tensor::new(
+            added.iter().map(|&i| i as i64).collect::<Vec<_>>(),
+            &Device::Cpu,
+        )?;
         cmp(&mut out, "tokens.new_token_ids", &ours, 0.0)?;
     }
     // Init words: the first BPE token of each word.
-    let init_ids: Option<Vec<u32>> = r.meta.get("init_words").and_then(Value::as_object).map(|m| {
-        new_tokens
-            .iter()
-            .filter_map(|(n, _)| m.get(n).and_then(Value::as_str))
-            .filter_map(|w| sd.tokenizer.encode(w).ok().and_then(|ids| ids.get(1).copied()))
-            .collect()
-    });
+    let init_ids: Option<Vec<u32>> = r
+        .meta
+        .get("init_words")
+        .and_then(Value::as_object)
+        .map(|m| {
+            new_tokens
+                .iter()
+                .filter_map(|(n, _)| m.get(n).and_then(Value::as_str))
+                .filter_map(|w| {
+                    sd.tokenizer
+                        .encode(w)
+                        .ok()
+                        .and_then(|ids| ids.get(1).copied())
+                })
+                .collect()
+        });
     if let (true, Some(ids)) = (r.has("tokens.init_token_ids"), &init_ids) {
-        let ours = Tensor::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), &Device::Cpu)?;
+        let ours = Tensor::new(
+            ids.iter().map(|&i| i as i64).collect::<Vec<_>>(),
+            &Device::Cpu,
+        )?;
         cmp(&mut out, "tokens.init_token_ids", &ours, 0.0)?;
     }
     if let (true, Some(ids)) = (r.has("text.new_token_embeddings"), &init_ids) {
@@ -329,7 +366,10 @@ pub fn verify(model_dir: &Path, reference: &Path, device: &Device) -> Result<Vec
         let ctx = r.f32("unet.encoder_hidden_states", dev)?;
         let prob_names = r.names_with_prefix("attn_probs.");
         let mut rec = Recorder {
-            want_full: prob_names.iter().map(|n| layer_of(n, "attn_probs.")).collect(),
+            want_full: prob_names
+                .iter()
+                .map(|n| layer_of(n, "attn_probs."))
+                .collect(),
             ..Default::default()
         };
         let eps = sd
@@ -385,7 +425,12 @@ pub fn verify(model_dir: &Path, reference: &Path, device: &Device) -> Result<Vec
     let n_steps = if r.has("ddim.timesteps_50") {
         let n = r.get("ddim.timesteps_50")?.dim(0)?;
         let ts: Vec<i64> = sched.timesteps(n)?.iter().map(|&t| t as i64).collect();
-        cmp(&mut out, "ddim.timesteps_50", &Tensor::new(ts, &Device::Cpu)?, 0.0)?;
+        cmp(
+            &mut out,
+            "ddim.timesteps_50",
+            &Tensor::new(ts, &Device::Cpu)?,
+            0.0,
+        )?;
         n
     } else {
         50
@@ -401,9 +446,19 @@ pub fn verify(model_dir: &Path, reference: &Path, device: &Device) -> Result<Vec
             prev.push(st.prev_sample);
             x0.push(st.pred_original);
         }
-        cmp(&mut out, "ddim.step_prev_sample", &Tensor::cat(&prev, 0)?, fwd)?;
+        cmp(
+            &mut out,
+            "ddim.step_prev_sample",
+            &Tensor::cat(&prev, 0)?,
+            fwd,
+        )?;
         if r.has("ddim.step_pred_original_sample") {
-            cmp(&mut out, "ddim.step_pred_original_sample", &Tensor::cat(&x0, 0)?, fwd)?;
+            cmp(
+                &mut out,
+                "ddim.step_pred_original_sample",
+                &Tensor::cat(&x0, 0)?,
+                fwd,
+            )?;
         }
     }
 
@@ -420,7 +475,8 @@ pub fn verify(model_dir: &Path, reference: &Path, device: &Device) -> Result<Vec
         let t = r.f32("train.timesteps", dev)?;
         if r.has("train.noisy_latents") && r.has("train.x0") {
             let ts = r.usizes("train.timesteps")?;
-            let ours = sched.add_noise(&r.f32("train.x0", dev)?, &r.f32("train.noise", dev)?, &ts)?;
+            let ours =
+                sched.add_noise(&r.f32("train.x0", dev)?, &r.f32("train.noise", dev)?, &ts)?;
             cmp(&mut out, "train.noisy_latents", &ours, fwd)?;
         }
         if r.has("grad_a.loss") {
@@ -442,12 +498,22 @@ pub fn verify(model_dir: &Path, reference: &Path, device: &Device) -> Result<Vec
             let loss = loss_a(&eps)?;
             cmp(&mut out, "grad_a.loss", &loss.reshape(1)?, fwd)?;
             let g = loss.backward()?;
-            cmp(&mut out, "grad_a.token_embedding_rows", g.get(rows.as_tensor()).unwrap_or(&rows.zeros_like()?), grd)?;
+            cmp(
+                &mut out,
+                "grad_a.token_embedding_rows",
+                g.get(rows.as_tensor()).unwrap_or(&rows.zeros_like()?),
+                grd,
+            )?;
             // To the text states.
             let ehs_var = Var::from_tensor(&ehs.detach())?;
             let loss = loss_a(&sd.unet.forward(&noisy, &t, ehs_var.as_tensor())?)?;
             let g = loss.backward()?;
-            cmp(&mut out, "grad_a.encoder_hidden_states", g.get(ehs_var.as_tensor()).unwrap_or(&ehs_var.zeros_like()?), grd)?;
+            cmp(
+                &mut out,
+                "grad_a.encoder_hidden_states",
+                g.get(ehs_var.as_tensor()).unwrap_or(&ehs_var.zeros_like()?),
+                grd,
+            )?;
         }
         if r.has("grad_b.penalty") {
             let layers: Vec<String> = r
@@ -456,44 +522,70 @@ pub fn verify(model_dir: &Path, reference: &Path, device: &Device) -> Result<Vec
                 .map(|n| layer_of(n, "grad_b.abar."))
                 .collect();
             let mask0 = r.f32("masks.image", dev)?.narrow(0, 0, 1)?;
-            let penalty = |ehs: &Tensor, latent: &Tensor, out: Option<&mut Vec<Check>>| -> Result<Tensor> {
-                let mut rec = Recorder {
-                    want_columns: layers.clone(),
-                    columns: vec![key_pos],
-                    ..Default::default()
-                };
-                sd.unet.forward_hooked(latent, &t, ehs, Some(&mut rec))?;
-                let mut total: Option<Tensor> = None;
-                let mut out = out;
-                for l in &layers {
-                    let abar = rec.map(l, 0)?; // [B, h, w]
-                    let (b, h, w) = abar.dims3()?;
-                    let m = resize_nearest_hw(&mask0, h, w)?.broadcast_as((b, h, w))?;
-                    if let Some(o) = out.as_deref_mut() {
-                        o.push(compare(&format!("grad_b.abar.{l}"), &abar, &r.get(&format!("grad_b.abar.{l}"))?, fwd));
-                        o.push(compare(&format!("grad_b.mask.{l}"), &m, &r.get(&format!("grad_b.mask.{l}"))?, fwd));
+            let penalty =
+                |ehs: &Tensor, latent: &Tensor, out: Option<&mut Vec<Check>>| -> Result<Tensor> {
+                    let mut rec = Recorder {
+                        want_columns: layers.clone(),
+                        columns: vec![key_pos],
+                        ..Default::default()
+                    };
+                    sd.unet.forward_hooked(latent, &t, ehs, Some(&mut rec))?;
+                    let mut total: Option<Tensor> = None;
+                    let mut out = out;
+                    for l in &layers {
+                        let abar = rec.map(l, 0)?; // [B, h, w]
+                        let (b, h, w) = abar.dims3()?;
+                        let m = resize_nearest_hw(&mask0, h, w)?.broadcast_as((b, h, w))?;
+                        if let Some(o) = out.as_deref_mut() {
+                            o.push(compare(
+                                &format!("grad_b.abar.{l}"),
+                                &abar,
+                                &r.get(&format!("grad_b.abar.{l}"))?,
+                                fwd,
+                            ));
+                            o.push(compare(
+                                &format!("grad_b.mask.{l}"),
+                                &m,
+                                &r.get(&format!("grad_b.mask.{l}"))?,
+                                fwd,
+                            ));
+                        }
+                        let term = ((m.ones_like()? - &m)? * &abar)?.sqr()?.sum_all()?;
+                        total = Some(match total {
+                            Some(acc) => (acc + term)?,
+                            None => term,
+                        });
                     }
-                    let term = ((m.ones_like()? - &m)? * &abar)?.sqr()?.sum_all()?;
-                    total = Some(match total {
-                        Some(acc) => (acc + term)?,
-                        None => term,
-                    });
-                }
-                total.ok_or_else(|| Error::Input("reference lists no grad_b layers".into()))
-            };
+                    total.ok_or_else(|| Error::Input("reference lists no grad_b layers".into()))
+                };
             let rows = Var::from_tensor(&extra0)?;
             let ehs = te.forward(&ids, Some(rows.as_tensor()))?;
             let p = penalty(&ehs, &noisy, Some(&mut out))?;
             cmp(&mut out, "grad_b.penalty", &p.reshape(1)?, fwd)?;
             let g = p.backward()?;
-            cmp(&mut out, "grad_b.token_embedding_rows", g.get(rows.as_tensor()).unwrap_or(&rows.zeros_like()?), grd)?;
+            cmp(
+                &mut out,
+                "grad_b.token_embedding_rows",
+                g.get(rows.as_tensor()).unwrap_or(&rows.zeros_like()?),
+                grd,
+            )?;
             let ehs_var = Var::from_tensor(&ehs.detach())?;
             let g = penalty(ehs_var.as_tensor(), &noisy, None)?.backward()?;
-            cmp(&mut out, "grad_b.encoder_hidden_states", g.get(ehs_var.as_tensor()).unwrap_or(&ehs_var.zeros_like()?), grd)?;
+            cmp(
+                &mut out,
+                "grad_b.encoder_hidden_states",
+                g.get(ehs_var.as_tensor()).unwrap_or(&ehs_var.zeros_like()?),
+                grd,
+            )?;
             if r.has("grad_c2.latent") {
                 let lat = Var::from_tensor(&noisy)?;
                 let g = penalty(&ehs.detach(), lat.as_tensor(), None)?.backward()?;
-                cmp(&mut out, "grad_c2.latent", g.get(lat.as_tensor()).unwrap_or(&lat.zeros_like()?), grd)?;
+                cmp(
+                    &mut out,
+                    "grad_c2.latent",
+                    g.get(lat.as_tensor()).unwrap_or(&lat.zeros_like()?),
+                    grd,
+                )?;
             }
         }
     }
@@ -517,7 +609,12 @@ pub fn verify(model_dir: &Path, reference: &Path, device: &Device) -> Result<Vec
         let n = r.get("e2e.timesteps")?.dim(0)?;
         let ts = sched.timesteps(n)?;
         let ts_i: Vec<i64> = ts.iter().map(|&t| t as i64).collect();
-        cmp(&mut out, "e2e.timesteps", &Tensor::new(ts_i, &Device::Cpu)?, 0.0)?;
+        cmp(
+            &mut out,
+            "e2e.timesteps",
+            &Tensor::new(ts_i, &Device::Cpu)?,
+            0.0,
+        )?;
         let mut x = r.f32("e2e.initial_latents", dev)?;
         let ctx = Tensor::cat(&[&uncond, &cond], 0)?;
         let mut steps = Vec::new();
@@ -557,8 +654,16 @@ fn verify_mifo(
         .iter()
         .filter_map(|id| ids_rows[0].iter().position(|x| x == id))
         .collect();
-    let pos_t = Tensor::new(positions.iter().map(|&p| p as i64).collect::<Vec<_>>(), &Device::Cpu)?;
-    out.push(compare("mifo.token_positions", &pos_t, &r.get("mifo.token_positions")?, 0.0));
+    let pos_t = Tensor::new(
+        positions.iter().map(|&p| p as i64).collect::<Vec<_>>(),
+        &Device::Cpu,
+    )?;
+    out.push(compare(
+        "mifo.token_positions",
+        &pos_t,
+        &r.get("mifo.token_positions")?,
+        0.0,
+    ));
     let _ = tok;
     let l = ids_rows[0].len();
     let ids = Tensor::from_vec(ids_rows.concat(), (1, l), dev)?;
@@ -569,7 +674,12 @@ fn verify_mifo(
     let (lh, lw) = (noisy.dim(2)?, noisy.dim(3)?);
     let union = masks.max_keepdim(0)?;
     let rec_mask = resize_nearest_hw(&union, lh, lw)?;
-    out.push(compare("mifo.rec_mask_latent", &rec_mask, &r.get("mifo.rec_mask_latent")?, fwd));
+    out.push(compare(
+        "mifo.rec_mask_latent",
+        &rec_mask,
+        &r.get("mifo.rec_mask_latent")?,
+        fwd,
+    ));
     let layers: Vec<String> = r
         .names_with_prefix("mifo.abar.")
         .iter()
@@ -578,52 +688,103 @@ fn verify_mifo(
     let extra0 = r.f32("text.new_token_embeddings", dev)?;
 
     // One forward returning (L_rec, reward, penalty) as graph tensors.
-    let run = |rows: &Tensor, report: Option<&mut Vec<Check>>| -> Result<(Tensor, Tensor, Tensor)> {
-        let ehs = sd.text_encoder.forward(&ids, Some(rows))?;
-        let mut rec = Recorder {
-            want_columns: layers.clone(),
-            columns: positions.clone(),
-            ..Default::default()
-        };
-        let eps = sd.unet.forward_hooked(&noisy, &t, &ehs, Some(&mut rec))?;
-        let l_rec = losses::masked_rec_loss(&eps, &noise, &rec_mask)?;
-        let mut reward = Tensor::zeros((), DType::F32, dev)?;
-        let mut penalty = Tensor::zeros((), DType::F32, dev)?;
-        let mut report = report;
-        for layer in &layers {
-            let maps = (0..positions.len())
-                .map(|j| rec.map(layer, j))
-                .collect::<Result<Vec<_>>>()?;
-            let abar = Tensor::cat(&maps, 0)?; // [J, h, w] (batch 1)
-            let (_, h, w) = abar.dims3()?;
-            let m = resize_bilinear(&masks, h, w)?;
-            if let Some(o) = report.as_deref_mut() {
-                o.push(compare(&format!("mifo.mask.{layer}"), &m, &r.get(&format!("mifo.mask.{layer}"))?, fwd));
-                o.push(compare(&format!("mifo.abar.{layer}"), &abar, &r.get(&format!("mifo.abar.{layer}"))?, fwd));
+    let run =
+        |rows: &Tensor, report: Option<&mut Vec<Check>>| -> Result<(Tensor, Tensor, Tensor)> {
+            let ehs = sd.text_encoder.forward(&ids, Some(rows))?;
+            let mut rec = Recorder {
+                want_columns: layers.clone(),
+                columns: positions.clone(),
+                ..Default::default()
+            };
+            let eps = sd.unet.forward_hooked(&noisy, &t, &ehs, Some(&mut rec))?;
+            let l_rec = losses::masked_rec_loss(&eps, &noise, &rec_mask)?;
+            let mut reward = Tensor::zeros((), DType::F32, dev)?;
+            let mut penalty = Tensor::zeros((), DType::F32, dev)?;
+            let mut report = report;
+            for layer in &layers {
+                let maps = (0..positions.len())
+                    .map(|j| rec.map(layer, j))
+                    .collect::<Result<Vec<_>>>()?;
+                let abar = Tensor::cat(&maps, 0)?; // [J, h, w] (batch 1)
+                let (_, h, w) = abar.dims3()?;
+                let m = resize_bilinear(&masks, h, w)?;
+                if let Some(o) = report.as_deref_mut() {
+                    o.push(compare(
+                        &format!("mifo.mask.{layer}"),
+                        &m,
+                        &r.get(&format!("mifo.mask.{layer}"))?,
+                        fwd,
+                    ));
+                    o.push(compare(
+                        &format!("mifo.abar.{layer}"),
+                        &abar,
+                        &r.get(&format!("mifo.abar.{layer}"))?,
+                        fwd,
+                    ));
+                }
+                reward = (reward + losses::attn_reward(&abar, &m, 0.5)?)?;
+                penalty = (penalty + losses::attn_penalty(&abar, &m)?)?;
             }
-            reward = (reward + losses::attn_reward(&abar, &m, 0.5)?)?;
-            penalty = (penalty + losses::attn_penalty(&abar, &m)?)?;
-        }
-        if let Some(o) = report {
-            o.push(compare("mifo.eps_pred", &eps, &r.get("mifo.eps_pred")?, fwd));
-        }
-        Ok((l_rec, (reward * 0.01)?, (penalty * 0.02)?))
-    };
+            if let Some(o) = report {
+                o.push(compare(
+                    "mifo.eps_pred",
+                    &eps,
+                    &r.get("mifo.eps_pred")?,
+                    fwd,
+                ));
+            }
+            Ok((l_rec, (reward * 0.01)?, (penalty * 0.02)?))
+        };
     let grad_rows = |loss: &Tensor, rows: &Var| -> Result<Tensor> {
         let g = loss.backward()?;
-        Ok(g.get(rows.as_tensor()).cloned().unwrap_or(rows.zeros_like()?))
+        Ok(g.get(rows.as_tensor())
+            .cloned()
+            .unwrap_or(rows.zeros_like()?))
     };
     let rows = Var::from_tensor(&extra0)?;
     let (l_rec, reward, penalty) = run(rows.as_tensor(), Some(out))?;
-    out.push(compare("mifo.loss_rec", &l_rec.reshape(1)?, &r.get("mifo.loss_rec")?, fwd));
-    out.push(compare("mifo.reward", &reward.reshape(1)?, &r.get("mifo.reward")?, fwd));
-    out.push(compare("mifo.penalty", &penalty.reshape(1)?, &r.get("mifo.penalty")?, fwd));
-    let checks: [(&str, Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor>>); 5] = [
-        ("mifo.grad_rec.token_embedding_rows", Box::new(|a, _, _| Ok(a.clone()))),
-        ("mifo.grad_reward_term.token_embedding_rows", Box::new(|_, b, _| Ok(b.clone()))),
-        ("mifo.grad_penalty_term.token_embedding_rows", Box::new(|_, _, c| Ok(c.clone()))),
-        ("mifo.grad_reward_phase.token_embedding_rows", Box::new(|a, b, _| a + b)),
-        ("mifo.grad_penalty_phase.token_embedding_rows", Box::new(|a, _, c| a + c)),
+    out.push(compare(
+        "mifo.loss_rec",
+        &l_rec.reshape(1)?,
+        &r.get("mifo.loss_rec")?,
+        fwd,
+    ));
+    out.push(compare(
+        "mifo.reward",
+        &reward.reshape(1)?,
+        &r.get("mifo.reward")?,
+        fwd,
+    ));
+    out.push(compare(
+        "mifo.penalty",
+        &penalty.reshape(1)?,
+        &r.get("mifo.penalty")?,
+        fwd,
+    ));
+    let checks: [(
+        &str,
+        Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor>>,
+    ); 5] = [
+        (
+            "mifo.grad_rec.token_embedding_rows",
+            Box::new(|a, _, _| Ok(a.clone())),
+        ),
+        (
+            "mifo.grad_reward_term.token_embedding_rows",
+            Box::new(|_, b, _| Ok(b.clone())),
+        ),
+        (
+            "mifo.grad_penalty_term.token_embedding_rows",
+            Box::new(|_, _, c| Ok(c.clone())),
+        ),
+        (
+            "mifo.grad_reward_phase.token_embedding_rows",
+            Box::new(|a, b, _| a + b),
+        ),
+        (
+            "mifo.grad_penalty_phase.token_embedding_rows",
+            Box::new(|a, _, c| a + c),
+        ),
     ];
     for (name, pick) in checks.iter() {
         if !r.has(name) {

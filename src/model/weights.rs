@@ -99,12 +99,22 @@ impl WeightFile {
     /// The adapter for the linear layer `module` ([out, in]): the file's `module.lora_A.weight`
     /// / `lora_B.weight` when present (plain tensors, or Vars in LoRA training mode), a fresh
     /// pair in LoRA training mode, else none.
-    pub fn lora_adapter(&self, module: &str, in_dim: usize, out_dim: usize) -> Result<Option<LoraAdapter>> {
-        let targeted = LORA_TARGETS.iter().any(|t| module.ends_with(&format!(".{t}")) || module == *t);
+    pub fn lora_adapter(
+        &self,
+        module: &str,
+        in_dim: usize,
+        out_dim: usize,
+    ) -> Result<Option<LoraAdapter>> {
+        let targeted = LORA_TARGETS
+            .iter()
+            .any(|t| module.ends_with(&format!(".{t}")) || module == *t);
         if !targeted {
             return Ok(None);
         }
-        let (ka, kb) = (format!("{module}.lora_A.weight"), format!("{module}.lora_B.weight"));
+        let (ka, kb) = (
+            format!("{module}.lora_A.weight"),
+            format!("{module}.lora_B.weight"),
+        );
         let stored = match (self.tensors.get(&ka), self.tensors.get(&kb)) {
             (Some(a), Some(b)) => Some((a.clone(), b.clone())),
             _ => None,
@@ -128,7 +138,9 @@ impl WeightFile {
                 let mut rng = rand::rngs::StdRng::from_seed(*key.as_bytes());
                 let normal = rand_distr::Normal::new(0.0, 1.0 / (in_dim as f64).sqrt())
                     .map_err(|e| Error::Config(format!("lora init: {e}")))?;
-                let data: Vec<f64> = (0..cfg.rank * in_dim).map(|_| normal.sample(&mut rng)).collect();
+                let data: Vec<f64> = (0..cfg.rank * in_dim)
+                    .map(|_| normal.sample(&mut rng))
+                    .collect();
                 let proto = self.tensors.values().next();
                 let (dtype, device) = match proto {
                     Some(t) => (t.dtype(), t.device().clone()),

@@ -14,6 +14,7 @@ use super::views::detail::DetailState;
 use super::views::jobs::JobsState;
 use super::views::launch::LaunchForm;
 use super::views::runs::RunsState;
+use super::views::synth::SynthForm;
 use super::widgets::input::TextInput;
 
 /// Poll the runs list this often while something is live (ms); 5× slower when idle.
@@ -42,6 +43,8 @@ pub enum View {
     Launch,
     /// Queued and running jobs.
     Jobs,
+    /// The synthesis form.
+    Synth,
 }
 
 impl View {
@@ -53,6 +56,7 @@ impl View {
             View::Compare => Ctx::Compare,
             View::Launch => Ctx::Launch,
             View::Jobs => Ctx::Jobs,
+            View::Synth => Ctx::Synth,
         }
     }
 }
@@ -146,6 +150,8 @@ pub struct App {
     pub compare: Option<CompareState>,
     /// The launch form.
     pub launch: Option<LaunchForm>,
+    /// The synthesis form.
+    pub synth: Option<SynthForm>,
     /// The jobs view.
     pub jobs: JobsState,
     /// A popup, if any.
@@ -172,6 +178,7 @@ impl App {
             detail: None,
             compare: None,
             launch: None,
+            synth: None,
             jobs: JobsState::default(),
             popup: None,
             status: None,
@@ -219,8 +226,10 @@ impl App {
     /// Goes back one view (the runs table when there is nothing to go back to).
     pub fn go_back(&mut self) {
         let to = self.back.pop().unwrap_or(View::Runs);
-        if self.view == View::Launch {
-            self.launch = None;
+        match self.view {
+            View::Launch => self.launch = None,
+            View::Synth => self.synth = None,
+            _ => {}
         }
         self.view = to;
     }
@@ -315,6 +324,7 @@ pub fn update(app: &mut App, action: Action) -> Vec<Effect> {
             super::views::detail::on_detail(app, &id, &result, &mut fx);
             super::views::compare::on_detail(app, &id, &result, &mut fx);
             super::views::launch::on_detail(app, &id, &result);
+            super::views::synth::on_detail(app, &id, &result, &mut fx);
         }
         Action::MetricsLoaded { id, result } => {
             app.polls.metrics_in_flight.retain(|x| *x != id);
@@ -394,6 +404,10 @@ fn on_key(app: &mut App, key: KeyEvent, fx: &mut Vec<Effect>) {
         super::views::launch::on_key(app, key, cmd, fx);
         return;
     }
+    if app.view == View::Synth {
+        super::views::synth::on_key(app, key, cmd, fx);
+        return;
+    }
     let Some(cmd) = cmd else {
         return;
     };
@@ -441,7 +455,7 @@ fn on_key(app: &mut App, key: KeyEvent, fx: &mut Vec<Effect>) {
             View::Detail => super::views::detail::on_cmd(app, cmd, fx),
             View::Compare => super::views::compare::on_cmd(app, cmd, fx),
             View::Jobs => super::views::jobs::on_cmd(app, cmd, fx),
-            View::Launch => {}
+            View::Launch | View::Synth => {}
         },
     }
 }
@@ -642,9 +656,7 @@ pub fn run_command(app: &mut App, cmd: Cmd, targets: Vec<RunId>, fx: &mut Vec<Ef
             }
             super::views::launch::open_rerun(app, &first, fx);
         }
-        Cmd::Synth => {
-            app.error("synthesis launches from the workbench are not available yet");
-        }
+        Cmd::Synth => super::views::synth::open(app, &first, fx),
         _ => {}
     }
 }

@@ -25,6 +25,7 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use crate::config::{apply_overrides, check_sections, parse_override};
 use crate::jobs::learn::{check_resumable, prepare, resume, start, LearnJob, RunOptions};
 use crate::jobs::sink::{Observer, SinkEvent};
+use crate::jobs::synth::SynthJob;
 use crate::learn::{scene_files, LearnConfig, SceneFiles};
 use crate::store::{
     now_ms, BlobHash, RunId, RunKind, RunRecord, RunSpec, RunStatus, SpecHash, Store,
@@ -272,8 +273,10 @@ pub struct SynthLaunch {
     pub prompt: String,
     /// One box per placeholder: (`<vK>`, `[x0, y0, x1, y1]` in `[0, 1]` image coordinates).
     pub boxes: Vec<(String, [f32; 4])>,
-    /// Seed.
+    /// Seed (sample k uses seed + k).
     pub seed: u64,
+    /// Number of images.
+    pub samples: usize,
     /// `--set synth.key=value` overrides.
     pub sets: Vec<String>,
 }
@@ -376,6 +379,7 @@ pub fn stored_learn_config(spec: &RunSpec) -> Result<(String, String, LearnConfi
 /// What the job thread should do.
 enum Work {
     Learn(Box<LearnJob>),
+    Synth(Box<SynthJob>),
     Resume {
         run: RunId,
         model: PathBuf,
@@ -607,6 +611,10 @@ fn job_thread(
                 set_run(&record.id);
                 start(&store, &record.id, job, &opts)
             }),
+            Work::Synth(job) => crate::jobs::synth::prepare(&store, job).and_then(|(record, _)| {
+                set_run(&record.id);
+                crate::jobs::synth::start(&store, &record.id, job, &opts, &|| {})
+            }),
             Work::Resume { run, model, device } => {
                 set_run(run);
                 resume(&store, run, model, device, &opts)
@@ -736,8 +744,60 @@ impl Backend for LocalBackend {
         self.enqueue(label, l.device, Work::Learn(Box::new(job)))
     }
 
-    fn launch_synth(&self, _launch: SynthLaunch) -> Result<JobId> {
-        bail!("synthesis is not available from the workbench yet")
+    fn launch_synth(&self, l: SynthLaunch) -> Result<JobId> {
+        let record = self.store.get_run(&l.from)?;
+        if record.kind != RunKind::Learn || record.status != RunStatus::Done {
+            bail!("run {} is not a finished learning run", l.from);
+        }
+        let spec = self.store.spec(&record.spec_hash)?;
+        let dtype = spec
+            .config
+            .get("dtype")
+            .and_then(|v| v.as_str())
+            .unwrap_or("f32")
+            .to_string();
+        let overrides = l
+            .sets
+            .iter()
+            .map(|s| parse_override(s))
+            .collect::<crate::Result<Vec<_>>>()?;
+        check_sections(&overrides, &["synth"])?;
+        let config = apply_overrides(
+            &crate::synth::SynthConfig::preset("paper")?,
+            "synth",
+            &overrides,
+        )?;
+        config.check()?;
+        let boxes: Vec<String> = l
+            .boxes
+            .iter()
+            .map(|(t, r)| format!("{t}={},{},{},{}", r[0], r[1], r[2], r[3]))
+            .collect();
+        for b in &boxes {
+            crate::synth::parse_box(b)?;
+        }
+        let model = self.model_dir(None)?;
+        let label = format!(
+            "synth from {} ({} box{}, seed {})",
+            &l.from.as_str()[..l.from.as_str().len().min(12)],
+            boxes.len(),
+            if boxes.len() == 1 { "" } else { "es" },
+            l.seed
+        );
+        let job = SynthJob {
+            from: Some(l.from.to_string()),
+            model,
+            prompt: l.prompt,
+            boxes,
+            samples: l.samples.max(1),
+            seed: l.seed,
+            preset: "paper".into(),
+            config,
+            device: self.device.clone(),
+            dtype,
+            rerun: false,
+        };
+        self.enqueue(label, self.device.clone(), Work::Synth(Box::new(job)))
     }
 
     fn rerun(&self, id: &RunId, request: RerunRequest) -> Result<JobId> {

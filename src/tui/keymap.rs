@@ -17,6 +17,8 @@ pub enum Ctx {
     Launch,
     /// The jobs view.
     Jobs,
+    /// The synthesis form.
+    Synth,
 }
 
 impl Ctx {
@@ -29,16 +31,18 @@ impl Ctx {
             Ctx::Compare => "Compare",
             Ctx::Launch => "Launch form",
             Ctx::Jobs => "Jobs",
+            Ctx::Synth => "Synthesis form",
         }
     }
 
     /// All contexts, in help order.
-    pub const ALL: [Ctx; 6] = [
+    pub const ALL: [Ctx; 7] = [
         Ctx::Global,
         Ctx::Runs,
         Ctx::Detail,
         Ctx::Compare,
         Ctx::Launch,
+        Ctx::Synth,
         Ctx::Jobs,
     ];
 }
@@ -126,6 +130,14 @@ pub enum Cmd {
     Submit,
     /// New random seed (form).
     NewSeed,
+    /// Move the current box (synthesis form; help only: the form reads the key).
+    MoveBox,
+    /// Resize the current box (help only).
+    ResizeBox,
+    /// Add a box for the next placeholder (help only).
+    NewBox,
+    /// Remove the current box (help only).
+    RemoveBox,
 }
 
 /// A key pattern.
@@ -493,6 +505,94 @@ pub const BINDINGS: &[Binding] = &[
         Cmd::Back,
         true,
     ),
+    // Synthesis form
+    b(
+        Ctx::Synth,
+        &[Code(KeyCode::Down)],
+        "↓",
+        "next field (in Boxes: move down)",
+        Cmd::NextField,
+        false,
+    ),
+    b(
+        Ctx::Synth,
+        &[Code(KeyCode::Up), Code(KeyCode::BackTab)],
+        "↑/S-Tab",
+        "previous field (S-Tab leaves Boxes)",
+        Cmd::PrevField,
+        false,
+    ),
+    b(
+        Ctx::Synth,
+        &[Code(KeyCode::Tab)],
+        "Tab",
+        "next field / next box",
+        Cmd::Complete,
+        true,
+    ),
+    b(
+        Ctx::Synth,
+        &[
+            Ch('h'),
+            Ch('j'),
+            Ch('k'),
+            Ch('l'),
+            Code(KeyCode::Left),
+            Code(KeyCode::Right),
+        ],
+        "hjkl/←→",
+        "move box",
+        Cmd::MoveBox,
+        true,
+    ),
+    b(
+        Ctx::Synth,
+        &[Ch('H'), Ch('J'), Ch('K'), Ch('L')],
+        "HJKL",
+        "resize box",
+        Cmd::ResizeBox,
+        true,
+    ),
+    b(
+        Ctx::Synth,
+        &[Ch('n')],
+        "n",
+        "new box for the next <vK>",
+        Cmd::NewBox,
+        true,
+    ),
+    b(
+        Ctx::Synth,
+        &[Code(KeyCode::Delete), Ch('x')],
+        "Del/x",
+        "remove box",
+        Cmd::RemoveBox,
+        false,
+    ),
+    b(
+        Ctx::Synth,
+        &[Ctrl('r')],
+        "C-r",
+        "new random seed",
+        Cmd::NewSeed,
+        false,
+    ),
+    b(
+        Ctx::Synth,
+        &[Code(KeyCode::Enter)],
+        "Enter",
+        "launch",
+        Cmd::Submit,
+        true,
+    ),
+    b(
+        Ctx::Synth,
+        &[Code(KeyCode::Esc)],
+        "Esc",
+        "cancel",
+        Cmd::Back,
+        true,
+    ),
     // Jobs
     b(Ctx::Jobs, UP, "k/↑", "up", Cmd::Up, false),
     b(Ctx::Jobs, DOWN, "j/↓", "down", Cmd::Down, false),
@@ -519,7 +619,7 @@ pub fn lookup(ctx: Ctx, ev: &KeyEvent) -> Option<Cmd> {
     find(ctx).or_else(|| {
         let printable =
             matches!(ev.code, KeyCode::Char(_)) && !ev.modifiers.contains(KeyModifiers::CONTROL);
-        if ctx == Ctx::Launch && printable {
+        if matches!(ctx, Ctx::Launch | Ctx::Synth) && printable {
             None
         } else {
             find(Ctx::Global)
@@ -534,7 +634,7 @@ pub fn hints(ctx: Ctx) -> Vec<(&'static str, &'static str)> {
         .filter(|b| b.ctx == ctx && b.hint)
         .map(|b| (b.label, b.desc))
         .collect();
-    if ctx != Ctx::Launch {
+    if !matches!(ctx, Ctx::Launch | Ctx::Synth) {
         out.extend(
             BINDINGS
                 .iter()

@@ -7,6 +7,7 @@ pub mod help;
 pub mod jobs;
 pub mod launch;
 pub mod runs;
+pub mod synth;
 
 use ratatui::buffer::Buffer;
 use ratatui::layout::{Constraint, Layout, Rect};
@@ -49,6 +50,7 @@ pub fn render(app: &mut App, area: Rect, buf: &mut Buffer) {
         View::Compare => compare::render(app, body, buf),
         View::Launch => launch::render(app, body, buf),
         View::Jobs => jobs::render(app, body, buf),
+        View::Synth => synth::render(app, body, buf),
     }
     render_status(app, status, buf);
     let hint_list: Vec<(&str, &str)> = match &app.popup {

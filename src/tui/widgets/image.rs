@@ -91,6 +91,22 @@ pub fn render_image(
     }
 }
 
+/// The cells image `key` takes when drawn into `area` (top-left aligned), once it is ready.
+pub fn image_area(cache: &ImageCache, key: &ImageKey, area: Rect) -> Option<Rect> {
+    match &cache.slots.get(key)?.state {
+        SlotState::Ready { protocol, .. } => {
+            let size = protocol.size_for(fit(), area.into())?;
+            Some(Rect::new(
+                area.x,
+                area.y,
+                size.width.min(area.width),
+                size.height.min(area.height),
+            ))
+        }
+        _ => None,
+    }
+}
+
 /// A legend line of token colours: `■ <v0>  ■ <v1>`.
 pub fn token_legend(count: usize) -> Line<'static> {
     let mut spans = Vec::new();
