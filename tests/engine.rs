@@ -121,7 +121,7 @@ fn two_clients_see_the_same_live_events() {
         error: None,
     } = c
         .request(&Request::Runs {
-            argv: vec!["show".into(), first, "--json".into()],
+            argv: vec!["show".into(), first.clone(), "--json".into()],
         })
         .unwrap()
     else {
@@ -129,6 +129,53 @@ fn two_clients_see_the_same_live_events() {
     };
     let rec: serde_json::Value = serde_json::from_slice(&stdout).unwrap();
     assert_eq!(rec["status"], "done");
+
+    // The data requests front ends (the workbench) use.
+    let Response::Records(records) = c.request(&Request::ListRecords).unwrap() else {
+        panic!()
+    };
+    assert_eq!(records.len(), 2);
+    assert_eq!(records[0].0.id.to_string(), run, "newest first");
+    assert!(matches!(
+        c.request(&Request::Tag {
+            run: first.clone(),
+            tag: "keep".into(),
+            remove: false
+        })
+        .unwrap(),
+        Response::Ok
+    ));
+    let Response::Detail {
+        record,
+        spec_json,
+        logs,
+        tags,
+    } = c.request(&Request::Detail { run: first.clone() }).unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(tags, vec!["keep".to_string()]);
+    let spec: mifo::store::RunSpec = serde_json::from_str(&spec_json.unwrap()).unwrap();
+    assert_eq!(spec.seed, 1);
+    assert!(!logs.is_empty());
+    let Response::Metrics(m) = c.request(&Request::Metrics { run: first.clone() }).unwrap() else {
+        panic!()
+    };
+    assert_eq!(m["loss/total"].len(), 8);
+    let hash = record.outputs["embeddings"].to_string();
+    let Response::Bytes(bytes) = c.request(&Request::Blob { hash }).unwrap() else {
+        panic!()
+    };
+    let emb = candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu).unwrap();
+    assert!(emb.contains_key("<v0>") && emb.contains_key("<v1>"));
+    assert!(matches!(
+        c.request(&Request::Remove { run: first.clone() }).unwrap(),
+        Response::Ok
+    ));
+    let Response::Records(records) = c.request(&Request::ListRecords).unwrap() else {
+        panic!()
+    };
+    assert_eq!(records.len(), 1);
 }
 
 #[test]

@@ -9,7 +9,7 @@ use crate::jobs::learn::LearnJob;
 use crate::jobs::sink::SinkEvent;
 
 /// Bumped whenever a message changes shape.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Largest frame accepted (a `runs show --json` of a long run is well below this).
 pub const MAX_FRAME: usize = 64 << 20;
 
@@ -35,6 +35,37 @@ pub enum Request {
         run: String,
         /// Output name.
         name: String,
+    },
+    /// Every run record (newest first) with its tags: cheap summaries, no metrics.
+    ListRecords,
+    /// One run's record, spec (when readable) and log.
+    Detail {
+        /// Run id or unique prefix.
+        run: String,
+    },
+    /// Every metric series of a run.
+    Metrics {
+        /// Run id or unique prefix.
+        run: String,
+    },
+    /// A blob's bytes by hash (hex).
+    Blob {
+        /// blake3 hex.
+        hash: String,
+    },
+    /// Adds (or with `remove`, removes) a tag.
+    Tag {
+        /// Run id or unique prefix.
+        run: String,
+        /// The tag.
+        tag: String,
+        /// Remove instead of add.
+        remove: bool,
+    },
+    /// Deletes a finished run and the blobs no other run uses.
+    Remove {
+        /// Run id or unique prefix.
+        run: String,
     },
     /// Validate and queue a learning run.
     SubmitLearn(Box<LearnJob>),
@@ -131,6 +162,22 @@ pub enum Response {
     },
     /// Raw bytes (an output).
     Bytes(Vec<u8>),
+    /// Run records, newest first, each with its tags.
+    Records(Vec<(crate::store::RunRecord, Vec<String>)>),
+    /// One run in full.
+    Detail {
+        /// Its record.
+        record: Box<crate::store::RunRecord>,
+        /// Its spec as JSON (bincode cannot carry the free-form config), or why it could not
+        /// be read; parse with `serde_json::from_str::<RunSpec>`.
+        spec_json: std::result::Result<String, String>,
+        /// Its log lines.
+        logs: Vec<String>,
+        /// Its tags.
+        tags: Vec<String>,
+    },
+    /// Metric series: name → [(step, value)].
+    Metrics(std::collections::BTreeMap<String, Vec<(u64, f64)>>),
     /// A run was queued.
     Queued {
         /// Its id.

@@ -414,6 +414,62 @@ fn handle_client(
             Request::Status => Response::Status(shared.status(store_dir)),
             Request::Runs { argv } => run_runs_command(shared, argv),
             Request::Output { run, name } => output_bytes(shared, &run, &name),
+            Request::ListRecords => data(|| {
+                let tags = shared.store.all_tags()?;
+                let mut out = Vec::new();
+                for r in shared.store.runs() {
+                    let r = r?;
+                    let t = tags.get(&r.id).cloned().unwrap_or_default();
+                    out.push((r, t));
+                }
+                Ok(Response::Records(out))
+            }),
+            Request::Detail { run } => data(|| {
+                let id = shared.store.resolve(&run)?;
+                let record = shared.store.get_run(&id)?;
+                let spec_json = shared
+                    .store
+                    .spec(&record.spec_hash)
+                    .map_err(|e| e.to_string())
+                    .and_then(|s| serde_json::to_string(&s).map_err(|e| e.to_string()));
+                Ok(Response::Detail {
+                    logs: shared.store.logs(&id)?,
+                    tags: shared.store.tags(&id)?,
+                    record: Box::new(record),
+                    spec_json,
+                })
+            }),
+            Request::Metrics { run } => data(|| {
+                let id = shared.store.resolve(&run)?;
+                Ok(Response::Metrics(shared.store.metrics(&id)?))
+            }),
+            Request::Blob { hash } => data(|| {
+                let hash: crate::store::BlobHash = hash
+                    .parse()
+                    .map_err(|_| Error::Input(format!("`{hash}` is not a blob hash")))?;
+                Ok(Response::Bytes(shared.store.read_blob(&hash)?))
+            }),
+            Request::Tag { run, tag, remove } => data(|| {
+                let id = shared.store.resolve(&run)?;
+                if remove {
+                    shared.store.remove_tag(&id, &tag)?;
+                } else {
+                    shared.store.add_tag(&id, &tag)?;
+                }
+                Ok(Response::Ok)
+            }),
+            Request::Remove { run } => data(|| {
+                let id = shared.store.resolve(&run)?;
+                let busy = lock(&shared.current).as_ref().is_some_and(|c| c.id == id)
+                    || lock(&shared.queue).iter().any(|j| *j.id() == id);
+                if busy {
+                    return Err(Error::Input(format!(
+                        "run {id} is queued or running; cancel it first"
+                    )));
+                }
+                shared.store.remove_run(&id)?;
+                Ok(Response::Ok)
+            }),
             Request::SubmitLearn(job) => {
                 if shared.shutdown.load(Ordering::SeqCst) {
                     Response::Error("the engine is stopping; try again in a moment".into())
@@ -526,6 +582,11 @@ fn cancel(shared: &Arc<Shared>, run: &str) -> Response {
         };
     }
     Response::Error(format!("run {id} is not queued or running"))
+}
+
+/// Runs a data request, turning its error into a one-line [`Response::Error`].
+fn data(f: impl FnOnce() -> Result<Response>) -> Response {
+    f().unwrap_or_else(|e| Response::Error(e.to_string()))
 }
 
 fn output_bytes(shared: &Arc<Shared>, run: &str, name: &str) -> Response {

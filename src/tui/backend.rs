@@ -216,6 +216,8 @@ pub struct JobRow {
     pub queued_ms: u64,
     /// When it started (ms since the Unix epoch).
     pub started_ms: Option<u64>,
+    /// When it ended (ms since the Unix epoch).
+    pub finished_ms: Option<u64>,
 }
 
 /// The inputs of a new learning run.
@@ -494,6 +496,7 @@ impl LocalBackend {
                     device,
                     queued_ms: now_ms(),
                     started_ms: None,
+                    finished_ms: None,
                 },
                 work: Some(work),
                 stop: Arc::new(AtomicBool::new(false)),
@@ -628,6 +631,7 @@ fn job_thread(
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(run);
             }
+            job.row.finished_ms = Some(now_ms());
             match result {
                 Ok(record) => {
                     job.row.run = Some(record.id);
@@ -879,6 +883,7 @@ impl Backend for LocalBackend {
         match j.row.state {
             JobState::Queued => {
                 j.row.state = JobState::Cancelled;
+                j.row.finished_ms = Some(now_ms());
                 j.work = None;
             }
             JobState::Starting | JobState::Running => j.stop.store(true, Ordering::SeqCst),

@@ -143,7 +143,7 @@ pub fn render(app: &mut App, area: Rect, buf: &mut Buffer) {
             };
             let elapsed = j
                 .started_ms
-                .map(|s| format_duration(now.saturating_sub(s)))
+                .map(|s| format_duration(j.finished_ms.unwrap_or(now).saturating_sub(s)))
                 .unwrap_or_else(|| format!("{} ago", format_age(now.saturating_sub(j.queued_ms))));
             let mut r = Row::new(vec![
                 Cell::from(format!("#{}", j.job)),
