@@ -19,9 +19,32 @@ pub struct Cli {
     /// The run store folder.
     #[arg(long, global = true, env = "MIFO_STORE", default_value = "runs")]
     pub store: PathBuf,
-    /// The subcommand.
+    /// Workbench images: auto, kitty, sixel, iterm2, halfblocks or off.
+    #[arg(long, default_value = "auto", value_parser = parse_image_mode)]
+    pub image_protocol: crate::tui::images::ImageMode,
+    /// Default model folder for launches from the workbench [env: MIFO_MODEL].
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Default device for launches from the workbench.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// The subcommand; none opens the workbench (a terminal UI over the store's engine).
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
+}
+
+fn parse_image_mode(s: &str) -> Result<crate::tui::images::ImageMode, String> {
+    s.parse()
+}
+
+/// Opens the workbench on the store's engine (starting the engine if needed).
+pub fn workbench(store: &std::path::Path, model: Option<PathBuf>, device: &str, mode: crate::tui::images::ImageMode) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    if !std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        anyhow::bail!("the workbench needs a terminal (for scripts use `mifo runs ls`)");
+    }
+    let backend = crate::tui::engine_backend::EngineBackend::connect(store.to_path_buf(), model, device)?;
+    crate::tui::run_with(Box::new(backend), mode, started)
 }
 
 /// Top-level subcommands.
@@ -47,7 +70,10 @@ pub enum Command {
 /// Entry point called by `main.rs`.
 pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    match cli.command {
+    let Some(command) = cli.command else {
+        return workbench(&cli.store, cli.model, &cli.device, cli.image_protocol);
+    };
+    match command {
         Command::Demo(args) => demo::run(args, &cli.store),
         Command::Learn(args) => learn::run(*args, &cli.store),
         Command::Synth(args) => synth::run(*args, &cli.store),

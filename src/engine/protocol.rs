@@ -9,11 +9,11 @@ use crate::jobs::learn::LearnJob;
 use crate::jobs::sink::SinkEvent;
 
 /// Bumped whenever a message changes shape.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 /// Largest frame accepted (a `runs show --json` of a long run is well below this).
 pub const MAX_FRAME: usize = 64 << 20;
 
-/// Client → engine.
+/// Client → engine. `Hello` stays the first variant in every protocol version.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Request {
     /// First message of every connection.
@@ -141,7 +141,8 @@ pub enum EventKind {
     Run(SinkEvent),
 }
 
-/// Engine → client.
+/// Engine → client. `Hello` and `Error` stay the first two variants in every protocol
+/// version, so that a client of another version can always read the handshake's answer.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Response {
     /// Handshake accepted.
@@ -151,6 +152,8 @@ pub enum Response {
         /// The engine's pid.
         pid: u32,
     },
+    /// Request refused or failed (one line).
+    Error(String),
     /// Engine status.
     Status(EngineStatus),
     /// Output of a `runs` command; `error` set when it failed.
@@ -192,8 +195,6 @@ pub enum Response {
     },
     /// Request done.
     Ok,
-    /// Request refused or failed (one line).
-    Error(String),
     /// A streamed event (after `Subscribe`).
     Event(Event),
 }

@@ -21,6 +21,7 @@ pub mod action;
 pub mod app;
 pub mod backend;
 pub mod driver;
+pub mod engine_backend;
 pub mod filter;
 pub mod images;
 pub mod keymap;

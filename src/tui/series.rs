@@ -183,7 +183,7 @@ pub fn phases(points: &[(u64, f64)]) -> Vec<PhaseSpan> {
     out
 }
 
-fn bounds(values: impl Iterator<Item = f64>) -> Option<[f64; 2]> {
+fn bounds(values: impl Iterator<Item = f64>, keep_non_negative: bool) -> Option<[f64; 2]> {
     let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
     for v in values.filter(|v| v.is_finite()) {
         lo = lo.min(v);
@@ -202,7 +202,7 @@ fn bounds(values: impl Iterator<Item = f64>) -> Option<[f64; 2]> {
     }
     let pad = (hi - lo) * 0.05;
     // Non-negative data (losses) keeps a non-negative axis.
-    let floor = if lo >= 0.0 {
+    let floor = if keep_non_negative && lo >= 0.0 {
         (lo - pad).max(0.0)
     } else {
         lo - pad
@@ -272,7 +272,7 @@ pub fn build_chart(
     let x_lo = all().map(|p| p.0).fold(f64::INFINITY, f64::min);
     let x_hi = all().map(|p| p.0).fold(f64::NEG_INFINITY, f64::max);
     let x_bounds = [x_lo, x_hi.max(x_lo + 1.0)];
-    let y_bounds = bounds(all().map(|p| p.1)).unwrap_or([0.0, 1.0]);
+    let y_bounds = bounds(all().map(|p| p.1), !options.log_y).unwrap_or([0.0, 1.0]);
     let markers = phases
         .iter()
         .skip(1)

@@ -1,0 +1,435 @@
+//! [`EngineBackend`]: the workbench's [`Backend`] over the engine's socket, so the TUI is one
+//! more client: closing it (or losing SSH) never stops a run, and CLI commands keep working
+//! beside it.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
+
+use anyhow::{anyhow, bail, Result};
+
+use super::backend::{
+    apply_learn_sets, resolve_learn_config, stored_learn_config, Backend, BackendInfo, JobId,
+    JobRow, JobState, LearnLaunch, LearnSource, Metrics, RerunRequest, RunDetail, RunProgress,
+    RunRow, SynthLaunch,
+};
+use crate::config::{apply_overrides, check_sections, parse_override};
+use crate::engine::{Client, Request, Response};
+use crate::jobs::learn::LearnJob;
+use crate::jobs::synth::SynthJob;
+use crate::learn::{scene_files, SceneFiles};
+use crate::store::{now_ms, BlobHash, BlobStore, RunId, RunKind, RunSpec, RunStatus};
+
+/// A job this client submitted (the engine itself knows runs, not job numbers).
+struct Submitted {
+    job: JobId,
+    run: RunId,
+    label: String,
+    device: String,
+    queued_ms: u64,
+}
+
+/// The workbench backend that talks to the store's engine.
+pub struct EngineBackend {
+    store_dir: PathBuf,
+    model: Option<PathBuf>,
+    device: String,
+    submitted: Mutex<Vec<Submitted>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn unexpected(r: Response) -> anyhow::Error {
+    match r {
+        Response::Error(e) => anyhow!(e),
+        Response::AlreadyRan { run } => anyhow!(crate::Error::AlreadyRan { run }),
+        other => anyhow!("engine: unexpected reply {other:?}"),
+    }
+}
+
+impl EngineBackend {
+    /// Connects to the engine of `store_dir` (starting it when none answers).
+    pub fn connect(store_dir: PathBuf, model: Option<PathBuf>, device: &str) -> Result<Self> {
+        Client::connect(&store_dir)?;
+        let model = model.or_else(|| std::env::var_os("MIFO_MODEL").map(PathBuf::from));
+        Ok(Self {
+            store_dir,
+            model,
+            device: device.to_string(),
+            submitted: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn request(&self, req: &Request) -> Result<Response> {
+        Ok(Client::connect(&self.store_dir)?.request(req)?)
+    }
+
+    fn ok(&self, req: &Request) -> Result<()> {
+        match self.request(req)? {
+            Response::Ok => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    fn model_dir(&self, model: Option<PathBuf>) -> Result<PathBuf> {
+        let dir = model.or_else(|| self.model.clone()).ok_or_else(|| {
+            anyhow!("no model folder: start the workbench with --model DIR or set MIFO_MODEL")
+        })?;
+        if !dir.is_dir() {
+            bail!("{}: model folder does not exist", dir.display());
+        }
+        Ok(std::fs::canonicalize(&dir).unwrap_or(dir))
+    }
+
+    fn submit(&self, req: Request, label: String, device: String) -> Result<JobId> {
+        let run = match self.request(&req)? {
+            Response::Queued { run, .. } => run.parse::<RunId>()?,
+            other => return Err(unexpected(other)),
+        };
+        let mut subs = lock(&self.submitted);
+        let job = subs.len() as JobId + 1;
+        subs.push(Submitted {
+            job,
+            run,
+            label,
+            device,
+            queued_ms: now_ms(),
+        });
+        Ok(job)
+    }
+
+    fn spec_of(&self, id: &RunId) -> Result<(crate::store::RunRecord, RunSpec)> {
+        match self.request(&Request::Detail { run: id.to_string() })? {
+            Response::Detail {
+                record, spec_json, ..
+            } => {
+                let spec: RunSpec = serde_json::from_str(&spec_json.map_err(|e| anyhow!(e))?)?;
+                Ok((*record, spec))
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    fn status(&self) -> Result<crate::engine::EngineStatus> {
+        match self.request(&Request::Status)? {
+            Response::Status(s) => Ok(s),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+fn progress(st: &crate::engine::EngineStatus, id: &RunId) -> Option<RunProgress> {
+    match (&st.running, &st.progress) {
+        (Some(r), Some((step, total, phase))) if r == id.as_str() => Some(RunProgress {
+            step: *step,
+            total: *total,
+            phase: Some(phase.clone()),
+        }),
+        _ => None,
+    }
+}
+
+impl Backend for EngineBackend {
+    fn info(&self) -> BackendInfo {
+        BackendInfo {
+            name: format!("engine {}", self.store_dir.display()),
+            jobs_survive_quit: true,
+            default_model: self.model.clone(),
+            default_device: self.device.clone(),
+        }
+    }
+
+    fn list_runs(&self) -> Result<Vec<RunRow>> {
+        let records = match self.request(&Request::ListRecords)? {
+            Response::Records(r) => r,
+            other => return Err(unexpected(other)),
+        };
+        let st = self.status().ok();
+        Ok(records
+            .into_iter()
+            .map(|(rec, tags)| {
+                let mut row = RunRow::from_record(&rec, tags);
+                row.progress = st.as_ref().and_then(|s| progress(s, &rec.id));
+                row
+            })
+            .collect())
+    }
+
+    fn run_detail(&self, id: &RunId, log_tail: usize) -> Result<RunDetail> {
+        match self.request(&Request::Detail { run: id.to_string() })? {
+            Response::Detail {
+                record,
+                spec_json,
+                logs,
+                tags,
+            } => {
+                let (spec, spec_error) = match spec_json
+                    .map_err(|e| e.to_string())
+                    .and_then(|j| serde_json::from_str::<RunSpec>(&j).map_err(|e| e.to_string()))
+                {
+                    Ok(s) => (Some(s), None),
+                    Err(e) => (None, Some(e)),
+                };
+                let mut row = RunRow::from_record(&record, tags);
+                row.progress = self.status().ok().and_then(|s| progress(&s, id));
+                let start = logs.len().saturating_sub(log_tail);
+                Ok(RunDetail {
+                    row,
+                    spec,
+                    spec_error,
+                    host: record.host.clone(),
+                    error: record.error.clone(),
+                    outputs: record.outputs.clone(),
+                    log_lines: logs.len(),
+                    log_tail: logs[start..].to_vec(),
+                })
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    fn metrics(&self, id: &RunId) -> Result<Metrics> {
+        match self.request(&Request::Metrics { run: id.to_string() })? {
+            Response::Metrics(m) => Ok(m),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    fn blob(&self, hash: &BlobHash) -> Result<Vec<u8>> {
+        match self.request(&Request::Blob {
+            hash: hash.to_hex(),
+        })? {
+            Response::Bytes(b) => Ok(b),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    fn launch_learn(&self, l: LearnLaunch) -> Result<JobId> {
+        let config = resolve_learn_config(&l.preset, &l.sets)?;
+        let model = self.model_dir(l.model.clone())?;
+        let (files, scene_dir) = match &l.source {
+            LearnSource::Scene(dir) => (scene_files(dir)?, Some(dir.clone())),
+            LearnSource::Files { image, masks } => (
+                SceneFiles {
+                    image: image.clone(),
+                    masks: masks.clone(),
+                },
+                None,
+            ),
+        };
+        if files.masks.is_empty() {
+            bail!("give at least one mask");
+        }
+        let abs = |p: &PathBuf| std::fs::canonicalize(p).map_err(|e| anyhow!("{}: {e}", p.display()));
+        let files = SceneFiles {
+            image: abs(&files.image)?,
+            masks: files.masks.iter().map(abs).collect::<Result<_>>()?,
+        };
+        let label = format!(
+            "learn {} ({}, seed {})",
+            crate::jobs::scene_label(&files.image, scene_dir.as_deref()),
+            l.preset,
+            l.seed
+        );
+        let job = LearnJob {
+            model,
+            files,
+            scene_dir: scene_dir.map(|d| std::fs::canonicalize(&d).unwrap_or(d)),
+            preset: l.preset.clone(),
+            config,
+            seed: l.seed,
+            device: l.device.clone(),
+            dtype: l.dtype.clone(),
+            allow_overlap: false,
+            rerun: false,
+        };
+        self.submit(Request::SubmitLearn(Box::new(job)), label, l.device)
+    }
+
+    fn launch_synth(&self, l: SynthLaunch) -> Result<JobId> {
+        let (record, spec) = self.spec_of(&l.from)?;
+        if record.kind != RunKind::Learn || record.status != RunStatus::Done {
+            bail!("run {} is not a finished learning run", l.from);
+        }
+        let dtype = spec
+            .config
+            .get("dtype")
+            .and_then(|v| v.as_str())
+            .unwrap_or("f32")
+            .to_string();
+        let overrides = l
+            .sets
+            .iter()
+            .map(|s| parse_override(s))
+            .collect::<crate::Result<Vec<_>>>()?;
+        check_sections(&overrides, &["synth"])?;
+        let config = apply_overrides(&crate::synth::SynthConfig::preset("paper")?, "synth", &overrides)?;
+        let boxes = l
+            .boxes
+            .iter()
+            .map(|(t, r)| format!("{t}={},{},{},{}", r[0], r[1], r[2], r[3]))
+            .collect();
+        let label = format!("synth from {} (seed {})", &l.from.as_str()[..8], l.seed);
+        let job = SynthJob {
+            from: Some(l.from.to_string()),
+            model: self.model_dir(None)?,
+            prompt: l.prompt.clone(),
+            boxes,
+            samples: l.samples,
+            seed: l.seed,
+            preset: "paper".into(),
+            config,
+            device: self.device.clone(),
+            dtype,
+            rerun: false,
+        };
+        self.submit(Request::SubmitSynth(Box::new(job)), label, self.device.clone())
+    }
+
+    fn rerun(&self, id: &RunId, request: RerunRequest) -> Result<JobId> {
+        let (record, spec) = self.spec_of(id)?;
+        if record.kind != RunKind::Learn {
+            bail!("run {id} is a {} run; only learning runs can be re-run here", record.kind);
+        }
+        let (preset, dtype, stored) = stored_learn_config(&spec)?;
+        let config = apply_learn_sets(&stored, &request.sets)?;
+        let blobs = BlobStore::new(self.store_dir.join("blobs"));
+        let blob = |name: &str| -> Result<PathBuf> {
+            let h = spec
+                .inputs
+                .get(name)
+                .ok_or_else(|| anyhow!("run {id}: input `{name}` is missing from its spec"))?;
+            Ok(std::fs::canonicalize(blobs.path(h)).unwrap_or_else(|_| blobs.path(h)))
+        };
+        let n = spec.inputs.keys().filter(|k| k.starts_with("mask")).count();
+        let files = SceneFiles {
+            image: blob("image")?,
+            masks: (0..n).map(|i| blob(&format!("mask{i}"))).collect::<Result<_>>()?,
+        };
+        let seed = request.seed.unwrap_or(spec.seed);
+        let job = LearnJob {
+            model: self.model_dir(None)?,
+            files,
+            scene_dir: None,
+            preset,
+            config,
+            seed,
+            device: self.device.clone(),
+            dtype,
+            allow_overlap: true,
+            rerun: true,
+        };
+        let label = format!("re-run {} (seed {seed})", &id.as_str()[..8]);
+        self.submit(Request::SubmitLearn(Box::new(job)), label, self.device.clone())
+    }
+
+    fn resume(&self, id: &RunId) -> Result<JobId> {
+        let label = format!("resume {}", &id.as_str()[..8]);
+        self.submit(
+            Request::ResumeLearn {
+                run: id.to_string(),
+                model: self.model_dir(None)?,
+                device: self.device.clone(),
+            },
+            label,
+            self.device.clone(),
+        )
+    }
+
+    fn cancel(&self, id: &RunId) -> Result<()> {
+        self.ok(&Request::Cancel { run: id.to_string() })
+    }
+
+    fn cancel_job(&self, job: JobId) -> Result<()> {
+        let run = lock(&self.submitted)
+            .iter()
+            .find(|s| s.job == job)
+            .map(|s| s.run.clone())
+            .ok_or_else(|| anyhow!("no job {job}"))?;
+        self.cancel(&run)
+    }
+
+    fn delete(&self, id: &RunId) -> Result<()> {
+        self.ok(&Request::Remove { run: id.to_string() })
+    }
+
+    fn tag(&self, id: &RunId, tag: &str) -> Result<()> {
+        self.ok(&Request::Tag {
+            run: id.to_string(),
+            tag: tag.to_string(),
+            remove: false,
+        })
+    }
+
+    fn untag(&self, id: &RunId, tag: &str) -> Result<()> {
+        self.ok(&Request::Tag {
+            run: id.to_string(),
+            tag: tag.to_string(),
+            remove: true,
+        })
+    }
+
+    fn jobs(&self) -> Result<Vec<JobRow>> {
+        let st = self.status()?;
+        let records: HashMap<RunId, crate::store::RunRecord> = match self.request(&Request::ListRecords)? {
+            Response::Records(r) => r.into_iter().map(|(r, _)| (r.id.clone(), r)).collect(),
+            other => return Err(unexpected(other)),
+        };
+        let subs = lock(&self.submitted);
+        let mut rows: Vec<JobRow> = subs
+            .iter()
+            .map(|s| {
+                let rec = records.get(&s.run);
+                let state = match rec.map(|r| r.status) {
+                    Some(RunStatus::Queued) | None => JobState::Queued,
+                    Some(RunStatus::Running) => JobState::Running,
+                    Some(RunStatus::Failed) => JobState::Failed(
+                        rec.and_then(|r| r.error.clone()).unwrap_or_default(),
+                    ),
+                    Some(RunStatus::Cancelled) => JobState::Cancelled,
+                    Some(_) => JobState::Finished,
+                };
+                JobRow {
+                    job: s.job,
+                    label: s.label.clone(),
+                    run: Some(s.run.clone()),
+                    state,
+                    progress: progress(&st, &s.run),
+                    device: s.device.clone(),
+                    queued_ms: s.queued_ms,
+                    started_ms: rec.and_then(|r| r.started_ms),
+                    finished_ms: rec.and_then(|r| r.finished_ms),
+                }
+            })
+            .collect();
+        // Runs other clients queued: shown too, with job numbers past ours.
+        let ours: Vec<String> = subs.iter().map(|s| s.run.to_string()).collect();
+        let others = st.running.iter().chain(st.queue.iter()).filter(|r| !ours.contains(r));
+        for (i, r) in others.enumerate() {
+            let id: RunId = r.parse()?;
+            let rec = records.get(&id);
+            rows.push(JobRow {
+                job: 1_000_000 + i as JobId,
+                label: format!(
+                    "{} {} (another client)",
+                    rec.map(|r| r.kind.as_str()).unwrap_or("run"),
+                    rec.and_then(|r| r.scene.clone()).unwrap_or_default()
+                ),
+                state: if st.running.as_deref() == Some(r.as_str()) {
+                    JobState::Running
+                } else {
+                    JobState::Queued
+                },
+                progress: progress(&st, &id),
+                run: Some(id),
+                device: st.device.clone().unwrap_or_default(),
+                queued_ms: rec.map(|r| r.created_ms).unwrap_or_default(),
+                started_ms: rec.and_then(|r| r.started_ms),
+                finished_ms: None,
+            });
+        }
+        Ok(rows)
+    }
+}
