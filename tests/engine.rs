@@ -15,6 +15,10 @@ fn root() -> PathBuf {
 }
 
 fn start_engine(name: &str) -> PathBuf {
+    start_engine_with(name, 1)
+}
+
+fn start_engine_with(name: &str, jobs: usize) -> PathBuf {
     let store = std::env::temp_dir().join(format!("mifo-engine-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&store);
     let dir = store.clone();
@@ -23,6 +27,7 @@ fn start_engine(name: &str) -> PathBuf {
             &dir,
             EngineOptions {
                 idle_exit: Some(Duration::from_secs(30)),
+                jobs,
             },
         )
         .unwrap()
@@ -241,4 +246,29 @@ fn a_client_with_another_protocol_version_is_refused() {
     let meta = std::fs::metadata(mifo::engine::socket_path(&store)).unwrap();
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+}
+
+#[test]
+fn concurrency_is_configurable() {
+    let store = start_engine_with("jobs2", 2);
+    let mut c = Client::connect(&store).unwrap();
+    let mut runs = Vec::new();
+    for seed in [11, 12] {
+        let Response::Queued { run, .. } = c.request(&Request::SubmitLearn(Box::new(job(200, seed)))).unwrap() else { panic!() };
+        runs.push(run);
+    }
+    let mut both = false;
+    for _ in 0..200 {
+        let Response::Status(st) = c.request(&Request::Status).unwrap() else { panic!() };
+        assert_eq!(st.workers, 2);
+        if st.running_all.len() == 2 {
+            both = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(both, "two jobs never ran at once with jobs = 2");
+    for r in runs {
+        assert!(matches!(c.request(&Request::Cancel { run: r }).unwrap(), Response::Ok));
+    }
 }

@@ -37,16 +37,20 @@ pub enum EngineCommand {
         /// Exit after this many seconds with no job and no client (0 = never).
         #[arg(long, default_value_t = 0)]
         idle_exit: u64,
+        /// Jobs run at the same time (default 1: one per device) [env: MIFO_ENGINE_JOBS].
+        #[arg(long, env = "MIFO_ENGINE_JOBS", default_value_t = 1)]
+        jobs: usize,
     },
 }
 
 /// Runs `mifo engine …`.
 pub fn run(cmd: EngineCommand, store: &Path) -> anyhow::Result<()> {
     match cmd {
-        EngineCommand::Run { idle_exit } => Ok(serve(
+        EngineCommand::Run { idle_exit, jobs } => Ok(serve(
             store,
             EngineOptions {
                 idle_exit: (idle_exit > 0).then(|| Duration::from_secs(idle_exit)),
+                jobs,
             },
         )?),
         EngineCommand::Start => {
@@ -107,6 +111,14 @@ pub fn run(cmd: EngineCommand, store: &Path) -> anyhow::Result<()> {
                     }
                 );
                 println!("device   {}", st.device.as_deref().unwrap_or("-"));
+                for (run, device, p) in st.running_all.iter().skip(1) {
+                    let p = p
+                        .as_ref()
+                        .map(|(s, t, ph)| format!(" ({ph} {s}/{t})"))
+                        .unwrap_or_default();
+                    println!("also     {run}{p} on {device}");
+                }
+                println!("workers  {}", st.workers);
                 println!(
                     "queue    {}",
                     if st.queue.is_empty() {
@@ -167,6 +179,46 @@ pub fn runs(cmd: crate::cli::runs::RunsCommand, store: &Path) -> anyhow::Result<
     }
     let mut argv = runs_argv();
     match &cmd {
+        RunsCommand::Rerun {
+            run,
+            sets,
+            seed,
+            model,
+            device,
+            json,
+            detach,
+        } => {
+            let model = crate::jobs::model_dir(model.clone())?;
+            let model = std::fs::canonicalize(&model).unwrap_or(model);
+            let mut c = Client::connect(store)?;
+            let (record, spec) = match c.request(&Request::Detail { run: run.clone() })? {
+                Response::Detail {
+                    record, spec_json, ..
+                } => {
+                    let spec: crate::store::RunSpec =
+                        serde_json::from_str(&spec_json.map_err(|e| anyhow!(e))?)?;
+                    (record, spec)
+                }
+                Response::Error(e) => bail!(e),
+                other => bail!("engine: unexpected reply {other:?}"),
+            };
+            let request = match record.kind {
+                crate::store::RunKind::Learn => {
+                    let root = std::fs::canonicalize(store).unwrap_or_else(|_| store.to_path_buf());
+                    let blobs = crate::store::BlobStore::new(root.join("blobs"));
+                    Request::SubmitLearn(Box::new(crate::jobs::learn::job_from_spec(
+                        &spec, &blobs, model, device, sets, *seed,
+                    )?))
+                }
+                crate::store::RunKind::Synth => Request::SubmitSynth(Box::new(
+                    crate::jobs::synth::job_from_spec(&spec, model, device, sets, *seed)?,
+                )),
+            };
+            if !json {
+                eprintln!("re-running {} ({})", record.id, record.kind.as_str());
+            }
+            return submit_and_follow(store, &request, *json, *detach);
+        }
         RunsCommand::Show {
             run,
             image: Some(name),

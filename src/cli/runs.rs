@@ -93,6 +93,30 @@ pub enum RunsCommand {
         /// Folder to create (must be empty if it exists).
         dir: PathBuf,
     },
+    /// Run a stored configuration again (same spec, so the store records whether the outputs
+    /// came out bit-identical), or a variant of it with --set / --seed.
+    Rerun {
+        /// Run id or unique prefix.
+        run: String,
+        /// Override keys of the stored config (`learn.…` or `synth.…`).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        /// A new seed.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// The model folder (its fingerprint must match the run's) [env: MIFO_MODEL].
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Device: cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Print the finished run's record as one JSON document.
+        #[arg(long)]
+        json: bool,
+        /// Queue it and return at once.
+        #[arg(long)]
+        detach: bool,
+    },
 }
 
 /// `--kind` values.
@@ -340,6 +364,9 @@ pub fn run_on(cmd: RunsCommand, store: &Store, console: &mut Console<'_>) -> any
                     store.root().display()
                 );
             }
+        }
+        RunsCommand::Rerun { .. } => {
+            bail!("`runs rerun` submits a job: run it through the engine client (mifo runs rerun)")
         }
         RunsCommand::Export { run, dir } => {
             let id = store.resolve(&run)?;

@@ -9,7 +9,7 @@ use crate::jobs::learn::LearnJob;
 use crate::jobs::sink::SinkEvent;
 
 /// Bumped whenever a message changes shape.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 /// Largest frame accepted (a `runs show --json` of a long run is well below this).
 pub const MAX_FRAME: usize = 64 << 20;
 
@@ -114,6 +114,10 @@ pub struct EngineStatus {
     pub progress: Option<(u64, u64, String)>,
     /// Device of the running job.
     pub device: Option<String>,
+    /// Every running job: (run, device, progress as (step, total, phase)).
+    pub running_all: Vec<(String, String, Option<(u64, u64, String)>)>,
+    /// How many jobs may run at once.
+    pub workers: usize,
     /// Protocol version.
     pub version: u32,
 }

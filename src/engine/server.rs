@@ -27,6 +27,9 @@ use crate::store::{RunId, RunOutcome, Store};
 pub struct EngineOptions {
     /// Exit after this long with no job and no client (auto-started engines); `None` = never.
     pub idle_exit: Option<Duration>,
+    /// Jobs run at the same time (0 is taken as 1). One per device is the sane default: two
+    /// jobs on one GPU compete for its memory.
+    pub jobs: usize,
 }
 
 enum Job {
@@ -65,11 +68,13 @@ struct Shared {
     store: Store,
     queue: Mutex<VecDeque<Job>>,
     wake: Condvar,
-    current: Mutex<Option<Current>>,
+    /// The running jobs (at most `EngineOptions::jobs`).
+    current: Mutex<Vec<Current>>,
     subscribers: Mutex<Vec<Subscriber>>,
     shutdown: Arc<AtomicBool>,
     first_stop: Mutex<Option<Instant>>,
     started: Instant,
+    workers: usize,
     clients: AtomicUsize,
     last_activity: Mutex<Instant>,
 }
@@ -105,17 +110,20 @@ impl Shared {
 
     fn status(&self, store_dir: &Path) -> EngineStatus {
         let cur = lock(&self.current);
+        let first = cur.first();
         EngineStatus {
             pid: std::process::id(),
             uptime_s: self.started.elapsed().as_secs_f64(),
             store: store_dir.display().to_string(),
-            queue: lock(&self.queue)
+            queue: lock(&self.queue).iter().map(|j| j.id().to_string()).collect(),
+            running: first.map(|c| c.id.to_string()),
+            progress: first.and_then(|c| c.progress.clone()),
+            device: first.map(|c| c.device.clone()),
+            running_all: cur
                 .iter()
-                .map(|j| j.id().to_string())
+                .map(|c| (c.id.to_string(), c.device.clone(), c.progress.clone()))
                 .collect(),
-            running: cur.as_ref().map(|c| c.id.to_string()),
-            progress: cur.as_ref().and_then(|c| c.progress.clone()),
-            device: cur.as_ref().map(|c| c.device.clone()),
+            workers: self.workers,
             version: PROTOCOL_VERSION,
         }
     }
@@ -191,7 +199,8 @@ pub fn serve(store_dir: &Path, opts: EngineOptions) -> Result<()> {
         store,
         queue: Mutex::new(VecDeque::new()),
         wake: Condvar::new(),
-        current: Mutex::new(None),
+        current: Mutex::new(Vec::new()),
+        workers: opts.jobs.max(1),
         subscribers: Mutex::new(Vec::new()),
         shutdown: Arc::new(AtomicBool::new(false)),
         first_stop: Mutex::new(None),
@@ -199,10 +208,12 @@ pub fn serve(store_dir: &Path, opts: EngineOptions) -> Result<()> {
         clients: AtomicUsize::new(0),
         last_activity: Mutex::new(Instant::now()),
     });
-    let worker = {
-        let shared = shared.clone();
-        std::thread::spawn(move || worker_loop(&shared))
-    };
+    let workers: Vec<_> = (0..shared.workers)
+        .map(|_| {
+            let shared = shared.clone();
+            std::thread::spawn(move || worker_loop(&shared))
+        })
+        .collect();
     let store_dir = store_dir.to_path_buf();
     loop {
         match listener.accept() {
@@ -235,11 +246,11 @@ pub fn serve(store_dir: &Path, opts: EngineOptions) -> Result<()> {
             }
             Err(e) => eprintln!("engine: accept failed: {e}"),
         }
-        if shared.shutdown.load(Ordering::SeqCst) && worker.is_finished() {
+        if shared.shutdown.load(Ordering::SeqCst) && workers.iter().all(|w| w.is_finished()) {
             break;
         }
         if let Some(idle) = opts.idle_exit {
-            let busy = lock(&shared.current).is_some() || !lock(&shared.queue).is_empty();
+            let busy = !lock(&shared.current).is_empty() || !lock(&shared.queue).is_empty();
             let quiet = shared.clients.load(Ordering::SeqCst) == 0
                 && lock(&shared.last_activity).elapsed() >= idle;
             if !busy && quiet {
@@ -249,7 +260,9 @@ pub fn serve(store_dir: &Path, opts: EngineOptions) -> Result<()> {
             }
         }
     }
-    let _ = worker.join();
+    for w in workers {
+        let _ = w.join();
+    }
     // Queued jobs never started.
     for job in lock(&shared.queue).drain(..) {
         let _ = shared
@@ -288,7 +301,7 @@ fn worker_loop(shared: &Arc<Shared>) {
             Job::Synth(_, j) => j.device.clone(),
             Job::Resume { device, .. } => device.clone(),
         };
-        *lock(&shared.current) = Some(Current {
+        lock(&shared.current).push(Current {
             id: id.clone(),
             cancel: cancel.clone(),
             device,
@@ -301,7 +314,7 @@ fn worker_loop(shared: &Arc<Shared>) {
                     step, total, phase, ..
                 } = &ev
                 {
-                    if let Some(c) = lock(&shared.current).as_mut() {
+                    if let Some(c) = lock(&shared.current).iter_mut().find(|c| &c.id == run) {
                         c.progress = Some((*step, *total, phase.clone()));
                     }
                 }
@@ -351,7 +364,7 @@ fn worker_loop(shared: &Arc<Shared>) {
                 );
             }
         }
-        *lock(&shared.current) = None;
+        lock(&shared.current).retain(|c| c.id != id);
         shared.publish_status(&id);
         shared.touch();
     }
@@ -460,7 +473,7 @@ fn handle_client(
             }),
             Request::Remove { run } => data(|| {
                 let id = shared.store.resolve(&run)?;
-                let busy = lock(&shared.current).as_ref().is_some_and(|c| c.id == id)
+                let busy = lock(&shared.current).iter().any(|c| c.id == id)
                     || lock(&shared.queue).iter().any(|j| *j.id() == id);
                 if busy {
                     return Err(Error::Input(format!(
@@ -564,7 +577,7 @@ fn cancel(shared: &Arc<Shared>, run: &str) -> Response {
         Ok(id) => id,
         Err(e) => return Response::Error(e.to_string()),
     };
-    if let Some(c) = lock(&shared.current).as_ref().filter(|c| c.id == id) {
+    if let Some(c) = lock(&shared.current).iter().find(|c| c.id == id) {
         c.cancel.store(true, Ordering::SeqCst);
         return Response::Ok;
     }
@@ -655,7 +668,7 @@ fn stream_events(
     // A run that already ended (and is not queued to resume) gets its final status at once.
     if let Some(id) = &run {
         let pending = lock(&shared.queue).iter().any(|j| j.id() == id)
-            || lock(&shared.current).as_ref().is_some_and(|c| &c.id == id);
+            || lock(&shared.current).iter().any(|c| &c.id == id);
         if let Ok(r) = shared.store.get_run(id) {
             if r.status.is_final() && !pending {
                 write_frame(
@@ -675,7 +688,7 @@ fn stream_events(
         match rx.recv_timeout(Duration::from_millis(500)) {
             Ok(ev) => write_frame(writer, &Response::Event(ev))?,
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                if shared.shutdown.load(Ordering::SeqCst) && lock(&shared.current).is_none() {
+                if shared.shutdown.load(Ordering::SeqCst) && lock(&shared.current).is_empty() {
                     return Ok(());
                 }
             }

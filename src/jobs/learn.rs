@@ -410,3 +410,62 @@ pub fn dtype_name(dtype: DType) -> &'static str {
         _ => "f32",
     }
 }
+
+/// The job that re-runs a stored learning spec: its config with `sets` applied, its seed (or
+/// `seed`), its input files straight from the blob folder `blobs`, on `model` / `device`.
+pub fn job_from_spec(
+    spec: &RunSpec,
+    blobs: &crate::store::BlobStore,
+    model: PathBuf,
+    device: &str,
+    sets: &[String],
+    seed: Option<u64>,
+) -> Result<LearnJob> {
+    let preset = spec
+        .config
+        .get("preset")
+        .and_then(|v| v.as_str())
+        .unwrap_or("paper")
+        .to_string();
+    let dtype = spec
+        .config
+        .get("dtype")
+        .and_then(|v| v.as_str())
+        .unwrap_or("f32")
+        .to_string();
+    let stored: LearnConfig =
+        serde_json::from_value(spec.config.get("learn").cloned().unwrap_or_default())
+            .map_err(|e| Error::Input(format!("stored learn config does not parse ({e})")))?;
+    let overrides = sets
+        .iter()
+        .map(|s| crate::config::parse_override(s))
+        .collect::<Result<Vec<_>>>()?;
+    crate::config::check_sections(&overrides, &["learn"])?;
+    let config = crate::config::apply_overrides(&stored, "learn", &overrides)?;
+    config.validate()?;
+    let blob = |name: &str| -> Result<PathBuf> {
+        let h = spec
+            .inputs
+            .get(name)
+            .ok_or_else(|| Error::Input(format!("input `{name}` is missing from the spec")))?;
+        Ok(blobs.path(h))
+    };
+    let n = spec.inputs.keys().filter(|k| k.starts_with("mask")).count();
+    Ok(LearnJob {
+        model,
+        files: SceneFiles {
+            image: blob("image")?,
+            masks: (0..n)
+                .map(|i| blob(&format!("mask{i}")))
+                .collect::<Result<_>>()?,
+        },
+        scene_dir: None,
+        preset,
+        config,
+        seed: seed.unwrap_or(spec.seed),
+        device: device.to_string(),
+        dtype,
+        allow_overlap: true,
+        rerun: true,
+    })
+}

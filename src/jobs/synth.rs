@@ -303,3 +303,41 @@ pub fn start(
     result?;
     Ok(record)
 }
+
+/// The job that re-runs a stored synthesis spec (its prompt, boxes, samples, parent and config
+/// with `sets` applied; its seed or `seed`) on `model` / `device`.
+pub fn job_from_spec(
+    spec: &RunSpec,
+    model: PathBuf,
+    device: &str,
+    sets: &[String],
+    seed: Option<u64>,
+) -> Result<SynthJob> {
+    let c = &spec.config;
+    let text = |k: &str| c.get(k).and_then(|v| v.as_str()).map(str::to_string);
+    let stored: SynthConfig = serde_json::from_value(c.get("synth").cloned().unwrap_or_default())
+        .map_err(|e| Error::Input(format!("stored synth config does not parse ({e})")))?;
+    let overrides = sets
+        .iter()
+        .map(|s| crate::config::parse_override(s))
+        .collect::<Result<Vec<_>>>()?;
+    crate::config::check_sections(&overrides, &["synth"])?;
+    let config = crate::config::apply_overrides(&stored, "synth", &overrides)?;
+    Ok(SynthJob {
+        from: spec.parent.as_ref().map(|p| p.to_string()),
+        model,
+        prompt: text("prompt").ok_or_else(|| Error::Input("spec has no prompt".into()))?,
+        boxes: c
+            .get("boxes")
+            .and_then(|b| b.as_array())
+            .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+            .unwrap_or_default(),
+        samples: c.get("samples").and_then(|v| v.as_u64()).unwrap_or(1) as usize,
+        seed: seed.unwrap_or(spec.seed),
+        preset: text("preset").unwrap_or_else(|| "paper".into()),
+        config,
+        device: device.to_string(),
+        dtype: text("dtype").unwrap_or_else(|| "f32".into()),
+        rerun: true,
+    })
+}

@@ -23,15 +23,51 @@
 //!
 //!   Metadata in both: `mifo.run_id`, `mifo.spec_hash`, and `mifo.token` in the per-token files.
 //!
-//! LoRA weights (diffusers and kohya key styles) are not exported yet.
+//! - for an output named `lora` (`learn.dreambooth = "lora"`: a safetensors file holding
+//!   `unet.<module>.lora_A.weight` [rank, in] / `unet.<module>.lora_B.weight` [out, rank] for the
+//!   UNet attention projections and `text_encoder.<module>.lora_A.weight` / `lora_B.weight` for
+//!   the CLIP self-attention projections, with scale 1, i.e. alpha = rank; see
+//!   [`crate::model::weights::LoraConfig`]):
+//!   - `pytorch_lora_weights.safetensors`: the diffusers / PEFT layout that
+//!     `StableDiffusionPipeline.load_lora_weights(DIR)` reads (that is its default file name):
+//!     keys as stored (`unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight`,
+//!     `text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight`), metadata
+//!     `format = pt`. The file carries no alphas, so diffusers takes alpha = rank: scale 1, as
+//!     trained.
+//!   - `lora_kohya.safetensors`: the kohya-ss `networks.lora` layout that A1111, ComfyUI and
+//!     InvokeAI read: per module `lora_unet_<module>` or `lora_te_<module>` (dots replaced by
+//!     underscores; text-encoder modules keep their `text_model_` part, as kohya names them for
+//!     SD 1.x/2.x, e.g. `lora_te_text_model_encoder_layers_0_self_attn_q_proj`), each with
+//!     `.lora_down.weight` (= lora_A), `.lora_up.weight` (= lora_B) and `.alpha` (an f32 scalar
+//!     equal to the rank, so alpha / rank = 1). Metadata: `ss_network_module = networks.lora`,
+//!     `ss_network_dim` and `ss_network_alpha` (the rank), `ss_training_comment = mifo run <id>`,
+//!     `ss_base_model_version` (`sd_v1` / `sd_v2` from the cross-attention width: the `in`
+//!     dimension of an `attn2.to_k` adapter, else the text encoder's hidden width; 768 → `sd_v1`,
+//!     1024 → `sd_v2`, anything else `unknown`) and `ss_v2` (`True` / `False` when known; A1111
+//!     sorts SD 2 LoRAs by it).
+//!
+//!   Both files hold the stored factors bit for bit (same dtype). Text-encoder modules stored
+//!   without the `text_model.` prefix (text encoders whose weight file has none) get it added,
+//!   since transformers and kohya both name the modules with it. Metadata in both:
+//!   `mifo.run_id`, `mifo.spec_hash`. A `lora` blob that is not such a file (not safetensors,
+//!   other tensor names, missing or mis-shaped factors, ranks that disagree) fails the export with
+//!   an error naming the run and the output; nothing is written.
+//! - an output named `weights` (a full fine-tune: only the tensors that were trained, named
+//!   `unet.<name>` / `text_encoder.<name>`) is written as `finetuned_weights.safetensors`; it is
+//!   not a whole checkpoint but an overlay on the base model's `unet/` and `text_encoder/` weights
+//!   (the report's notes say so).
+//!
+//! Every output file is prepared before anything is written, so a corrupt output leaves no
+//! half-written export.
 
-use std::collections::HashMap;
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use safetensors::tensor::TensorView;
-use safetensors::SafeTensors;
+use safetensors::{Dtype, SafeTensors};
 use serde::Serialize;
 
 use super::error::{StoreError, StoreResult};
@@ -42,6 +78,21 @@ use super::Store;
 /// The output name whose blob holds learned token embeddings.
 pub const EMBEDDINGS_OUTPUT: &str = "embeddings";
 
+/// The output name whose blob holds LoRA adapters (`learn.dreambooth = "lora"`).
+pub const LORA_OUTPUT: &str = "lora";
+
+/// The output name whose blob holds fully fine-tuned tensors (`learn.dreambooth = "full"`).
+pub const WEIGHTS_OUTPUT: &str = "weights";
+
+/// File name of the diffusers / PEFT LoRA export.
+pub const DIFFUSERS_LORA_FILE: &str = "pytorch_lora_weights.safetensors";
+
+/// File name of the kohya / A1111 LoRA export.
+pub const KOHYA_LORA_FILE: &str = "lora_kohya.safetensors";
+
+/// File name of the fine-tuned weights export.
+pub const FINETUNED_WEIGHTS_FILE: &str = "finetuned_weights.safetensors";
+
 /// What [`export_run`] wrote.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct ExportReport {
@@ -49,6 +100,9 @@ pub struct ExportReport {
     pub files: Vec<PathBuf>,
     /// Config keys with a `null` value, left out of `config.toml`.
     pub skipped_null_keys: Vec<String>,
+    /// What some of the files are and how to load them (one sentence each), e.g. that
+    /// `finetuned_weights.safetensors` holds only the changed tensors.
+    pub notes: Vec<String>,
 }
 
 /// Exports run `id` into `dir` (created; must be empty if it exists).
@@ -58,9 +112,20 @@ pub fn export_run(store: &Store, id: &RunId, dir: &Path) -> StoreResult<ExportRe
     // Read everything first, so a corrupt blob leaves no half-written export.
     let metrics = store.metrics(id)?;
     let logs = store.logs(id)?;
-    let mut outputs = Vec::new();
+    let mut blobs = Vec::new();
     for (name, hash) in &record.outputs {
-        outputs.push((name.clone(), store.read_blob(hash)?));
+        blobs.push((name.clone(), store.read_blob(hash)?));
+    }
+    let provenance = Provenance {
+        id,
+        spec_hash: record.spec_hash.to_hex(),
+        seed: spec.seed,
+        prompt: spec.prompt().map(str::to_string),
+    };
+    let mut notes = Vec::new();
+    let mut output_files = Vec::new();
+    for (name, bytes) in &blobs {
+        output_files.extend(output_files_for(name, bytes, &provenance, &mut notes)?);
     }
 
     if dir.exists() {
@@ -142,45 +207,116 @@ pub fn export_run(store: &Store, id: &RunId, dir: &Path) -> StoreResult<ExportRe
         write("log.txt", text.as_bytes())?;
     }
 
-    // Outputs.
-    let prompt = spec.prompt().map(str::to_string);
-    for (name, bytes) in &outputs {
-        let file = safe_file_name(name);
-        if is_png(bytes) {
-            let mut parameters = String::new();
-            if let Some(prompt) = &prompt {
-                parameters.push_str(prompt);
-                parameters.push('\n');
-            }
-            let _ = write!(
-                parameters,
-                "Seed: {}, mifo run: {id}, spec hash: {}",
-                spec.seed, record.spec_hash
-            );
-            let provenance = serde_json::json!({
-                "run_id": id.to_string(),
-                "spec_hash": record.spec_hash.to_hex(),
-                "seed": spec.seed,
-                "prompt": prompt,
-            })
-            .to_string();
-            let tagged =
-                add_png_text_chunks(bytes, &[("parameters", &parameters), ("mifo", &provenance)])
-                    .map_err(|e| StoreError::corrupt(format!("output {name} of run {id}"), e))?;
-            write(&with_extension(&file, "png"), &tagged)?;
-        } else if let Ok(tensors) = SafeTensors::deserialize(bytes) {
-            write(&with_extension(&file, "safetensors"), bytes)?;
-            if name == EMBEDDINGS_OUTPUT {
-                export_embeddings(&tensors, id, &record.spec_hash.to_hex(), &mut write)?;
-            }
-        } else {
-            write(&with_extension(&file, "bin"), bytes)?;
-        }
+    for (name, bytes) in &output_files {
+        write(name, bytes)?;
     }
     Ok(ExportReport {
         files,
         skipped_null_keys: skipped,
+        notes,
     })
+}
+
+/// What a run's exported files say about where they came from.
+struct Provenance<'a> {
+    id: &'a RunId,
+    spec_hash: String,
+    seed: u64,
+    prompt: Option<String>,
+}
+
+impl Provenance<'_> {
+    /// `mifo.run_id` and `mifo.spec_hash`, the metadata of every safetensors file we derive.
+    fn metadata(&self) -> HashMap<String, String> {
+        HashMap::from([
+            ("mifo.run_id".to_string(), self.id.to_string()),
+            ("mifo.spec_hash".to_string(), self.spec_hash.clone()),
+        ])
+    }
+}
+
+/// The files (name in the export folder, contents) that output `name` becomes.
+fn output_files_for<'a>(
+    name: &str,
+    bytes: &'a [u8],
+    p: &Provenance<'_>,
+    notes: &mut Vec<String>,
+) -> StoreResult<Vec<(String, Cow<'a, [u8]>)>> {
+    let id = p.id;
+    let what = || format!("output {name} of run {id}");
+    let file = safe_file_name(name);
+    let mut files: Vec<(String, Cow<'a, [u8]>)> = Vec::new();
+    if name == LORA_OUTPUT {
+        let tensors = SafeTensors::deserialize(bytes).map_err(|e| {
+            StoreError::corrupt(what(), format!("not a safetensors LoRA file: {e}"))
+        })?;
+        let lora =
+            parse_lora(bytes, &tensors).map_err(|detail| StoreError::corrupt(what(), detail))?;
+        files.push((with_extension(&file, "safetensors"), Cow::Borrowed(bytes)));
+        files.push((
+            DIFFUSERS_LORA_FILE.to_string(),
+            Cow::Owned(diffusers_lora(&lora, p).map_err(|e| StoreError::corrupt(what(), e))?),
+        ));
+        files.push((
+            KOHYA_LORA_FILE.to_string(),
+            Cow::Owned(kohya_lora(&lora, p).map_err(|e| StoreError::corrupt(what(), e))?),
+        ));
+        notes.push(format!(
+            "{DIFFUSERS_LORA_FILE}: diffusers/PEFT LoRA ({} modules, rank {}, scale 1); \
+             load with StableDiffusionPipeline.load_lora_weights on the export folder",
+            lora.modules.len(),
+            lora.rank
+        ));
+        notes.push(format!(
+            "{KOHYA_LORA_FILE}: kohya/A1111 LoRA (lora_unet_…/lora_te_…, alpha = rank = {}, \
+             base model {})",
+            lora.rank,
+            lora.base_model_version()
+        ));
+    } else if name == WEIGHTS_OUTPUT {
+        let tensors = SafeTensors::deserialize(bytes).map_err(|e| {
+            StoreError::corrupt(what(), format!("not a safetensors weights file: {e}"))
+        })?;
+        files.push((FINETUNED_WEIGHTS_FILE.to_string(), Cow::Borrowed(bytes)));
+        notes.push(format!(
+            "{FINETUNED_WEIGHTS_FILE}: only the {} fine-tuned tensors, named unet.<name> / \
+             text_encoder.<name>; it is not a whole checkpoint: put them over the base model's \
+             unet/ and text_encoder/ weights",
+            tensors.len()
+        ));
+    } else if is_png(bytes) {
+        let mut parameters = String::new();
+        if let Some(prompt) = &p.prompt {
+            parameters.push_str(prompt);
+            parameters.push('\n');
+        }
+        let _ = write!(
+            parameters,
+            "Seed: {}, mifo run: {id}, spec hash: {}",
+            p.seed, p.spec_hash
+        );
+        let provenance = serde_json::json!({
+            "run_id": id.to_string(),
+            "spec_hash": p.spec_hash,
+            "seed": p.seed,
+            "prompt": p.prompt,
+        })
+        .to_string();
+        let tagged =
+            add_png_text_chunks(bytes, &[("parameters", &parameters), ("mifo", &provenance)])
+                .map_err(|e| StoreError::corrupt(what(), e))?;
+        files.push((with_extension(&file, "png"), Cow::Owned(tagged)));
+    } else if let Ok(tensors) = SafeTensors::deserialize(bytes) {
+        files.push((with_extension(&file, "safetensors"), Cow::Borrowed(bytes)));
+        if name == EMBEDDINGS_OUTPUT {
+            for (path, contents) in export_embeddings(&tensors, p)? {
+                files.push((path, Cow::Owned(contents)));
+            }
+        }
+    } else {
+        files.push((with_extension(&file, "bin"), Cow::Borrowed(bytes)));
+    }
+    Ok(files)
 }
 
 fn with_extension(file: &str, ext: &str) -> String {
@@ -193,21 +329,18 @@ fn with_extension(file: &str, ext: &str) -> String {
 
 fn export_embeddings(
     tensors: &SafeTensors<'_>,
-    id: &RunId,
-    spec_hash: &str,
-    write: &mut dyn FnMut(&str, &[u8]) -> StoreResult<()>,
-) -> StoreResult<()> {
+    p: &Provenance<'_>,
+) -> StoreResult<Vec<(String, Vec<u8>)>> {
+    let id = p.id;
     let what = || format!("output {EMBEDDINGS_OUTPUT} of run {id}");
+    let mut files = Vec::new();
     let mut named: Vec<(String, TensorView<'_>)> = tensors.tensors();
     named.sort_by(|a, b| a.0.cmp(&b.0));
     if named.is_empty() {
         return Err(StoreError::corrupt(what(), "holds no tensors"));
     }
     let metadata = |token: Option<&str>| {
-        let mut m = HashMap::from([
-            ("mifo.run_id".to_string(), id.to_string()),
-            ("mifo.spec_hash".to_string(), spec_hash.to_string()),
-        ]);
+        let mut m = p.metadata();
         if let Some(token) = token {
             m.insert("mifo.token".to_string(), token.to_string());
         }
@@ -216,7 +349,7 @@ fn export_embeddings(
     let learned =
         safetensors::serialize(named.iter().map(|(k, v)| (k.as_str(), v)), metadata(None))
             .map_err(|e| StoreError::corrupt(what(), e))?;
-    write("learned_embeds.safetensors", &learned)?;
+    files.push(("learned_embeds.safetensors".to_string(), learned));
     for (token, view) in &named {
         let shape = match view.shape() {
             [dim] => vec![1, *dim],
@@ -232,12 +365,280 @@ fn export_embeddings(
             .map_err(|e| StoreError::corrupt(what(), e))?;
         let bytes = safetensors::serialize([("emb_params", &reshaped)], metadata(Some(token)))
             .map_err(|e| StoreError::corrupt(what(), e))?;
-        write(
-            &format!("a1111/{}.safetensors", token_file_name(token)),
-            &bytes,
-        )?;
+        files.push((
+            format!("a1111/{}.safetensors", token_file_name(token)),
+            bytes,
+        ));
     }
-    Ok(())
+    Ok(files)
+}
+
+/// Which model a LoRA module adapts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum LoraPart {
+    Unet,
+    TextEncoder,
+}
+
+impl LoraPart {
+    /// Key prefix in the diffusers / PEFT layout (and in mifo's own file).
+    fn peft_prefix(self) -> &'static str {
+        match self {
+            LoraPart::Unet => "unet",
+            LoraPart::TextEncoder => "text_encoder",
+        }
+    }
+
+    /// Module-name prefix in the kohya layout (SD 1.x/2.x: one text encoder, `lora_te`).
+    fn kohya_prefix(self) -> &'static str {
+        match self {
+            LoraPart::Unet => "lora_unet",
+            LoraPart::TextEncoder => "lora_te",
+        }
+    }
+}
+
+/// One adapted linear layer: `W x + B A x`.
+struct LoraModule<'a> {
+    part: LoraPart,
+    /// The module path, e.g. `down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k` or
+    /// `text_model.encoder.layers.0.self_attn.q_proj` (always with `text_model.`).
+    module: String,
+    /// Down projection [rank, in].
+    a: TensorView<'a>,
+    /// Up projection [out, rank].
+    b: TensorView<'a>,
+}
+
+/// A validated `lora` output.
+struct Lora<'a> {
+    /// Sorted by part, then module.
+    modules: Vec<LoraModule<'a>>,
+    /// The rank shared by every module (alpha equals it: scale 1).
+    rank: usize,
+}
+
+impl Lora<'_> {
+    /// The UNet's cross-attention width (the `in` dimension of an `attn2.to_k`/`to_v` adapter),
+    /// else the text encoder's hidden width (the `in` dimension of a self-attention adapter):
+    /// the two are equal in SD 1.x (768) and 2.x (1024).
+    fn cross_attention_dim(&self) -> Option<usize> {
+        let width = |part: LoraPart, endings: &[&str]| {
+            self.modules
+                .iter()
+                .find(|m| m.part == part && endings.iter().any(|e| m.module.ends_with(e)))
+                .map(|m| m.a.shape()[1])
+        };
+        width(LoraPart::Unet, &[".attn2.to_k", ".attn2.to_v"]).or_else(|| {
+            width(
+                LoraPart::TextEncoder,
+                &[
+                    ".self_attn.q_proj",
+                    ".self_attn.k_proj",
+                    ".self_attn.v_proj",
+                    ".self_attn.out_proj",
+                ],
+            )
+        })
+    }
+
+    /// kohya's `ss_base_model_version`: `sd_v1` (768), `sd_v2` (1024) or `unknown`.
+    fn base_model_version(&self) -> &'static str {
+        match self.cross_attention_dim() {
+            Some(768) => "sd_v1",
+            Some(1024) => "sd_v2",
+            _ => "unknown",
+        }
+    }
+}
+
+/// Reads and checks a `lora` output: every tensor a `unet.`/`text_encoder.` `lora_A`/`lora_B`
+/// factor of float dtype, each module with both, A [r, in] and B [out, r], one rank for all
+/// modules that agrees with the rank in the `mifo` metadata (when it names one).
+fn parse_lora<'a>(bytes: &[u8], tensors: &SafeTensors<'a>) -> Result<Lora<'a>, String> {
+    let declared = declared_lora_rank(bytes)?;
+    type Factors<'a> = (Option<TensorView<'a>>, Option<TensorView<'a>>);
+    let mut pairs: BTreeMap<(LoraPart, String), Factors<'a>> = BTreeMap::new();
+    let mut names = tensors.tensors();
+    names.sort_by(|a, b| a.0.cmp(&b.0));
+    for (key, view) in names {
+        let (part, rest) = if let Some(rest) = key.strip_prefix("unet.") {
+            (LoraPart::Unet, rest)
+        } else if let Some(rest) = key.strip_prefix("text_encoder.") {
+            (LoraPart::TextEncoder, rest)
+        } else {
+            return Err(format!(
+                "tensor `{key}` is neither `unet.…` nor `text_encoder.…`"
+            ));
+        };
+        let (module, is_a) = if let Some(module) = rest.strip_suffix(".lora_A.weight") {
+            (module, true)
+        } else if let Some(module) = rest.strip_suffix(".lora_B.weight") {
+            (module, false)
+        } else {
+            return Err(format!(
+                "tensor `{key}` is not a LoRA factor (`<module>.lora_A.weight` or \
+                 `<module>.lora_B.weight`)"
+            ));
+        };
+        if module.is_empty() || module.split('.').any(str::is_empty) {
+            return Err(format!("tensor `{key}` has an empty module name"));
+        }
+        if !matches!(
+            view.dtype(),
+            Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64
+        ) {
+            return Err(format!(
+                "tensor `{key}` has dtype {:?}; expected F16, BF16, F32 or F64",
+                view.dtype()
+            ));
+        }
+        let module = match part {
+            LoraPart::TextEncoder if !module.starts_with("text_model.") => {
+                format!("text_model.{module}")
+            }
+            _ => module.to_string(),
+        };
+        let slot = pairs.entry((part, module)).or_default();
+        let slot = if is_a { &mut slot.0 } else { &mut slot.1 };
+        if slot.is_some() {
+            return Err(format!(
+                "tensor `{key}` appears twice (with and without the `text_model.` prefix)"
+            ));
+        }
+        *slot = Some(view);
+    }
+    if pairs.is_empty() {
+        return Err("holds no LoRA tensors".to_string());
+    }
+    let mut modules = Vec::with_capacity(pairs.len());
+    let mut rank: Option<usize> = None;
+    for ((part, module), factors) in pairs {
+        let name = format!("{}.{module}", part.peft_prefix());
+        let (a, b) = match factors {
+            (Some(a), Some(b)) => (a, b),
+            (Some(_), None) => return Err(format!("module `{name}` has lora_A but no lora_B")),
+            (None, _) => return Err(format!("module `{name}` has lora_B but no lora_A")),
+        };
+        let r = match (a.shape(), b.shape()) {
+            ([r, i], [o, r2]) if r == r2 && *r > 0 && *i > 0 && *o > 0 => *r,
+            (sa, sb) => {
+                return Err(format!(
+                    "module `{name}` has lora_A {sa:?} and lora_B {sb:?}; expected [rank, in] \
+                     and [out, rank] with the same rank"
+                ))
+            }
+        };
+        match rank {
+            Some(first) if first != r => {
+                return Err(format!(
+                    "module `{name}` has rank {r} but others have rank {first}"
+                ))
+            }
+            _ => rank = Some(r),
+        }
+        modules.push(LoraModule { part, module, a, b });
+    }
+    let rank = rank.unwrap_or_default();
+    if let Some(declared) = declared {
+        if declared != rank {
+            return Err(format!(
+                "metadata says rank {declared} but the tensors have rank {rank}"
+            ));
+        }
+    }
+    Ok(Lora { modules, rank })
+}
+
+/// The rank named in a `lora` file's `mifo` metadata (a JSON object such as
+/// `{"format":"mifo-lora-1","rank":"4"}`), if any; an error if the metadata is there but is not
+/// such an object, or names another format.
+fn declared_lora_rank(bytes: &[u8]) -> Result<Option<usize>, String> {
+    use serde_json::Value as J;
+    let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| e.to_string())?;
+    let Some(text) = meta.metadata().as_ref().and_then(|m| m.get("mifo")) else {
+        return Ok(None);
+    };
+    let value: J = serde_json::from_str(text)
+        .map_err(|e| format!("metadata `mifo` is not JSON ({e}): {text}"))?;
+    let J::Object(fields) = value else {
+        return Err(format!("metadata `mifo` is not a JSON object: {text}"));
+    };
+    match fields.get("format") {
+        None => {}
+        Some(J::String(format)) if format == "mifo-lora-1" => {}
+        Some(other) => {
+            return Err(format!(
+                "metadata `mifo` names format {other}; expected \"mifo-lora-1\""
+            ))
+        }
+    }
+    let rank = match fields.get("rank") {
+        None => return Ok(None),
+        Some(J::String(s)) => s.parse::<usize>().ok(),
+        Some(J::Number(n)) => n.as_u64().and_then(|n| usize::try_from(n).ok()),
+        Some(_) => None,
+    };
+    match rank {
+        Some(rank) if rank > 0 => Ok(Some(rank)),
+        _ => Err(format!(
+            "metadata `mifo` has rank {}; expected a positive integer",
+            fields["rank"]
+        )),
+    }
+}
+
+/// `pytorch_lora_weights.safetensors`: the diffusers / PEFT layout (see the module docs).
+fn diffusers_lora(lora: &Lora<'_>, p: &Provenance<'_>) -> Result<Vec<u8>, String> {
+    let mut views: Vec<(String, &TensorView<'_>)> = Vec::with_capacity(lora.modules.len() * 2);
+    for m in &lora.modules {
+        let base = format!("{}.{}", m.part.peft_prefix(), m.module);
+        views.push((format!("{base}.lora_A.weight"), &m.a));
+        views.push((format!("{base}.lora_B.weight"), &m.b));
+    }
+    let mut metadata = p.metadata();
+    metadata.insert("format".to_string(), "pt".to_string());
+    safetensors::serialize(views.iter().map(|(k, v)| (k.as_str(), *v)), Some(metadata))
+        .map_err(|e| e.to_string())
+}
+
+/// `lora_kohya.safetensors`: the kohya-ss `networks.lora` layout (see the module docs).
+fn kohya_lora(lora: &Lora<'_>, p: &Provenance<'_>) -> Result<Vec<u8>, String> {
+    let alpha_bytes = (lora.rank as f32).to_le_bytes();
+    let alpha = TensorView::new(Dtype::F32, vec![], &alpha_bytes).map_err(|e| e.to_string())?;
+    let mut views: Vec<(String, &TensorView<'_>)> = Vec::with_capacity(lora.modules.len() * 3);
+    let mut seen: HashMap<String, String> = HashMap::new();
+    for m in &lora.modules {
+        let base = format!("{}_{}", m.part.kohya_prefix(), m.module.replace('.', "_"));
+        let peft = format!("{}.{}", m.part.peft_prefix(), m.module);
+        if let Some(other) = seen.insert(base.clone(), peft.clone()) {
+            return Err(format!(
+                "modules `{other}` and `{peft}` both become kohya module `{base}`"
+            ));
+        }
+        views.push((format!("{base}.lora_down.weight"), &m.a));
+        views.push((format!("{base}.lora_up.weight"), &m.b));
+        views.push((format!("{base}.alpha"), &alpha));
+    }
+    let version = lora.base_model_version();
+    let mut metadata = p.metadata();
+    metadata.extend(
+        [
+            ("ss_network_module", "networks.lora".to_string()),
+            ("ss_network_dim", lora.rank.to_string()),
+            ("ss_network_alpha", lora.rank.to_string()),
+            ("ss_training_comment", format!("mifo run {}", p.id)),
+            ("ss_base_model_version", version.to_string()),
+        ]
+        .map(|(k, v)| (k.to_string(), v)),
+    );
+    match version {
+        "sd_v1" => metadata.insert("ss_v2".to_string(), "False".to_string()),
+        "sd_v2" => metadata.insert("ss_v2".to_string(), "True".to_string()),
+        _ => None,
+    };
+    safetensors::serialize(views.iter().map(|(k, v)| (k.as_str(), *v)), Some(metadata))
+        .map_err(|e| e.to_string())
 }
 
 /// A token such as `<v0>` as a file stem: `v0`.

@@ -425,8 +425,8 @@ pub struct LocalBackend {
 }
 
 impl LocalBackend {
-    /// Opens (creating if needed) the store at `root`, marks runs left `running` by a dead
-    /// process as interrupted, and starts the job thread. `model` is the default model folder
+    /// Opens (creating if needed) the store at `root` and starts the job thread, which first
+    /// marks runs left `running` by a dead process as interrupted. `model` is the default model folder
     /// (falls back to `$MIFO_MODEL`), `device` the default device.
     pub fn open(root: impl Into<PathBuf>, model: Option<PathBuf>, device: &str) -> Result<Self> {
         let root = root.into();
@@ -437,8 +437,6 @@ impl LocalBackend {
 
     /// A backend over an open store (see [`Self::open`]).
     pub fn with_store(store: Store, model: Option<PathBuf>, device: &str) -> Self {
-        // This process holds the store's lock, so any `running` run is left from a dead process.
-        let _ = store.mark_stale_running_interrupted();
         let model = model.or_else(|| std::env::var_os("MIFO_MODEL").map(PathBuf::from));
         let jobs = Arc::new(Mutex::new(Jobs::default()));
         let progress = Arc::new(Mutex::new(HashMap::new()));
@@ -562,6 +560,10 @@ fn job_thread(
     shutdown: Arc<AtomicBool>,
     rx: Receiver<JobId>,
 ) {
+    // This process holds the store's lock, so any `running` run it did not start is left from
+    // a dead process. Marked here, off the startup path: the first listing may still show it
+    // `running`; the next poll shows it `interrupted`.
+    let _ = store.mark_stale_running_interrupted();
     while let Ok(id) = rx.recv() {
         let (work, stop) = {
             let mut jobs = lock(&jobs);

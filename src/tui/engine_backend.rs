@@ -9,7 +9,7 @@ use std::sync::{Mutex, MutexGuard};
 use anyhow::{anyhow, bail, Result};
 
 use super::backend::{
-    apply_learn_sets, resolve_learn_config, stored_learn_config, Backend, BackendInfo, JobId,
+    resolve_learn_config, Backend, BackendInfo, JobId,
     JobRow, JobState, LearnLaunch, LearnSource, Metrics, RerunRequest, RunDetail, RunProgress,
     RunRow, SynthLaunch,
 };
@@ -290,39 +290,30 @@ impl Backend for EngineBackend {
 
     fn rerun(&self, id: &RunId, request: RerunRequest) -> Result<JobId> {
         let (record, spec) = self.spec_of(id)?;
-        if record.kind != RunKind::Learn {
-            bail!("run {id} is a {} run; only learning runs can be re-run here", record.kind);
-        }
-        let (preset, dtype, stored) = stored_learn_config(&spec)?;
-        let config = apply_learn_sets(&stored, &request.sets)?;
-        let blobs = BlobStore::new(self.store_dir.join("blobs"));
-        let blob = |name: &str| -> Result<PathBuf> {
-            let h = spec
-                .inputs
-                .get(name)
-                .ok_or_else(|| anyhow!("run {id}: input `{name}` is missing from its spec"))?;
-            Ok(std::fs::canonicalize(blobs.path(h)).unwrap_or_else(|_| blobs.path(h)))
+        let model = self.model_dir(None)?;
+        let label = format!("re-run {} ({})", &id.as_str()[..8], record.kind.as_str());
+        let req = match record.kind {
+            RunKind::Learn => {
+                let root = std::fs::canonicalize(&self.store_dir).unwrap_or_else(|_| self.store_dir.clone());
+                let blobs = BlobStore::new(root.join("blobs"));
+                Request::SubmitLearn(Box::new(crate::jobs::learn::job_from_spec(
+                    &spec,
+                    &blobs,
+                    model,
+                    &self.device,
+                    &request.sets,
+                    request.seed,
+                )?))
+            }
+            RunKind::Synth => Request::SubmitSynth(Box::new(crate::jobs::synth::job_from_spec(
+                &spec,
+                model,
+                &self.device,
+                &request.sets,
+                request.seed,
+            )?)),
         };
-        let n = spec.inputs.keys().filter(|k| k.starts_with("mask")).count();
-        let files = SceneFiles {
-            image: blob("image")?,
-            masks: (0..n).map(|i| blob(&format!("mask{i}"))).collect::<Result<_>>()?,
-        };
-        let seed = request.seed.unwrap_or(spec.seed);
-        let job = LearnJob {
-            model: self.model_dir(None)?,
-            files,
-            scene_dir: None,
-            preset,
-            config,
-            seed,
-            device: self.device.clone(),
-            dtype,
-            allow_overlap: true,
-            rerun: true,
-        };
-        let label = format!("re-run {} (seed {seed})", &id.as_str()[..8]);
-        self.submit(Request::SubmitLearn(Box::new(job)), label, self.device.clone())
+        self.submit(req, label, self.device.clone())
     }
 
     fn resume(&self, id: &RunId) -> Result<JobId> {
