@@ -381,6 +381,9 @@ pub fn run_on(cmd: RunsCommand, store: &Store, console: &mut Console<'_>) -> any
                     report.skipped_null_keys.join(", ")
                 )?;
             }
+            for note in &report.notes {
+                writeln!(console.out, "note: {note}")?;
+            }
         }
     }
     Ok(())
