@@ -329,6 +329,7 @@ fn worker_loop(shared: &Arc<Shared>) {
             stop: cancel,
             shutdown: shared.shutdown.clone(),
             observer: Some(observer),
+            progress_lines: true,
         };
         eprintln!("engine: starting run {id}");
         let store = shared.store.clone();

@@ -55,6 +55,8 @@ pub struct RunOptions {
     pub shutdown: Arc<AtomicBool>,
     /// Receives every metric, log line, progress report and output.
     pub observer: Option<Observer>,
+    /// Print a progress line to stderr every 50 steps when there is no progress bar.
+    pub progress_lines: bool,
 }
 
 /// The spec's config document: preset, dtype and the resolved `learn` table.
@@ -221,7 +223,8 @@ fn execute(
         opts.progress_bar,
         vec![opts.stop.clone(), opts.shutdown.clone()],
     )
-    .with_observer(opts.observer.clone());
+    .with_observer(opts.observer.clone())
+    .with_progress_lines(opts.progress_lines);
     sink.log(&format!(
         "learn {} instances, model {}, seed {seed}",
         scene.masks.len(),

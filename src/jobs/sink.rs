@@ -51,6 +51,7 @@ pub struct StoreSink {
     bar: Option<ProgressBar>,
     stop: Vec<Arc<AtomicBool>>,
     observer: Option<Observer>,
+    log_progress: bool,
 }
 
 impl StoreSink {
@@ -74,7 +75,15 @@ impl StoreSink {
             bar,
             stop,
             observer: None,
+            log_progress: false,
         }
+    }
+
+    /// Without a progress bar, also print a progress line to stderr every 50 steps (the engine
+    /// does, into its log; an in-process UI must not).
+    pub fn with_progress_lines(mut self, on: bool) -> Self {
+        self.log_progress = on;
+        self
     }
 
     /// Also reports every event to `observer`.
@@ -129,7 +138,7 @@ impl RunSink for StoreSink {
             b.set_position(p.step);
             b.set_prefix(p.phase.clone());
             b.set_message(p.message.clone());
-        } else if p.step == p.total || p.step % 50 == 0 {
+        } else if self.log_progress && (p.step == p.total || p.step.is_multiple_of(50)) {
             eprintln!("step {}/{} {} {}", p.step, p.total, p.phase, p.message);
         }
     }

@@ -269,7 +269,8 @@ pub fn start(
             opts.progress_bar,
             vec![opts.stop.clone(), opts.shutdown.clone()],
         )
-        .with_observer(opts.observer.clone());
+        .with_observer(opts.observer.clone())
+        .with_progress_lines(opts.progress_lines);
         let mut sink = SampleTextSink {
             inner,
             texts: vec![

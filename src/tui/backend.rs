@@ -603,6 +603,7 @@ fn job_thread(
             stop,
             shutdown: shutdown.clone(),
             observer: Some(observer),
+            progress_lines: false,
         };
         let set_run = |run: &RunId| {
             let mut jobs = lock(&jobs);

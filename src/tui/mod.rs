@@ -7,7 +7,7 @@
 //!   [`LocalBackend`] over the run store;
 //! - [`worker`]: carries out requests against a backend (worker thread or inline);
 //! - [`keymap`]: the binding table behind key handling, `?` help and the hint bar;
-//! - [`views`]: one module per view (runs, detail, compare, launch, jobs, help);
+//! - [`views`]: one module per view (runs, detail, compare, launch, synth, jobs, help);
 //! - [`widgets`]: text input, loss chart, image pane, hints, popups;
 //! - [`filter`], [`series`]: pure helpers (filter/sort, chart data);
 //! - [`images`]: protocol choice, decoding/tinting, off-thread resize;
