@@ -23,6 +23,9 @@ pub struct DemoArgs {
     /// Run again even if the demo already ran in this store.
     #[arg(long)]
     pub fresh: bool,
+    /// Do not open the workbench at the end.
+    #[arg(long)]
+    pub no_tui: bool,
 }
 
 fn fixtures_dir(flag: Option<PathBuf>) -> anyhow::Result<PathBuf> {
