@@ -67,14 +67,8 @@ fn type_name(v: &Value) -> &'static str {
 /// Coerces `new` to the JSON type of `old`, or explains the mismatch.
 fn coerce(old: &Value, new: Value, what: &str) -> Result<Value> {
     let ok = match (old, &new) {
-        (Value::Number(o), Value::Number(n)) => {
-            if o.is_f64() || n.is_i64() || n.is_u64() {
-                // integer where a float is expected is fine; float into an integer is not.
-                !(o.is_i64() || o.is_u64()) || !n.is_f64()
-            } else {
-                false
-            }
-        }
+        // An integer where a float is expected is fine; a float into an integer is not.
+        (Value::Number(o), Value::Number(n)) => !((o.is_i64() || o.is_u64()) && n.is_f64()),
         (Value::Bool(_), Value::Bool(_)) => true,
         (Value::String(_), Value::String(_)) => true,
         (Value::Array(_), Value::Array(_)) => true,

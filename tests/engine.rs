@@ -254,12 +254,19 @@ fn concurrency_is_configurable() {
     let mut c = Client::connect(&store).unwrap();
     let mut runs = Vec::new();
     for seed in [11, 12] {
-        let Response::Queued { run, .. } = c.request(&Request::SubmitLearn(Box::new(job(200, seed)))).unwrap() else { panic!() };
+        let Response::Queued { run, .. } = c
+            .request(&Request::SubmitLearn(Box::new(job(200, seed))))
+            .unwrap()
+        else {
+            panic!()
+        };
         runs.push(run);
     }
     let mut both = false;
     for _ in 0..200 {
-        let Response::Status(st) = c.request(&Request::Status).unwrap() else { panic!() };
+        let Response::Status(st) = c.request(&Request::Status).unwrap() else {
+            panic!()
+        };
         assert_eq!(st.workers, 2);
         if st.running_all.len() == 2 {
             both = true;
@@ -269,6 +276,9 @@ fn concurrency_is_configurable() {
     }
     assert!(both, "two jobs never ran at once with jobs = 2");
     for r in runs {
-        assert!(matches!(c.request(&Request::Cancel { run: r }).unwrap(), Response::Ok));
+        assert!(matches!(
+            c.request(&Request::Cancel { run: r }).unwrap(),
+            Response::Ok
+        ));
     }
 }

@@ -114,10 +114,35 @@ fn learn_stores_a_run_and_refuses_to_repeat_it_silently() {
 
     // `runs rerun` runs the stored configuration again; with --set it runs a variant.
     let id = rec["id"].as_str().unwrap();
-    let again = json(&mifo(&store, &["runs", "rerun", &id[..10], "--model", "fixtures/tiny-sd21", "--json"]));
+    let again = json(&mifo(
+        &store,
+        &[
+            "runs",
+            "rerun",
+            &id[..10],
+            "--model",
+            "fixtures/tiny-sd21",
+            "--json",
+        ],
+    ));
     assert_eq!(again["rerun_identical"], true);
-    let variant = json(&mifo(&store, &["runs", "rerun", &id[..10], "--model", "fixtures/tiny-sd21", "--json", "--set", "learn.penalty_steps=1"]));
-    assert_eq!(variant["metrics"]["loss/total"].as_array().unwrap().len(), 6);
+    let variant = json(&mifo(
+        &store,
+        &[
+            "runs",
+            "rerun",
+            &id[..10],
+            "--model",
+            "fixtures/tiny-sd21",
+            "--json",
+            "--set",
+            "learn.penalty_steps=1",
+        ],
+    ));
+    assert_eq!(
+        variant["metrics"]["loss/total"].as_array().unwrap().len(),
+        6
+    );
     assert_ne!(variant["spec_hash"], rec["spec_hash"]);
     let _ = std::fs::remove_dir_all(store);
 }

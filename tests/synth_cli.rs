@@ -20,18 +20,31 @@ fn mifo(store: &Path, args: &[&str]) -> Output {
 }
 
 fn json(out: &Output) -> serde_json::Value {
-    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
 fn err_line(out: &Output) -> String {
-    assert!(!out.status.success(), "accepted: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        !out.status.success(),
+        "accepted: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(!err.contains("panicked"), "{err}");
     err.trim().lines().last().unwrap_or("").to_string()
 }
 
-const BOXES: [&str; 4] = ["--box", "<v0>=0.0,0.5,0.5,1.0", "--box", "<v1>=0.5,0.5,1.0,1.0"];
+const BOXES: [&str; 4] = [
+    "--box",
+    "<v0>=0.0,0.5,0.5,1.0",
+    "--box",
+    "<v1>=0.5,0.5,1.0,1.0",
+];
 
 #[test]
 fn synthesis_from_a_stored_learning_run() {
@@ -40,24 +53,65 @@ fn synthesis_from_a_stored_learning_run() {
     let learn = json(&mifo(
         &store,
         &[
-            "learn", "--scene", "fixtures/scenes/coins", "--model", "fixtures/tiny-sd21", "--seed", "5", "--json",
-            "--set", "learn.reward_steps=2", "--set", "learn.penalty_steps=2", "--set", "learn.dreambooth=lora",
-            "--set", "learn.dreambooth_steps=2", "--set", "learn.preview=false",
+            "learn",
+            "--scene",
+            "fixtures/scenes/coins",
+            "--model",
+            "fixtures/tiny-sd21",
+            "--seed",
+            "5",
+            "--json",
+            "--set",
+            "learn.reward_steps=2",
+            "--set",
+            "learn.penalty_steps=2",
+            "--set",
+            "learn.dreambooth=lora",
+            "--set",
+            "learn.dreambooth_steps=2",
+            "--set",
+            "learn.preview=false",
         ],
     ));
     let from = learn["id"].as_str().unwrap().to_string();
     let mut args = vec![
-        "synth", "--from", &from[..10], "--model", "fixtures/tiny-sd21", "--prompt", "a photo of <v0> and <v1> on the beach",
-        "--seed", "3", "--samples", "2", "--json", "--set", "synth.steps=8", "--set", "synth.guided_steps=3",
-        "--set", "synth.refine_every=2",
+        "synth",
+        "--from",
+        &from[..10],
+        "--model",
+        "fixtures/tiny-sd21",
+        "--prompt",
+        "a photo of <v0> and <v1> on the beach",
+        "--seed",
+        "3",
+        "--samples",
+        "2",
+        "--json",
+        "--set",
+        "synth.steps=8",
+        "--set",
+        "synth.guided_steps=3",
+        "--set",
+        "synth.refine_every=2",
     ];
     args.extend(BOXES);
     let run = json(&mifo(&store, &args));
     assert_eq!(run["kind"], "synth");
     assert_eq!(run["status"], "done");
     assert_eq!(run["parent"], learn["id"]);
-    for name in ["sample_0.png", "sample_1.png", "boxes_0.png", "masks_1.png", "attn/<v0>_0.png", "attn/<v1>_1.png"] {
-        assert!(run["outputs"][name].is_string(), "missing {name}: {}", run["outputs"]);
+    for name in [
+        "sample_0.png",
+        "sample_1.png",
+        "boxes_0.png",
+        "masks_1.png",
+        "attn/<v0>_0.png",
+        "attn/<v1>_1.png",
+    ] {
+        assert!(
+            run["outputs"][name].is_string(),
+            "missing {name}: {}",
+            run["outputs"]
+        );
     }
     for metric in ["loss/box", "alpha", "gd_iters", "leak/<v0>", "leak/<v1>"] {
         assert!(run["metrics"][metric].is_array(), "missing metric {metric}");
@@ -67,12 +121,27 @@ fn synthesis_from_a_stored_learning_run() {
     assert!(err_line(&again).contains("--rerun"));
     args.push("--rerun");
     let rerun = json(&mifo(&store, &args));
-    assert_eq!(rerun["outputs"]["sample_0.png"], run["outputs"]["sample_0.png"]);
+    assert_eq!(
+        rerun["outputs"]["sample_0.png"],
+        run["outputs"]["sample_0.png"]
+    );
     assert_eq!(rerun["rerun_identical"], true);
 
     // The stored sample carries its provenance in a PNG text chunk.
-    let out = mifo(&store, &["runs", "export", &run["id"].as_str().unwrap()[..10], store.join("export").to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = mifo(
+        &store,
+        &[
+            "runs",
+            "export",
+            &run["id"].as_str().unwrap()[..10],
+            store.join("export").to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let png = std::fs::read(store.join("export/sample_0.png")).unwrap();
     let text = String::from_utf8_lossy(&png);
     assert!(text.contains("a photo of <v0> and <v1> on the beach"));
@@ -86,10 +155,36 @@ fn synthesis_from_a_stored_learning_run() {
     bad[pos + 1] = "zzzz";
     assert!(err_line(&mifo(&store, &bad)).contains("zzzz"));
     // A box for a token the prompt lacks.
-    let out = mifo(&store, &["synth", "--from", &from, "--model", "fixtures/tiny-sd21", "--prompt", "a photo of <v0>", "--box", "<v1>=0,0,0.5,0.5"]);
+    let out = mifo(
+        &store,
+        &[
+            "synth",
+            "--from",
+            &from,
+            "--model",
+            "fixtures/tiny-sd21",
+            "--prompt",
+            "a photo of <v0>",
+            "--box",
+            "<v1>=0,0,0.5,0.5",
+        ],
+    );
     assert!(err_line(&out).contains("<v1>"));
     // A box outside [0, 1].
-    let out = mifo(&store, &["synth", "--from", &from, "--model", "fixtures/tiny-sd21", "--prompt", "a photo of <v0>", "--box", "<v0>=0,0,1.5,0.5"]);
+    let out = mifo(
+        &store,
+        &[
+            "synth",
+            "--from",
+            &from,
+            "--model",
+            "fixtures/tiny-sd21",
+            "--prompt",
+            "a photo of <v0>",
+            "--box",
+            "<v0>=0,0,1.5,0.5",
+        ],
+    );
     assert!(err_line(&out).contains("1.5") || err_line(&out).contains("[0, 1]"));
     let _ = std::fs::remove_dir_all(store);
 }
@@ -101,12 +196,30 @@ fn plain_model_with_words_as_subjects() {
     let run = json(&mifo(
         &store,
         &[
-            "synth", "--model", "fixtures/tiny-sd21", "--prompt", "a dog and a cat in a park", "--box", "dog=0,0.4,0.5,1",
-            "--box", "cat=0.5,0.4,1,1", "--seed", "1", "--json", "--set", "synth.steps=6", "--set", "synth.guided_steps=2",
+            "synth",
+            "--model",
+            "fixtures/tiny-sd21",
+            "--prompt",
+            "a dog and a cat in a park",
+            "--box",
+            "dog=0,0.4,0.5,1",
+            "--box",
+            "cat=0.5,0.4,1,1",
+            "--seed",
+            "1",
+            "--json",
+            "--set",
+            "synth.steps=6",
+            "--set",
+            "synth.guided_steps=2",
         ],
     ));
     assert_eq!(run["status"], "done");
     assert!(run["parent"].is_null());
-    assert!(run["outputs"]["attn/dog_0.png"].is_string(), "{}", run["outputs"]);
+    assert!(
+        run["outputs"]["attn/dog_0.png"].is_string(),
+        "{}",
+        run["outputs"]
+    );
     let _ = std::fs::remove_dir_all(store);
 }

@@ -236,17 +236,17 @@ pub fn runs(cmd: crate::cli::runs::RunsCommand, store: &Path) -> anyhow::Result<
                 other => Err(anyhow!("engine: unexpected reply {other:?}")),
             };
         }
-        RunsCommand::Rm { run, yes: false } => {
-            if std::io::stdin().is_terminal() && std::io::stderr().is_terminal() {
-                eprint!("remove run {run} and the outputs no other run uses? [y/N] ");
-                std::io::stderr().flush()?;
-                let mut answer = String::new();
-                std::io::stdin().read_line(&mut answer)?;
-                if !matches!(answer.trim(), "y" | "Y" | "yes") {
-                    bail!("not removed");
-                }
-                argv.push("--yes".into());
+        RunsCommand::Rm { run, yes: false }
+            if std::io::stdin().is_terminal() && std::io::stderr().is_terminal() =>
+        {
+            eprint!("remove run {run} and the outputs no other run uses? [y/N] ");
+            std::io::stderr().flush()?;
+            let mut answer = String::new();
+            std::io::stdin().read_line(&mut answer)?;
+            if !matches!(answer.trim(), "y" | "Y" | "yes") {
+                bail!("not removed");
             }
+            argv.push("--yes".into());
         }
         RunsCommand::Export { .. } => {
             // The engine may run in another directory: make the target absolute.

@@ -38,12 +38,18 @@ fn parse_image_mode(s: &str) -> Result<crate::tui::images::ImageMode, String> {
 }
 
 /// Opens the workbench on the store's engine (starting the engine if needed).
-pub fn workbench(store: &std::path::Path, model: Option<PathBuf>, device: &str, mode: crate::tui::images::ImageMode) -> anyhow::Result<()> {
+pub fn workbench(
+    store: &std::path::Path,
+    model: Option<PathBuf>,
+    device: &str,
+    mode: crate::tui::images::ImageMode,
+) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     if !std::io::IsTerminal::is_terminal(&std::io::stdout()) {
         anyhow::bail!("the workbench needs a terminal (for scripts use `mifo runs ls`)");
     }
-    let backend = crate::tui::engine_backend::EngineBackend::connect(store.to_path_buf(), model, device)?;
+    let backend =
+        crate::tui::engine_backend::EngineBackend::connect(store.to_path_buf(), model, device)?;
     crate::tui::run_with(Box::new(backend), mode, started)
 }
 

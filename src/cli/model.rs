@@ -161,7 +161,7 @@ fn info(
     let load_s = start.elapsed().as_secs_f64();
     let f = sd.vae.config().factor();
     let size = size.unwrap_or(sd.unet.config().sample_size * f);
-    if size == 0 || size % f != 0 {
+    if size == 0 || !size.is_multiple_of(f) {
         bail!("--size {size}: must be a multiple of the VAE factor {f}");
     }
     let uc = sd.unet.config();

@@ -97,6 +97,9 @@ pub enum Request {
     },
 }
 
+/// A running job: (run, device, progress as (step, total, phase)).
+pub type RunningJob = (String, String, Option<(u64, u64, String)>);
+
 /// What the engine reports about itself.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EngineStatus {
@@ -114,8 +117,8 @@ pub struct EngineStatus {
     pub progress: Option<(u64, u64, String)>,
     /// Device of the running job.
     pub device: Option<String>,
-    /// Every running job: (run, device, progress as (step, total, phase)).
-    pub running_all: Vec<(String, String, Option<(u64, u64, String)>)>,
+    /// Every running job.
+    pub running_all: Vec<RunningJob>,
     /// How many jobs may run at once.
     pub workers: usize,
     /// Protocol version.

@@ -115,7 +115,10 @@ impl Shared {
             pid: std::process::id(),
             uptime_s: self.started.elapsed().as_secs_f64(),
             store: store_dir.display().to_string(),
-            queue: lock(&self.queue).iter().map(|j| j.id().to_string()).collect(),
+            queue: lock(&self.queue)
+                .iter()
+                .map(|j| j.id().to_string())
+                .collect(),
             running: first.map(|c| c.id.to_string()),
             progress: first.and_then(|c| c.progress.clone()),
             device: first.map(|c| c.device.clone()),

@@ -390,7 +390,7 @@ fn cached_class_images(
                 .and_then(|r| r.strip_suffix(".png"))
                 .and_then(|i| i.parse::<usize>().ok());
             if let Some(i) = index.filter(|&i| (i as u64) < *count) {
-                found.entry(i).or_insert_with(|| hash.clone());
+                found.entry(i).or_insert(*hash);
             }
         }
     }

@@ -316,8 +316,9 @@ pub fn job_from_spec(
 ) -> Result<SynthJob> {
     let c = &spec.config;
     let text = |k: &str| c.get(k).and_then(|v| v.as_str()).map(str::to_string);
-    let stored: SynthConfig = serde_json::from_value(c.get("synth").cloned().unwrap_or_default())
-        .map_err(|e| Error::Input(format!("stored synth config does not parse ({e})")))?;
+    let stored: SynthConfig =
+        serde_json::from_value(c.get("synth").cloned().unwrap_or_default())
+            .map_err(|e| Error::Input(format!("stored synth config does not parse ({e})")))?;
     let overrides = sets
         .iter()
         .map(|s| crate::config::parse_override(s))
@@ -331,7 +332,11 @@ pub fn job_from_spec(
         boxes: c
             .get("boxes")
             .and_then(|b| b.as_array())
-            .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
             .unwrap_or_default(),
         samples: c.get("samples").and_then(|v| v.as_u64()).unwrap_or(1) as usize,
         seed: seed.unwrap_or(spec.seed),

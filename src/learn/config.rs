@@ -192,7 +192,11 @@ impl LearnConfig {
                 "reward_steps + penalty_steps must be at least 1",
             );
         }
-        if !(self.lr > 0.0) || !(self.dreambooth_lr >= 0.0) {
+        if self.lr.is_nan()
+            || self.lr <= 0.0
+            || self.dreambooth_lr.is_nan()
+            || self.dreambooth_lr < 0.0
+        {
             return bad("lr", "learning rates must be positive");
         }
         if !(0.0..=1.0).contains(&self.flip_p) {

@@ -240,7 +240,7 @@ fn trainable_models<'a>(
     seed: u64,
     restore: &HashMap<String, Tensor>,
 ) -> Result<Models<'a>> {
-    let lora = (cfg.dreambooth == "lora").then(|| crate::model::weights::LoraConfig {
+    let lora = (cfg.dreambooth == "lora").then_some(crate::model::weights::LoraConfig {
         rank: cfg.lora_rank as usize,
         seed,
     });

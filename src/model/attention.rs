@@ -194,6 +194,8 @@ impl Attention {
             batch,
             key_len,
         };
+        // (Not `Option::filter`: `wants` needs the hook mutably.)
+        #[allow(clippy::manual_filter)]
         let mut hook = match ctx.hook.as_deref_mut() {
             Some(h) => {
                 if h.wants(&call) {

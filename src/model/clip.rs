@@ -58,7 +58,7 @@ impl ClipConfig {
             activation,
             layer_norm_eps: c.f64_or("layer_norm_eps", 1e-5)?,
         };
-        if cfg.num_heads == 0 || cfg.hidden_size % cfg.num_heads != 0 {
+        if cfg.num_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_heads) {
             return Err(Error::file(
                 c.path(),
                 format!(
@@ -197,10 +197,7 @@ impl ClipTextModel {
         let mut emb = self.token_table.index_select(&base_ids, 0)?;
         if let Some(extra) = extra {
             if flat.iter().any(|&i| i >= base) {
-                let extra_ids: Vec<u32> = flat
-                    .iter()
-                    .map(|&i| if i >= base { i - base } else { 0 })
-                    .collect();
+                let extra_ids: Vec<u32> = flat.iter().map(|&i| i.saturating_sub(base)).collect();
                 let is_extra: Vec<u8> = flat.iter().map(|&i| u8::from(i >= base)).collect();
                 let extra_ids = Tensor::new(extra_ids, &self.device)?;
                 let is_extra = Tensor::new(is_extra, &self.device)?

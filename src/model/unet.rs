@@ -320,9 +320,8 @@ impl UNet {
 
         let mut down = Vec::with_capacity(n);
         let mut prev = boc[0];
-        for i in 0..n {
+        for (i, &out) in boc.iter().enumerate() {
             let bs = s.pp("down_blocks").pp(i);
-            let out = boc[i];
             let mut layers = Vec::new();
             for j in 0..cfg.layers_per_block[i] {
                 let in_ch = if j == 0 { prev } else { out };

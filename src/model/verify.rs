@@ -761,10 +761,8 @@ fn verify_mifo(
         &r.get("mifo.penalty")?,
         fwd,
     ));
-    let checks: [(
-        &str,
-        Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor>>,
-    ); 5] = [
+    type Pick = Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> candle_core::Result<Tensor>>;
+    let checks: [(&str, Pick); 5] = [
         (
             "mifo.grad_rec.token_embedding_rows",
             Box::new(|a, _, _| Ok(a.clone())),

@@ -9,9 +9,8 @@ use std::sync::{Mutex, MutexGuard};
 use anyhow::{anyhow, bail, Result};
 
 use super::backend::{
-    resolve_learn_config, Backend, BackendInfo, JobId,
-    JobRow, JobState, LearnLaunch, LearnSource, Metrics, RerunRequest, RunDetail, RunProgress,
-    RunRow, SynthLaunch,
+    resolve_learn_config, Backend, BackendInfo, JobId, JobRow, JobState, LearnLaunch, LearnSource,
+    Metrics, RerunRequest, RunDetail, RunProgress, RunRow, SynthLaunch,
 };
 use crate::config::{apply_overrides, check_sections, parse_override};
 use crate::engine::{Client, Request, Response};
@@ -101,7 +100,9 @@ impl EngineBackend {
     }
 
     fn spec_of(&self, id: &RunId) -> Result<(crate::store::RunRecord, RunSpec)> {
-        match self.request(&Request::Detail { run: id.to_string() })? {
+        match self.request(&Request::Detail {
+            run: id.to_string(),
+        })? {
             Response::Detail {
                 record, spec_json, ..
             } => {
@@ -158,7 +159,9 @@ impl Backend for EngineBackend {
     }
 
     fn run_detail(&self, id: &RunId, log_tail: usize) -> Result<RunDetail> {
-        match self.request(&Request::Detail { run: id.to_string() })? {
+        match self.request(&Request::Detail {
+            run: id.to_string(),
+        })? {
             Response::Detail {
                 record,
                 spec_json,
@@ -191,7 +194,9 @@ impl Backend for EngineBackend {
     }
 
     fn metrics(&self, id: &RunId) -> Result<Metrics> {
-        match self.request(&Request::Metrics { run: id.to_string() })? {
+        match self.request(&Request::Metrics {
+            run: id.to_string(),
+        })? {
             Response::Metrics(m) => Ok(m),
             other => Err(unexpected(other)),
         }
@@ -222,7 +227,8 @@ impl Backend for EngineBackend {
         if files.masks.is_empty() {
             bail!("give at least one mask");
         }
-        let abs = |p: &PathBuf| std::fs::canonicalize(p).map_err(|e| anyhow!("{}: {e}", p.display()));
+        let abs =
+            |p: &PathBuf| std::fs::canonicalize(p).map_err(|e| anyhow!("{}: {e}", p.display()));
         let files = SceneFiles {
             image: abs(&files.image)?,
             masks: files.masks.iter().map(abs).collect::<Result<_>>()?,
@@ -265,7 +271,11 @@ impl Backend for EngineBackend {
             .map(|s| parse_override(s))
             .collect::<crate::Result<Vec<_>>>()?;
         check_sections(&overrides, &["synth"])?;
-        let config = apply_overrides(&crate::synth::SynthConfig::preset("paper")?, "synth", &overrides)?;
+        let config = apply_overrides(
+            &crate::synth::SynthConfig::preset("paper")?,
+            "synth",
+            &overrides,
+        )?;
         let boxes = l
             .boxes
             .iter()
@@ -285,7 +295,11 @@ impl Backend for EngineBackend {
             dtype,
             rerun: false,
         };
-        self.submit(Request::SubmitSynth(Box::new(job)), label, self.device.clone())
+        self.submit(
+            Request::SubmitSynth(Box::new(job)),
+            label,
+            self.device.clone(),
+        )
     }
 
     fn rerun(&self, id: &RunId, request: RerunRequest) -> Result<JobId> {
@@ -294,7 +308,8 @@ impl Backend for EngineBackend {
         let label = format!("re-run {} ({})", &id.as_str()[..8], record.kind.as_str());
         let req = match record.kind {
             RunKind::Learn => {
-                let root = std::fs::canonicalize(&self.store_dir).unwrap_or_else(|_| self.store_dir.clone());
+                let root = std::fs::canonicalize(&self.store_dir)
+                    .unwrap_or_else(|_| self.store_dir.clone());
                 let blobs = BlobStore::new(root.join("blobs"));
                 Request::SubmitLearn(Box::new(crate::jobs::learn::job_from_spec(
                     &spec,
@@ -330,7 +345,9 @@ impl Backend for EngineBackend {
     }
 
     fn cancel(&self, id: &RunId) -> Result<()> {
-        self.ok(&Request::Cancel { run: id.to_string() })
+        self.ok(&Request::Cancel {
+            run: id.to_string(),
+        })
     }
 
     fn cancel_job(&self, job: JobId) -> Result<()> {
@@ -343,7 +360,9 @@ impl Backend for EngineBackend {
     }
 
     fn delete(&self, id: &RunId) -> Result<()> {
-        self.ok(&Request::Remove { run: id.to_string() })
+        self.ok(&Request::Remove {
+            run: id.to_string(),
+        })
     }
 
     fn tag(&self, id: &RunId, tag: &str) -> Result<()> {
@@ -364,10 +383,11 @@ impl Backend for EngineBackend {
 
     fn jobs(&self) -> Result<Vec<JobRow>> {
         let st = self.status()?;
-        let records: HashMap<RunId, crate::store::RunRecord> = match self.request(&Request::ListRecords)? {
-            Response::Records(r) => r.into_iter().map(|(r, _)| (r.id.clone(), r)).collect(),
-            other => return Err(unexpected(other)),
-        };
+        let records: HashMap<RunId, crate::store::RunRecord> =
+            match self.request(&Request::ListRecords)? {
+                Response::Records(r) => r.into_iter().map(|(r, _)| (r.id.clone(), r)).collect(),
+                other => return Err(unexpected(other)),
+            };
         let subs = lock(&self.submitted);
         let mut rows: Vec<JobRow> = subs
             .iter()
@@ -376,9 +396,9 @@ impl Backend for EngineBackend {
                 let state = match rec.map(|r| r.status) {
                     Some(RunStatus::Queued) | None => JobState::Queued,
                     Some(RunStatus::Running) => JobState::Running,
-                    Some(RunStatus::Failed) => JobState::Failed(
-                        rec.and_then(|r| r.error.clone()).unwrap_or_default(),
-                    ),
+                    Some(RunStatus::Failed) => {
+                        JobState::Failed(rec.and_then(|r| r.error.clone()).unwrap_or_default())
+                    }
                     Some(RunStatus::Cancelled) => JobState::Cancelled,
                     Some(_) => JobState::Finished,
                 };
@@ -397,7 +417,11 @@ impl Backend for EngineBackend {
             .collect();
         // Runs other clients queued: shown too, with job numbers past ours.
         let ours: Vec<String> = subs.iter().map(|s| s.run.to_string()).collect();
-        let others = st.running.iter().chain(st.queue.iter()).filter(|r| !ours.contains(r));
+        let others = st
+            .running
+            .iter()
+            .chain(st.queue.iter())
+            .filter(|r| !ours.contains(r));
         for (i, r) in others.enumerate() {
             let id: RunId = r.parse()?;
             let rec = records.get(&id);
