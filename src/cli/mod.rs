@@ -14,7 +14,13 @@ use clap::{Parser, Subcommand};
 /// mifo: learn several object instances from one image (one mask each) and draw them into new
 /// scenes, each in its own box, with Stable Diffusion (MIFO, candle).
 #[derive(Parser, Debug)]
-#[command(name = "mifo", version, about, long_about = None)]
+#[command(
+    name = "mifo",
+    version,
+    about,
+    long_about = None,
+    after_help = "With no command, mifo opens the workbench (a terminal UI) on the run store.\nNew here? Run `mifo demo`: it learns and synthesises on the bundled tiny model."
+)]
 pub struct Cli {
     /// The run store folder.
     #[arg(long, global = true, env = "MIFO_STORE", default_value = "runs")]
