@@ -9,7 +9,7 @@ use crate::jobs::learn::LearnJob;
 use crate::jobs::sink::SinkEvent;
 
 /// Bumped whenever a message changes shape.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 /// Largest frame accepted (a `runs show --json` of a long run is well below this).
 pub const MAX_FRAME: usize = 64 << 20;
 
@@ -36,8 +36,10 @@ pub enum Request {
         /// Output name.
         name: String,
     },
-    /// Every run record (newest first) with its tags: cheap summaries, no metrics.
+    /// Every run record (newest first) with its tags.
     ListRecords,
+    /// Every run (newest first) as a compact [`RunSummary`]: what a runs table shows.
+    ListSummaries,
     /// One run's record, spec (when readable) and log.
     Detail {
         /// Run id or unique prefix.
@@ -95,6 +97,42 @@ pub enum Request {
         /// Exit without waiting for the step.
         force: bool,
     },
+}
+
+/// One line of a runs table: the record's small fields, the final loss and the tags (no
+/// outputs, no metric summaries), so that listing 10,000 runs stays cheap.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunSummary {
+    /// Run id.
+    pub id: crate::store::RunId,
+    /// Learn or synth.
+    pub kind: crate::store::RunKind,
+    /// Status.
+    pub status: crate::store::RunStatus,
+    /// Created (ms since the epoch).
+    pub created_ms: u64,
+    /// Started.
+    pub started_ms: Option<u64>,
+    /// Finished.
+    pub finished_ms: Option<u64>,
+    /// Scene label.
+    pub scene: Option<String>,
+    /// Parent run.
+    pub parent: Option<crate::store::RunId>,
+    /// The run this one repeats.
+    pub rerun_of: Option<crate::store::RunId>,
+    /// Whether a finished re-run's outputs are bit-identical.
+    pub rerun_identical: Option<bool>,
+    /// Spec hash.
+    pub spec_hash: crate::store::SpecHash,
+    /// Config keys changed from the preset.
+    pub config_deltas: Vec<(String, String)>,
+    /// Last value of `loss/total` (else the first `loss/*` series).
+    pub final_loss: Option<f64>,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// Device.
+    pub device: String,
 }
 
 /// A running job: (run, device, progress as (step, total, phase)).
@@ -174,6 +212,8 @@ pub enum Response {
     Bytes(Vec<u8>),
     /// Run records, newest first, each with its tags.
     Records(Vec<(crate::store::RunRecord, Vec<String>)>),
+    /// Run summaries, newest first.
+    Summaries(Vec<RunSummary>),
     /// One run in full.
     Detail {
         /// Its record.

@@ -143,17 +143,30 @@ impl Backend for EngineBackend {
     }
 
     fn list_runs(&self) -> Result<Vec<RunRow>> {
-        let records = match self.request(&Request::ListRecords)? {
-            Response::Records(r) => r,
+        let rows = match self.request(&Request::ListSummaries)? {
+            Response::Summaries(r) => r,
             other => return Err(unexpected(other)),
         };
         let st = self.status().ok();
-        Ok(records
+        Ok(rows
             .into_iter()
-            .map(|(rec, tags)| {
-                let mut row = RunRow::from_record(&rec, tags);
-                row.progress = st.as_ref().and_then(|s| progress(s, &rec.id));
-                row
+            .map(|r| RunRow {
+                progress: st.as_ref().and_then(|s| progress(s, &r.id)),
+                id: r.id,
+                kind: r.kind,
+                status: r.status,
+                created_ms: r.created_ms,
+                started_ms: r.started_ms,
+                finished_ms: r.finished_ms,
+                scene: r.scene,
+                parent: r.parent,
+                rerun_of: r.rerun_of,
+                rerun_identical: r.rerun_identical,
+                spec_hash: r.spec_hash,
+                config_deltas: r.config_deltas,
+                final_loss: r.final_loss,
+                tags: r.tags,
+                device: r.device,
             })
             .collect())
     }
