@@ -207,7 +207,13 @@ pub fn runs(cmd: crate::cli::runs::RunsCommand, store: &Path) -> anyhow::Result<
                     let root = std::fs::canonicalize(store).unwrap_or_else(|_| store.to_path_buf());
                     let blobs = crate::store::BlobStore::new(root.join("blobs"));
                     Request::SubmitLearn(Box::new(crate::jobs::learn::job_from_spec(
-                        &spec, &blobs, model, device, sets, *seed,
+                        &spec,
+                        &blobs,
+                        model,
+                        device,
+                        sets,
+                        *seed,
+                        record.scene.as_deref(),
                     )?))
                 }
                 crate::store::RunKind::Synth => Request::SubmitSynth(Box::new(

@@ -106,16 +106,7 @@ pub fn prepare(store: &Store, job: &LearnJob) -> Result<RunRecord> {
         model_fingerprint: store.model_fingerprint(&job.model)?,
         code_version: code_version(),
     };
-    let earlier = store.done_runs_with_spec(&spec.spec_hash()?)?;
-    let rerun_of = match (earlier.first(), job.rerun) {
-        (Some(r), false) => {
-            return Err(Error::AlreadyRan {
-                run: r.id.to_string(),
-            })
-        }
-        (Some(r), true) => Some(r.id.clone()),
-        (None, _) => None,
-    };
+    let rerun_of = super::rerun_of(store, &spec, job.rerun)?;
     store.put_blob_file(&job.files.image)?;
     for m in &job.files.masks {
         store.put_blob_file(m)?;
@@ -415,7 +406,9 @@ pub fn dtype_name(dtype: DType) -> &'static str {
 }
 
 /// The job that re-runs a stored learning spec: its config with `sets` applied, its seed (or
-/// `seed`), its input files straight from the blob folder `blobs`, on `model` / `device`.
+/// `seed`), its input files straight from the blob folder `blobs`, on `model` / `device`;
+/// `scene` is the original run's scene label (kept for listings).
+#[allow(clippy::too_many_arguments)]
 pub fn job_from_spec(
     spec: &RunSpec,
     blobs: &crate::store::BlobStore,
@@ -423,6 +416,7 @@ pub fn job_from_spec(
     device: &str,
     sets: &[String],
     seed: Option<u64>,
+    scene: Option<&str>,
 ) -> Result<LearnJob> {
     let preset = spec
         .config
@@ -462,7 +456,7 @@ pub fn job_from_spec(
                 .map(|i| blob(&format!("mask{i}")))
                 .collect::<Result<_>>()?,
         },
-        scene_dir: None,
+        scene_dir: scene.map(PathBuf::from),
         preset,
         config,
         seed: seed.unwrap_or(spec.seed),

@@ -33,3 +33,20 @@ pub fn scene_label(image: &Path, scene_dir: Option<&Path>) -> String {
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default()
 }
+
+/// The earlier finished run with exactly this spec: an [`Error::AlreadyRan`] unless `rerun`,
+/// in which case the new run records it as the run it repeats.
+pub fn rerun_of(
+    store: &crate::store::Store,
+    spec: &crate::store::RunSpec,
+    rerun: bool,
+) -> Result<Option<crate::store::RunId>> {
+    let earlier = store.done_runs_with_spec(&spec.spec_hash()?)?;
+    match (earlier.first(), rerun) {
+        (Some(r), false) => Err(Error::AlreadyRan {
+            run: r.id.to_string(),
+        }),
+        (Some(r), true) => Ok(Some(r.id.clone())),
+        (None, _) => Ok(None),
+    }
+}

@@ -179,16 +179,7 @@ pub fn prepare(store: &Store, job: &SynthJob) -> Result<(RunRecord, Vec<String>)
         model_fingerprint: store.model_fingerprint(&job.model)?,
         code_version: code_version(),
     };
-    let earlier = store.done_runs_with_spec(&spec.spec_hash()?)?;
-    let rerun_of = match (earlier.first(), job.rerun) {
-        (Some(r), false) => {
-            return Err(Error::AlreadyRan {
-                run: r.id.to_string(),
-            })
-        }
-        (Some(r), true) => Some(r.id.clone()),
-        (None, _) => None,
-    };
+    let rerun_of = super::rerun_of(store, &spec, job.rerun)?;
     let values = serde_json::to_value(&job.config).unwrap_or_default();
     let deltas = crate::config::changed_keys(&defaults, &job.config)
         .into_iter()

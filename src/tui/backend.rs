@@ -816,44 +816,22 @@ impl Backend for LocalBackend {
             );
         }
         let spec = self.store.spec(&record.spec_hash)?;
-        let (preset, dtype, stored) = stored_learn_config(&spec)?;
-        let config = apply_learn_sets(&stored, &request.sets)?;
-        let model = self.model_dir(None)?;
-        let blob = |name: &str| -> Result<PathBuf> {
-            let hash = spec
-                .inputs
-                .get(name)
-                .ok_or_else(|| anyhow!("run {id}: input `{name}` is missing from its spec"))?;
-            Ok(self.store.blobs().path(hash))
-        };
-        let masks = (0..)
-            .map(|i| format!("mask{i}"))
-            .take_while(|name| spec.inputs.contains_key(name))
-            .map(|name| blob(&name))
-            .collect::<Result<Vec<_>>>()?;
-        let files = SceneFiles {
-            image: blob("image")?,
-            masks,
-        };
-        let seed = request.seed.unwrap_or(spec.seed);
+        let job = crate::jobs::learn::job_from_spec(
+            &spec,
+            self.store.blobs(),
+            self.model_dir(None)?,
+            &self.device,
+            &request.sets,
+            request.seed,
+            record.scene.as_deref(),
+        )?;
+        let seed = job.seed;
         let label = format!(
             "re-run {} ({} change{}, seed {seed})",
             &id.as_str()[..id.as_str().len().min(12)],
             request.sets.len(),
             if request.sets.len() == 1 { "" } else { "s" }
         );
-        let job = LearnJob {
-            model,
-            files,
-            scene_dir: record.scene.as_ref().map(PathBuf::from),
-            preset,
-            config,
-            seed,
-            device: self.device.clone(),
-            dtype,
-            allow_overlap: true,
-            rerun: true,
-        };
         self.enqueue(label, self.device.clone(), Work::Learn(Box::new(job)))
     }
 

@@ -331,6 +331,7 @@ impl Backend for EngineBackend {
                     &self.device,
                     &request.sets,
                     request.seed,
+                    record.scene.as_deref(),
                 )?))
             }
             RunKind::Synth => Request::SubmitSynth(Box::new(crate::jobs::synth::job_from_spec(
