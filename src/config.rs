@@ -164,6 +164,29 @@ pub fn apply_toml_file<T: Serialize + DeserializeOwned>(
     apply_overrides(base, section, &overrides).map_err(|e| Error::file(path, e.to_string()))
 }
 
+/// Resolves a config the way every front end does: `base` (a preset), then the `[section]`
+/// table of `file` when given, then the `--set section.key=value` strings.
+pub fn resolve<T: Serialize + DeserializeOwned>(
+    base: &T,
+    section: &str,
+    file: Option<&std::path::Path>,
+    sets: &[String],
+) -> Result<T> {
+    let cfg = match file {
+        Some(path) => apply_toml_file(base, section, path)?,
+        None => serde_json::from_value(
+            serde_json::to_value(base).map_err(|e| Error::Config(e.to_string()))?,
+        )
+        .map_err(|e| Error::Config(e.to_string()))?,
+    };
+    let overrides = sets
+        .iter()
+        .map(|s| parse_override(s))
+        .collect::<Result<Vec<_>>>()?;
+    check_sections(&overrides, &[section])?;
+    apply_overrides(&cfg, section, &overrides)
+}
+
 /// Keys whose values differ between two configs of the same type (for "changed from preset").
 pub fn changed_keys<T: Serialize>(a: &T, b: &T) -> Vec<String> {
     let (Ok(Value::Object(x)), Ok(Value::Object(y))) =

@@ -4,7 +4,6 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 
-use crate::config::{apply_overrides, apply_toml_file, check_sections, parse_override};
 use crate::engine::Request;
 use crate::jobs::learn::LearnJob;
 use crate::learn::{scene_files, LearnConfig, SceneFiles};
@@ -64,17 +63,8 @@ pub struct LearnArgs {
 
 /// Resolves the config: preset, then --config, then --set.
 pub fn resolve_config(args: &LearnArgs) -> anyhow::Result<LearnConfig> {
-    let mut cfg = LearnConfig::preset(&args.preset)?;
-    if let Some(path) = &args.config {
-        cfg = apply_toml_file(&cfg, "learn", path)?;
-    }
-    let overrides = args
-        .sets
-        .iter()
-        .map(|s| parse_override(s))
-        .collect::<Result<Vec<_>, _>>()?;
-    check_sections(&overrides, &["learn"])?;
-    let cfg = apply_overrides(&cfg, "learn", &overrides)?;
+    let base = LearnConfig::preset(&args.preset)?;
+    let cfg = crate::config::resolve(&base, "learn", args.config.as_deref(), &args.sets)?;
     cfg.validate()?;
     Ok(cfg)
 }

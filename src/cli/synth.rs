@@ -4,7 +4,6 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 
-use crate::config::{apply_overrides, apply_toml_file, check_sections, parse_override};
 use crate::engine::Request;
 use crate::jobs::synth::SynthJob;
 use crate::synth::SynthConfig;
@@ -61,17 +60,8 @@ pub struct SynthArgs {
 
 /// Resolves the config: preset, then --config, then --set.
 pub fn resolve_config(args: &SynthArgs) -> anyhow::Result<SynthConfig> {
-    let mut cfg = SynthConfig::preset(&args.preset)?;
-    if let Some(path) = &args.config {
-        cfg = apply_toml_file(&cfg, "synth", path)?;
-    }
-    let overrides = args
-        .sets
-        .iter()
-        .map(|s| parse_override(s))
-        .collect::<Result<Vec<_>, _>>()?;
-    check_sections(&overrides, &["synth"])?;
-    let cfg = apply_overrides(&cfg, "synth", &overrides)?;
+    let base = SynthConfig::preset(&args.preset)?;
+    let cfg = crate::config::resolve(&base, "synth", args.config.as_deref(), &args.sets)?;
     cfg.check()?;
     Ok(cfg)
 }

@@ -405,6 +405,26 @@ pub fn dtype_name(dtype: DType) -> &'static str {
     }
 }
 
+/// The preset, dtype and learn config stored in a learning run's spec
+/// (`{"preset": …, "dtype": …, "learn": {…}}`).
+pub fn stored_config(spec: &RunSpec) -> Result<(String, String, LearnConfig)> {
+    let text = |k: &str, default: &str| {
+        spec.config
+            .get(k)
+            .and_then(|v| v.as_str())
+            .unwrap_or(default)
+            .to_string()
+    };
+    let learn = spec
+        .config
+        .get("learn")
+        .cloned()
+        .ok_or_else(|| Error::Input("the stored config has no `learn` table".into()))?;
+    let cfg: LearnConfig = serde_json::from_value(learn)
+        .map_err(|e| Error::Input(format!("the stored learn config does not parse: {e}")))?;
+    Ok((text("preset", "paper"), text("dtype", "f32"), cfg))
+}
+
 /// The job that re-runs a stored learning spec: its config with `sets` applied, its seed (or
 /// `seed`), its input files straight from the blob folder `blobs`, on `model` / `device`;
 /// `scene` is the original run's scene label (kept for listings).
@@ -418,27 +438,8 @@ pub fn job_from_spec(
     seed: Option<u64>,
     scene: Option<&str>,
 ) -> Result<LearnJob> {
-    let preset = spec
-        .config
-        .get("preset")
-        .and_then(|v| v.as_str())
-        .unwrap_or("paper")
-        .to_string();
-    let dtype = spec
-        .config
-        .get("dtype")
-        .and_then(|v| v.as_str())
-        .unwrap_or("f32")
-        .to_string();
-    let stored: LearnConfig =
-        serde_json::from_value(spec.config.get("learn").cloned().unwrap_or_default())
-            .map_err(|e| Error::Input(format!("stored learn config does not parse ({e})")))?;
-    let overrides = sets
-        .iter()
-        .map(|s| crate::config::parse_override(s))
-        .collect::<Result<Vec<_>>>()?;
-    crate::config::check_sections(&overrides, &["learn"])?;
-    let config = crate::config::apply_overrides(&stored, "learn", &overrides)?;
+    let (preset, dtype, stored) = stored_config(spec)?;
+    let config = crate::config::resolve(&stored, "learn", None, sets)?;
     config.validate()?;
     let blob = |name: &str| -> Result<PathBuf> {
         let h = spec

@@ -310,12 +310,7 @@ pub fn job_from_spec(
     let stored: SynthConfig =
         serde_json::from_value(c.get("synth").cloned().unwrap_or_default())
             .map_err(|e| Error::Input(format!("stored synth config does not parse ({e})")))?;
-    let overrides = sets
-        .iter()
-        .map(|s| crate::config::parse_override(s))
-        .collect::<Result<Vec<_>>>()?;
-    crate::config::check_sections(&overrides, &["synth"])?;
-    let config = crate::config::apply_overrides(&stored, "synth", &overrides)?;
+    let config = crate::config::resolve(&stored, "synth", None, sets)?;
     Ok(SynthJob {
         from: spec.parent.as_ref().map(|p| p.to_string()),
         model,

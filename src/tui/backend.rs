@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _, Result};
 
-use crate::config::{apply_overrides, check_sections, parse_override};
 use crate::jobs::learn::{check_resumable, prepare, resume, start, LearnJob, RunOptions};
 use crate::jobs::sink::{Observer, SinkEvent};
 use crate::jobs::synth::SynthJob;
@@ -341,12 +340,7 @@ pub fn resolve_learn_config(preset: &str, sets: &[String]) -> crate::Result<Lear
 
 /// Applies `--set learn.key=value` overrides to `base` with the CLI's checks, then validates.
 pub fn apply_learn_sets(base: &LearnConfig, sets: &[String]) -> crate::Result<LearnConfig> {
-    let overrides = sets
-        .iter()
-        .map(|s| parse_override(s))
-        .collect::<crate::Result<Vec<_>>>()?;
-    check_sections(&overrides, &["learn"])?;
-    let cfg = apply_overrides(base, "learn", &overrides)?;
+    let cfg = crate::config::resolve(base, "learn", None, sets)?;
     cfg.validate()?;
     Ok(cfg)
 }
@@ -354,26 +348,46 @@ pub fn apply_learn_sets(base: &LearnConfig, sets: &[String]) -> crate::Result<Le
 /// The preset, dtype and learn config stored in a learning run's spec config document
 /// (`{"preset": …, "dtype": …, "learn": {…}}`).
 pub fn stored_learn_config(spec: &RunSpec) -> Result<(String, String, LearnConfig)> {
-    let preset = spec
-        .config
-        .get("preset")
-        .and_then(|v| v.as_str())
-        .unwrap_or("paper")
-        .to_string();
-    let dtype = spec
-        .config
-        .get("dtype")
-        .and_then(|v| v.as_str())
-        .unwrap_or("f32")
-        .to_string();
-    let learn = spec
-        .config
-        .get("learn")
-        .cloned()
-        .ok_or_else(|| anyhow!("the stored config has no `learn` table"))?;
-    let cfg: LearnConfig = serde_json::from_value(learn)
-        .map_err(|e| anyhow!("the stored learn config does not parse: {e}"))?;
-    Ok((preset, dtype, cfg))
+    Ok(crate::jobs::learn::stored_config(spec)?)
+}
+
+/// The synthesis job of a workbench launch from learning run `spec` (its dtype; the paper
+/// preset with the launch's `--set` overrides), on `model` / `device`.
+pub fn synth_job(
+    l: &SynthLaunch,
+    spec: &RunSpec,
+    model: PathBuf,
+    device: &str,
+) -> Result<SynthJob> {
+    let (_, dtype, _) = crate::jobs::learn::stored_config(spec)?;
+    let config = crate::config::resolve(
+        &crate::synth::SynthConfig::preset("paper")?,
+        "synth",
+        None,
+        &l.sets,
+    )?;
+    config.check()?;
+    let boxes: Vec<String> = l
+        .boxes
+        .iter()
+        .map(|(t, r)| format!("{t}={},{},{},{}", r[0], r[1], r[2], r[3]))
+        .collect();
+    for b in &boxes {
+        crate::synth::parse_box(b)?;
+    }
+    Ok(SynthJob {
+        from: Some(l.from.to_string()),
+        model,
+        prompt: l.prompt.clone(),
+        boxes,
+        samples: l.samples.max(1),
+        seed: l.seed,
+        preset: "paper".into(),
+        config,
+        device: device.to_string(),
+        dtype,
+        rerun: false,
+    })
 }
 
 // === LocalBackend ===
@@ -757,53 +771,14 @@ impl Backend for LocalBackend {
             bail!("run {} is not a finished learning run", l.from);
         }
         let spec = self.store.spec(&record.spec_hash)?;
-        let dtype = spec
-            .config
-            .get("dtype")
-            .and_then(|v| v.as_str())
-            .unwrap_or("f32")
-            .to_string();
-        let overrides = l
-            .sets
-            .iter()
-            .map(|s| parse_override(s))
-            .collect::<crate::Result<Vec<_>>>()?;
-        check_sections(&overrides, &["synth"])?;
-        let config = apply_overrides(
-            &crate::synth::SynthConfig::preset("paper")?,
-            "synth",
-            &overrides,
-        )?;
-        config.check()?;
-        let boxes: Vec<String> = l
-            .boxes
-            .iter()
-            .map(|(t, r)| format!("{t}={},{},{},{}", r[0], r[1], r[2], r[3]))
-            .collect();
-        for b in &boxes {
-            crate::synth::parse_box(b)?;
-        }
-        let model = self.model_dir(None)?;
+        let job = synth_job(&l, &spec, self.model_dir(None)?, &self.device)?;
         let label = format!(
             "synth from {} ({} box{}, seed {})",
             &l.from.as_str()[..l.from.as_str().len().min(12)],
-            boxes.len(),
-            if boxes.len() == 1 { "" } else { "es" },
+            job.boxes.len(),
+            if job.boxes.len() == 1 { "" } else { "es" },
             l.seed
         );
-        let job = SynthJob {
-            from: Some(l.from.to_string()),
-            model,
-            prompt: l.prompt,
-            boxes,
-            samples: l.samples.max(1),
-            seed: l.seed,
-            preset: "paper".into(),
-            config,
-            device: self.device.clone(),
-            dtype,
-            rerun: false,
-        };
         self.enqueue(label, self.device.clone(), Work::Synth(Box::new(job)))
     }
 

@@ -12,10 +12,8 @@ use super::backend::{
     resolve_learn_config, Backend, BackendInfo, JobId, JobRow, JobState, LearnLaunch, LearnSource,
     Metrics, RerunRequest, RunDetail, RunProgress, RunRow, SynthLaunch,
 };
-use crate::config::{apply_overrides, check_sections, parse_override};
 use crate::engine::{Client, Request, Response};
 use crate::jobs::learn::LearnJob;
-use crate::jobs::synth::SynthJob;
 use crate::learn::{scene_files, SceneFiles};
 use crate::store::{now_ms, BlobHash, BlobStore, RunId, RunKind, RunSpec, RunStatus};
 
@@ -272,42 +270,8 @@ impl Backend for EngineBackend {
         if record.kind != RunKind::Learn || record.status != RunStatus::Done {
             bail!("run {} is not a finished learning run", l.from);
         }
-        let dtype = spec
-            .config
-            .get("dtype")
-            .and_then(|v| v.as_str())
-            .unwrap_or("f32")
-            .to_string();
-        let overrides = l
-            .sets
-            .iter()
-            .map(|s| parse_override(s))
-            .collect::<crate::Result<Vec<_>>>()?;
-        check_sections(&overrides, &["synth"])?;
-        let config = apply_overrides(
-            &crate::synth::SynthConfig::preset("paper")?,
-            "synth",
-            &overrides,
-        )?;
-        let boxes = l
-            .boxes
-            .iter()
-            .map(|(t, r)| format!("{t}={},{},{},{}", r[0], r[1], r[2], r[3]))
-            .collect();
+        let job = super::backend::synth_job(&l, &spec, self.model_dir(None)?, &self.device)?;
         let label = format!("synth from {} (seed {})", &l.from.as_str()[..8], l.seed);
-        let job = SynthJob {
-            from: Some(l.from.to_string()),
-            model: self.model_dir(None)?,
-            prompt: l.prompt.clone(),
-            boxes,
-            samples: l.samples,
-            seed: l.seed,
-            preset: "paper".into(),
-            config,
-            device: self.device.clone(),
-            dtype,
-            rerun: false,
-        };
         self.submit(
             Request::SubmitSynth(Box::new(job)),
             label,
