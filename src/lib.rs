@@ -1,10 +1,12 @@
 //! mifo: MIFO (learning and synthesising multiple instances from one image) on Stable Diffusion
 //! with candle, plus a reproducible run store and a terminal workbench.
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod eval;
 pub mod imageio;
 pub mod jobs;
 pub mod learn;

@@ -51,6 +51,7 @@ fn run(
             seed: 7,
             resume,
             class_images: Vec::new(),
+            measure_only: false,
         },
         &mut sink,
     )

@@ -173,3 +173,77 @@ fn synth_form_with_box_editor_over_the_preview() {
     d.press("llJ"); // move <v0> right twice, make it taller
     insta::assert_snapshot!("synth", d.draw());
 }
+
+#[test]
+fn compare_view_heads_its_table_with_evaluation_scores() {
+    let backend = FakeBackend::new();
+    {
+        let mut runs = backend.runs.lock().unwrap();
+        for (i, (c, d, n)) in [(4usize, (0.6, 0.8, 0.7)), (5, (0.5, 0.75, 0.72))] {
+            let m = &mut runs[i].metrics;
+            for (name, v) in [
+                ("eval/sim_c", c),
+                ("eval/sim_d", d),
+                ("eval/nsim_d", n),
+                ("eval/cs", c * d * (1.0 - n)),
+                ("eval/sim_d/<v0>", d),
+                ("eval/setup", 12345.0),
+            ] {
+                m.insert(name.to_string(), vec![(0, v)]);
+            }
+        }
+    }
+    let mut d = SyncDriver::new(backend, 120, 40, NOW, false);
+    d.press("jjjj<Space><Space>d");
+    assert_eq!(d.app.view, View::Compare);
+    let screen = d.draw();
+    let line = |key: &str| {
+        screen
+            .lines()
+            .find(|l| l.contains(key))
+            .unwrap_or_else(|| panic!("no {key} row:\n{screen}"))
+            .to_string()
+    };
+    // Scores of A and B side by side, the paper's four first (SIM-C row above the SIM-D row).
+    assert!(line("eval/sim_c").contains("0.6000") && line("eval/sim_c").contains("0.5000"));
+    assert!(line("eval/cs ").contains("0.1440") && line("eval/cs ").contains("0.1050"));
+    assert!(screen.find("eval/sim_c").unwrap() < screen.find("eval/nsim_d ").unwrap());
+    assert!(screen.find("eval/cs").unwrap() < screen.find("eval/sim_d/<v0>").unwrap());
+    // The setup id is not a score, and scores are not charted.
+    assert!(!screen.contains("eval/setup"), "{screen}");
+    assert!(d
+        .app
+        .compare
+        .as_ref()
+        .unwrap()
+        .metric_names
+        .iter()
+        .all(|n| !n.starts_with("eval/")));
+}
+
+#[test]
+fn detail_view_prints_evaluation_scores_instead_of_charting_them() {
+    let backend = FakeBackend::new();
+    {
+        let mut runs = backend.runs.lock().unwrap();
+        let m = &mut runs[4].metrics;
+        for (name, v) in [
+            ("eval/sim_c", 0.25),
+            ("eval/sim_d", 0.75),
+            ("eval/nsim_d", 0.5),
+            ("eval/cs", 0.09375),
+        ] {
+            m.insert(name.to_string(), vec![(0, v)]);
+        }
+    }
+    let mut d = SyncDriver::new(backend, 120, 40, NOW, false);
+    d.press("jjjj<Enter>");
+    let screen = d.draw();
+    assert!(
+        screen.contains("eval     SIM-C 0.250  SIM-D 0.750"),
+        "{screen}"
+    );
+    assert!(screen.contains("NSIM-D 0.500  CS 0.094"), "{screen}");
+    let groups = &d.app.detail.as_ref().unwrap().groups;
+    assert!(groups.iter().all(|g| g != "eval"), "{groups:?}");
+}

@@ -28,7 +28,7 @@ pub struct DemoArgs {
     pub no_tui: bool,
 }
 
-fn fixtures_dir(flag: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+pub(crate) fn fixtures_dir(flag: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     let candidates = flag.into_iter().chain([
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures"),
         PathBuf::from("fixtures"),

@@ -1,7 +1,9 @@
 //! Command line: clap definitions and dispatch. Library errors become one-line messages here.
 
+mod bench;
 mod demo;
 pub mod engine;
+pub mod eval;
 pub mod learn;
 mod model;
 pub mod runs;
@@ -77,6 +79,12 @@ pub enum Command {
     /// The background process that owns the store and runs the jobs.
     #[command(subcommand)]
     Engine(engine::EngineCommand),
+    /// Score finished runs as the paper does (SIM-C, SIM-D, NSIM-D, CS with CLIP and DINO),
+    /// store the scores with them, and print the mean tables of tagged runs.
+    Eval(Box<eval::EvalArgs>),
+    /// Time the pipeline's operations (learning and synthesis iterations, components) on a
+    /// model folder or on SD 2.1-base shapes with random weights; prints a table.
+    Bench(bench::BenchArgs),
 }
 
 /// Entry point called by `main.rs`.
@@ -92,5 +100,7 @@ pub fn main() -> anyhow::Result<()> {
         Command::Runs(cmd) => engine::runs(cmd, &cli.store),
         Command::Model(cmd) => model::run(cmd),
         Command::Engine(cmd) => engine::run(cmd, &cli.store),
+        Command::Eval(args) => eval::run(*args, &cli.store),
+        Command::Bench(args) => bench::run(args),
     }
 }

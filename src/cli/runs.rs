@@ -567,6 +567,11 @@ pub fn write_show(
             "model_fingerprint": spec.model_fingerprint.to_hex(),
             "code_version": spec.code_version,
             "metrics": metrics_json,
+            "eval": metrics
+                .iter()
+                .filter(|(name, _)| name.starts_with(crate::eval::METRIC_PREFIX))
+                .filter_map(|(name, points)| points.last().map(|&(_, v)| (name.clone(), v)))
+                .collect::<BTreeMap<String, f64>>(),
             "summary": store.metric_summaries(&record)?,
             "outputs": record.outputs,
             "error": record.error,
@@ -655,13 +660,30 @@ pub fn write_show(
     for (key, value) in &flat {
         writeln!(out, "  {key} = {value}")?;
     }
-    if !metrics.is_empty() {
+    let scores: BTreeMap<String, f64> = metrics
+        .iter()
+        .filter(|(name, _)| name.starts_with(crate::eval::METRIC_PREFIX))
+        .filter_map(|(name, points)| points.last().map(|&(_, v)| (name.clone(), v)))
+        .collect();
+    if let Some(line) = crate::eval::table::headline(&scores) {
+        writeln!(out, "eval       {line}")?;
+        for l in crate::eval::table::instance_lines(&scores) {
+            writeln!(out, "  {l}")?;
+        }
+    }
+    if metrics
+        .keys()
+        .any(|n| !n.starts_with(crate::eval::METRIC_PREFIX))
+    {
         writeln!(
             out,
             "metrics    {:>7}  {:>12}  {:>12}  {:>12}",
             "points", "last", "min", "max"
         )?;
-        for (name, points) in &metrics {
+        for (name, points) in metrics
+            .iter()
+            .filter(|(n, _)| !n.starts_with(crate::eval::METRIC_PREFIX))
+        {
             if let Some(s) = SeriesSummary::of(points) {
                 writeln!(
                     out,
@@ -795,7 +817,32 @@ fn write_diff_text(diff: &RunDiff, out: &mut dyn Write) -> anyhow::Result<()> {
             )?;
         }
     }
-    if !diff.metrics.is_empty() {
+    let is_eval = |name: &str| name.starts_with(crate::eval::METRIC_PREFIX);
+    let scores: Vec<&crate::store::MetricDelta> = diff
+        .metrics
+        .iter()
+        .filter(|m| is_eval(&m.name) && m.name != crate::eval::SETUP_METRIC)
+        .collect();
+    if !scores.is_empty() {
+        writeln!(out, "eval (A  |  B  |  B - A)")?;
+        for m in scores {
+            let (a, b) = (m.a.map(|s| s.last), m.b.map(|s| s.last));
+            let show = |v: Option<f64>| v.map_or_else(|| "(absent)".to_string(), format_value);
+            let delta = match (a, b) {
+                (Some(a), Some(b)) => format!("{:+.4}", b - a),
+                _ => "-".to_string(),
+            };
+            writeln!(
+                out,
+                "  {:<w$}    {}  |  {}  |  {delta}",
+                m.name,
+                show(a),
+                show(b),
+                w = width - 2
+            )?;
+        }
+    }
+    if diff.metrics.iter().any(|m| !is_eval(&m.name)) {
         writeln!(out, "metrics (final / min)")?;
         let summary = |s: &Option<SeriesSummary>| {
             s.map_or_else(
@@ -803,7 +850,7 @@ fn write_diff_text(diff: &RunDiff, out: &mut dyn Write) -> anyhow::Result<()> {
                 |s| format!("{} / {}", format_value(s.last), format_value(s.min)),
             )
         };
-        for metric in &diff.metrics {
+        for metric in diff.metrics.iter().filter(|m| !is_eval(&m.name)) {
             writeln!(
                 out,
                 "  {:<w$}    {}  |  {}",

@@ -21,17 +21,27 @@ pub struct SynthArgs {
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// The prompt; name each boxed subject in it (`<v0>`, or a word like `dog`).
-    #[arg(long)]
-    pub prompt: String,
-    /// One box per subject: `SUBJECT=x0,y0,x1,y1` (repeatable).
+    #[arg(long, required_unless_present = "suite", conflicts_with = "suite")]
+    pub prompt: Option<String>,
+    /// One box per subject: `SUBJECT=x0,y0,x1,y1` (repeatable). With --suite: replaces the
+    /// suite's default box of that subject.
     #[arg(long = "box", value_name = "SUBJECT=x0,y0,x1,y1")]
     pub boxes: Vec<String>,
     /// Number of images (sample k starts from seed + k).
     #[arg(long, default_value_t = 1)]
     pub samples: usize,
-    /// Seed (default: random, printed and stored).
+    /// Seed (default: random, printed and stored; with --suite: 0).
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Run a prompt suite from the --from run instead of one prompt: `editability` (the
+    /// paper's Table 4 templates for each instance and for all together, one run per prompt,
+    /// same seed, all tagged with --tag).
+    #[arg(long, value_name = "NAME", requires = "from")]
+    pub suite: Option<String>,
+    /// With --suite: the tag of its runs (default `<suite>-<learning run id>`), for
+    /// `mifo eval --tag`.
+    #[arg(long, requires = "suite")]
+    pub tag: Option<String>,
     /// Configuration preset: `paper` or `official`.
     #[arg(long, default_value = "paper")]
     pub preset: String,
@@ -68,6 +78,13 @@ pub fn resolve_config(args: &SynthArgs) -> anyhow::Result<SynthConfig> {
 
 /// Runs `mifo synth`.
 pub fn run(args: SynthArgs, store: &Path) -> anyhow::Result<()> {
+    if args.suite.is_some() {
+        return run_suite(args, store);
+    }
+    let prompt = args
+        .prompt
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("--prompt is required"))?;
     let config = resolve_config(&args)?;
     for b in &args.boxes {
         crate::synth::parse_box(b)?;
@@ -89,7 +106,7 @@ pub fn run(args: SynthArgs, store: &Path) -> anyhow::Result<()> {
     let job = SynthJob {
         from: args.from.clone(),
         model,
-        prompt: args.prompt.clone(),
+        prompt,
         boxes: args.boxes.clone(),
         samples: args.samples,
         seed,
@@ -105,4 +122,181 @@ pub fn run(args: SynthArgs, store: &Path) -> anyhow::Result<()> {
         args.json,
         args.detach,
     )
+}
+
+/// `mifo synth --suite NAME --from RUN`: one synthesis run per prompt of the suite (see
+/// [`crate::eval::suite`]), all with the same seed and samples, each tagged; then follows them.
+/// A prompt whose exact spec already ran is not run again: the earlier run is tagged instead.
+fn run_suite(args: SynthArgs, store: &Path) -> anyhow::Result<()> {
+    use crate::engine::{Client, Response};
+    use anyhow::{anyhow, bail};
+    let suite = args.suite.clone().unwrap_or_default();
+    let from = args
+        .from
+        .clone()
+        .ok_or_else(|| anyhow!("--suite needs --from RUN (a finished learning run)"))?;
+    let config = resolve_config(&args)?;
+    let mut user_boxes = std::collections::BTreeMap::new();
+    for b in &args.boxes {
+        let spec = crate::synth::parse_box(b)?;
+        user_boxes.insert(spec.subject.clone(), b.clone());
+    }
+    if args.samples == 0 {
+        bail!("--samples must be at least 1");
+    }
+    let model = crate::jobs::model_dir(args.model.clone())?;
+    let model = std::fs::canonicalize(&model).unwrap_or(model);
+    if !store.join("db").is_dir() {
+        bail!("--from: {} holds no runs yet", store.display());
+    }
+    let mut client = Client::connect(store)?;
+    let (record, spec) = match client.request(&Request::Detail { run: from.clone() })? {
+        Response::Detail {
+            record, spec_json, ..
+        } => {
+            let spec: crate::store::RunSpec =
+                serde_json::from_str(&spec_json.map_err(|e| anyhow!(e))?)?;
+            (record, spec)
+        }
+        Response::Error(e) => bail!("--from {from}: {e}"),
+        other => bail!("engine: unexpected reply {other:?}"),
+    };
+    if record.kind != crate::store::RunKind::Learn || record.status != crate::store::RunStatus::Done
+    {
+        bail!(
+            "--from {from}: run {} is a {} {} run; the suite needs a finished learning run",
+            record.id,
+            record.status,
+            record.kind
+        );
+    }
+    let instances = spec.inputs.keys().filter(|k| k.starts_with("mask")).count();
+    let prompts = crate::eval::suite::prompts(&suite, instances)?;
+    for subject in user_boxes.keys() {
+        if !prompts.iter().any(|p| p.subjects.contains(subject)) {
+            bail!(
+                "--box {subject}: the suite has no such subject (it draws <v0>…<v{}>)",
+                instances - 1
+            );
+        }
+    }
+    let tag = args
+        .tag
+        .clone()
+        .unwrap_or_else(|| crate::eval::suite::default_tag(&suite, record.id.as_str()));
+    crate::store::validate_tag(&tag).map_err(|e| anyhow!("--tag: {e}"))?;
+    let seed = args.seed.unwrap_or(0);
+    let jobs: Vec<SynthJob> = prompts
+        .iter()
+        .map(|p| {
+            let defaults = crate::eval::suite::default_boxes(&p.subjects);
+            let boxes = p
+                .subjects
+                .iter()
+                .zip(defaults)
+                .map(|(s, d)| user_boxes.get(s).cloned().unwrap_or(d))
+                .collect();
+            SynthJob {
+                from: Some(record.id.to_string()),
+                model: model.clone(),
+                prompt: p.prompt.clone(),
+                boxes,
+                samples: args.samples,
+                seed,
+                preset: args.preset.clone(),
+                config: config.clone(),
+                device: args.device.clone(),
+                dtype: args.dtype.clone(),
+                rerun: args.rerun,
+            }
+        })
+        .collect();
+    if !args.json {
+        eprintln!(
+            "suite {suite}: {} runs from {} ({instances} instances), seed {seed}, {} sample(s) each, tag {tag}",
+            jobs.len(),
+            record.id,
+            args.samples
+        );
+    }
+    let mut runs: Vec<(String, String, bool)> = Vec::new();
+    for (i, job) in jobs.iter().enumerate() {
+        let submitted =
+            crate::cli::engine::submit(store, &Request::SubmitSynth(Box::new(job.clone())));
+        let (id, queued) = match submitted {
+            Ok(crate::cli::engine::Submitted::Queued(id)) => (id, true),
+            Ok(crate::cli::engine::Submitted::AlreadyRan(id)) => (id, false),
+            Err(e) => {
+                let done: Vec<&str> = runs.iter().map(|(id, _, _)| id.as_str()).collect();
+                if done.is_empty() {
+                    return Err(e);
+                }
+                bail!(
+                    "{e} (prompt {} of {}; runs already queued and tagged {tag}: {})",
+                    i + 1,
+                    jobs.len(),
+                    done.join(" ")
+                );
+            }
+        };
+        match client.request(&Request::Tag {
+            run: id.clone(),
+            tag: tag.clone(),
+            remove: false,
+        })? {
+            Response::Ok => {}
+            Response::Error(e) => bail!("tagging run {id}: {e}"),
+            other => bail!("engine: unexpected reply {other:?}"),
+        }
+        if !args.json {
+            eprintln!(
+                "[{}/{}] {} {id}: {}",
+                i + 1,
+                jobs.len(),
+                if queued { "queued" } else { "already ran as" },
+                job.prompt
+            );
+        }
+        runs.push((id, job.prompt.clone(), queued));
+    }
+    let mut statuses = Vec::new();
+    let mut failed = 0;
+    for (i, (id, prompt, queued)) in runs.iter().enumerate() {
+        let status = if !queued {
+            "done".to_string()
+        } else if args.detach {
+            "queued".to_string()
+        } else {
+            let s = crate::cli::engine::follow(store, id, true)?;
+            if !args.json {
+                eprintln!("[{}/{}] run {id} {s}", i + 1, runs.len());
+            }
+            s
+        };
+        if status != "done" && status != "queued" {
+            failed += 1;
+        }
+        statuses.push(serde_json::json!({"id": id, "prompt": prompt, "status": status}));
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "suite": suite,
+                "tag": tag,
+                "from": record.id.to_string(),
+                "seed": seed,
+                "runs": statuses,
+            }))?
+        );
+    } else {
+        eprintln!(
+            "suite {suite}: {} runs tagged {tag}; score them with `mifo eval --tag {tag} --clip DIR --dino DIR`",
+            runs.len()
+        );
+    }
+    if failed > 0 {
+        bail!("{failed} of {} suite runs did not finish", runs.len());
+    }
+    Ok(())
 }

@@ -9,7 +9,7 @@ use crate::jobs::learn::LearnJob;
 use crate::jobs::sink::SinkEvent;
 
 /// Bumped whenever a message changes shape.
-pub const PROTOCOL_VERSION: u32 = 7;
+pub const PROTOCOL_VERSION: u32 = 8;
 /// Largest frame accepted (a `runs show --json` of a long run is well below this).
 pub const MAX_FRAME: usize = 64 << 20;
 
@@ -96,6 +96,17 @@ pub enum Request {
     Stop {
         /// Exit without waiting for the step.
         force: bool,
+    },
+    /// Store evaluation scores computed by the client (`mifo eval`) with a finished run:
+    /// replaces its `eval/*` metrics (one point each at step 0) and logs `note`, in one
+    /// transaction; invalid scores change nothing.
+    RecordScores {
+        /// Run id or unique prefix.
+        run: String,
+        /// `eval/…` metric name → value.
+        scores: Vec<(String, f64)>,
+        /// One log line saying how they were computed.
+        note: String,
     },
 }
 

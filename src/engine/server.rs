@@ -578,6 +578,13 @@ fn handle_client(
                 }
             }
             Request::Cancel { run } => cancel(shared, &run),
+            Request::RecordScores { run, scores, note } => data(|| {
+                let id = shared.store.resolve(&run)?;
+                shared
+                    .store
+                    .record_scores(&id, crate::eval::METRIC_PREFIX, &scores, &note)?;
+                Ok(Response::Ok)
+            }),
             Request::Subscribe { run } => {
                 let run = match run.map(|r| shared.store.resolve(&r)).transpose() {
                     Ok(r) => r,

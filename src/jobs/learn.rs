@@ -234,6 +234,7 @@ fn execute(
             seed,
             resume,
             class_images,
+            measure_only: false,
         },
         &mut sink,
     );

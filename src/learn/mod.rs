@@ -30,6 +30,7 @@ use crate::model::nn::{resize_bilinear, resize_nearest_hw};
 use crate::model::sample::{seeded_normal, Sampler};
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::UNet;
+use crate::model::weights::WeightFile;
 use crate::model::StableDiffusion;
 use crate::sink::{Progress, RunSink};
 use optim::{AdamW, AdamWParams};
@@ -137,6 +138,8 @@ pub struct LearnRequest<'a> {
     /// Class images made earlier for the same model and `class_prompt` (prior preservation);
     /// missing ones are generated. Image `i` is always generated from seed `i`.
     pub class_images: Vec<image::RgbImage>,
+    /// Benchmarks (`mifo bench`): run the steps only, with no checkpoints and no outputs.
+    pub measure_only: bool,
 }
 
 /// Summary of a finished run.
@@ -251,22 +254,26 @@ fn trainable_models<'a>(
             .filter_map(|(k, v)| k.strip_prefix(prefix).map(|n| (n.to_string(), v.clone())))
             .collect()
     };
-    let (unet, unet_w) = UNet::load_dir_with(
-        &sd.root.join("unet"),
+    // Phase B's models are built over the base weights already in memory (shared tensors):
+    // LoRA adds adapters to frozen weights, full fine-tuning makes trainable copies.
+    let derive = |base: &WeightFile, prefix: &str| {
+        let mut w = base.derive();
+        w.insert_all(pick(prefix));
+        w.set_trainable(full);
+        w.set_lora(lora.clone());
+        // The placeholders live in `rows`; the vocabulary's table is never trained.
+        w.freeze(&["token_embedding.weight"]);
+        std::rc::Rc::new(w)
+    };
+    let unet_w = derive(&sd.unet_weights, "unet.");
+    let unet = UNet::load(
+        sd.unet.config().clone(),
+        unet_w.clone(),
         sd.dtype,
         &sd.device,
-        pick("unet."),
-        full,
-        lora.clone(),
     )?;
-    let (te, te_w) = ClipTextModel::load_dir_with(
-        &sd.root.join("text_encoder"),
-        sd.dtype,
-        &sd.device,
-        pick("text_encoder."),
-        full,
-        lora,
-    )?;
+    let te_w = derive(&sd.text_encoder_weights, "text_encoder.");
+    let te = ClipTextModel::load(sd.text_encoder.config().clone(), te_w.clone(), &sd.device)?;
     let mut trained: Vec<(String, Var)> = unet_w
         .vars()
         .into_iter()
@@ -493,9 +500,11 @@ pub fn run(req: LearnRequest, sink: &mut dyn RunSink) -> Result<LearnReport> {
     for step in start_step..total {
         if sink.should_stop() {
             report.cancelled = true;
-            let c = checkpoint(step, &rows, &opt, &models)?;
-            sink.checkpoint(step, c.to_bytes()?)?;
-            sink.log(&format!("cancelled at step {step}; checkpoint kept"))?;
+            if !req.measure_only {
+                let c = checkpoint(step, &rows, &opt, &models)?;
+                sink.checkpoint(step, c.to_bytes()?)?;
+                sink.log(&format!("cancelled at step {step}; checkpoint kept"))?;
+            }
             break;
         }
         let phase = if step < cfg.reward_steps {
@@ -760,13 +769,15 @@ pub fn run(req: LearnRequest, sink: &mut dyn RunSink) -> Result<LearnReport> {
         report.steps_run += 1;
         let done = step + 1;
         let at_boundary = done == embed_steps || done == total;
-        if (cfg.checkpoint_every > 0 && done % cfg.checkpoint_every == 0) || at_boundary {
+        let checkpoint_due =
+            (cfg.checkpoint_every > 0 && done % cfg.checkpoint_every == 0) || at_boundary;
+        if checkpoint_due && !req.measure_only {
             let c = checkpoint(done, &rows, &opt, &models)?;
             sink.checkpoint(done, c.to_bytes()?)?;
         }
     }
 
-    if !report.cancelled {
+    if !report.cancelled && !req.measure_only {
         write_outputs(
             sd,
             &tok,

@@ -213,8 +213,10 @@ impl Attention {
         } else {
             (q, k)
         };
+        // The 1/√d scale goes on q ([B, h, N, d]) rather than on the [B, h, N, M] logits:
+        // one full-size tensor less per layer, which matters for the backward's memory.
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let mut logits = (q.matmul(&k.t()?)? * scale)?;
+        let mut logits = (q * scale)?.matmul(&k.t()?)?;
         if let Some(h) = hook.as_deref_mut() {
             if let Some(bias) = h.logit_bias(&call)? {
                 logits = logits.broadcast_add(&bias.to_dtype(logits.dtype())?)?;

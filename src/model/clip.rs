@@ -71,6 +71,25 @@ impl ClipConfig {
     }
 }
 
+impl ClipConfig {
+    /// Reads the `text_config` object of a transformers `CLIPModel` `config.json` (the text
+    /// tower of a CLIP image–text model; absent keys take `CLIPTextConfig`'s defaults, which
+    /// are [`ClipConfig::from_json`]'s). `path` names the file in errors.
+    pub fn from_clip_model(path: &Path, config: &serde_json::Value) -> Result<Self> {
+        let text = config
+            .get("text_config")
+            .cloned()
+            .unwrap_or_else(|| json!({}));
+        let label = path.with_file_name(format!(
+            "{}#text_config",
+            path.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "config.json".into())
+        ));
+        Self::from_json(&ConfigJson::from_value(label, text)?)
+    }
+}
+
 struct EncoderLayer {
     ln1: LayerNorm,
     q: Linear,
@@ -116,6 +135,30 @@ impl ClipTextModel {
         weights.set_trainable(trainable);
         weights.set_lora(lora);
         let weights = Rc::new(weights);
+        Ok((Self::load(config, weights.clone(), device)?, weights))
+    }
+
+    /// The text tower of a transformers `CLIPModel` folder (`config.json` with a nested
+    /// `text_config`, `model.safetensors` with `text_model.*` keys); the weight file is returned
+    /// too, for the caller's `text_projection`.
+    pub fn load_clip_model_dir(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Self, Rc<WeightFile>)> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let value: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::file(&path, format!("invalid JSON: {e}")))?;
+        let config = ClipConfig::from_clip_model(&path, &value)?;
+        let file = super::loader::find_weights(dir, "model")?;
+        let weights = Rc::new(WeightFile::load(&file, dtype, device)?);
+        if !weights.contains("text_model.embeddings.token_embedding.weight") {
+            return Err(Error::file(
+                &file,
+                "no `text_model.*` weights: not a transformers CLIPModel",
+            ));
+        }
         Ok((Self::load(config, weights.clone(), device)?, weights))
     }
 

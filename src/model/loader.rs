@@ -1,14 +1,16 @@
 //! A diffusers Stable Diffusion folder → its components, each built from its own config.
 
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use candle_core::{DType, Device};
 
-use super::clip::ClipTextModel;
+use super::clip::{ClipConfig, ClipTextModel};
 use super::ddim::{Ddim, DdimConfig};
 use super::tokenizer::ClipTokenizer;
-use super::unet::UNet;
-use super::vae::Vae;
+use super::unet::{UNet, UNetConfig};
+use super::vae::{Vae, VaeConfig};
+use super::weights::WeightFile;
 use crate::error::{Error, Result};
 
 /// The weight file of a component folder: `<stem>.safetensors`, else `<stem>.fp16.safetensors`.
@@ -84,6 +86,10 @@ pub struct StableDiffusion {
     pub device: Device,
     /// The weights' dtype.
     pub dtype: DType,
+    /// The UNet's weights (shared with `unet`; phase B derives trainable copies from them).
+    pub unet_weights: Rc<WeightFile>,
+    /// The text encoder's weights (shared with `text_encoder`).
+    pub text_encoder_weights: Rc<WeightFile>,
 }
 
 impl StableDiffusion {
@@ -119,24 +125,22 @@ impl StableDiffusion {
             ));
         }
         let tokenizer = ClipTokenizer::from_dir(&component(root, "tokenizer")?)?;
-        let text_encoder = ClipTextModel::load_dir_with(
+        let (text_encoder, text_encoder_weights) = ClipTextModel::load_dir_with(
             &component(root, "text_encoder")?,
             dtype,
             device,
             pick("text_encoder.")?,
             false,
             None,
-        )?
-        .0;
-        let unet = UNet::load_dir_with(
+        )?;
+        let (unet, unet_weights) = UNet::load_dir_with(
             &component(root, "unet")?,
             dtype,
             device,
             pick("unet.")?,
             false,
             None,
-        )?
-        .0;
+        )?;
         let vae = Vae::load_dir(&component(root, "vae")?, dtype, device)?;
         let scheduler = Ddim::new(DdimConfig::load_dir(&component(root, "scheduler")?)?)?;
         Ok(Self {
@@ -148,6 +152,117 @@ impl StableDiffusion {
             scheduler,
             device: device.clone(),
             dtype,
+            unet_weights,
+            text_encoder_weights,
+        })
+    }
+
+    /// A pipeline of the given component configs with seeded random weights
+    /// ([`WeightFile::synthetic`]), taking the tokenizer and scheduler from the diffusers folder
+    /// `root` (they hold no weights). Shapes are all that timing needs: `mifo bench` uses it to
+    /// time Stable Diffusion 2.1-base without its 5 GB of weights.
+    pub fn synthetic(
+        root: &Path,
+        shape: &ModelShape,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let tokenizer = ClipTokenizer::from_dir(&component(root, "tokenizer")?)?;
+        let scheduler = Ddim::new(DdimConfig::load_dir(&component(root, "scheduler")?)?)?;
+        let text_encoder_weights = Rc::new(WeightFile::synthetic(
+            format!("{} text_encoder (random)", shape.name),
+            seed,
+            dtype,
+            device,
+        ));
+        let unet_weights = Rc::new(WeightFile::synthetic(
+            format!("{} unet (random)", shape.name),
+            seed.wrapping_add(1),
+            dtype,
+            device,
+        ));
+        let vae_weights = Rc::new(WeightFile::synthetic(
+            format!("{} vae (random)", shape.name),
+            seed.wrapping_add(2),
+            dtype,
+            device,
+        ));
+        Ok(Self {
+            root: root.to_path_buf(),
+            tokenizer,
+            text_encoder: ClipTextModel::load(
+                shape.text_encoder.clone(),
+                text_encoder_weights.clone(),
+                device,
+            )?,
+            unet: UNet::load(shape.unet.clone(), unet_weights.clone(), dtype, device)?,
+            vae: Vae::load(shape.vae.clone(), vae_weights)?,
+            scheduler,
+            device: device.clone(),
+            dtype,
+            unet_weights,
+            text_encoder_weights,
+        })
+    }
+}
+
+/// The component configs of a pipeline, without weights.
+#[derive(Clone, Debug)]
+pub struct ModelShape {
+    /// A short name (`sd21-base`).
+    pub name: String,
+    /// The UNet's config.
+    pub unet: UNetConfig,
+    /// The text encoder's config.
+    pub text_encoder: ClipConfig,
+    /// The autoencoder's config.
+    pub vae: VaeConfig,
+}
+
+impl ModelShape {
+    /// Stable Diffusion 2.1-base (stabilityai/stable-diffusion-2-1-base): the values of its
+    /// unet/, text_encoder/ and vae/ config.json files, read through the same parsers as a
+    /// folder on disk.
+    pub fn sd21_base() -> Result<Self> {
+        use super::config::ConfigJson;
+        use serde_json::json;
+        let unet = UNetConfig::from_json(&ConfigJson::from_value(
+            "sd21-base/unet/config.json",
+            json!({
+                "block_out_channels": [320, 640, 1280, 1280],
+                "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                     "CrossAttnDownBlock2D", "DownBlock2D"],
+                "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                                   "CrossAttnUpBlock2D"],
+                "attention_head_dim": [5, 10, 20, 20], "cross_attention_dim": 1024,
+                "layers_per_block": 2, "norm_num_groups": 32, "use_linear_projection": true,
+                "sample_size": 64, "in_channels": 4, "out_channels": 4,
+                "flip_sin_to_cos": true, "freq_shift": 0
+            }),
+        )?)?;
+        let text_encoder = ClipConfig::from_json(&ConfigJson::from_value(
+            "sd21-base/text_encoder/config.json",
+            json!({"vocab_size": 49408, "hidden_size": 1024, "intermediate_size": 4096,
+                   "num_hidden_layers": 23, "num_attention_heads": 16,
+                   "max_position_embeddings": 77, "hidden_act": "gelu",
+                   "model_type": "clip_text_model"}),
+        )?)?;
+        let vae = VaeConfig::from_json(&ConfigJson::from_value(
+            "sd21-base/vae/config.json",
+            json!({"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
+                   "norm_num_groups": 32, "latent_channels": 4,
+                   "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D",
+                                        "DownEncoderBlock2D", "DownEncoderBlock2D"],
+                   "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D",
+                                      "UpDecoderBlock2D", "UpDecoderBlock2D"],
+                   "scaling_factor": 0.18215}),
+        )?)?;
+        Ok(Self {
+            name: "sd21-base".into(),
+            unet,
+            text_encoder,
+            vae,
         })
     }
 }

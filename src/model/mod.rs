@@ -8,6 +8,7 @@ pub mod blocks;
 pub mod clip;
 pub mod config;
 pub mod ddim;
+pub mod frozen;
 pub mod hooks;
 pub mod loader;
 pub mod nn;
@@ -21,7 +22,7 @@ pub mod weights;
 pub use attention::{AttentionHook, AttnCall, AttnKind};
 pub use clip::ClipTextModel;
 pub use ddim::Ddim;
-pub use loader::StableDiffusion;
+pub use loader::{ModelShape, StableDiffusion};
 pub use unet::UNet;
 pub use vae::Vae;
 

@@ -46,7 +46,8 @@ pub struct WeightFile {
     trainable: bool,
     lora: Option<LoraConfig>,
     vars: RefCell<Vec<(String, Var)>>,
-    synthetic: Option<Synthetic>,
+    synthetic: Option<Rc<Synthetic>>,
+    frozen: Vec<String>,
 }
 
 /// Seeded random weights made on demand (tests, benchmarks at real SD shapes).
@@ -86,6 +87,7 @@ impl WeightFile {
             lora: None,
             vars: RefCell::new(Vec::new()),
             synthetic: None,
+            frozen: Vec::new(),
         }
     }
 
@@ -142,9 +144,10 @@ impl WeightFile {
                     .map(|_| normal.sample(&mut rng))
                     .collect();
                 let proto = self.tensors.values().next();
-                let (dtype, device) = match proto {
-                    Some(t) => (t.dtype(), t.device().clone()),
-                    None => (DType::F32, Device::Cpu),
+                let (dtype, device) = match (proto, &self.synthetic) {
+                    (Some(t), _) => (t.dtype(), t.device().clone()),
+                    (None, Some(syn)) => (syn.dtype, syn.device.clone()),
+                    (None, None) => (DType::F32, Device::Cpu),
                 };
                 let a = Tensor::from_vec(data, (cfg.rank, in_dim), &Device::Cpu)?
                     .to_dtype(dtype)?
@@ -176,13 +179,36 @@ impl WeightFile {
     /// tables N(0, 0.5²). For tests and for timing real model shapes without the weights.
     pub fn synthetic(label: impl Into<PathBuf>, seed: u64, dtype: DType, device: &Device) -> Self {
         let mut w = Self::from_tensors(label, HashMap::new());
-        w.synthetic = Some(Synthetic {
+        w.synthetic = Some(Rc::new(Synthetic {
             seed,
             dtype,
             device: device.clone(),
             made: RefCell::new(HashMap::new()),
-        });
+        }));
         w
+    }
+
+    /// A new file over the same tensors (shared storage, nothing copied; a synthetic file
+    /// shares its invented tensors too), with training and LoRA off and no variables: the
+    /// base for phase B's trainable copies, so LoRA training reuses the frozen weights in
+    /// memory instead of reading the folder again.
+    pub fn derive(&self) -> Self {
+        Self {
+            path: self.path.clone(),
+            tensors: self.tensors.clone(),
+            trainable: false,
+            lora: None,
+            vars: RefCell::new(Vec::new()),
+            synthetic: self.synthetic.clone(),
+            frozen: Vec::new(),
+        }
+    }
+
+    /// In trainable mode, tensors whose name ends with one of `suffixes` stay plain tensors
+    /// (no variable, so backward computes no gradient for them): e.g. the 49408-row token
+    /// embedding table, whose gradient would be a full-size tensor every step.
+    pub fn freeze(&mut self, suffixes: &[&str]) {
+        self.frozen.extend(suffixes.iter().map(|s| s.to_string()));
     }
 
     /// In trainable mode every tensor handed out by [`Scope::get`] is a fresh [`Var`],
@@ -243,7 +269,7 @@ impl WeightFile {
                 ),
             ));
         }
-        if self.trainable {
+        if self.trainable && !self.frozen.iter().any(|f| name.ends_with(f.as_str())) {
             let var = Var::from_tensor(t)?;
             let out = var.as_tensor().clone();
             self.vars.borrow_mut().push((name.to_string(), var));

@@ -32,6 +32,7 @@ mod maintenance;
 mod metrics;
 mod png;
 mod record;
+mod scores;
 mod spec;
 mod time;
 
@@ -966,7 +967,8 @@ fn tag_key(id: &RunId, tag: &str) -> Vec<u8> {
     key
 }
 
-fn validate_tag(tag: &str) -> StoreResult<()> {
+/// Checks a tag: 1 to [`MAX_TAG_LEN`] bytes without whitespace or control characters.
+pub fn validate_tag(tag: &str) -> StoreResult<()> {
     if tag.is_empty()
         || tag.len() > MAX_TAG_LEN
         || tag.chars().any(|c| c.is_whitespace() || c.is_control())

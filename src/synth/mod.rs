@@ -101,6 +101,8 @@ pub struct SampleReport {
     pub mask_fallbacks: Vec<String>,
     /// Wall time of this sample (denoising, decoding and rendering), seconds.
     pub wall_seconds: f64,
+    /// Wall time of each mask refinement (K-means and mask update), milliseconds.
+    pub refine_ms: Vec<f64>,
 }
 
 /// The outcome of [`run`].
@@ -420,6 +422,7 @@ fn run_sample(
         refinements: 0,
         mask_fallbacks: Vec::new(),
         wall_seconds: 0.0,
+        refine_ms: Vec::new(),
     };
     let kmeans = KMeansOptions {
         k: 0,
@@ -471,6 +474,7 @@ fn run_sample(
             && i >= cfg.guided_steps
             && (i - cfg.guided_steps).is_multiple_of(cfg.refine_every);
         if refine_now {
+            let refine_started = Instant::now();
             if let (Some((self_map, cross_map)), Some(size)) = (hook.maps.means(), hook.maps.size) {
                 let boxes = hook.box_masks(size.0, size.1);
                 let existing = hook.region_masks(size.0, size.1);
@@ -500,6 +504,8 @@ fn run_sample(
                     masks: refined.masks,
                 });
                 out.refinements += 1;
+                out.refine_ms
+                    .push(refine_started.elapsed().as_secs_f64() * 1e3);
                 message.push_str(" (masks refined)");
             }
         }

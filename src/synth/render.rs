@@ -181,18 +181,12 @@ pub fn draw_regions(
         let my = ((y as usize * mh) / h as usize).min(mh.saturating_sub(1));
         for x in 0..w {
             let mx = ((x as usize * mw) / w as usize).min(mw.saturating_sub(1));
-            let p = image.get_pixel(x, y);
-            let grey = 0.299 * p[0] as f32 + 0.587 * p[1] as f32 + 0.114 * p[2] as f32;
-            let mut px = [grey * 0.6 + 40.0; 3];
-            for (i, m) in masks.iter().enumerate() {
-                if m.get(my * mw + mx).copied().unwrap_or(false) {
-                    let c = colour(i);
-                    for (v, cc) in px.iter_mut().zip(c) {
-                        *v = *v * 0.45 + cc as f32 * 0.55;
-                    }
-                }
-            }
-            out.put_pixel(x, y, Rgb(px.map(|v| v.clamp(0.0, 255.0) as u8)));
+            let inside = masks
+                .iter()
+                .enumerate()
+                .filter(|(_, m)| m.get(my * mw + mx).copied().unwrap_or(false))
+                .map(|(i, _)| i);
+            out.put_pixel(x, y, Rgb(region_pixel(image.get_pixel(x, y).0, inside)));
         }
     }
     for (i, name) in names.iter().enumerate() {
@@ -209,6 +203,49 @@ pub fn draw_regions(
         );
     }
     out
+}
+
+/// The colour [`draw_regions`] gives a sample pixel `p` that lies in the regions `inside`
+/// (subject indices, ascending): the pixel greyed, then tinted once per region.
+pub fn region_pixel(p: [u8; 3], inside: impl IntoIterator<Item = usize>) -> [u8; 3] {
+    let grey = 0.299 * p[0] as f32 + 0.587 * p[1] as f32 + 0.114 * p[2] as f32;
+    let mut px = [grey * 0.6 + 40.0; 3];
+    for i in inside {
+        let c = colour(i);
+        for (v, cc) in px.iter_mut().zip(c) {
+            *v = *v * 0.45 + cc as f32 * 0.55;
+        }
+    }
+    px.map(|v| v.clamp(0.0, 255.0) as u8)
+}
+
+/// Reads the `n` regions back out of a [`draw_regions`] image (`drawn`, legend strip below
+/// ignored) of `sample`, at the sample's resolution: for every pixel, the smallest set of
+/// regions whose tint reproduces the drawn colour exactly. `None` when some pixel matches no
+/// set (not a regions image of this sample) or `n` is 0 or above 8.
+pub fn decode_regions(sample: &RgbImage, drawn: &RgbImage, n: usize) -> Option<Vec<Vec<bool>>> {
+    let (w, h) = sample.dimensions();
+    if n == 0 || n > PALETTE.len() || drawn.width() != w || drawn.height() < h {
+        return None;
+    }
+    let mut subsets: Vec<u32> = (0..1u32 << n).collect();
+    subsets.sort_by_key(|s| (s.count_ones(), *s));
+    let members = |s: u32| (0..n).filter(move |i| s & (1 << i) != 0);
+    let mut masks = vec![vec![false; (w * h) as usize]; n];
+    for y in 0..h {
+        for x in 0..w {
+            let p = sample.get_pixel(x, y).0;
+            let want = drawn.get_pixel(x, y).0;
+            let s = subsets
+                .iter()
+                .copied()
+                .find(|&s| region_pixel(p, members(s)) == want)?;
+            for i in members(s) {
+                masks[i][(y * w + x) as usize] = true;
+            }
+        }
+    }
+    Some(masks)
 }
 
 /// The boxes as masks at the image resolution (for [`draw_regions`] when no refinement ran).
@@ -248,5 +285,39 @@ mod tests {
         );
         assert!(regions.height() > 64);
         assert_ne!(regions.get_pixel(5, 5), regions.get_pixel(60, 60));
+    }
+
+    #[test]
+    fn regions_decode_back_from_the_drawn_image() {
+        let img = RgbImage::from_fn(32, 24, |x, y| {
+            Rgb([(x * 7) as u8, (y * 9) as u8, ((x * y) % 251) as u8])
+        });
+        // Masks at 4x4 (upsampled by nearest), overlapping in one cell.
+        let a = vec![
+            true, true, false, false, true, true, false, false, false, false, false, false, false,
+            false, false, false,
+        ];
+        let b = vec![
+            false, true, true, false, false, false, false, false, false, false, true, true, false,
+            false, true, true,
+        ];
+        let drawn = draw_regions(
+            &img,
+            (4, 4),
+            &[a.clone(), b.clone()],
+            &["a".into(), "b".into()],
+        );
+        let decoded = decode_regions(&img, &drawn, 2).unwrap();
+        for (mask, small) in decoded.iter().zip([&a, &b]) {
+            for y in 0..24usize {
+                for x in 0..32usize {
+                    let cell = (y * 4 / 24) * 4 + x * 4 / 32;
+                    assert_eq!(mask[y * 32 + x], small[cell], "({x},{y})");
+                }
+            }
+        }
+        // Another image's drawing does not decode.
+        let other = RgbImage::from_pixel(32, 24, Rgb([1, 2, 3]));
+        assert!(decode_regions(&other, &drawn, 2).is_none());
     }
 }

@@ -65,11 +65,12 @@ pub struct ChartModel {
 }
 
 /// The chart groups of a metric set: the part before `/` (`loss`, `leak`) or the whole name
-/// (`lr`, `t`), without `phase`; `loss` first, then by name.
+/// (`lr`, `t`), without `phase` and the evaluation scores (`eval/…`, one point each: the
+/// views print them instead); `loss` first, then by name.
 pub fn metric_groups(metrics: &Metrics) -> Vec<String> {
     let mut groups: Vec<String> = Vec::new();
     for name in metrics.keys() {
-        if name == "phase" {
+        if name == "phase" || name.starts_with(crate::eval::METRIC_PREFIX) {
             continue;
         }
         let g = name.split('/').next().unwrap_or(name).to_string();

@@ -121,17 +121,37 @@ impl CompareState {
             }
             per_run.push(m);
         }
+        // Evaluation scores (`mifo eval`) head the table: the final value of each `eval/*`
+        // series, the paper's four first.
+        for (m, metrics) in per_run.iter_mut().zip(&self.metrics) {
+            let Some(metrics) = metrics else { continue };
+            for (name, points) in metrics {
+                if name.starts_with(crate::eval::METRIC_PREFIX) && name != crate::eval::SETUP_METRIC
+                {
+                    if let Some(&(_, v)) = points.last() {
+                        m.insert(name.clone(), format!("{v:.4}"));
+                    }
+                }
+            }
+        }
         let keys: BTreeSet<&String> = per_run.iter().flat_map(|m| m.keys()).collect();
         let order = |k: &str| match k {
-            "kind" => 0,
-            "status" => 1,
-            "seed" => 2,
-            "scene" => 3,
-            "spec" => 4,
-            "model" => 5,
-            "code" => 6,
-            k if k.starts_with("input.") => 7,
-            _ => 8,
+            k if crate::eval::table::HEADLINE.iter().any(|(_, n)| *n == k) => {
+                crate::eval::table::HEADLINE
+                    .iter()
+                    .position(|(_, n)| *n == k)
+                    .unwrap_or(0)
+            }
+            k if k.starts_with(crate::eval::METRIC_PREFIX) => 4,
+            "kind" => 5,
+            "status" => 6,
+            "seed" => 7,
+            "scene" => 8,
+            "spec" => 9,
+            "model" => 10,
+            "code" => 11,
+            k if k.starts_with("input.") => 12,
+            _ => 13,
         };
         let mut rows: Vec<CompareRow> = keys
             .into_iter()
@@ -156,7 +176,7 @@ impl CompareState {
             .iter()
             .flatten()
             .flat_map(|m| m.keys().cloned())
-            .filter(|n| n != "phase")
+            .filter(|n| n != "phase" && !n.starts_with(crate::eval::METRIC_PREFIX))
             .collect();
         self.metric_names = names.into_iter().collect();
         self.metric_names

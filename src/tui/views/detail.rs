@@ -486,6 +486,31 @@ fn summary_lines(app: &App, d: &DetailState, detail: &RunDetail) -> Vec<Line<'st
             d.outputs.len()
         )),
     ]));
+    // Evaluation scores (`mifo eval`), when the run has them.
+    if let Some(metrics) = &d.metrics {
+        let scores: std::collections::BTreeMap<String, f64> = metrics
+            .iter()
+            .filter(|(n, _)| n.starts_with(crate::eval::METRIC_PREFIX))
+            .filter_map(|(n, p)| p.last().map(|&(_, v)| (n.clone(), v)))
+            .collect();
+        if crate::eval::table::headline(&scores).is_some() {
+            let cell = |k: &str| {
+                scores
+                    .get(k)
+                    .map_or_else(|| "–".to_string(), |v| format!("{v:.3}"))
+            };
+            let pairs =
+                crate::eval::table::HEADLINE.map(|(label, k)| format!("{label} {}", cell(k)));
+            lines.push(Line::from(vec![
+                label("eval"),
+                Span::raw(format!("{}  {}", pairs[0], pairs[1])),
+            ]));
+            lines.push(Line::from(vec![
+                label(""),
+                Span::raw(format!("{}  {}", pairs[2], pairs[3])),
+            ]));
+        }
+    }
     lines
 }
 

@@ -1,0 +1,102 @@
+//! `mifo bench`: the timing table of the pipeline's operations (see [`crate::bench`]).
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::bench::{self, BenchOptions};
+use crate::model::{check_dtype_device, parse_device, parse_dtype, ModelShape};
+
+/// Arguments of `mifo bench`.
+#[derive(Args, Debug)]
+#[command(after_help = "\
+Rows: text_encode, vae_encode, vae_decode, unet_forward, learn_phase_a, learn_phase_b_lora,
+learn_phase_b_full, synth_step, synth_step_latent_opt, kmeans_refine. Learning and synthesis rows
+time whole iterations of the real loops; the first iteration of each kind is a warm-up.
+
+Examples:
+  mifo bench                                    # the bundled tiny model, CPU
+  mifo bench --shape sd21-base --size 256 --iters 1   # SD 2.1-base shapes on a CPU box
+  mifo bench --shape sd21-base --device cuda --iters 5 # SD 2.1-base at 512 on a GPU
+  python tools/bench_diffusers.py               # the same rows with diffusers/PyTorch")]
+pub struct BenchArgs {
+    /// Diffusers folder to time [default: the bundled fixtures/tiny-sd21]; with --shape only
+    /// its tokenizer and scheduler are used.
+    #[arg(long, env = "MIFO_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Time a known architecture with seeded random weights instead of the folder's weights:
+    /// `sd21-base` (Stable Diffusion 2.1-base: 865M-parameter UNet, OpenCLIP-H text encoder).
+    #[arg(long)]
+    pub shape: Option<String>,
+    /// Image side in pixels for --shape [default: 512 on CUDA; 256 on CPU, where SD-sized
+    /// backward passes at 512 need more memory than a typical workstation has].
+    #[arg(long)]
+    pub size: Option<u32>,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Weight dtype: f32, f16 or bf16 (bf16 on CUDA only).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Timed runs per row, after one warm-up run.
+    #[arg(long, default_value_t = 10)]
+    pub iters: usize,
+    /// Only these rows (comma-separated names, see below).
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
+    /// Print one JSON document instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs `mifo bench`.
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let device = parse_device(&args.device)?;
+    let dtype = parse_dtype(&args.dtype)?;
+    check_dtype_device(dtype, &device)?;
+    let model = match args.model {
+        Some(m) => m,
+        None => super::demo::fixtures_dir(None)?.join("tiny-sd21"),
+    };
+    let shape = match args.shape.as_deref() {
+        None => None,
+        Some("sd21-base") => Some(ModelShape::sd21_base()?),
+        Some(other) => anyhow::bail!("--shape {other}: unknown (known: sd21-base)"),
+    };
+    let size = match (&shape, args.size) {
+        (Some(_), None) if device.is_cpu() => Some(256),
+        (_, s) => s,
+    };
+    let opts = BenchOptions {
+        model,
+        shape,
+        device,
+        dtype,
+        iters: args.iters,
+        size,
+        only: args.only,
+    };
+    let json = args.json;
+    if !json {
+        eprintln!(
+            "timing {} rows, {} runs each after a warm-up (one line per finished row)…",
+            if opts.only.is_empty() {
+                bench::ROWS.len()
+            } else {
+                opts.only.len()
+            },
+            opts.iters
+        );
+    }
+    let report = bench::run(&opts, &mut |row| {
+        if !json {
+            eprintln!("  {}", bench::row_line(row));
+        }
+    })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", bench::table(&report));
+    }
+    Ok(())
+}
