@@ -39,8 +39,10 @@ pub struct BenchOptions {
     /// Image side in pixels for `shape` (its UNet's `sample_size` is set to match); a model
     /// folder always runs at its own resolution.
     pub size: Option<u32>,
-    /// Row names to run (all when empty).
+    /// Row names to run (all of [`ROWS`] when empty).
     pub only: Vec<String>,
+    /// Also time the whole runs of [`FULL_ROWS`].
+    pub full: bool,
 }
 
 /// One row of the table.
@@ -94,6 +96,12 @@ pub const ROWS: [&str; 10] = [
     "synth_step_latent_opt",
     "kmeans_refine",
 ];
+
+/// Whole runs, timed once each (with `--full` or when named): a complete learning run of the
+/// paper preset with LoRA phase B (800 + 400 iterations, outputs and checkpoints included) and
+/// one synthesised image of the paper preset (50 steps, 15 with latent optimisation, decoding
+/// and rendering included).
+pub const FULL_ROWS: [&str; 2] = ["learn_run", "synth_image"];
 
 fn median_min(ms: &[f64]) -> (f64, f64) {
     let mut v = ms.to_vec();
@@ -278,6 +286,28 @@ fn bench_scene(size: u32) -> Scene {
     }
 }
 
+/// A plain-model request: "a photo of a cat and a dog", the cat boxed left, the dog right.
+fn two_boxes(sd: &StableDiffusion, config: SynthConfig) -> SynthRequest<'_> {
+    SynthRequest {
+        sd,
+        placeholder_rows: None,
+        prompt: "a photo of a cat and a dog".into(),
+        boxes: vec![
+            BoxSpec {
+                subject: "cat".into(),
+                rect: [0.05, 0.2, 0.45, 0.8],
+            },
+            BoxSpec {
+                subject: "dog".into(),
+                rect: [0.55, 0.2, 0.95, 0.8],
+            },
+        ],
+        samples: 1,
+        seed: 3,
+        config,
+    }
+}
+
 fn time_op(iters: usize, device: &Device, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
     f()?;
     device.synchronize()?;
@@ -294,10 +324,11 @@ fn time_op(iters: usize, device: &Device, mut f: impl FnMut() -> Result<()>) -> 
 /// Runs the benchmark; `progress` gets one line per finished row.
 pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&BenchRow)) -> Result<BenchReport> {
     for name in &opts.only {
-        if !ROWS.contains(&name.as_str()) {
+        if !ROWS.contains(&name.as_str()) && !FULL_ROWS.contains(&name.as_str()) {
             return Err(Error::Input(format!(
-                "--only: unknown row `{name}` (rows: {})",
-                ROWS.join(", ")
+                "--only: unknown row `{name}` (rows: {}, {})",
+                ROWS.join(", "),
+                FULL_ROWS.join(", ")
             )));
         }
     }
@@ -310,7 +341,7 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&BenchRow)) -> Result<B
             let mut shape = shape.clone();
             if let Some(size) = opts.size {
                 let step = shape.vae.factor() * 8;
-                if size == 0 || size as usize % step != 0 {
+                if size == 0 || !(size as usize).is_multiple_of(step) {
                     return Err(Error::Input(format!(
                         "--size {size}: must be a positive multiple of {step}"
                     )));
@@ -329,7 +360,14 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&BenchRow)) -> Result<B
     let factor = sd.vae.config().factor();
     let size = (sd.unet.config().sample_size * factor) as u32;
     let probe = MemoryProbe::new(dev);
-    let wanted = |name: &str| opts.only.is_empty() || opts.only.iter().any(|o| o == name);
+    let named = |name: &str| opts.only.iter().any(|o| o == name);
+    let wanted = |name: &str| {
+        if FULL_ROWS.contains(&name) {
+            named(name) || (opts.full && opts.only.is_empty())
+        } else {
+            named(name) || (opts.only.is_empty() && !opts.full)
+        }
+    };
     let mut rows = Vec::new();
     let mut push =
         |rows: &mut Vec<BenchRow>, name: &str, label: String, ms: &[f64], note: String| {
@@ -493,24 +531,7 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&BenchRow)) -> Result<B
         // Always the full number of descent iterations (random weights rarely reach the
         // loss threshold either; this fixes the work per step).
         cfg.loss_threshold = 0.0;
-        let req = SynthRequest {
-            sd: &sd,
-            placeholder_rows: None,
-            prompt: "a photo of a cat and a dog".into(),
-            boxes: vec![
-                BoxSpec {
-                    subject: "cat".into(),
-                    rect: [0.05, 0.2, 0.45, 0.8],
-                },
-                BoxSpec {
-                    subject: "dog".into(),
-                    rect: [0.55, 0.2, 0.95, 0.8],
-                },
-            ],
-            samples: 1,
-            seed: 3,
-            config: cfg.clone(),
-        };
+        let req = two_boxes(&sd, cfg.clone());
         probe.reset();
         let mut clock = StepClock::new();
         // The synthesis loop renders at the model's resolution.
@@ -558,6 +579,57 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&BenchRow)) -> Result<B
                 ),
             );
         }
+    }
+
+    // ---- whole runs ----
+    if wanted("learn_run") {
+        let mut cfg = LearnConfig::paper();
+        cfg.dreambooth = "lora".into();
+        probe.reset();
+        let mut clock = StepClock::new();
+        let started = Instant::now();
+        crate::learn::run(
+            LearnRequest {
+                sd: &sd,
+                scene: &scene,
+                config: cfg.clone(),
+                seed: 1,
+                resume: None,
+                class_images: Vec::new(),
+                measure_only: false,
+            },
+            &mut clock,
+        )?;
+        let ms = started.elapsed().as_secs_f64() * 1e3;
+        push(
+            &mut rows,
+            "learn_run",
+            "whole learning run, paper preset, LoRA phase B".into(),
+            &[ms],
+            format!(
+                "{} + {} iterations, outputs and checkpoints included",
+                cfg.embedding_steps(),
+                cfg.dreambooth_steps
+            ),
+        );
+    }
+    if wanted("synth_image") {
+        let cfg = SynthConfig::preset("paper")?;
+        let req = two_boxes(&sd, cfg.clone());
+        probe.reset();
+        let started = Instant::now();
+        crate::synth::run(&req, &mut StepClock::new())?;
+        let ms = started.elapsed().as_secs_f64() * 1e3;
+        push(
+            &mut rows,
+            "synth_image",
+            "one synthesised image, paper preset".into(),
+            &[ms],
+            format!(
+                "{} steps, {} with latent optimisation, decoding included",
+                cfg.steps, cfg.guided_steps
+            ),
+        );
     }
 
     Ok(BenchReport {

@@ -179,6 +179,9 @@ fn unet_gradients_match_finite_differences() {
         "mid_block.attentions.0.transformer_blocks.0.norm2.bias",
         "up_blocks.1.attentions.0.proj_in.weight",
         "time_embedding.linear_1.weight",
+        // Group norms (mifo's fused op): a resnet's and a transformer's.
+        "down_blocks.0.resnets.0.norm1.weight",
+        "up_blocks.1.attentions.0.norm.bias",
     ] {
         let (_, var) = vars
             .iter()

@@ -13,6 +13,7 @@ use crate::model::{check_dtype_device, parse_device, parse_dtype, ModelShape};
 Rows: text_encode, vae_encode, vae_decode, unet_forward, learn_phase_a, learn_phase_b_lora,
 learn_phase_b_full, synth_step, synth_step_latent_opt, kmeans_refine. Learning and synthesis rows
 time whole iterations of the real loops; the first iteration of each kind is a warm-up.
+With --full (or named in --only): learn_run and synth_image, whole runs timed once.
 
 Examples:
   mifo bench                                    # the bundled tiny model, CPU
@@ -44,6 +45,10 @@ pub struct BenchArgs {
     /// Only these rows (comma-separated names, see below).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
+    /// Time whole runs instead: one complete learning run of the paper preset (LoRA phase B,
+    /// 800 + 400 iterations) and one synthesised image (50 steps, 15 with latent optimisation).
+    #[arg(long)]
+    pub full: bool,
     /// Print one JSON document instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -75,15 +80,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         iters: args.iters,
         size,
         only: args.only,
+        full: args.full,
     };
     let json = args.json;
     if !json {
         eprintln!(
             "timing {} rows, {} runs each after a warm-up (one line per finished row)…",
-            if opts.only.is_empty() {
-                bench::ROWS.len()
-            } else {
-                opts.only.len()
+            match (opts.only.len(), opts.full) {
+                (0, false) => bench::ROWS.len(),
+                (0, true) => bench::FULL_ROWS.len(),
+                (n, _) => n,
             },
             opts.iters
         );

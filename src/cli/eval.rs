@@ -65,8 +65,14 @@ pub struct EvalArgs {
 /// read once).
 struct EngineSource<'a> {
     client: &'a mut Client,
+    cache: &'a mut BlobCache,
+}
+
+/// Blobs already fetched (cleared past 256 MiB).
+#[derive(Default)]
+struct BlobCache {
     blobs: HashMap<BlobHash, Vec<u8>>,
-    cached_bytes: usize,
+    bytes: usize,
 }
 
 impl RunSource for EngineSource<'_> {
@@ -86,19 +92,19 @@ impl RunSource for EngineSource<'_> {
     }
 
     fn blob(&mut self, hash: &BlobHash) -> Result<Vec<u8>> {
-        if let Some(b) = self.blobs.get(hash) {
+        if let Some(b) = self.cache.blobs.get(hash) {
             return Ok(b.clone());
         }
         match self.client.request(&Request::Blob {
             hash: hash.to_hex(),
         })? {
             Response::Bytes(b) => {
-                if self.cached_bytes + b.len() > 256 << 20 {
-                    self.blobs.clear();
-                    self.cached_bytes = 0;
+                if self.cache.bytes + b.len() > 256 << 20 {
+                    self.cache.blobs.clear();
+                    self.cache.bytes = 0;
                 }
-                self.cached_bytes += b.len();
-                self.blobs.insert(*hash, b.clone());
+                self.cache.bytes += b.len();
+                self.cache.blobs.insert(*hash, b.clone());
                 Ok(b)
             }
             Response::Error(e) => Err(Error::Input(e)),
@@ -312,6 +318,7 @@ pub fn run(args: EvalArgs, store: &Path) -> anyhow::Result<()> {
 
     let mut results = Vec::new();
     let mut reused = 0usize;
+    let mut cache = BlobCache::default();
     for (run, explicit) in &targets {
         if !explicit && !args.force {
             let stored = stored_eval(&mut client, run)?;
@@ -324,8 +331,7 @@ pub fn run(args: EvalArgs, store: &Path) -> anyhow::Result<()> {
         let prepared = {
             let mut src = EngineSource {
                 client: &mut client,
-                blobs: HashMap::new(),
-                cached_bytes: 0,
+                cache: &mut cache,
             };
             prepare(&mut src, run, &classes).with_context(|| format!("run {run}"))?
         };

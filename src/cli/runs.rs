@@ -818,11 +818,19 @@ fn write_diff_text(diff: &RunDiff, out: &mut dyn Write) -> anyhow::Result<()> {
         }
     }
     let is_eval = |name: &str| name.starts_with(crate::eval::METRIC_PREFIX);
-    let scores: Vec<&crate::store::MetricDelta> = diff
+    let mut scores: Vec<&crate::store::MetricDelta> = diff
         .metrics
         .iter()
         .filter(|m| is_eval(&m.name) && m.name != crate::eval::SETUP_METRIC)
         .collect();
+    // The paper's four first, then per instance.
+    scores.sort_by_key(|m| {
+        let head = crate::eval::table::HEADLINE
+            .iter()
+            .position(|(_, n)| *n == m.name)
+            .unwrap_or(crate::eval::table::HEADLINE.len());
+        (head, m.name.clone())
+    });
     if !scores.is_empty() {
         writeln!(out, "eval (A  |  B  |  B - A)")?;
         for m in scores {

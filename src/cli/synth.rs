@@ -11,7 +11,7 @@ use crate::synth::SynthConfig;
 /// Arguments of `mifo synth`.
 #[derive(Args, Debug)]
 #[command(
-    after_help = "Boxes are normalised x0,y0,x1,y1 with the origin at the top left.\n\nExamples:\n  mifo synth --from 01m8c --model fixtures/tiny-sd21 --prompt \"a photo of <v0> and <v1> on the beach\" \\\n      --box \"<v0>=0.05,0.3,0.45,0.9\" --box \"<v1>=0.55,0.3,0.95,0.9\" --samples 2 --seed 1\n  mifo synth --model ~/sd21-base --prompt \"a dog and a cat in a park\" --box \"dog=0,0.4,0.5,1\" --box \"cat=0.5,0.4,1,1\""
+    after_help = "Boxes are normalised x0,y0,x1,y1 with the origin at the top left.\n\nExamples:\n  mifo synth --from 01m8c --model fixtures/tiny-sd21 --prompt \"a photo of <v0> and <v1> on the beach\" \\\n      --box \"<v0>=0.05,0.3,0.45,0.9\" --box \"<v1>=0.55,0.3,0.95,0.9\" --samples 2 --seed 1\n  mifo synth --model ~/sd21-base --prompt \"a dog and a cat in a park\" --box \"dog=0,0.4,0.5,1\" --box \"cat=0.5,0.4,1,1\"\n  mifo synth --suite editability --from 01m8c --model fixtures/tiny-sd21 --tag ours   (then: mifo eval --tag ours)"
 )]
 pub struct SynthArgs {
     /// The finished learning run (id or unique prefix) whose tokens <v0>, <v1>, … to use.

@@ -9,6 +9,7 @@ pub mod clip;
 pub mod config;
 pub mod ddim;
 pub mod frozen;
+pub mod fused;
 pub mod hooks;
 pub mod loader;
 pub mod nn;

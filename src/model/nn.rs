@@ -5,7 +5,7 @@
 //! `softmax_last_dim` and `layer_norm` silently drop gradients, so they are used only when no
 //! input of the op is tracked by autograd (see [`Tensor::track_op`]) and the dtype supports them.
 
-use candle_core::{DType, Module, Tensor, D};
+use candle_core::{DType, Module, Tensor};
 
 use super::frozen::FrozenLayer;
 use super::weights::Scope;
@@ -116,10 +116,15 @@ impl Conv2d {
     }
 }
 
-/// Group normalisation over [B, C, ...] (composite ops, differentiable).
+/// Group normalisation over [B, C, ...]: [`super::fused::GroupNormOp`] (one pass forward,
+/// closed-form backward) when autograd tracks an input, candle's version otherwise.
 #[derive(Clone, Debug)]
 pub struct GroupNorm {
     inner: candle_nn::GroupNorm,
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
 }
 
 impl GroupNorm {
@@ -128,12 +133,23 @@ impl GroupNorm {
         let w = s.get("weight", channels)?;
         let b = s.get("bias", channels)?;
         Ok(Self {
-            inner: candle_nn::GroupNorm::new(w, b, channels, groups, eps)?,
+            inner: candle_nn::GroupNorm::new(w.clone(), b.clone(), channels, groups, eps)?,
+            weight: w,
+            bias: b,
+            groups,
+            eps,
         })
     }
 
     /// Normalises `x`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.track_op() || self.weight.track_op() || self.bias.track_op() {
+            let op = super::fused::GroupNormOp {
+                groups: self.groups,
+                eps: self.eps,
+            };
+            return Ok(x.contiguous()?.apply_op3(&self.weight, &self.bias, op)?);
+        }
         Ok(self.inner.forward(x)?)
     }
 }
@@ -178,132 +194,13 @@ impl LayerNorm {
 }
 
 /// Softmax over the last dimension: candle's fused kernel when no gradient can flow, else
-/// [`SoftmaxLastDim`], the same forward with a backward that keeps only the output (the
+/// [`super::fused::SoftmaxLastDim`], the same forward with a backward that keeps only the output (the
 /// composite `exp / sum` keeps four full-size intermediates per attention layer alive).
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
     if x.track_op() {
-        Ok(x.contiguous()?.apply_op1(SoftmaxLastDim)?)
+        Ok(x.contiguous()?.apply_op1(super::fused::SoftmaxLastDim)?)
     } else {
         Ok(candle_nn::ops::softmax_last_dim(&x.contiguous()?)?)
-    }
-}
-
-/// Softmax over the last dimension with a backward: `dx = y ⊙ (dy − Σ dy ⊙ y)`, computed
-/// from the saved output `y` alone. The forward is a row loop on CPU (f32 rows in f32, other
-/// dtypes through f64) and candle's fused kernel on CUDA.
-#[derive(Clone, Copy, Debug)]
-pub struct SoftmaxLastDim;
-
-fn softmax_rows<T: candle_core::WithDType>(src: &[T], dim: usize) -> Vec<T> {
-    use rayon::prelude::*;
-    let mut out = vec![T::zero(); src.len()];
-    out.par_chunks_mut(dim.max(1))
-        .zip(src.par_chunks(dim.max(1)))
-        .for_each(|(o, x)| {
-            let max = x
-                .iter()
-                .map(|v| v.to_f64())
-                .fold(f64::NEG_INFINITY, f64::max);
-            let mut sum = 0f64;
-            for (oi, xi) in o.iter_mut().zip(x) {
-                let e = (xi.to_f64() - max).exp();
-                sum += e;
-                *oi = T::from_f64(e);
-            }
-            for oi in o.iter_mut() {
-                *oi = T::from_f64(oi.to_f64() / sum);
-            }
-        });
-    out
-}
-
-fn softmax_rows_f32(src: &[f32], dim: usize) -> Vec<f32> {
-    use rayon::prelude::*;
-    let mut out = vec![0f32; src.len()];
-    out.par_chunks_mut(dim.max(1))
-        .zip(src.par_chunks(dim.max(1)))
-        .for_each(|(o, x)| {
-            let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for (oi, &xi) in o.iter_mut().zip(x) {
-                *oi = (xi - max).exp();
-                sum += *oi;
-            }
-            let inv = 1.0 / sum;
-            for oi in o.iter_mut() {
-                *oi *= inv;
-            }
-        });
-    out
-}
-
-impl candle_core::CustomOp1 for SoftmaxLastDim {
-    fn name(&self) -> &'static str {
-        "mifo-softmax-last-dim"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &candle_core::CpuStorage,
-        layout: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use candle_core::CpuStorage as S;
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("softmax: input is not contiguous".into()))?;
-        let dim = layout.dims().last().copied().unwrap_or(1);
-        let out = match storage {
-            S::F32(v) => S::F32(softmax_rows_f32(&v[start..end], dim)),
-            S::F64(v) => S::F64(softmax_rows(&v[start..end], dim)),
-            S::F16(v) => S::F16(softmax_rows(&v[start..end], dim)),
-            S::BF16(v) => S::BF16(softmax_rows(&v[start..end], dim)),
-            _ => {
-                return Err(candle_core::Error::Msg(
-                    "softmax: unsupported dtype (floats only)".into(),
-                ))
-            }
-        };
-        Ok((out, layout.shape().clone()))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        storage: &candle_core::CudaStorage,
-        layout: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        use candle_core::backend::BackendStorage;
-        use candle_core::op::BackpropOp;
-        use candle_core::Storage;
-        if layout.start_offset() != 0 || !layout.is_contiguous() {
-            return Err(candle_core::Error::Msg(
-                "softmax: input is not a fresh contiguous tensor".into(),
-            ));
-        }
-        let input = Tensor::from_storage(
-            Storage::Cuda(storage.try_clone(layout)?),
-            layout.shape().clone(),
-            BackpropOp::none(),
-            false,
-        );
-        let y = candle_nn::ops::softmax_last_dim(&input)?;
-        let (out, out_layout) = y.storage_and_layout();
-        match &*out {
-            Storage::Cuda(s) => Ok((s.try_clone(out_layout)?, y.shape().clone())),
-            _ => Err(candle_core::Error::Msg(
-                "softmax: fused kernel left the device".into(),
-            )),
-        }
-    }
-
-    fn bwd(
-        &self,
-        _arg: &Tensor,
-        res: &Tensor,
-        grad_res: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        let dot = (grad_res * res)?.sum_keepdim(D::Minus1)?;
-        Ok(Some((res * grad_res.broadcast_sub(&dot)?)?))
     }
 }
 

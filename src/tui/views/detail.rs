@@ -368,6 +368,28 @@ pub fn on_cmd(app: &mut App, cmd: Cmd, fx: &mut Vec<Effect>) {
     }
 }
 
+/// Rows `text` takes when word-wrapped to `width` columns (long words broken).
+fn wrapped_rows(text: &str, width: usize) -> usize {
+    let mut rows = 1;
+    let mut col = 0usize;
+    for word in text.split(' ').filter(|w| !w.is_empty()) {
+        let len = word.chars().count();
+        if col > 0 && col + 1 + len <= width {
+            col += 1 + len;
+            continue;
+        }
+        if col > 0 {
+            rows += 1;
+        }
+        col = len;
+        while col > width {
+            rows += 1;
+            col -= width;
+        }
+    }
+    rows
+}
+
 fn summary_lines(app: &App, d: &DetailState, detail: &RunDetail) -> Vec<Line<'static>> {
     let row = &detail.row;
     let now = app.now_ms;
@@ -544,7 +566,15 @@ pub fn render(app: &mut App, area: Rect, buf: &mut Buffer) {
         Layout::horizontal([Constraint::Percentage(36), Constraint::Percentage(64)]).areas(inner);
     // Left: summary over config.
     let summary = summary_lines(app, d, &detail);
-    let summary_h = (summary.len() as u16 + 2).min(left.height / 2);
+    let text_w = left.width.saturating_sub(2).max(1) as usize;
+    let rows: usize = summary
+        .iter()
+        .map(|l| {
+            let text: String = l.spans.iter().map(|s| s.content.as_ref()).collect();
+            wrapped_rows(&text, text_w)
+        })
+        .sum();
+    let summary_h = (rows as u16 + 2).min(left.height / 2);
     let [sum_area, cfg_area] =
         Layout::vertical([Constraint::Length(summary_h), Constraint::Min(0)]).areas(left);
     Paragraph::new(summary)
@@ -682,5 +712,19 @@ pub fn render(app: &mut App, area: Rect, buf: &mut Buffer) {
         ),
         None => Paragraph::new(Span::styled("no image outputs yet", theme::dim()))
             .render(out_inner, buf),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wrapped_rows;
+
+    #[test]
+    fn wrapped_rows_counts_word_wrapped_lines() {
+        assert_eq!(wrapped_rows("", 10), 1);
+        assert_eq!(wrapped_rows("abc def", 7), 1);
+        assert_eq!(wrapped_rows("abc defg", 7), 2);
+        assert_eq!(wrapped_rows("inputs   image 1, mask0 2, mask1 3", 20), 2);
+        assert_eq!(wrapped_rows("abcdefghijklmnopqrstu", 10), 3);
     }
 }
