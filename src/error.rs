@@ -63,7 +63,7 @@ impl Error {
 }
 
 /// candle appends a backtrace to its messages when RUST_BACKTRACE is set; keep the message.
-fn first_line(e: &candle_core::Error) -> String {
+pub(crate) fn first_line(e: &candle_core::Error) -> String {
     let text = e.to_string();
     text.lines().next().unwrap_or("").trim().to_string()
 }

@@ -282,3 +282,44 @@ fn concurrency_is_configurable() {
         ));
     }
 }
+
+/// A subscriber that disconnects between events no longer counts as a client: the engine
+/// exits once idle (before the fix it stayed up for ever, waiting for an event to write).
+#[test]
+fn a_vanished_subscriber_does_not_keep_the_engine_alive() {
+    let store = std::env::temp_dir().join(format!("mifo-engine-{}-idle", std::process::id()));
+    let _ = std::fs::remove_dir_all(&store);
+    let dir = store.clone();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = serve(
+            &dir,
+            EngineOptions {
+                idle_exit: Some(Duration::from_secs(1)),
+                jobs: 1,
+            },
+        );
+        let _ = done_tx.send(r.is_ok());
+    });
+    let mut client = None;
+    for _ in 0..200 {
+        if let Some(c) = Client::try_connect(&store).ok().flatten() {
+            client = Some(c);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let events = client
+        .expect("engine did not come up")
+        .subscribe(None)
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    drop(events);
+    let exited = done_rx.recv_timeout(Duration::from_secs(10));
+    assert_eq!(
+        exited,
+        Ok(true),
+        "the engine did not exit after its subscriber left"
+    );
+    let _ = std::fs::remove_dir_all(&store);
+}

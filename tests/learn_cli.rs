@@ -337,6 +337,10 @@ fn bad_inputs_give_one_line_errors_and_store_nothing() {
     a.extend(["--preset".into(), "fancy".into()]);
     check(a, "unknown preset");
     let mut a = base(&img, &[&m_left, &m_right]);
+    a.extend(["--dtype".into(), "f16".into()]);
+    a.extend(["--set".into(), "learn.dreambooth=full".into()]);
+    check(a, "learn.dreambooth=lora");
+    let mut a = base(&img, &[&m_left, &m_right]);
     a[2] = s(&d.join("no-model"));
     check(a, "no-model");
     assert!(

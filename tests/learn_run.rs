@@ -244,3 +244,50 @@ fn lora_dreambooth_trains_adapters_and_resumes_exactly() {
         resumed.artifacts["embeddings"]
     );
 }
+
+/// With a half-precision model the embeddings and LoRA adapters are still trained as f32
+/// master copies: the updates (lr 2e-6 in phase B) would round away in f16.
+#[test]
+fn half_precision_learning_keeps_f32_masters() {
+    let sd = StableDiffusion::load(&root().join("fixtures/tiny-sd21"), DType::F16, &Device::Cpu)
+        .unwrap();
+    let files = learn::scene_files(&root().join("fixtures/scenes/coffee")).unwrap();
+    let size = (sd.unet.config().sample_size * sd.vae.config().factor()) as u32;
+    let scene = learn::load_scene(&files, size, false).unwrap();
+    let cfg = LearnConfig {
+        reward_steps: 2,
+        penalty_steps: 1,
+        dreambooth_steps: 2,
+        dreambooth: "lora".into(),
+        preview: false,
+        ..short_config()
+    };
+    let sink = run(&sd, &scene, cfg, None, None);
+    let (_, bytes) = sink.checkpoint.as_ref().expect("a final checkpoint");
+    let ckpt = Checkpoint::from_bytes(bytes, &Device::Cpu).unwrap();
+    let rows = &ckpt.tensors["rows"];
+    assert_eq!(rows.dtype(), DType::F32, "placeholder rows");
+    let lora: Vec<_> = ckpt
+        .tensors
+        .iter()
+        .filter(|(k, _)| k.contains("lora_B"))
+        .collect();
+    assert!(!lora.is_empty(), "no LoRA adapters in the checkpoint");
+    for (k, t) in &lora {
+        assert_eq!(t.dtype(), DType::F32, "{k}");
+    }
+    // Phase B moved the up-projections away from their zero start.
+    let moved = lora.iter().any(|(_, t)| {
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            > 0.0
+    });
+    assert!(moved, "LoRA up-projections did not move in f16 training");
+    assert!(sink.metrics["loss/total"]
+        .iter()
+        .all(|(_, v)| v.is_finite()));
+}

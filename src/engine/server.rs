@@ -701,6 +701,23 @@ fn run_runs_command(shared: &Arc<Shared>, argv: Vec<String>) -> Response {
     }
 }
 
+/// Whether the client closed its end: a non-blocking peek reads end-of-file.
+fn peer_gone(stream: &UnixStream) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut byte = 0u8;
+    // SAFETY: recv into one valid byte of our own, on a socket we own; MSG_PEEK leaves the
+    // data in place and MSG_DONTWAIT never blocks.
+    let n = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n == 0
+}
+
 fn stream_events(
     shared: &Arc<Shared>,
     run: Option<RunId>,
@@ -735,6 +752,10 @@ fn stream_events(
             Ok(ev) => write_frame(writer, &Response::Event(ev))?,
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 if shared.shutdown.load(Ordering::SeqCst) && lock(&shared.current).is_empty() {
+                    return Ok(());
+                }
+                // A subscriber that went away between events must not keep the engine alive.
+                if peer_gone(writer.get_ref()) {
                     return Ok(());
                 }
             }

@@ -76,6 +76,12 @@ pub fn prepare(store: &Store, job: &LearnJob) -> Result<RunRecord> {
     let device = parse_device(&job.device)?;
     let dtype = parse_dtype(&job.dtype)?;
     check_dtype_device(dtype, &device)?;
+    if dtype != DType::F32 && job.config.dreambooth == "full" {
+        return Err(Error::Input(format!(
+            "--dtype {}: learn.dreambooth=full trains every weight in the model's dtype, and its updates (lr {}) round away in half precision; use --dtype f32, or learn.dreambooth=lora (adapters and embeddings are kept in f32)",
+            job.dtype, job.config.dreambooth_lr
+        )));
+    }
     let resolution = crate::model::loader::resolution(&job.model)?;
     let scene = learn::load_scene(&job.files, resolution, job.allow_overlap)?;
     if job.config.init != "mean" {

@@ -448,7 +448,9 @@ pub fn run(req: LearnRequest, sink: &mut dyn RunSink) -> Result<LearnReport> {
             .ok_or_else(|| Error::Input("checkpoint lacks `rows`".into()))?,
         None => init_rows(sd, n, &cfg.init)?,
     };
-    let rows = Var::from_tensor(&rows0.to_dtype(sd.dtype)?)?;
+    // The placeholder rows (and LoRA adapters) are f32 master copies whatever the model's
+    // dtype: half-precision updates of lr·m/√v would round away. They are cast where used.
+    let rows = Var::from_tensor(&rows0.to_dtype(DType::F32)?)?;
     let adam = |lr_vars: Vec<(String, Var)>| {
         AdamW::new(
             lr_vars,

@@ -220,41 +220,22 @@ impl candle_core::CustomOp3 for GroupNormOp {
         let channels = dims[1];
         let spatial: usize = dims[2..].iter().product();
         let shape = (channels, spatial);
-        let out = match (s1, s2, s3) {
-            (S::F32(x), S::F32(w), S::F32(b)) => S::F32(group_norm_cpu(
-                contiguous_slice(x, l1)?,
-                contiguous_slice(w, l2)?,
-                contiguous_slice(b, l3)?,
-                shape,
-                self.groups,
-                self.eps,
-            )),
-            (S::F64(x), S::F64(w), S::F64(b)) => S::F64(group_norm_cpu(
-                contiguous_slice(x, l1)?,
-                contiguous_slice(w, l2)?,
-                contiguous_slice(b, l3)?,
-                shape,
-                self.groups,
-                self.eps,
-            )),
-            (S::F16(x), S::F16(w), S::F16(b)) => S::F16(group_norm_cpu(
-                contiguous_slice(x, l1)?,
-                contiguous_slice(w, l2)?,
-                contiguous_slice(b, l3)?,
-                shape,
-                self.groups,
-                self.eps,
-            )),
-            (S::BF16(x), S::BF16(w), S::BF16(b)) => S::BF16(group_norm_cpu(
-                contiguous_slice(x, l1)?,
-                contiguous_slice(w, l2)?,
-                contiguous_slice(b, l3)?,
-                shape,
-                self.groups,
-                self.eps,
-            )),
-            _ => candle_core::bail!("group norm: float inputs of one dtype expected"),
-        };
+        macro_rules! run {
+            ($($v:ident),*) => {
+                match (s1, s2, s3) {
+                    $((S::$v(x), S::$v(w), S::$v(b)) => S::$v(group_norm_cpu(
+                        contiguous_slice(x, l1)?,
+                        contiguous_slice(w, l2)?,
+                        contiguous_slice(b, l3)?,
+                        shape,
+                        self.groups,
+                        self.eps,
+                    )),)*
+                    _ => candle_core::bail!("group norm: float inputs of one dtype expected"),
+                }
+            };
+        }
+        let out = run!(F32, F64, F16, BF16);
         Ok((out, l1.shape().clone()))
     }
 

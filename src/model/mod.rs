@@ -43,6 +43,7 @@ pub fn parse_device(spec: &str) -> Result<Device> {
                 None => 0,
             };
             Device::new_cuda(ordinal).map_err(|e| {
+                let e = crate::error::first_line(&e);
                 Error::Input(format!(
                     "--device {s}: cannot use CUDA device {ordinal} ({e}); build with `--features cuda` and check the driver"
                 ))

@@ -57,7 +57,8 @@ impl Linear {
                 let in_dim = dims[dims.len() - 1];
                 let rows = x.elem_count() / in_dim.max(1);
                 let x2 = x.reshape((rows, in_dim))?;
-                let up = x2.matmul(&l.a.t()?)?.matmul(&l.b.t()?)?;
+                let (a, b) = (l.a.to_dtype(x.dtype())?, l.b.to_dtype(x.dtype())?);
+                let up = x2.matmul(&a.t()?)?.matmul(&b.t()?)?;
                 let up = if l.scale == 1.0 { up } else { (up * l.scale)? };
                 let up = up.reshape(y.shape())?;
                 Ok((y + up)?)
@@ -117,7 +118,7 @@ impl Conv2d {
 }
 
 /// Group normalisation over [B, C, ...]: [`super::fused::GroupNormOp`] (one pass forward,
-/// closed-form backward) when autograd tracks an input, candle's version otherwise.
+/// closed-form backward) or candle's composite version (see [`GroupNorm::forward`]).
 #[derive(Clone, Debug)]
 pub struct GroupNorm {
     inner: candle_nn::GroupNorm,
@@ -141,9 +142,11 @@ impl GroupNorm {
         })
     }
 
-    /// Normalises `x`.
+    /// Normalises `x`. The fused op runs whenever autograd tracks an input, and always on
+    /// CPU (one pass instead of candle's seven); CUDA without gradients keeps candle's kernels.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if x.track_op() || self.weight.track_op() || self.bias.track_op() {
+        let tracked = x.track_op() || self.weight.track_op() || self.bias.track_op();
+        if tracked || x.device().is_cpu() {
             let op = super::fused::GroupNormOp {
                 groups: self.groups,
                 eps: self.eps,

@@ -143,11 +143,18 @@ impl WeightFile {
                 let data: Vec<f64> = (0..cfg.rank * in_dim)
                     .map(|_| normal.sample(&mut rng))
                     .collect();
+                // Trained adapters are f32 master copies (cast to the activations' dtype in
+                // `Linear::forward`); f64 models keep f64.
                 let proto = self.tensors.values().next();
                 let (dtype, device) = match (proto, &self.synthetic) {
                     (Some(t), _) => (t.dtype(), t.device().clone()),
                     (None, Some(syn)) => (syn.dtype, syn.device.clone()),
                     (None, None) => (DType::F32, Device::Cpu),
+                };
+                let dtype = if dtype == DType::F64 {
+                    DType::F64
+                } else {
+                    DType::F32
                 };
                 let a = Tensor::from_vec(data, (cfg.rank, in_dim), &Device::Cpu)?
                     .to_dtype(dtype)?
