@@ -254,38 +254,47 @@ pub struct PassStats {
     pub map_size: Option<(usize, usize)>,
 }
 
-/// Running means of the cluster layers' maps over all normal passes so far.
+/// Running sums of the cluster layers' maps over all normal passes so far, kept on the model's
+/// device (they reach the host only when a refinement reads their means).
 #[derive(Clone, Debug, Default)]
 pub struct MapAccumulator {
     /// Resolution of the cluster layers.
     pub size: Option<(usize, usize)>,
-    /// Σ head-mean self-attention maps, `n × n`.
-    pub self_sum: Vec<f64>,
+    /// Σ head-mean self-attention maps, [n, n] f32.
+    self_sum: Option<Tensor>,
     /// Number of self maps summed.
     pub self_count: usize,
-    /// Σ head-mean cross-attention at each subject's leading token, `n × subjects`.
-    pub cross_sum: Vec<f64>,
+    /// Σ head-mean cross-attention at each subject's leading token, [n, subjects] f32.
+    cross_sum: Option<Tensor>,
     /// Number of cross maps summed.
     pub cross_count: usize,
 }
 
 impl MapAccumulator {
-    /// The running means as f32 (self `n × n`, cross `n × subjects`), if both kinds were seen.
-    pub fn means(&self) -> Option<(Vec<f32>, Vec<f32>)> {
-        if self.self_count == 0 || self.cross_count == 0 {
-            return None;
-        }
-        let s = self
-            .self_sum
-            .iter()
-            .map(|v| (v / self.self_count as f64) as f32)
-            .collect();
-        let c = self
-            .cross_sum
-            .iter()
-            .map(|v| (v / self.cross_count as f64) as f32)
-            .collect();
-        Some((s, c))
+    fn add(sum: &mut Option<Tensor>, map: Tensor) -> Result<()> {
+        *sum = Some(match sum.take() {
+            Some(s) => (s + map)?,
+            None => map,
+        });
+        Ok(())
+    }
+
+    /// The running means on the host as f32 (self `n × n`, cross `n × subjects`, row-major),
+    /// if both kinds were seen.
+    pub fn means(&self) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
+        let (Some(s), Some(c)) = (&self.self_sum, &self.cross_sum) else {
+            return Ok(None);
+        };
+        let host = |t: &Tensor, count: usize| -> Result<Vec<f32>> {
+            Ok((t / count.max(1) as f64)?
+                .flatten_all()?
+                .to_device(&Device::Cpu)?
+                .to_vec1()?)
+        };
+        Ok(Some((
+            host(s, self.self_count)?,
+            host(c, self.cross_count)?,
+        )))
     }
 }
 
@@ -313,6 +322,14 @@ pub struct ControlHook<'a> {
     pub stats: PassStats,
     /// Running maps for refinement.
     pub maps: MapAccumulator,
+    /// Per loss layer of the current normal pass, [2, subjects] on the device: attention mass
+    /// outside each subject's box and in all (read by [`ControlHook::finish_pass`]).
+    pending_leak: Vec<Tensor>,
+    /// Column selectors [key_len, subjects] (f32 0/1): all tokens of each subject, and its
+    /// leading token.
+    selectors: HashMap<usize, (Tensor, Tensor)>,
+    /// Each subject's box at a resolution, [n, subjects] f32 0/1.
+    box_cache: HashMap<(usize, usize), Tensor>,
 }
 
 impl<'a> ControlHook<'a> {
@@ -347,7 +364,74 @@ impl<'a> ControlHook<'a> {
             sa_terms: Vec::new(),
             stats: PassStats::default(),
             maps: MapAccumulator::default(),
+            pending_leak: Vec::new(),
+            selectors: HashMap::new(),
+            box_cache: HashMap::new(),
         }
+    }
+
+    /// Ends a normal pass: brings its leak measurements to the host in one transfer and
+    /// appends them to [`PassStats::leak`].
+    pub fn finish_pass(&mut self) -> Result<()> {
+        if self.pending_leak.is_empty() {
+            return Ok(());
+        }
+        let s = self.subjects();
+        let all: Vec<f32> = Tensor::stack(&self.pending_leak, 0)?
+            .flatten_all()?
+            .to_device(&Device::Cpu)?
+            .to_vec1()?;
+        self.pending_leak.clear();
+        for layer in all.chunks(2 * s) {
+            for si in 0..s {
+                let (outside, total) = (layer[si] as f64, layer[s + si] as f64);
+                let leak = if total > 0.0 { outside / total } else { 0.0 };
+                self.stats.leak[si].push(leak);
+            }
+        }
+        Ok(())
+    }
+
+    /// The selectors of [`ControlHook::selectors`] for a key length.
+    fn selectors(&mut self, k: usize) -> Result<(Tensor, Tensor)> {
+        if let Some(t) = self.selectors.get(&k) {
+            return Ok(t.clone());
+        }
+        let s = self.subjects();
+        let mut tokens = vec![0f32; k * s];
+        let mut leading = vec![0f32; k * s];
+        for (si, subject) in self.plan.subjects.iter().enumerate() {
+            for &c in subject.positions.iter().filter(|&&c| c < k) {
+                tokens[c * s + si] = 1.0;
+            }
+            if subject.leading < k {
+                leading[subject.leading * s + si] = 1.0;
+            }
+        }
+        let t = (
+            Tensor::from_vec(tokens, (k, s), &self.device)?,
+            Tensor::from_vec(leading, (k, s), &self.device)?,
+        );
+        self.selectors.insert(k, t.clone());
+        Ok(t)
+    }
+
+    /// Each subject's box at (h, w) as [h·w, subjects] f32 0/1 on the device.
+    fn box_tensor(&mut self, h: usize, w: usize) -> Result<Tensor> {
+        if let Some(t) = self.box_cache.get(&(h, w)) {
+            return Ok(t.clone());
+        }
+        let boxes = self.box_masks(h, w);
+        let s = boxes.len();
+        let mut data = vec![0f32; h * w * s];
+        for (si, b) in boxes.iter().enumerate() {
+            for (p, &on) in b.iter().enumerate() {
+                data[p * s + si] = f32::from(u8::from(on));
+            }
+        }
+        let t = Tensor::from_vec(data, (h * w, s), &self.device)?;
+        self.box_cache.insert((h, w), t.clone());
+        Ok(t)
     }
 
     /// Starts a pass: clears the per-pass records.
@@ -362,6 +446,7 @@ impl<'a> ControlHook<'a> {
             map_layers: 0,
             map_size: None,
         };
+        self.pending_leak.clear();
     }
 
     /// Replaces the regions (after a refinement) and drops the cached masks.
@@ -565,79 +650,50 @@ impl<'a> ControlHook<'a> {
         let is_cluster = path_matches(call.path, &self.config.cluster_layers);
         let want_cross_leak = self.measure_leak && is_loss && call.kind == AttnKind::CrossAttn;
         let want_cluster = is_cluster && (self.accumulate || self.capture_maps);
-        if !want_cross_leak && !want_cluster {
+        if (!want_cross_leak && !want_cluster) || self.subjects() == 0 {
             return Ok(());
         }
-        // Conditional half, head mean: [n, k] on the host.
+        // Conditional half, head mean: [n, k], on the device.
         let cond = probs.narrow(0, call.batch - 1, 1)?.squeeze(0)?;
         let mean = cond.to_dtype(DType::F32)?.mean(0)?;
-        let k = call.key_len;
-        let host: Vec<f32> = mean.flatten_all()?.to_device(&Device::Cpu)?.to_vec1()?;
         let s = self.subjects();
         if call.kind == AttnKind::CrossAttn {
-            let token_map = |si: usize| -> Vec<f64> {
-                let pos = &self.plan.subjects[si].positions;
-                (0..n)
-                    .map(|p| {
-                        pos.iter()
-                            .filter(|&&c| c < k)
-                            .map(|&c| host[p * k + c] as f64)
-                            .sum()
-                    })
-                    .collect()
-            };
+            let (tokens, leading) = self.selectors(call.key_len)?;
+            // Each subject's map: the sum of its token columns, [n, s].
+            let token_maps = mean.matmul(&tokens)?;
             if want_cross_leak {
-                let boxes = self.box_masks(h, w);
-                for (si, bx) in boxes.iter().enumerate() {
-                    let map = token_map(si);
-                    let total: f64 = map.iter().sum();
-                    let outside: f64 = map
-                        .iter()
-                        .zip(bx)
-                        .filter(|(_, b)| !**b)
-                        .map(|(v, _)| v)
-                        .sum();
-                    let leak = if total > 0.0 { outside / total } else { 0.0 };
-                    self.stats.leak[si].push(leak);
-                }
+                let inside = self.box_tensor(h, w)?;
+                let total = token_maps.sum(0)?;
+                let outside = (&token_maps - (&token_maps * &inside)?)?.sum(0)?;
+                self.pending_leak.push(Tensor::stack(&[outside, total], 0)?);
             }
             if want_cluster {
                 self.check_cluster_size(call)?;
                 if self.capture_maps {
+                    // Final step only: the per-subject maps drawn over the image.
+                    let host: Vec<f32> = token_maps
+                        .flatten_all()?
+                        .to_device(&Device::Cpu)?
+                        .to_vec1()?;
                     if self.stats.maps.is_empty() {
                         self.stats.maps = vec![vec![0.0; n]; s];
                         self.stats.map_size = Some((h, w));
                     }
-                    for si in 0..s {
-                        for (acc, v) in self.stats.maps[si].iter_mut().zip(token_map(si)) {
-                            *acc += v;
+                    for (si, acc) in self.stats.maps.iter_mut().enumerate() {
+                        for (p, a) in acc.iter_mut().enumerate() {
+                            *a += host[p * s + si] as f64;
                         }
                     }
                     self.stats.map_layers += 1;
                 }
                 if self.accumulate {
-                    if self.maps.cross_sum.is_empty() {
-                        self.maps.cross_sum = vec![0.0; n * s];
-                    }
-                    for p in 0..n {
-                        for (si, subject) in self.plan.subjects.iter().enumerate() {
-                            if subject.leading < k {
-                                self.maps.cross_sum[p * s + si] +=
-                                    host[p * k + subject.leading] as f64;
-                            }
-                        }
-                    }
+                    MapAccumulator::add(&mut self.maps.cross_sum, mean.matmul(&leading)?)?;
                     self.maps.cross_count += 1;
                 }
             }
         } else if want_cluster && self.accumulate {
             self.check_cluster_size(call)?;
-            if self.maps.self_sum.is_empty() {
-                self.maps.self_sum = vec![0.0; n * n];
-            }
-            for (acc, v) in self.maps.self_sum.iter_mut().zip(&host) {
-                *acc += *v as f64;
-            }
+            MapAccumulator::add(&mut self.maps.self_sum, mean)?;
             self.maps.self_count += 1;
         }
         Ok(())

@@ -475,7 +475,8 @@ fn run_sample(
             && (i - cfg.guided_steps).is_multiple_of(cfg.refine_every);
         if refine_now {
             let refine_started = Instant::now();
-            if let (Some((self_map, cross_map)), Some(size)) = (hook.maps.means(), hook.maps.size) {
+            if let (Some((self_map, cross_map)), Some(size)) = (hook.maps.means()?, hook.maps.size)
+            {
                 let boxes = hook.box_masks(size.0, size.1);
                 let existing = hook.region_masks(size.0, size.1);
                 let input = RefineInput {
@@ -525,6 +526,7 @@ fn run_sample(
         z = ddim.step(&guided_eps, t, &z, cfg.steps)?.prev_sample;
 
         if cfg.attn_metrics {
+            hook.finish_pass()?;
             for (si, s) in plan.subjects.iter().enumerate() {
                 let leak = layer_mean(&hook.stats.leak[si]);
                 last_leak[si] = leak;
