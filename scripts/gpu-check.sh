@@ -1,21 +1,29 @@
 #!/usr/bin/env bash
-# One prepared run on a GPU machine: parity on the device, the SD 2.1-base-shaped benchmark,
-# one full learning run (paper preset, 800 + 400 iterations) and one synthesised image at 512,
-# both on random weights, with times and peak device memory.
+# One prepared run on a GPU machine: parity on the device, the SD 2.1-base-shaped benchmark at
+# 512, one whole learning run (paper preset, 800 + 400 LoRA iterations) and one synthesised
+# 512 image on random weights, with times and peak device memory.
 #
-#   scripts/gpu-check.sh [MIFO_BINARY]      (default: target/release/mifo)
+#   scripts/gpu-check.sh [BINARY [PART ...]]
 #
-# Build the binary with `cargo build --release --features cuda` (see README, "GPU"). The GPU
-# machine needs no Rust: only the binary, this checkout's fixtures/ and the CUDA 13 libraries
-# (cuBLAS, cuRAND, CUDA runtime; e.g. from a torch 2.11+ cu130 venv) plus the driver.
-# Environment: MIFO_GPU_DEVICE (default cuda:0), MIFO_GPU_SKIP="learn synth" to skip parts,
-# OUT (a folder for the logs; default ./gpu-check-out).
+# BINARY defaults to target/release/mifo. PARTs, in the order given (default: parity bench full):
+#   parity   mifo model verify on the device (tiny fixture against the diffusers references)
+#   bench    mifo bench --shape sd21-base at 512, f32, 3 runs per row
+#   full     mifo bench --shape sd21-base --full: the whole learning run and one image
+#   f16      the inference rows in f16
+#   tiny     mifo bench on the tiny fixture
+# Each SD-shaped part builds 1.3 B random weights on the CPU first (seconds to a minute).
+#
+# Build the binary with `cargo build --release --features cuda` (README, "Performance"). The GPU
+# machine needs no Rust: the binary, this checkout's fixtures/, the driver's libcuda.so.1 and the
+# CUDA 13 libraries (cuBLAS, cuRAND, runtime; a torch cu130 venv has them, found below).
+# Environment: MIFO_GPU_DEVICE (default cuda:0), OUT (logs; default ./gpu-check-out).
 set -uo pipefail
 
 BIN=${1:-target/release/mifo}
+shift || true
+PARTS=${*:-parity bench full}
 DEV=${MIFO_GPU_DEVICE:-cuda:0}
 OUT=${OUT:-./gpu-check-out}
-SKIP=${MIFO_GPU_SKIP:-}
 mkdir -p "$OUT"
 
 # The CUDA libraries of a pip-installed torch (nvidia/cu13/lib), when present.
@@ -25,51 +33,46 @@ fi
 
 say() { printf '\n== %s (%s)\n' "$*" "$(date -u +%H:%M:%S)"; }
 
-# Peak device memory of a command: nvidia-smi sampled every 100 ms.
-peak_mem() {
-  local log=$1; shift
-  local peak=0 pid
-  "$@" >"$log" 2>&1 &
-  pid=$!
-  while kill -0 "$pid" 2>/dev/null; do
-    m=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i "${DEV#cuda:}" 2>/dev/null | head -1)
-    [ -n "$m" ] && [ "$m" -gt "$peak" ] 2>/dev/null && peak=$m
-    sleep 0.1
-  done
-  wait "$pid"; local rc=$?
-  echo "exit $rc, peak device memory ${peak} MiB"
-  return $rc
-}
-
 say "machine"
-nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-ldd "$BIN" | grep -E 'not found|cuda|cublas|curand' || true
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+if ldd "$BIN" | grep 'not found'; then
+  echo "missing libraries (above): put the CUDA 13 libraries on LD_LIBRARY_PATH" >&2
+  exit 1
+fi
 "$BIN" --version
 
-say "parity on the device (tiny fixture vs diffusers references)"
-"$BIN" model verify fixtures/tiny-sd21 fixtures/tiny-sd21/reference.safetensors --device "$DEV" | tail -3
-
-say "benchmark, tiny model"
-"$BIN" bench --device "$DEV" --iters 20 | tee "$OUT/bench-tiny.txt"
-
-say "benchmark, SD 2.1-base shapes at 512, f32"
-"$BIN" bench --shape sd21-base --device "$DEV" --iters 5 --json >"$OUT/bench-sd21-f32.json" 2>"$OUT/bench-sd21-f32.log"
-"$BIN" bench --shape sd21-base --device "$DEV" --iters 5 2>/dev/null | tee "$OUT/bench-sd21-f32.txt" || tail -5 "$OUT/bench-sd21-f32.log"
-
-say "benchmark, SD 2.1-base shapes at 512, f16 (components and synthesis)"
-"$BIN" bench --shape sd21-base --device "$DEV" --dtype f16 --iters 5 \
-  --only text_encode,vae_encode,vae_decode,unet_forward,synth_step,synth_step_latent_opt 2>&1 | tail -9 | tee "$OUT/bench-sd21-f16.txt"
-
-case " $SKIP " in *" learn "*) ;; *)
-say "one full learning run: paper preset (800 + 400 LoRA), SD 2.1-base shapes, random weights, 512"
-peak_mem "$OUT/learn.log" "$BIN" bench --shape sd21-base --device "$DEV" --only learn_run
-tail -2 "$OUT/learn.log"
-;; esac
-
-case " $SKIP " in *" synth "*) ;; *)
-say "one synthesised image: 50 steps, 15 with latent optimisation, SD 2.1-base shapes, 512"
-peak_mem "$OUT/synth.log" "$BIN" bench --shape sd21-base --device "$DEV" --only synth_image
-tail -3 "$OUT/synth.log"
-;; esac
-
+for part in $PARTS; do
+  case $part in
+    parity)
+      say "parity on $DEV (tiny fixture vs diffusers references)"
+      "$BIN" model verify fixtures/tiny-sd21 fixtures/tiny-sd21/reference.safetensors \
+        --device "$DEV" >"$OUT/verify.txt" 2>&1
+      echo "exit $?"; tail -3 "$OUT/verify.txt"
+      ;;
+    bench)
+      say "SD 2.1-base shapes at 512, f32"
+      "$BIN" bench --shape sd21-base --device "$DEV" --iters 3 2>"$OUT/bench-sd21.log" \
+        | tee "$OUT/bench-sd21.txt"
+      ;;
+    full)
+      say "whole runs at 512: learning (paper preset, LoRA) and one image (50 steps, 15 guided)"
+      "$BIN" bench --shape sd21-base --device "$DEV" --full 2>"$OUT/full.log" \
+        | tee "$OUT/full.txt"
+      ;;
+    f16)
+      say "SD 2.1-base shapes at 512, f16 inference rows"
+      "$BIN" bench --shape sd21-base --device "$DEV" --dtype f16 --iters 3 \
+        --only text_encode,vae_encode,vae_decode,unet_forward,synth_step,synth_step_latent_opt \
+        2>"$OUT/bench-f16.log" | tee "$OUT/bench-f16.txt"
+      ;;
+    tiny)
+      say "tiny fixture"
+      "$BIN" bench --device "$DEV" --iters 20 2>"$OUT/bench-tiny.log" | tee "$OUT/bench-tiny.txt"
+      ;;
+    *)
+      echo "unknown part $part (parity bench full f16 tiny)" >&2
+      exit 2
+      ;;
+  esac
+done
 say "done; logs in $OUT"

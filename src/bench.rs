@@ -226,14 +226,17 @@ impl StepClock {
         }
     }
 
-    /// Durations (ms) of the steps whose phase and message pass `keep`, the first one dropped.
-    fn times(&self, keep: impl Fn(&str, &str) -> bool) -> Vec<f64> {
-        self.steps
+    /// Durations (ms) of the last `n` steps whose phase and message pass `keep` (the first
+    /// such step is never among them: it is the warm-up).
+    fn times(&self, n: usize, keep: impl Fn(&str, &str) -> bool) -> Vec<f64> {
+        let all: Vec<f64> = self
+            .steps
             .iter()
             .filter(|(p, m, _)| keep(p, m))
             .skip(1)
             .map(|s| s.2)
-            .collect()
+            .collect();
+        all[all.len().saturating_sub(n)..].to_vec()
     }
 }
 
@@ -321,8 +324,8 @@ fn time_op(iters: usize, device: &Device, mut f: impl FnMut() -> Result<()>) -> 
     Ok(out)
 }
 
-/// Runs the benchmark; `progress` gets one line per finished row.
-pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&BenchRow)) -> Result<BenchReport> {
+/// Checks the row names and counts (what [`run`] checks before loading anything).
+pub fn validate(opts: &BenchOptions) -> Result<()> {
     for name in &opts.only {
         if !ROWS.contains(&name.as_str()) && !FULL_ROWS.contains(&name.as_str()) {
             return Err(Error::Input(format!(
@@ -335,17 +338,31 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&BenchRow)) -> Result<B
     if opts.iters == 0 {
         return Err(Error::Input("--iters must be at least 1".into()));
     }
+    match (&opts.shape, opts.size) {
+        (None, Some(_)) => Err(Error::Input(
+            "--size applies to --shape only (a model folder runs at its own resolution)".into(),
+        )),
+        (Some(shape), Some(size)) => {
+            let step = shape.vae.factor() * 8;
+            if size == 0 || !(size as usize).is_multiple_of(step) {
+                return Err(Error::Input(format!(
+                    "--size {size}: must be a positive multiple of {step}"
+                )));
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Runs the benchmark; `progress` gets one line per finished row.
+pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&BenchRow)) -> Result<BenchReport> {
+    validate(opts)?;
     let dev = &opts.device;
     let sd = match &opts.shape {
         Some(shape) => {
             let mut shape = shape.clone();
             if let Some(size) = opts.size {
-                let step = shape.vae.factor() * 8;
-                if size == 0 || !(size as usize).is_multiple_of(step) {
-                    return Err(Error::Input(format!(
-                        "--size {size}: must be a positive multiple of {step}"
-                    )));
-                }
                 shape.unet.sample_size = size as usize / shape.vae.factor();
             }
             StableDiffusion::synthetic(&opts.model, &shape, 0, opts.dtype, dev)?
@@ -490,7 +507,7 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&BenchRow)) -> Result<B
                 &mut rows,
                 "learn_phase_a",
                 "learning phase-A iteration (embeddings)".into(),
-                &clock.times(is_a),
+                &clock.times(n, is_a),
                 "text enc + UNet fwd/bwd + attention loss + AdamW".into(),
             );
         }
@@ -499,7 +516,7 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&BenchRow)) -> Result<B
                 &mut rows,
                 "learn_phase_b_lora",
                 "learning phase-B iteration, LoRA".into(),
-                &clock.times(is_b),
+                &clock.times(n, is_b),
                 format!("rank {}", LearnConfig::paper().lora_rank),
             );
         }
@@ -511,7 +528,7 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&BenchRow)) -> Result<B
             &mut rows,
             "learn_phase_b_full",
             "learning phase-B iteration, full fine-tuning".into(),
-            &clock.times(is_b),
+            &clock.times(n, is_b),
             String::new(),
         );
     }
@@ -527,7 +544,9 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&BenchRow)) -> Result<B
             0
         };
         cfg.refine_every = 2;
-        cfg.steps = cfg.guided_steps + 2 * reps;
+        // Alternating refine / plain steps; one pair more than needed, since the first
+        // refinement point comes before any maps exist when no step is guided.
+        cfg.steps = cfg.guided_steps + 2 * reps + 2;
         // Always the full number of descent iterations (random weights rarely reach the
         // loss threshold either; this fixes the work per step).
         cfg.loss_threshold = 0.0;
@@ -544,9 +563,10 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&BenchRow)) -> Result<B
             .flat_map(|s| s.refine_ms.iter().copied())
             .collect();
         let cold_ms = all_refines.first().copied().unwrap_or(f64::NAN);
-        let refine_ms = all_refines.get(1..).unwrap_or_default().to_vec();
-        let plain = clock.times(|p, m| p == "denoise" && !m.contains("masks refined"));
-        let guided = clock.times(|p, _| p == "guided");
+        let warm = all_refines.get(1..).unwrap_or_default();
+        let refine_ms = warm[warm.len().saturating_sub(n)..].to_vec();
+        let plain = clock.times(n, |p, m| p == "denoise" && !m.contains("masks refined"));
+        let guided = clock.times(n, |p, _| p == "guided");
         let iters = clock.metrics.get("gd_iters").cloned().unwrap_or_default();
         let mean_iters = iters.iter().sum::<f64>() / iters.len().max(1) as f64;
         if wanted("synth_step") {

@@ -83,6 +83,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         full: args.full,
     };
     let json = args.json;
+    bench::validate(&opts)?;
     if !json {
         eprintln!(
             "timing {} rows, {} runs each after a warm-up (one line per finished row)…",
