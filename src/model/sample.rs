@@ -46,13 +46,16 @@ impl Sampler<'_> {
     ) -> Result<Tensor> {
         let cond = self.text_encoder.forward(ids, placeholder_rows)?;
         let uncond = self.text_encoder.forward(uncond_ids, None)?;
-        let ctx = Tensor::cat(&[&uncond, &cond], 0)?;
-        let mut x = latent.clone();
+        // Inference only: nothing here may stay on the autograd graph. With trainable weights
+        // (the learning run's preview) every step's output would otherwise keep the whole
+        // chain of earlier steps alive.
+        let ctx = Tensor::cat(&[&uncond, &cond], 0)?.detach();
+        let mut x = latent.detach();
         let dev = latent.device();
         for t in self.scheduler.timesteps(steps)? {
             let xin = Tensor::cat(&[&x, &x], 0)?;
             let tt = Tensor::new(&[t as f32], dev)?;
-            let eps = self.unet.forward(&xin, &tt, &ctx)?;
+            let eps = self.unet.forward(&xin, &tt, &ctx)?.detach();
             let (eu, ec) = (eps.narrow(0, 0, 1)?, eps.narrow(0, 1, 1)?);
             let guided = (&eu + ((&ec - &eu)? * guidance)?)?;
             x = self.scheduler.step(&guided, t, &x, steps)?.prev_sample;

@@ -175,20 +175,36 @@ impl Store {
             }
             blobs::create_dir_synced(&root)?;
         }
-        let db = sled::Config::new()
-            .path(&db_path)
-            .mode(sled::Mode::LowSpace)
-            .cache_capacity(options.cache_bytes)
-            .open()
-            .map_err(|e| match &e {
-                sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
-                    StoreError::Locked { path: root.clone() }
+        let open = || {
+            sled::Config::new()
+                .path(&db_path)
+                .mode(sled::Mode::LowSpace)
+                .cache_capacity(options.cache_bytes)
+                .open()
+        };
+        let locked = |e: &sled::Error| matches!(e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"));
+        // A handle of this process that was just dropped releases the file lock only when
+        // sled's background flusher has exited: retry briefly before calling it a conflict.
+        let mut attempt = open();
+        for _ in 0..50 {
+            match &attempt {
+                Err(e) if locked(e) => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    attempt = open();
                 }
-                _ => StoreError::Db {
+                _ => break,
+            }
+        }
+        let db = attempt.map_err(|e| {
+            if locked(&e) {
+                StoreError::Locked { path: root.clone() }
+            } else {
+                StoreError::Db {
                     context: format!("opening {}", db_path.display()),
                     source: e,
-                },
-            })?;
+                }
+            }
+        })?;
         let tree = |name: &str| db.open_tree(name).db(|| format!("opening tree {name}"));
         let inner = Inner {
             specs: tree("specs")?,
