@@ -120,7 +120,7 @@ fn median_min(ms: &[f64]) -> (f64, f64) {
 
 /// Peak memory of this process: resident set (VmHWM, reset per row through
 /// `/proc/self/clear_refs`) on CPU; on CUDA, `nvidia-smi`'s used memory of the device, sampled
-/// every 20 ms by a thread.
+/// every 100 ms by a thread (each query is a process; more often would load the CPU).
 struct MemoryProbe {
     cuda: Option<CudaPoller>,
 }
@@ -154,7 +154,7 @@ impl CudaPoller {
                 if let Some(mib) = query() {
                     p.fetch_max(mib, Ordering::Relaxed);
                 }
-                std::thread::sleep(std::time::Duration::from_millis(20));
+                std::thread::sleep(std::time::Duration::from_millis(100));
             }
         });
         Some(Self { peak, stop })
@@ -197,7 +197,7 @@ impl MemoryProbe {
     fn peak_mib(&self) -> Option<f64> {
         match &self.cuda {
             Some(c) => {
-                std::thread::sleep(std::time::Duration::from_millis(40));
+                std::thread::sleep(std::time::Duration::from_millis(150));
                 Some(c.peak.load(std::sync::atomic::Ordering::Relaxed) as f64)
             }
             None => {

@@ -53,12 +53,13 @@ impl FrozenLayer {
         }
     }
 
-    /// Whether this path applies: gradient flows into `x`, none into the weights, and `x` is a
-    /// plain contiguous tensor (the op reads its storage from the start).
-    pub(crate) fn applies(&self, x: &Tensor) -> bool {
+    /// Whether this path applies to `x` under `weight` / `bias`: gradient flows into `x`, none
+    /// into the weights, and `x` is a plain contiguous tensor (the op reads its storage from
+    /// the start). Checked before a layer is built, so the common paths build nothing.
+    pub(crate) fn applies(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> bool {
         x.track_op()
-            && !self.weight.track_op()
-            && !self.bias.as_ref().is_some_and(|b| b.track_op())
+            && !weight.track_op()
+            && !bias.is_some_and(|b| b.track_op())
             && x.is_contiguous()
             && x.layout().start_offset() == 0
     }

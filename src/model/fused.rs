@@ -251,7 +251,7 @@ impl candle_core::CustomOp3 for GroupNormOp {
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
         use candle_core::op::BackpropOp;
-        use candle_core::Storage;
+        use candle_core::{Module, Storage};
         let fresh = |s: &candle_core::CudaStorage, l: &Layout| -> candle_core::Result<Tensor> {
             if !l.is_contiguous() || l.start_offset() != 0 {
                 candle_core::bail!("group norm: inputs must be contiguous from offset 0");
@@ -264,7 +264,9 @@ impl candle_core::CustomOp3 for GroupNormOp {
             ))
         };
         let (x, w, b) = (fresh(s1, l1)?, fresh(s2, l2)?, fresh(s3, l3)?);
-        let y = group_norm_composite(&x, &w, &b, self.groups, self.eps)?;
+        // candle's own (composite) group norm computes the forward on the device.
+        let channels = x.dim(1)?;
+        let y = candle_nn::GroupNorm::new(w, b, channels, self.groups, self.eps)?.forward(&x)?;
         let (out, layout) = y.storage_and_layout();
         match &*out {
             Storage::Cuda(s) => Ok((s.try_clone(layout)?, y.shape().clone())),
@@ -325,33 +327,4 @@ impl candle_core::CustomOp3 for GroupNormOp {
         }
         Ok(grads)
     }
-}
-
-/// Group norm from candle primitives (the CUDA forward; also the reference of the tests).
-pub fn group_norm_composite(
-    x: &Tensor,
-    gamma: &Tensor,
-    beta: &Tensor,
-    groups: usize,
-    eps: f64,
-) -> candle_core::Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let (b, c) = (dims[0], dims[1]);
-    let n = x.elem_count() / (b * groups);
-    let work = if x.dtype() == candle_core::DType::F64 {
-        candle_core::DType::F64
-    } else {
-        candle_core::DType::F32
-    };
-    let xr = x.to_dtype(work)?.reshape((b, groups, n))?;
-    let mean = xr.mean_keepdim(2)?;
-    let xc = xr.broadcast_sub(&mean)?;
-    let var = xc.sqr()?.mean_keepdim(2)?;
-    let xhat = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
-    let mut cdims = vec![1usize; dims.len()];
-    cdims[1] = c;
-    xhat.to_dtype(x.dtype())?
-        .reshape(dims)?
-        .broadcast_mul(&gamma.reshape(cdims.clone())?)?
-        .broadcast_add(&beta.reshape(cdims)?)
 }

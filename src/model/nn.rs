@@ -36,13 +36,15 @@ impl Linear {
 
     /// Applies the layer to the last dimension of `x`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let frozen = FrozenLayer::linear(self.inner.weight(), self.inner.bias());
-        let y = if frozen.applies(x) {
+        let (w, b) = (self.inner.weight(), self.inner.bias());
+        let y = if FrozenLayer::applies(x, w, b) {
             // Gradient to the input only (see [`super::frozen`]).
             let dims = x.dims();
             let in_dim = dims[dims.len() - 1];
             let rows = x.elem_count() / in_dim.max(1);
-            let y = x.reshape((rows, in_dim))?.apply_op1(frozen)?;
+            let y = x
+                .reshape((rows, in_dim))?
+                .apply_op1(FrozenLayer::linear(w, b))?;
             let mut out_dims = dims.to_vec();
             *out_dims.last_mut().expect("x has dims") = y.dim(1)?;
             y.reshape(out_dims)?
@@ -102,16 +104,11 @@ impl Conv2d {
 
     /// Applies the convolution to `x` [B, C, H, W].
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let cfg = self.inner.config();
-        let frozen = FrozenLayer::conv2d(
-            self.inner.weight(),
-            self.inner.bias(),
-            cfg.padding,
-            cfg.stride,
-        );
-        if frozen.applies(x) {
+        let (w, b) = (self.inner.weight(), self.inner.bias());
+        if FrozenLayer::applies(x, w, b) {
             // Gradient to the input only (see [`super::frozen`]).
-            return Ok(x.apply_op1(frozen)?);
+            let cfg = self.inner.config();
+            return Ok(x.apply_op1(FrozenLayer::conv2d(w, b, cfg.padding, cfg.stride))?);
         }
         Ok(self.inner.forward(x)?)
     }
