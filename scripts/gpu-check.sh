@@ -5,10 +5,14 @@
 #
 #   scripts/gpu-check.sh [BINARY [PART ...]]
 #
-# BINARY defaults to target/release/mifo. PARTs, in the order given (default: parity bench full):
+# BINARY defaults to target/release/mifo (a BINARY ending in .gz is unpacked first). PARTs, in
+# the order given (default: parity sd21):
 #   parity   mifo model verify on the device (tiny fixture against the diffusers references)
+#   sd21     bench and full in one process (the random weights are built once): every row at
+#            512, f32, 3 runs each, then one image, then the whole learning run (last: the
+#            longest; it reports every 100th step, so a run stopped part-way still shows its rate)
 #   bench    mifo bench --shape sd21-base at 512, f32, 3 runs per row
-#   full     mifo bench --shape sd21-base --full: the whole learning run and one image
+#   full     mifo bench --shape sd21-base --full: one image and the whole learning run
 #   f16      the inference rows in f16
 #   tiny     mifo bench on the tiny fixture
 # Each SD-shaped part builds 1.3 B random weights on the CPU first (seconds to a minute).
@@ -21,7 +25,7 @@ set -uo pipefail
 
 BIN=${1:-target/release/mifo}
 shift || true
-PARTS=${*:-parity bench full}
+PARTS=${*:-parity sd21}
 DEV=${MIFO_GPU_DEVICE:-cuda:0}
 OUT=${OUT:-./gpu-check-out}
 mkdir -p "$OUT"
@@ -34,6 +38,15 @@ fi
 say() { printf '\n== %s (%s)\n' "$*" "$(date -u +%H:%M:%S)"; }
 
 say "machine"
+if [[ $BIN == *.gz ]]; then
+  gzip -dc "$BIN" >/tmp/mifo-gpu-check && chmod +x /tmp/mifo-gpu-check && BIN=/tmp/mifo-gpu-check
+fi
+# The driver's libcuda.so.1, where the loader does not already know it.
+if ldd "$BIN" | grep -q 'libcuda.so.1 => not found'; then
+  for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib /usr/lib/x86_64-linux-gnu /usr/lib64; do
+    if [ -e "$d/libcuda.so.1" ]; then export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}:$d"; break; fi
+  done
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 if ldd "$BIN" | grep 'not found'; then
   echo "missing libraries (above): put the CUDA 13 libraries on LD_LIBRARY_PATH" >&2
@@ -48,6 +61,12 @@ for part in $PARTS; do
       "$BIN" model verify fixtures/tiny-sd21 fixtures/tiny-sd21/reference.safetensors \
         --device "$DEV" >"$OUT/verify.txt" 2>&1
       echo "exit $?"; tail -3 "$OUT/verify.txt"
+      ;;
+    sd21)
+      say "SD 2.1-base shapes at 512, f32: every row, one image, the whole learning run"
+      "$BIN" bench --shape sd21-base --device "$DEV" --iters 3 \
+        --only text_encode,vae_encode,vae_decode,unet_forward,learn_phase_a,learn_phase_b_lora,learn_phase_b_full,synth_step,synth_step_latent_opt,kmeans_refine,synth_image,learn_run \
+        2> >(tee "$OUT/sd21.log" >&2) | tee "$OUT/sd21.txt"
       ;;
     bench)
       say "SD 2.1-base shapes at 512, f32"
@@ -70,7 +89,7 @@ for part in $PARTS; do
       "$BIN" bench --device "$DEV" --iters 20 2>"$OUT/bench-tiny.log" | tee "$OUT/bench-tiny.txt"
       ;;
     *)
-      echo "unknown part $part (parity bench full f16 tiny)" >&2
+      echo "unknown part $part (parity sd21 bench full f16 tiny)" >&2
       exit 2
       ;;
   esac

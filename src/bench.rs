@@ -101,7 +101,7 @@ pub const ROWS: [&str; 10] = [
 /// paper preset with LoRA phase B (800 + 400 iterations, outputs and checkpoints included) and
 /// one synthesised image of the paper preset (50 steps, 15 with latent optimisation, decoding
 /// and rendering included).
-pub const FULL_ROWS: [&str; 2] = ["learn_run", "synth_image"];
+pub const FULL_ROWS: [&str; 2] = ["synth_image", "learn_run"];
 
 fn median_min(ms: &[f64]) -> (f64, f64) {
     let mut v = ms.to_vec();
@@ -215,6 +215,9 @@ struct StepClock {
     last: Instant,
     steps: Vec<(String, String, f64)>,
     metrics: BTreeMap<String, Vec<f64>>,
+    /// For whole runs: the row's name and its start; every 100th step is reported on stderr,
+    /// so that a run stopped part-way still shows its rate.
+    echo: Option<(&'static str, Instant)>,
 }
 
 impl StepClock {
@@ -223,6 +226,15 @@ impl StepClock {
             last: Instant::now(),
             steps: Vec::new(),
             metrics: BTreeMap::new(),
+            echo: None,
+        }
+    }
+
+    /// A clock that also reports every 100th step of a whole run on stderr.
+    fn echoing(row: &'static str) -> Self {
+        Self {
+            echo: Some((row, Instant::now())),
+            ..Self::new()
         }
     }
 
@@ -256,6 +268,17 @@ impl RunSink for StepClock {
         let ms = now.duration_since(self.last).as_secs_f64() * 1e3;
         self.last = now;
         self.steps.push((p.phase.clone(), p.message.clone(), ms));
+        if let Some((row, started)) = self.echo {
+            if p.step.is_multiple_of(100) || p.step == p.total {
+                eprintln!(
+                    "  {row}: {} step {}/{} at {:.1} s",
+                    p.phase,
+                    p.step,
+                    p.total,
+                    started.elapsed().as_secs_f64()
+                );
+            }
+        }
     }
     fn artifact(&mut self, _name: &str, _bytes: Vec<u8>) -> Result<()> {
         Ok(())
@@ -602,11 +625,30 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&BenchRow)) -> Result<B
     }
 
     // ---- whole runs ----
+    if wanted("synth_image") {
+        let cfg = SynthConfig::preset("paper")?;
+        let req = two_boxes(&sd, cfg.clone());
+        probe.reset();
+        let started = Instant::now();
+        crate::synth::run(&req, &mut StepClock::echoing("synth_image"))?;
+        let ms = started.elapsed().as_secs_f64() * 1e3;
+        push(
+            &mut rows,
+            "synth_image",
+            "one synthesised image, paper preset".into(),
+            &[ms],
+            format!(
+                "{} steps, {} with latent optimisation, decoding included",
+                cfg.steps, cfg.guided_steps
+            ),
+        );
+    }
+
     if wanted("learn_run") {
         let mut cfg = LearnConfig::paper();
         cfg.dreambooth = "lora".into();
         probe.reset();
-        let mut clock = StepClock::new();
+        let mut clock = StepClock::echoing("learn_run");
         let started = Instant::now();
         crate::learn::run(
             LearnRequest {
@@ -633,25 +675,6 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&BenchRow)) -> Result<B
             ),
         );
     }
-    if wanted("synth_image") {
-        let cfg = SynthConfig::preset("paper")?;
-        let req = two_boxes(&sd, cfg.clone());
-        probe.reset();
-        let started = Instant::now();
-        crate::synth::run(&req, &mut StepClock::new())?;
-        let ms = started.elapsed().as_secs_f64() * 1e3;
-        push(
-            &mut rows,
-            "synth_image",
-            "one synthesised image, paper preset".into(),
-            &[ms],
-            format!(
-                "{} steps, {} with latent optimisation, decoding included",
-                cfg.steps, cfg.guided_steps
-            ),
-        );
-    }
-
     Ok(BenchReport {
         model: match &opts.shape {
             Some(s) => format!(

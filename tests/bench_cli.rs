@@ -56,6 +56,14 @@ fn bad_bench_flags_are_refused_in_one_line() {
             "must be a positive multiple of 64",
         ),
         (vec!["bench", "--iters", "0"], "--iters must be at least 1"),
+        (
+            vec!["bench", "--dtype", "tf32"],
+            "--dtype tf32: TF32 is a mode of NVIDIA GPUs",
+        ),
+        (
+            vec!["bench", "--dtype", "bf16"],
+            "--dtype bf16: candle has no bf16 convolution on CPU",
+        ),
     ] {
         let out = mifo(&args);
         let err = String::from_utf8_lossy(&out.stderr);

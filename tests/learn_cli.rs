@@ -341,6 +341,12 @@ fn bad_inputs_give_one_line_errors_and_store_nothing() {
     a.extend(["--set".into(), "learn.dreambooth=full".into()]);
     check(a, "learn.dreambooth=lora");
     let mut a = base(&img, &[&m_left, &m_right]);
+    a.extend(["--dtype".into(), "tf32".into()]);
+    check(a, "--dtype tf32: TF32 is a mode of NVIDIA GPUs");
+    let mut a = base(&img, &[&m_left, &m_right]);
+    a.extend(["--dtype".into(), "f64".into()]);
+    check(a, "expected f32, tf32, f16 or bf16");
+    let mut a = base(&img, &[&m_left, &m_right]);
     a[2] = s(&d.join("no-model"));
     check(a, "no-model");
     assert!(

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 use crate::bench::{self, BenchOptions};
-use crate::model::{check_dtype_device, parse_device, parse_dtype, ModelShape};
+use crate::model::{enable_precision, parse_device, resolve_dtype, ModelShape};
 
 /// Arguments of `mifo bench`.
 #[derive(Args, Debug)]
@@ -36,7 +36,8 @@ pub struct BenchArgs {
     /// Device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Weight dtype: f32, f16 or bf16 (bf16 on CUDA only).
+    /// Weight dtype: f32, tf32 (f32 with TF32 matrix products), f16 or bf16; tf32 and bf16 on
+    /// CUDA only.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
     /// Timed runs per row, after one warm-up run.
@@ -57,8 +58,8 @@ pub struct BenchArgs {
 /// Runs `mifo bench`.
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let device = parse_device(&args.device)?;
-    let dtype = parse_dtype(&args.dtype)?;
-    check_dtype_device(dtype, &device)?;
+    let dtype = resolve_dtype(&args.dtype, &device)?;
+    enable_precision(&args.dtype);
     let model = match args.model {
         Some(m) => m,
         None => super::demo::fixtures_dir(None)?.join("tiny-sd21"),

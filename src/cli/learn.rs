@@ -41,7 +41,8 @@ pub struct LearnArgs {
     /// Device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Weight dtype: f32 (default), f16 or bf16 (GPU).
+    /// Weight dtype: f32 (default), tf32 (f32 with TF32 matrix products), f16 or bf16; tf32 and
+    /// bf16 on CUDA only.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
     /// Accept masks that overlap by more than 5% of the smaller one.

@@ -8,7 +8,7 @@ use clap::Subcommand;
 use candle_core::Tensor;
 
 use crate::model::attention::{AttentionHook, AttnCall, AttnKind};
-use crate::model::{check_dtype_device, parse_device, parse_dtype, verify, StableDiffusion};
+use crate::model::{enable_precision, parse_device, resolve_dtype, verify, StableDiffusion};
 
 /// `mifo model` subcommands.
 #[derive(Subcommand, Debug)]
@@ -22,7 +22,7 @@ pub enum ModelCommand {
         /// Device: cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: String,
-        /// Weight dtype for the forward: f32, f16 or bf16.
+        /// Weight dtype for the forward: f32, tf32, f16 or bf16 (tf32 and bf16: CUDA only).
         #[arg(long, default_value = "f32")]
         dtype: String,
         /// Image size (pixels, square) for the attention table; default: the UNet's
@@ -45,6 +45,10 @@ pub enum ModelCommand {
         /// Device: cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// Run with TF32 matrix products (`--dtype tf32`; CUDA only) to see their error against
+        /// the same f32 references and tolerances.
+        #[arg(long)]
+        tf32: bool,
         /// Print the result as one JSON document.
         #[arg(long)]
         json: bool,
@@ -65,9 +69,14 @@ pub fn run(cmd: ModelCommand) -> anyhow::Result<()> {
             model_dir,
             reference,
             device,
+            tf32,
             json,
         } => {
             let device = parse_device(&device)?;
+            if tf32 && device.is_cpu() {
+                anyhow::bail!("--tf32: TF32 is a mode of NVIDIA GPUs; use it with --device cuda");
+            }
+            enable_precision(if tf32 { "tf32" } else { "f32" });
             let checks = verify::verify(&model_dir, &reference, &device)?;
             let failed = checks.iter().filter(|c| !c.ok).count();
             if json {
@@ -149,13 +158,13 @@ impl AttentionHook for ListCalls {
 fn info(
     model_dir: &std::path::Path,
     device: &str,
-    dtype: &str,
+    dtype_spec: &str,
     size: Option<usize>,
     json: bool,
 ) -> anyhow::Result<()> {
     let device = parse_device(device)?;
-    let dtype = parse_dtype(dtype)?;
-    check_dtype_device(dtype, &device)?;
+    let dtype = resolve_dtype(dtype_spec, &device)?;
+    enable_precision(dtype_spec);
     let start = std::time::Instant::now();
     let sd = StableDiffusion::load(model_dir, dtype, &device)?;
     let load_s = start.elapsed().as_secs_f64();

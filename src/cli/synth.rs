@@ -54,7 +54,8 @@ pub struct SynthArgs {
     /// Device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Weight dtype: f32, f16 or bf16 (GPU).
+    /// Weight dtype: f32, tf32 (f32 with TF32 matrix products), f16 or bf16; tf32 and bf16 on
+    /// CUDA only.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
     /// Run again even though a finished run has exactly this spec.

@@ -12,7 +12,7 @@ use candle_core::DType;
 use super::sink::{Observer, StoreSink, CHECKPOINT_OUTPUT};
 use crate::error::{Error, Result};
 use crate::learn::{self, Checkpoint, LearnConfig, LearnRequest, SceneFiles};
-use crate::model::{check_dtype_device, parse_device, parse_dtype, StableDiffusion};
+use crate::model::{dtype_name, enable_precision, parse_device, resolve_dtype, StableDiffusion};
 use crate::store::{
     code_version, host_name, NewRun, RunId, RunKind, RunOutcome, RunRecord, RunSpec, RunStatus,
     Store,
@@ -74,8 +74,7 @@ pub fn prepare(store: &Store, job: &LearnJob) -> Result<RunRecord> {
     job.config.validate()?;
     LearnConfig::preset(&job.preset)?;
     let device = parse_device(&job.device)?;
-    let dtype = parse_dtype(&job.dtype)?;
-    check_dtype_device(dtype, &device)?;
+    let dtype = resolve_dtype(&job.dtype, &device)?;
     if dtype != DType::F32 && job.config.dreambooth == "full" {
         return Err(Error::Input(format!(
             "--dtype {}: learn.dreambooth=full trains every weight in the model's dtype, and its updates (lr {}) round away in half precision; use --dtype f32, or learn.dreambooth=lora (adapters and embeddings are kept in f32)",
@@ -148,7 +147,8 @@ pub fn start_with_hook(
     on_started();
     let loaded = (|| {
         let device = parse_device(&job.device)?;
-        let dtype = parse_dtype(&job.dtype)?;
+        let dtype = resolve_dtype(&job.dtype, &device)?;
+        enable_precision(&job.dtype);
         let sd = StableDiffusion::load(&job.model, dtype, &device)?;
         let scene = learn::load_scene(&job.files, model_resolution(&sd), job.allow_overlap)?;
         Ok::<_, Error>((sd, scene))
@@ -322,8 +322,8 @@ pub fn resume_with_hook(
         serde_json::from_value(spec.config.get("learn").cloned().unwrap_or_default())
             .map_err(|e| Error::Input(format!("run {id}: stored config does not parse ({e})")))?;
     let dev = parse_device(device)?;
-    let dtype: DType = parse_dtype(&dtype_name)?;
-    check_dtype_device(dtype, &dev)?;
+    let dtype: DType = resolve_dtype(&dtype_name, &dev)?;
+    enable_precision(&dtype_name);
     let sd = StableDiffusion::load(model, dtype, &dev)?;
     let blob = |name: &str| -> Result<PathBuf> {
         let h = spec.inputs.get(name).ok_or_else(|| {
@@ -401,15 +401,6 @@ fn cached_class_images(
         images.push(img.to_rgb8());
     }
     Ok(images)
-}
-
-/// `f32` / `f16` / `bf16` (the `--dtype` spelling).
-pub fn dtype_name(dtype: DType) -> &'static str {
-    match dtype {
-        DType::F16 => "f16",
-        DType::BF16 => "bf16",
-        _ => "f32",
-    }
 }
 
 /// The preset, dtype and learn config stored in a learning run's spec

@@ -6,11 +6,11 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
 
-use super::learn::{dtype_name, RunOptions};
+use super::learn::RunOptions;
 use super::sink::StoreSink;
 use crate::error::{Error, Result};
 use crate::learn::tokenizer_with_placeholders;
-use crate::model::{check_dtype_device, parse_device, parse_dtype, StableDiffusion};
+use crate::model::{enable_precision, parse_device, resolve_dtype, StableDiffusion};
 use crate::sink::{Progress, RunSink};
 use crate::store::{
     add_png_text_chunks, code_version, host_name, NewRun, RunId, RunKind, RunOutcome, RunRecord,
@@ -115,8 +115,7 @@ fn build(
 ) -> Result<(StableDiffusion, Option<Learned>, Vec<BoxSpec>)> {
     job.config.check()?;
     let device = parse_device(&job.device)?;
-    let dtype = parse_dtype(&job.dtype)?;
-    check_dtype_device(dtype, &device)?;
+    let dtype = resolve_dtype(&job.dtype, &device)?;
     let boxes = job
         .boxes
         .iter()
@@ -167,7 +166,7 @@ pub fn prepare(store: &Store, job: &SynthJob) -> Result<(RunRecord, Vec<String>)
         kind: RunKind::Synth,
         config: serde_json::json!({
             "preset": job.preset,
-            "dtype": dtype_name(sd.dtype),
+            "dtype": job.dtype,
             "prompt": job.prompt,
             "boxes": job.boxes,
             "samples": job.samples,
@@ -253,6 +252,7 @@ pub fn start(
     let rec = store.get_run(id)?;
     let result = (|| {
         let (sd, learned, boxes) = build(store, job)?;
+        enable_precision(&job.dtype);
         let req = request(&sd, learned.as_ref(), boxes, job)?;
         let inner = StoreSink::new(
             store.clone(),

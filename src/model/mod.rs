@@ -27,6 +27,8 @@ pub use loader::{ModelShape, StableDiffusion};
 pub use unet::UNet;
 pub use vae::Vae;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use candle_core::{DType, Device};
 
 use crate::error::{Error, Result};
@@ -55,16 +57,31 @@ pub fn parse_device(spec: &str) -> Result<Device> {
     }
 }
 
-/// Parses `f32`, `f16`, or `bf16`.
+/// Parses the `--dtype` spelling: `f32`, `tf32`, `f16` or `bf16`. `tf32` is f32 weights and
+/// activations whose matrix products (and the CUDA convolutions, which are built on them) run on
+/// the GPU's TF32 tensor cores: inputs rounded to a 10-bit mantissa, sums in f32. It changes
+/// nothing until [`enable_precision`] is called for the run about to execute.
 pub fn parse_dtype(spec: &str) -> Result<DType> {
     match spec {
-        "f32" => Ok(DType::F32),
+        "f32" | "tf32" => Ok(DType::F32),
         "f16" => Ok(DType::F16),
         "bf16" => Ok(DType::BF16),
         s => Err(Error::Input(format!(
-            "--dtype {s}: expected f32, f16 or bf16"
+            "--dtype {s}: expected f32, tf32, f16 or bf16"
         ))),
     }
+}
+
+/// [`parse_dtype`] and the device check: bf16 and tf32 are refused on the CPU.
+pub fn resolve_dtype(spec: &str, device: &Device) -> Result<DType> {
+    let dtype = parse_dtype(spec)?;
+    if spec == "tf32" && device.is_cpu() {
+        return Err(Error::Input(
+            "--dtype tf32: TF32 is a mode of NVIDIA GPUs; use f32 on the CPU".into(),
+        ));
+    }
+    check_dtype_device(dtype, device)?;
+    Ok(dtype)
 }
 
 /// Fails with a clear message for dtype/device pairs candle cannot run (bf16 on CPU).
@@ -75,4 +92,48 @@ pub fn check_dtype_device(dtype: DType, device: &Device) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Whether the run now executing asked for `tf32` (mirrors candle's process-wide switch, whose
+/// getter answers `true` in builds without CUDA).
+static TF32: AtomicBool = AtomicBool::new(false);
+
+/// Sets candle's process-wide f32 matrix-product mode for a run about to execute with the
+/// `--dtype` spelling `spec` (TF32 for `tf32`, full f32 otherwise). Call it where a run starts,
+/// never while validating a queued one: the engine runs one job at a time.
+pub fn enable_precision(spec: &str) {
+    let tf32 = spec == "tf32";
+    TF32.store(tf32, Ordering::Relaxed);
+    candle_core::cuda::set_gemm_reduced_precision_f32(tf32);
+}
+
+/// The `--dtype` spelling of the precision now in force for `dtype` (after
+/// [`enable_precision`]).
+pub fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        _ if TF32.load(Ordering::Relaxed) => "tf32",
+        _ => "f32",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dtype_spellings_parse_and_name_the_precision_in_force() {
+        assert_eq!(parse_dtype("tf32").unwrap(), DType::F32);
+        assert_eq!(parse_dtype("bf16").unwrap(), DType::BF16);
+        assert!(parse_dtype("f64").is_err());
+        assert!(resolve_dtype("tf32", &Device::Cpu).is_err());
+        assert!(resolve_dtype("bf16", &Device::Cpu).is_err());
+        assert_eq!(resolve_dtype("f16", &Device::Cpu).unwrap(), DType::F16);
+        enable_precision("tf32");
+        assert_eq!(dtype_name(DType::F32), "tf32");
+        assert_eq!(dtype_name(DType::F16), "f16");
+        enable_precision("f32");
+        assert_eq!(dtype_name(DType::F32), "f32");
+    }
 }

@@ -25,7 +25,7 @@ use crate::tui::widgets::input::TextInput;
 /// Presets the form offers.
 pub const PRESETS: [&str; 2] = ["paper", "official"];
 /// Dtypes the form offers.
-pub const DTYPES: [&str; 3] = ["f32", "f16", "bf16"];
+pub const DTYPES: [&str; 4] = ["f32", "tf32", "f16", "bf16"];
 
 /// A form field.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
