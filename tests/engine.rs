@@ -155,6 +155,7 @@ fn two_clients_see_the_same_live_events() {
         spec_json,
         logs,
         tags,
+        ..
     } = c.request(&Request::Detail { run: first.clone() }).unwrap()
     else {
         panic!()

@@ -99,7 +99,7 @@ fn a_newer_schema_version_is_refused() {
     let (dir, store) = temp_store();
     drop(store);
     {
-        let db = sled::open(dir.path().join("runs/db")).unwrap();
+        let db = open_sled(&dir.path().join("runs/db"));
         db.open_tree("meta")
             .unwrap()
             .insert("schema_version", &99u32.to_be_bytes())
@@ -357,7 +357,7 @@ fn metrics_are_chunked_exact_and_visible_while_buffered() {
     drop(store);
 
     // Stored as 3 chunks of the one series, not one key per point.
-    let db = sled::open(dir.path().join("runs/db")).unwrap();
+    let db = open_sled(&dir.path().join("runs/db"));
     let metrics = db.open_tree("metrics").unwrap();
     let loss_keys = metrics
         .scan_prefix(run.as_bytes())
@@ -530,9 +530,25 @@ fn corrupt_or_truncated_blobs_are_named_errors() {
     ));
 }
 
+/// Opens the sled database under a store directly. sled lets go of its file lock when a dropped
+/// handle's flusher thread exits, a moment after the drop, so this waits for it as
+/// `Store::open` does.
+fn open_sled(path: &std::path::Path) -> sled::Db {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match sled::open(path) {
+            Ok(db) => return db,
+            Err(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("{}: {e}", path.display()),
+        }
+    }
+}
+
 /// Overwrites the stored record of `run` with `bytes` through sled directly.
 fn overwrite_record(root: &std::path::Path, tree: &str, key: &[u8], bytes: &[u8]) {
-    let db = sled::open(root.join("db")).unwrap();
+    let db = open_sled(&root.join("db"));
     db.open_tree(tree).unwrap().insert(key, bytes).unwrap();
     db.flush().unwrap();
 }

@@ -12,6 +12,7 @@ fn mifo(store: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_mifo"))
         .current_dir(root())
         .env("MIFO_ENGINE_IDLE", "3")
+        .env_remove("MIFO_MODEL")
         .arg("--store")
         .arg(store)
         .args(args)
@@ -45,6 +46,19 @@ const BOXES: [&str; 4] = [
     "--box",
     "<v1>=0.5,0.5,1.0,1.0",
 ];
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
 
 #[test]
 fn synthesis_from_a_stored_learning_run() {
@@ -126,6 +140,35 @@ fn synthesis_from_a_stored_learning_run() {
         run["outputs"]["sample_0.png"]
     );
     assert_eq!(rerun["rerun_identical"], true);
+
+    // Without --model, --from finds the folder the run learned on: the same spec, so the same
+    // pixels again.
+    let mut no_model = args.clone();
+    let pos = no_model.iter().position(|a| *a == "--model").unwrap();
+    no_model.drain(pos..pos + 2);
+    let found = json(&mifo(&store, &no_model));
+    assert_eq!(found["rerun_identical"], true, "{found}");
+    assert_eq!(
+        found["outputs"]["sample_0.png"],
+        run["outputs"]["sample_0.png"]
+    );
+    let shown = json(&mifo(&store, &["runs", "show", &from, "--json"]));
+    assert_eq!(
+        shown["model_dir"].as_str().map(PathBuf::from),
+        Some(root().join("fixtures/tiny-sd21").canonicalize().unwrap())
+    );
+    // Once the folder last used with that model is gone, it asks for --model.
+    let copy = store.join("model-copy");
+    copy_dir(&root().join("fixtures/tiny-sd21"), &copy);
+    let mut elsewhere = args.clone();
+    elsewhere[pos + 1] = copy.to_str().unwrap();
+    elsewhere.retain(|a| *a != "--rerun");
+    let seed = elsewhere.iter().position(|a| *a == "--seed").unwrap();
+    elsewhere[seed + 1] = "4";
+    json(&mifo(&store, &elsewhere));
+    std::fs::remove_dir_all(&copy).unwrap();
+    let lost = err_line(&mifo(&store, &no_model));
+    assert!(lost.contains("pass --model DIR"), "{lost}");
 
     // The stored sample carries its provenance in a PNG text chunk.
     let out = mifo(

@@ -23,7 +23,8 @@ pub struct LearnArgs {
     /// A mask per instance, in token order (white = instance; grey or RGBA first channel).
     #[arg(long)]
     pub mask: Vec<PathBuf>,
-    /// Diffusers Stable Diffusion folder [env: MIFO_MODEL].
+    /// Diffusers Stable Diffusion folder [env: MIFO_MODEL]; with --resume, default: the folder
+    /// the run learned on, while it still holds that model.
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Configuration preset: `paper` (the paper's values) or `official` (the released code's).
@@ -74,8 +75,12 @@ pub fn resolve_config(args: &LearnArgs) -> anyhow::Result<LearnConfig> {
 /// (which validates the rest and queues it), then follows it unless `--detach`.
 pub fn run(args: LearnArgs, store_dir: &Path) -> anyhow::Result<()> {
     let request = if let Some(prefix) = &args.resume {
-        let model = crate::jobs::model_dir(args.model.clone())?;
-        let model = std::fs::canonicalize(&model).unwrap_or(model);
+        let known = if args.model.is_none() && std::env::var_os("MIFO_MODEL").is_none() {
+            crate::cli::engine::known_model_dir(store_dir, prefix)?
+        } else {
+            None
+        };
+        let model = crate::jobs::model_dir_for_run(args.model.clone(), known, prefix)?;
         Request::ResumeLearn {
             run: prefix.clone(),
             model,

@@ -104,7 +104,8 @@ pub enum RunsCommand {
         /// A new seed.
         #[arg(long)]
         seed: Option<u64>,
-        /// The model folder (its fingerprint must match the run's) [env: MIFO_MODEL].
+        /// The model folder (its fingerprint must match the run's) [env: MIFO_MODEL]; default:
+        /// the folder the run used, while it still holds that model.
         #[arg(long)]
         model: Option<PathBuf>,
         /// Device: cpu, cuda or cuda:N.
@@ -544,6 +545,7 @@ pub fn write_show(
     let metrics = store.metrics(id)?;
     let tags = store.tags(id)?;
     let logs = store.logs(id)?;
+    let model_dir = store.model_dir_for(&spec.model_fingerprint)?;
     let now = now_ms();
     if json {
         let metrics_json: BTreeMap<&String, Vec<[Value; 2]>> = metrics
@@ -565,6 +567,7 @@ pub fn write_show(
             "inputs": spec.inputs,
             "parent": spec.parent.as_ref().map(ToString::to_string),
             "model_fingerprint": spec.model_fingerprint.to_hex(),
+            "model_dir": model_dir,
             "code_version": spec.code_version,
             "metrics": metrics_json,
             "eval": metrics
@@ -623,7 +626,19 @@ pub fn write_show(
         "scene      {}",
         record.scene.clone().unwrap_or_else(dash)
     )?;
-    writeln!(out, "model      {}", spec.model_fingerprint)?;
+    match &model_dir {
+        Some(dir) => writeln!(
+            out,
+            "model      {}  {}",
+            spec.model_fingerprint,
+            dir.display()
+        )?,
+        None => writeln!(
+            out,
+            "model      {}  (no folder known)",
+            spec.model_fingerprint
+        )?,
+    }
     writeln!(out, "code       {}", spec.code_version)?;
     writeln!(out, "created    {}", format_utc(record.created_ms))?;
     if let Some(started) = record.started_ms {

@@ -17,7 +17,8 @@ pub struct SynthArgs {
     /// The finished learning run (id or unique prefix) whose tokens <v0>, <v1>, … to use.
     #[arg(long)]
     pub from: Option<String>,
-    /// Diffusers model folder (with --from: the one the run learned on) [env: MIFO_MODEL].
+    /// Diffusers model folder [env: MIFO_MODEL]. With --from it must be the one the run learned
+    /// on, and may be left out: the store remembers that folder (while it still holds the model).
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// The prompt; name each boxed subject in it (`<v0>`, or a word like `dog`).
@@ -90,11 +91,16 @@ pub fn run(args: SynthArgs, store: &Path) -> anyhow::Result<()> {
     for b in &args.boxes {
         crate::synth::parse_box(b)?;
     }
-    let model = crate::jobs::model_dir(args.model.clone())?;
-    let model = std::fs::canonicalize(&model).unwrap_or(model);
     if args.from.is_some() && !store.join("db").is_dir() {
         anyhow::bail!("--from: {} holds no runs yet", store.display());
     }
+    let model = match &args.from {
+        Some(from) if model_left_to_store(&args) => {
+            let known = crate::cli::engine::known_model_dir(store, from)?;
+            learned_model(args.model.clone(), known, from, args.json)?
+        }
+        _ => given_model(&args)?,
+    };
     let seed = args
         .seed
         .unwrap_or_else(|| u64::from(rand::random::<u32>()));
@@ -125,6 +131,39 @@ pub fn run(args: SynthArgs, store: &Path) -> anyhow::Result<()> {
     )
 }
 
+/// Whether the model folder is left to the store: no `--model` and no `$MIFO_MODEL`.
+fn model_left_to_store(args: &SynthArgs) -> bool {
+    model_left_to_store_flag(&args.model)
+}
+
+fn model_left_to_store_flag(flag: &Option<PathBuf>) -> bool {
+    flag.is_none() && std::env::var_os("MIFO_MODEL").is_none()
+}
+
+/// `--model` or `$MIFO_MODEL`, made absolute.
+fn given_model(args: &SynthArgs) -> anyhow::Result<PathBuf> {
+    let model = crate::jobs::model_dir(args.model.clone())?;
+    Ok(std::fs::canonicalize(&model).unwrap_or(model))
+}
+
+/// [`crate::jobs::model_dir_for_run`], saying so when the folder came from the store.
+fn learned_model(
+    flag: Option<PathBuf>,
+    known: Option<PathBuf>,
+    from: &str,
+    quiet: bool,
+) -> anyhow::Result<PathBuf> {
+    let from_store = model_left_to_store_flag(&flag);
+    let dir = crate::jobs::model_dir_for_run(flag, known, from)?;
+    if from_store && !quiet {
+        eprintln!(
+            "model: {} (the folder run {from} learned on)",
+            dir.display()
+        );
+    }
+    Ok(dir)
+}
+
 /// `mifo synth --suite NAME --from RUN`: one synthesis run per prompt of the suite (see
 /// [`crate::eval::suite`]), all with the same seed and samples, each tagged; then follows them.
 /// A prompt whose exact spec already ran is not run again: the earlier run is tagged instead.
@@ -145,19 +184,21 @@ fn run_suite(args: SynthArgs, store: &Path) -> anyhow::Result<()> {
     if args.samples == 0 {
         bail!("--samples must be at least 1");
     }
-    let model = crate::jobs::model_dir(args.model.clone())?;
-    let model = std::fs::canonicalize(&model).unwrap_or(model);
     if !store.join("db").is_dir() {
         bail!("--from: {} holds no runs yet", store.display());
     }
     let mut client = Client::connect(store)?;
-    let (record, spec) = match client.request(&Request::Detail { run: from.clone() })? {
+    let (record, spec, model) = match client.request(&Request::Detail { run: from.clone() })? {
         Response::Detail {
-            record, spec_json, ..
+            record,
+            spec_json,
+            model_dir,
+            ..
         } => {
             let spec: crate::store::RunSpec =
                 serde_json::from_str(&spec_json.map_err(|e| anyhow!(e))?)?;
-            (record, spec)
+            let model = learned_model(args.model.clone(), model_dir, &from, args.json)?;
+            (record, spec, model)
         }
         Response::Error(e) => bail!("--from {from}: {e}"),
         other => bail!("engine: unexpected reply {other:?}"),

@@ -9,7 +9,7 @@ use crate::jobs::learn::LearnJob;
 use crate::jobs::sink::SinkEvent;
 
 /// Bumped whenever a message changes shape.
-pub const PROTOCOL_VERSION: u32 = 8;
+pub const PROTOCOL_VERSION: u32 = 9;
 /// Largest frame accepted (a `runs show --json` of a long run is well below this).
 pub const MAX_FRAME: usize = 64 << 20;
 
@@ -236,6 +236,9 @@ pub enum Response {
         logs: Vec<String>,
         /// Its tags.
         tags: Vec<String>,
+        /// The model folder the run used, where this store knows it and it still holds that
+        /// model (same fingerprint).
+        model_dir: Option<std::path::PathBuf>,
     },
     /// Metric series: name → [(step, value)].
     Metrics(std::collections::BTreeMap<String, Vec<(u64, f64)>>),

@@ -479,9 +479,12 @@ fn handle_client(
             Request::Detail { run } => data(|| {
                 let id = shared.store.resolve(&run)?;
                 let record = shared.store.get_run(&id)?;
-                let spec_json = shared
-                    .store
-                    .spec(&record.spec_hash)
+                let spec = shared.store.spec(&record.spec_hash);
+                let model_dir = match &spec {
+                    Ok(s) => shared.store.model_dir_for(&s.model_fingerprint)?,
+                    Err(_) => None,
+                };
+                let spec_json = spec
                     .map_err(|e| e.to_string())
                     .and_then(|s| serde_json::to_string(&s).map_err(|e| e.to_string()));
                 Ok(Response::Detail {
@@ -489,6 +492,7 @@ fn handle_client(
                     tags: shared.store.tags(&id)?,
                     record: Box::new(record),
                     spec_json,
+                    model_dir,
                 })
             }),
             Request::Metrics { run } => data(|| {

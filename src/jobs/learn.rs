@@ -117,7 +117,7 @@ pub fn prepare(store: &Store, job: &LearnJob) -> Result<RunRecord> {
         store.put_blob_file(m)?;
     }
     let defaults = LearnConfig::preset(&job.preset)?;
-    Ok(store.create_run(
+    let record = store.create_run(
         &spec,
         NewRun {
             scene: Some(super::scene_label(
@@ -127,7 +127,9 @@ pub fn prepare(store: &Store, job: &LearnJob) -> Result<RunRecord> {
             config_deltas: config_deltas(&defaults, &job.config),
             rerun_of,
         },
-    )?)
+    )?;
+    store.remember_model_dir(&spec.model_fingerprint, &job.model)?;
+    Ok(record)
 }
 
 /// Starts the queued run `id` (made by [`prepare`] from `job`) and runs it to the end.

@@ -25,6 +25,25 @@ pub fn model_dir(flag: Option<PathBuf>) -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// The model folder for work on a stored run (synthesis from it, a re-run, a resume):
+/// `--model DIR`, else `$MIFO_MODEL`, else `known`, the folder the store noted for the run's
+/// model while it still holds that model ([`crate::store::Store::model_dir_for`]).
+pub fn model_dir_for_run(
+    flag: Option<PathBuf>,
+    known: Option<PathBuf>,
+    run: &str,
+) -> Result<PathBuf> {
+    if flag.is_some() || std::env::var_os("MIFO_MODEL").is_some() {
+        let dir = model_dir(flag)?;
+        return Ok(std::fs::canonicalize(&dir).unwrap_or(dir));
+    }
+    known.ok_or_else(|| {
+        Error::Input(format!(
+            "no model: pass --model DIR or set MIFO_MODEL (this store knows no folder that still holds the model run {run} used)"
+        ))
+    })
+}
+
 /// A short label for a scene: its folder name, or the image's file stem.
 pub fn scene_label(image: &Path, scene_dir: Option<&Path>) -> String {
     scene_dir

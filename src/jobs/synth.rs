@@ -200,6 +200,7 @@ pub fn prepare(store: &Store, job: &SynthJob) -> Result<(RunRecord, Vec<String>)
             rerun_of,
         },
     )?;
+    store.remember_model_dir(&spec.model_fingerprint, &job.model)?;
     Ok((record, warnings))
 }
 

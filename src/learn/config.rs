@@ -1,5 +1,5 @@
 //! `LearnConfig`: every knob of the learning stage, with the `paper` and `official` presets.
-//! See `shared/research/mifo-impl-notes.md` §3 for where each value comes from.
+//! See `docs/mifo-impl-notes.md` §3 for where each value comes from.
 
 use serde::{Deserialize, Serialize};
 

@@ -1,5 +1,5 @@
 //! MIFO learning losses, in the form of the released code (see
-//! `shared/research/mifo-impl-notes.md` §3.4): masked reconstruction as a plain mean over all
+//! `docs/mifo-impl-notes.md` §3.4): masked reconstruction as a plain mean over all
 //! latent elements, and the cross-attention reward / penalty on head-mean attention maps.
 
 use candle_core::Tensor;

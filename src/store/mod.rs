@@ -8,7 +8,8 @@
 //!     metrics  run id ++ name ++ 0 ++ u32 BE -> chunk of points (see `metrics`)
 //!     logs     run id ++ u64 BE line number  -> log line (UTF-8)
 //!     tags     run id ++ tag                 -> empty
-//!     meta     "schema_version"              -> u32 BE; fingerprint cache entries
+//!     meta     "schema_version"              -> u32 BE; fingerprint cache entries;
+//!              "model-dir/" ++ fingerprint hex -> the model folder last used with it
 //! <store>/blobs/<2 hex>/<64 hex>   content-addressed blob files (see `blobs`)
 //! <store>/blobs/tmp/               blobs being written
 //! ```
@@ -948,6 +949,37 @@ impl Store {
     pub fn model_fingerprint(&self, dir: &Path) -> StoreResult<Digest> {
         fingerprint::fingerprint_dir(dir, Some(&self.inner.meta))
     }
+
+    /// Notes `dir` (made absolute) as the folder of the model whose fingerprint is `fingerprint`,
+    /// so that later commands can find it from a run's spec ([`Self::model_dir_for`]). The
+    /// latest folder noted for a fingerprint wins.
+    pub fn remember_model_dir(&self, fingerprint: &Digest, dir: &Path) -> StoreResult<()> {
+        let dir = std::fs::canonicalize(dir).map_err(|e| StoreError::io(dir, e))?;
+        self.inner
+            .meta
+            .insert(model_dir_key(fingerprint), dir.to_string_lossy().as_bytes())
+            .db(|| "noting a model folder".into())?;
+        Ok(())
+    }
+
+    /// The folder last noted for the model `fingerprint`, if it is still a folder whose files
+    /// have that fingerprint.
+    pub fn model_dir_for(&self, fingerprint: &Digest) -> StoreResult<Option<PathBuf>> {
+        let Some(bytes) = self
+            .inner
+            .meta
+            .get(model_dir_key(fingerprint))
+            .db(|| "reading a model folder".into())?
+        else {
+            return Ok(None);
+        };
+        let dir = PathBuf::from(String::from_utf8_lossy(&bytes).into_owned());
+        let same = dir.is_dir()
+            && self
+                .model_fingerprint(&dir)
+                .is_ok_and(|now| now == *fingerprint);
+        Ok(same.then_some(dir))
+    }
 }
 
 /// blake3 fingerprint of a model folder's weight and config files (relative path + content); see
@@ -965,6 +997,11 @@ pub fn host_name() -> String {
         .filter(|s| !s.is_empty())
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| "unknown".to_string())
+}
+
+/// Meta key of the folder noted for a model fingerprint.
+fn model_dir_key(fingerprint: &Digest) -> Vec<u8> {
+    format!("model-dir/{}", fingerprint.to_hex()).into_bytes()
 }
 
 fn describe_run_key(key: &[u8]) -> String {

@@ -2,7 +2,7 @@
 //! and the two schedules that depend only on it: the penalty weight α(t) (paper Eq. 11) and the
 //! latent step size β_i.
 //!
-//! Defaults follow the released MIFO code (`shared/research/mifo-impl-notes.md` §4–5) except the
+//! Defaults follow the released MIFO code (`docs/mifo-impl-notes.md` §4–5) except the
 //! α values, which follow the paper; the `official` preset switches those to the code's.
 
 use serde::{Deserialize, Serialize};

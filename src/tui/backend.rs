@@ -493,6 +493,20 @@ impl LocalBackend {
         Ok(dir)
     }
 
+    /// The workbench's model folder, else the one the store noted for the model of `spec`.
+    fn model_for_run(&self, spec: &crate::store::RunSpec, id: &RunId) -> Result<PathBuf> {
+        if self.model.is_some() {
+            return self.model_dir(None);
+        }
+        self.store
+            .model_dir_for(&spec.model_fingerprint)?
+            .ok_or_else(|| {
+                anyhow!(
+                    "no model folder: start the workbench with --model DIR or set MIFO_MODEL (the store knows no folder that still holds the model run {id} used)"
+                )
+            })
+    }
+
     fn enqueue(&self, label: String, device: String, work: Work) -> Result<JobId> {
         let id = {
             let mut jobs = lock(&self.jobs);
@@ -771,7 +785,8 @@ impl Backend for LocalBackend {
             bail!("run {} is not a finished learning run", l.from);
         }
         let spec = self.store.spec(&record.spec_hash)?;
-        let job = synth_job(&l, &spec, self.model_dir(None)?, &self.device)?;
+        let model = self.model_for_run(&spec, &l.from)?;
+        let job = synth_job(&l, &spec, model, &self.device)?;
         let label = format!(
             "synth from {} ({} box{}, seed {})",
             &l.from.as_str()[..l.from.as_str().len().min(12)],
@@ -794,7 +809,7 @@ impl Backend for LocalBackend {
         let job = crate::jobs::learn::job_from_spec(
             &spec,
             self.store.blobs(),
-            self.model_dir(None)?,
+            self.model_for_run(&spec, id)?,
             &self.device,
             &request.sets,
             request.seed,
@@ -811,7 +826,8 @@ impl Backend for LocalBackend {
     }
 
     fn resume(&self, id: &RunId) -> Result<JobId> {
-        let model = self.model_dir(None)?;
+        let record = self.store.get_run(id)?;
+        let model = self.model_for_run(&self.store.spec(&record.spec_hash)?, id)?;
         check_resumable(&self.store, id.as_str(), &model)?;
         let label = format!("resume {}", &id.as_str()[..id.as_str().len().min(12)]);
         let work = Work::Resume {

@@ -97,17 +97,32 @@ impl EngineBackend {
         Ok(job)
     }
 
-    fn spec_of(&self, id: &RunId) -> Result<(crate::store::RunRecord, RunSpec)> {
+    /// A run's record and spec, and the model folder the store knows for it.
+    fn spec_of(&self, id: &RunId) -> Result<(crate::store::RunRecord, RunSpec, Option<PathBuf>)> {
         match self.request(&Request::Detail {
             run: id.to_string(),
         })? {
             Response::Detail {
-                record, spec_json, ..
+                record,
+                spec_json,
+                model_dir,
+                ..
             } => {
                 let spec: RunSpec = serde_json::from_str(&spec_json.map_err(|e| anyhow!(e))?)?;
-                Ok((*record, spec))
+                Ok((*record, spec, model_dir))
             }
             other => Err(unexpected(other)),
+        }
+    }
+
+    /// The workbench's model folder, else `known` (the one the store noted for a run's model).
+    fn model_for_run(&self, known: Option<PathBuf>, id: &RunId) -> Result<PathBuf> {
+        match (&self.model, known) {
+            (None, Some(dir)) => Ok(dir),
+            (None, None) => bail!(
+                "no model folder: start the workbench with --model DIR or set MIFO_MODEL (the store knows no folder that still holds the model run {id} used)"
+            ),
+            (Some(_), _) => self.model_dir(None),
         }
     }
 
@@ -178,6 +193,7 @@ impl Backend for EngineBackend {
                 spec_json,
                 logs,
                 tags,
+                ..
             } => {
                 let (spec, spec_error) = match spec_json
                     .map_err(|e| e.to_string())
@@ -266,11 +282,12 @@ impl Backend for EngineBackend {
     }
 
     fn launch_synth(&self, l: SynthLaunch) -> Result<JobId> {
-        let (record, spec) = self.spec_of(&l.from)?;
+        let (record, spec, known) = self.spec_of(&l.from)?;
         if record.kind != RunKind::Learn || record.status != RunStatus::Done {
             bail!("run {} is not a finished learning run", l.from);
         }
-        let job = super::backend::synth_job(&l, &spec, self.model_dir(None)?, &self.device)?;
+        let model = self.model_for_run(known, &l.from)?;
+        let job = super::backend::synth_job(&l, &spec, model, &self.device)?;
         let label = format!("synth from {} (seed {})", &l.from.as_str()[..8], l.seed);
         self.submit(
             Request::SubmitSynth(Box::new(job)),
@@ -280,8 +297,8 @@ impl Backend for EngineBackend {
     }
 
     fn rerun(&self, id: &RunId, request: RerunRequest) -> Result<JobId> {
-        let (record, spec) = self.spec_of(id)?;
-        let model = self.model_dir(None)?;
+        let (record, spec, known) = self.spec_of(id)?;
+        let model = self.model_for_run(known, id)?;
         let label = format!("re-run {} ({})", &id.as_str()[..8], record.kind.as_str());
         let req = match record.kind {
             RunKind::Learn => {
@@ -311,10 +328,11 @@ impl Backend for EngineBackend {
 
     fn resume(&self, id: &RunId) -> Result<JobId> {
         let label = format!("resume {}", &id.as_str()[..8]);
+        let (_, _, known) = self.spec_of(id)?;
         self.submit(
             Request::ResumeLearn {
                 run: id.to_string(),
-                model: self.model_dir(None)?,
+                model: self.model_for_run(known, id)?,
                 device: self.device.clone(),
             },
             label,
