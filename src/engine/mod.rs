@@ -10,7 +10,7 @@ pub mod server;
 use std::path::{Path, PathBuf};
 
 pub use client::Client;
-pub use protocol::{EngineStatus, Event, EventKind, Request, Response};
+pub use protocol::{EngineStatus, Event, EventKind, Request, Response, RunSummary};
 pub use server::{serve, EngineOptions};
 
 /// The engine's socket: `<store>/engine.sock`.

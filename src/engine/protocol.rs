@@ -146,6 +146,29 @@ pub struct RunSummary {
     pub device: String,
 }
 
+impl RunSummary {
+    /// The summary of `record`, with its `tags`.
+    pub fn from_record(record: crate::store::RunRecord, tags: Vec<String>) -> Self {
+        Self {
+            final_loss: record.final_loss(),
+            id: record.id,
+            kind: record.kind,
+            status: record.status,
+            created_ms: record.created_ms,
+            started_ms: record.started_ms,
+            finished_ms: record.finished_ms,
+            scene: record.scene,
+            parent: record.parent,
+            rerun_of: record.rerun_of,
+            rerun_identical: record.rerun_identical,
+            spec_hash: record.spec_hash,
+            config_deltas: record.config_deltas,
+            tags,
+            device: record.device,
+        }
+    }
+}
+
 /// A running job: (run, device, progress as (step, total, phase)).
 pub type RunningJob = (String, String, Option<(u64, u64, String)>);
 

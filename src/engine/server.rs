@@ -446,33 +446,8 @@ fn handle_client(
                 let mut out = Vec::new();
                 for r in shared.store.runs() {
                     let r = r?;
-                    let final_loss = r
-                        .summary
-                        .get("loss/total")
-                        .or_else(|| {
-                            r.summary
-                                .iter()
-                                .find(|(n, _)| n.starts_with("loss/"))
-                                .map(|(_, s)| s)
-                        })
-                        .map(|s| s.last);
-                    out.push(super::protocol::RunSummary {
-                        tags: tags.get(&r.id).cloned().unwrap_or_default(),
-                        id: r.id,
-                        kind: r.kind,
-                        status: r.status,
-                        created_ms: r.created_ms,
-                        started_ms: r.started_ms,
-                        finished_ms: r.finished_ms,
-                        scene: r.scene,
-                        parent: r.parent,
-                        rerun_of: r.rerun_of,
-                        rerun_identical: r.rerun_identical,
-                        spec_hash: r.spec_hash,
-                        config_deltas: r.config_deltas,
-                        final_loss,
-                        device: r.device,
-                    });
+                    let t = tags.get(&r.id).cloned().unwrap_or_default();
+                    out.push(super::protocol::RunSummary::from_record(r, t));
                 }
                 Ok(Response::Summaries(out))
             }),

@@ -163,6 +163,20 @@ pub struct RunRecord {
 }
 
 impl RunRecord {
+    /// Last value of the run's main loss: `loss/total`, else the first `loss/*` series (from
+    /// the summary, so `None` until the run is final).
+    pub fn final_loss(&self) -> Option<f64> {
+        self.summary
+            .get("loss/total")
+            .or_else(|| {
+                self.summary
+                    .iter()
+                    .find(|(name, _)| name.starts_with("loss/"))
+                    .map(|(_, s)| s)
+            })
+            .map(|s| s.last)
+    }
+
     /// Encodes the record (format byte + bincode), refusing records over `MAX_RECORD_BYTES` (1 MiB).
     pub fn encode(&self) -> StoreResult<Vec<u8>> {
         let mut bytes = vec![RECORD_FORMAT];

@@ -55,6 +55,29 @@ impl RunProgress {
     }
 }
 
+impl From<crate::engine::RunSummary> for RunRow {
+    fn from(r: crate::engine::RunSummary) -> Self {
+        RunRow {
+            id: r.id,
+            kind: r.kind,
+            status: r.status,
+            created_ms: r.created_ms,
+            started_ms: r.started_ms,
+            finished_ms: r.finished_ms,
+            scene: r.scene,
+            parent: r.parent,
+            rerun_of: r.rerun_of,
+            rerun_identical: r.rerun_identical,
+            spec_hash: r.spec_hash,
+            config_deltas: r.config_deltas,
+            final_loss: r.final_loss,
+            tags: r.tags,
+            progress: None,
+            device: r.device,
+        }
+    }
+}
+
 /// One line of the runs table: what a run record holds, without metrics, logs or images.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RunRow {
@@ -96,35 +119,7 @@ pub struct RunRow {
 impl RunRow {
     /// The row of `record` with `tags` and no progress.
     pub fn from_record(record: &RunRecord, tags: Vec<String>) -> RunRow {
-        let final_loss = record
-            .summary
-            .get("loss/total")
-            .or_else(|| {
-                record
-                    .summary
-                    .iter()
-                    .find(|(name, _)| name.starts_with("loss/"))
-                    .map(|(_, s)| s)
-            })
-            .map(|s| s.last);
-        RunRow {
-            id: record.id.clone(),
-            kind: record.kind,
-            status: record.status,
-            created_ms: record.created_ms,
-            started_ms: record.started_ms,
-            finished_ms: record.finished_ms,
-            scene: record.scene.clone(),
-            parent: record.parent.clone(),
-            rerun_of: record.rerun_of.clone(),
-            rerun_identical: record.rerun_identical,
-            spec_hash: record.spec_hash,
-            config_deltas: record.config_deltas.clone(),
-            final_loss,
-            tags,
-            progress: None,
-            device: record.device.clone(),
-        }
+        crate::engine::RunSummary::from_record(record.clone(), tags).into()
     }
 
     /// Whether the run may still change (queued or running).

@@ -163,23 +163,12 @@ impl Backend for EngineBackend {
         let st = self.status().ok();
         Ok(rows
             .into_iter()
-            .map(|r| RunRow {
-                progress: st.as_ref().and_then(|s| progress(s, &r.id)),
-                id: r.id,
-                kind: r.kind,
-                status: r.status,
-                created_ms: r.created_ms,
-                started_ms: r.started_ms,
-                finished_ms: r.finished_ms,
-                scene: r.scene,
-                parent: r.parent,
-                rerun_of: r.rerun_of,
-                rerun_identical: r.rerun_identical,
-                spec_hash: r.spec_hash,
-                config_deltas: r.config_deltas,
-                final_loss: r.final_loss,
-                tags: r.tags,
-                device: r.device,
+            .map(|r| {
+                let progress = st.as_ref().and_then(|s| progress(s, &r.id));
+                RunRow {
+                    progress,
+                    ..RunRow::from(r)
+                }
             })
             .collect())
     }
