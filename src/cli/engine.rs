@@ -136,14 +136,7 @@ pub fn run(cmd: EngineCommand, store: &Path) -> anyhow::Result<()> {
 /// The model folder the store noted for run `run`'s model, if it still holds that model (asks
 /// the engine, starting one if none runs).
 pub fn known_model_dir(store: &Path, run: &str) -> anyhow::Result<Option<PathBuf>> {
-    let mut client = Client::connect(store)?;
-    match client.request(&Request::Detail {
-        run: run.to_string(),
-    })? {
-        Response::Detail { model_dir, .. } => Ok(model_dir),
-        Response::Error(e) => bail!("run {run}: {e}"),
-        other => bail!("engine: unexpected reply {other:?}"),
-    }
+    Ok(Client::connect(store)?.stored_run(run)?.model_dir)
 }
 
 fn expect_ok(r: Response) -> anyhow::Result<()> {
@@ -202,21 +195,12 @@ pub fn runs(cmd: crate::cli::runs::RunsCommand, store: &Path) -> anyhow::Result<
             detach,
         } => {
             let mut c = Client::connect(store)?;
-            let (record, spec, model) = match c.request(&Request::Detail { run: run.clone() })? {
-                Response::Detail {
-                    record,
-                    spec_json,
-                    model_dir,
-                    ..
-                } => {
-                    let spec: crate::store::RunSpec =
-                        serde_json::from_str(&spec_json.map_err(|e| anyhow!(e))?)?;
-                    let model = crate::jobs::model_dir_for_run(model.clone(), model_dir, run)?;
-                    (record, spec, model)
-                }
-                Response::Error(e) => bail!(e),
-                other => bail!("engine: unexpected reply {other:?}"),
-            };
+            let crate::engine::StoredRun {
+                record,
+                spec,
+                model_dir,
+            } = c.stored_run(run)?;
+            let model = crate::jobs::model_dir_for_run(model.clone(), model_dir, run)?;
             let request = match record.kind {
                 crate::store::RunKind::Learn => {
                     let root = std::fs::canonicalize(store).unwrap_or_else(|_| store.to_path_buf());

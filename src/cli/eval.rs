@@ -77,18 +77,8 @@ struct BlobCache {
 
 impl RunSource for EngineSource<'_> {
     fn run(&mut self, run: &str) -> Result<(RunRecord, RunSpec)> {
-        match self.client.request(&Request::Detail { run: run.into() })? {
-            Response::Detail {
-                record, spec_json, ..
-            } => {
-                let spec_json = spec_json.map_err(Error::Input)?;
-                let spec: RunSpec = serde_json::from_str(&spec_json)
-                    .map_err(|e| Error::Input(format!("run {run}: spec unreadable ({e})")))?;
-                Ok((*record, spec))
-            }
-            Response::Error(e) => Err(Error::Input(e)),
-            other => Err(Error::Input(format!("engine: unexpected reply {other:?}"))),
-        }
+        let stored = self.client.stored_run(run)?;
+        Ok((stored.record, stored.spec))
     }
 
     fn blob(&mut self, hash: &BlobHash) -> Result<Vec<u8>> {

@@ -75,10 +75,10 @@ pub fn resolve_config(args: &LearnArgs) -> anyhow::Result<LearnConfig> {
 /// (which validates the rest and queues it), then follows it unless `--detach`.
 pub fn run(args: LearnArgs, store_dir: &Path) -> anyhow::Result<()> {
     let request = if let Some(prefix) = &args.resume {
-        let known = if args.model.is_none() && std::env::var_os("MIFO_MODEL").is_none() {
-            crate::cli::engine::known_model_dir(store_dir, prefix)?
-        } else {
+        let known = if crate::jobs::model_named(&args.model) {
             None
+        } else {
+            crate::cli::engine::known_model_dir(store_dir, prefix)?
         };
         let model = crate::jobs::model_dir_for_run(args.model.clone(), known, prefix)?;
         Request::ResumeLearn {

@@ -95,7 +95,7 @@ pub fn run(args: SynthArgs, store: &Path) -> anyhow::Result<()> {
         anyhow::bail!("--from: {} holds no runs yet", store.display());
     }
     let model = match &args.from {
-        Some(from) if model_left_to_store(&args) => {
+        Some(from) if !crate::jobs::model_named(&args.model) => {
             let known = crate::cli::engine::known_model_dir(store, from)?;
             learned_model(args.model.clone(), known, from, args.json)?
         }
@@ -131,15 +131,6 @@ pub fn run(args: SynthArgs, store: &Path) -> anyhow::Result<()> {
     )
 }
 
-/// Whether the model folder is left to the store: no `--model` and no `$MIFO_MODEL`.
-fn model_left_to_store(args: &SynthArgs) -> bool {
-    model_left_to_store_flag(&args.model)
-}
-
-fn model_left_to_store_flag(flag: &Option<PathBuf>) -> bool {
-    flag.is_none() && std::env::var_os("MIFO_MODEL").is_none()
-}
-
 /// `--model` or `$MIFO_MODEL`, made absolute.
 fn given_model(args: &SynthArgs) -> anyhow::Result<PathBuf> {
     let model = crate::jobs::model_dir(args.model.clone())?;
@@ -153,7 +144,7 @@ fn learned_model(
     from: &str,
     quiet: bool,
 ) -> anyhow::Result<PathBuf> {
-    let from_store = model_left_to_store_flag(&flag);
+    let from_store = !crate::jobs::model_named(&flag);
     let dir = crate::jobs::model_dir_for_run(flag, known, from)?;
     if from_store && !quiet {
         eprintln!(
@@ -188,21 +179,14 @@ fn run_suite(args: SynthArgs, store: &Path) -> anyhow::Result<()> {
         bail!("--from: {} holds no runs yet", store.display());
     }
     let mut client = Client::connect(store)?;
-    let (record, spec, model) = match client.request(&Request::Detail { run: from.clone() })? {
-        Response::Detail {
-            record,
-            spec_json,
-            model_dir,
-            ..
-        } => {
-            let spec: crate::store::RunSpec =
-                serde_json::from_str(&spec_json.map_err(|e| anyhow!(e))?)?;
-            let model = learned_model(args.model.clone(), model_dir, &from, args.json)?;
-            (record, spec, model)
-        }
-        Response::Error(e) => bail!("--from {from}: {e}"),
-        other => bail!("engine: unexpected reply {other:?}"),
-    };
+    let crate::engine::StoredRun {
+        record,
+        spec,
+        model_dir,
+    } = client
+        .stored_run(&from)
+        .map_err(|e| anyhow!("--from {from}: {e}"))?;
+    let model = learned_model(args.model.clone(), model_dir, &from, args.json)?;
     if record.kind != crate::store::RunKind::Learn || record.status != crate::store::RunStatus::Done
     {
         bail!(

@@ -24,6 +24,17 @@ fn io_err(what: &str, e: std::io::Error) -> Error {
     Error::Input(format!("engine: {what}: {e}"))
 }
 
+/// What [`Client::stored_run`] returns.
+#[derive(Debug)]
+pub struct StoredRun {
+    /// The run's record.
+    pub record: crate::store::RunRecord,
+    /// Its spec.
+    pub spec: crate::store::RunSpec,
+    /// The model folder the store noted for its model, while it still holds that model.
+    pub model_dir: Option<PathBuf>,
+}
+
 impl Client {
     /// Connects to a running engine; `Ok(None)` when none answers.
     pub fn try_connect(store_dir: &Path) -> Result<Option<Client>> {
@@ -82,6 +93,30 @@ impl Client {
 
     /// Subscribes to the events of `run` (or all runs) and returns them as an iterator; the
     /// iterator ends when the engine closes the stream.
+    /// A run's record and spec (by id or unique prefix), and the model folder the store knows
+    /// for it ([`Request::Detail`] without logs and tags).
+    pub fn stored_run(&mut self, run: &str) -> Result<StoredRun> {
+        match self.request(&Request::Detail { run: run.into() })? {
+            Response::Detail {
+                record,
+                spec_json,
+                model_dir,
+                ..
+            } => {
+                let spec_json = spec_json.map_err(Error::Input)?;
+                let spec = serde_json::from_str(&spec_json)
+                    .map_err(|e| Error::Input(format!("run {run}: spec unreadable ({e})")))?;
+                Ok(StoredRun {
+                    record: *record,
+                    spec,
+                    model_dir,
+                })
+            }
+            Response::Error(e) => Err(Error::Input(e)),
+            other => Err(Error::Input(format!("engine: unexpected reply {other:?}"))),
+        }
+    }
+
     pub fn subscribe(mut self, run: Option<&str>) -> Result<Events> {
         match self.request(&Request::Subscribe {
             run: run.map(String::from),

@@ -9,7 +9,7 @@ pub mod server;
 
 use std::path::{Path, PathBuf};
 
-pub use client::Client;
+pub use client::{Client, StoredRun};
 pub use protocol::{EngineStatus, Event, EventKind, Request, Response, RunSummary};
 pub use server::{serve, EngineOptions};
 

@@ -25,6 +25,11 @@ pub fn model_dir(flag: Option<PathBuf>) -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// Whether the user named a model folder: `--model` given or `$MIFO_MODEL` set.
+pub fn model_named(flag: &Option<PathBuf>) -> bool {
+    flag.is_some() || std::env::var_os("MIFO_MODEL").is_some()
+}
+
 /// The model folder for work on a stored run (synthesis from it, a re-run, a resume):
 /// `--model DIR`, else `$MIFO_MODEL`, else `known`, the folder the store noted for the run's
 /// model while it still holds that model ([`crate::store::Store::model_dir_for`]).
@@ -33,7 +38,7 @@ pub fn model_dir_for_run(
     known: Option<PathBuf>,
     run: &str,
 ) -> Result<PathBuf> {
-    if flag.is_some() || std::env::var_os("MIFO_MODEL").is_some() {
+    if model_named(&flag) {
         let dir = model_dir(flag)?;
         return Ok(std::fs::canonicalize(&dir).unwrap_or(dir));
     }

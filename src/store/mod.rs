@@ -847,31 +847,28 @@ impl Store {
         let mut next = lock(&self.inner.log_next);
         let seq = match next.get(id) {
             Some(&seq) => seq,
-            None => match self
-                .inner
-                .logs
-                .scan_prefix(id.as_bytes())
-                .keys()
-                .next_back()
-                .transpose()
-                .db(|| format!("reading the log of run {id}"))?
-            {
-                Some(key) => log_seq(&key).map_or(0, |s| s + 1),
-                None => 0,
-            },
+            None => self.next_log_seq(id)?,
         };
-        let mut end = line.len().min(MAX_LOG_LINE);
-        while !line.is_char_boundary(end) {
-            end -= 1;
-        }
-        let mut key = id.as_bytes().to_vec();
-        key.extend_from_slice(&seq.to_be_bytes());
         self.inner
             .logs
-            .insert(key, &line.as_bytes()[..end])
+            .insert(log_key(id, seq), cut_log_line(line).as_bytes())
             .db(|| format!("writing the log of run {id}"))?;
         next.insert(id.clone(), seq + 1);
         Ok(())
+    }
+
+    /// The number of the line after the last one stored in the log of run `id`.
+    fn next_log_seq(&self, id: &RunId) -> StoreResult<u64> {
+        Ok(self
+            .inner
+            .logs
+            .scan_prefix(id.as_bytes())
+            .keys()
+            .next_back()
+            .transpose()
+            .db(|| format!("reading the log of run {id}"))?
+            .and_then(|k| log_seq(&k))
+            .map_or(0, |s| s + 1))
     }
 
     /// The log lines of run `id`, in order.
@@ -1006,6 +1003,22 @@ fn model_dir_key(fingerprint: &Digest) -> Vec<u8> {
 
 fn describe_run_key(key: &[u8]) -> String {
     format!("run {}", String::from_utf8_lossy(key))
+}
+
+/// The logs key of line `seq` of run `id`.
+fn log_key(id: &RunId, seq: u64) -> Vec<u8> {
+    let mut key = id.as_bytes().to_vec();
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+/// `line` cut to at most [`MAX_LOG_LINE`] bytes, at a character boundary.
+fn cut_log_line(line: &str) -> &str {
+    let mut end = line.len().min(MAX_LOG_LINE);
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    &line[..end]
 }
 
 fn log_seq(key: &[u8]) -> Option<u64> {

@@ -10,7 +10,7 @@ use sled::Transactional;
 use super::error::{DbContext, StoreError, StoreResult};
 use super::ids::RunId;
 use super::record::{RunRecord, RunStatus, SeriesSummary};
-use super::{lock, log_seq, metrics, Store, MAX_LOG_LINE};
+use super::{cut_log_line, lock, log_key, metrics, Store};
 
 impl Store {
     /// Replaces every metric series of finished (`done`) run `id` whose name starts with
@@ -79,22 +79,8 @@ impl Store {
             }
         }
         let record_bytes = record.encode()?;
-        let next_line = self
-            .inner
-            .logs
-            .scan_prefix(id.as_bytes())
-            .keys()
-            .next_back()
-            .transpose()
-            .db(|| format!("reading the log of run {id}"))?
-            .and_then(|k| log_seq(&k))
-            .map_or(0, |s| s + 1);
-        let mut log_key = id.as_bytes().to_vec();
-        log_key.extend_from_slice(&next_line.to_be_bytes());
-        let mut end = note.len().min(MAX_LOG_LINE);
-        while !note.is_char_boundary(end) {
-            end -= 1;
-        }
+        let log_key = log_key(id, self.next_log_seq(id)?);
+        let note = cut_log_line(note);
         let chunks: Vec<(Vec<u8>, Vec<u8>)> = scores
             .iter()
             .map(|(name, value)| {
@@ -114,7 +100,7 @@ impl Store {
                 }
                 r.insert(id.as_bytes(), record_bytes.as_slice())?;
                 if !note.is_empty() {
-                    l.insert(log_key.as_slice(), &note.as_bytes()[..end])?;
+                    l.insert(log_key.as_slice(), note.as_bytes())?;
                 }
                 Ok::<(), ConflictableTransactionError<()>>(())
             });

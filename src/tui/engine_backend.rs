@@ -99,20 +99,8 @@ impl EngineBackend {
 
     /// A run's record and spec, and the model folder the store knows for it.
     fn spec_of(&self, id: &RunId) -> Result<(crate::store::RunRecord, RunSpec, Option<PathBuf>)> {
-        match self.request(&Request::Detail {
-            run: id.to_string(),
-        })? {
-            Response::Detail {
-                record,
-                spec_json,
-                model_dir,
-                ..
-            } => {
-                let spec: RunSpec = serde_json::from_str(&spec_json.map_err(|e| anyhow!(e))?)?;
-                Ok((*record, spec, model_dir))
-            }
-            other => Err(unexpected(other)),
-        }
+        let stored = Client::connect(&self.store_dir)?.stored_run(id.as_str())?;
+        Ok((stored.record, stored.spec, stored.model_dir))
     }
 
     /// The workbench's model folder, else `known` (the one the store noted for a run's model).
