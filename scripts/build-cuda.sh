@@ -5,6 +5,7 @@
 # CUDA_ERROR_STUB_LIBRARY; the real one comes from the driver where the binary runs).
 #
 #   scripts/build-cuda.sh [CARGO ARGS ...]      e.g. --target-dir /tmp/cuda-target
+#   scripts/build-cuda.sh --features cudnn      cuDNN convolutions as well (README)
 #
 # Environment: MIFO_CUDA_TOOLKIT (where the venv and the toolkit tree go; default
 # target/cuda-toolkit), CUDA_COMPUTE_CAP (default 90: H100/H200), PYTHON (default python3).
@@ -30,6 +31,15 @@ echo "installing the CUDA 13.0 wheels into $W/venv (about 650 MB the first time)
   nvidia-cuda-cccl==13.0.85 nvidia-cuda-runtime==13.0.96 nvidia-cuda-nvrtc==13.0.88 \
   nvidia-cublas==13.1.0.3 nvidia-curand==10.4.0.35
 
+# With `--features cudnn`: cuDNN 9 (the version a torch cu130 install ships, so that the binary
+# finds the same library where it runs).
+CUDNN=0
+for a in "$@"; do [[ $a == *cudnn* ]] && CUDNN=1; done
+if [ $CUDNN = 1 ]; then
+  echo "installing the cuDNN 9.19 wheel (about 370 MB the first time)" >&2
+  "$W/venv/bin/python" -m pip install -q --no-deps nvidia-cudnn-cu13==9.19.1.2
+fi
+
 # The CUDA 13 wheels install into site-packages/nvidia/cu13/{bin,include,lib,nvvm}; cudarc and
 # candle-kernels want a CUDA_HOME with bin/, include/, nvvm/ and unversioned lib64/*.so.
 C=$("$W/venv/bin/python" -c 'import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],"cu13"))')
@@ -39,6 +49,11 @@ for d in bin include nvvm; do ln -sfn "$C/$d" "$H/$d"; done
 for l in cudart.so.13 cublas.so.13 cublasLt.so.13 curand.so.10 nvrtc.so.13; do
   ln -sfn "$C/lib/lib$l" "$H/lib64/lib${l%.so.*}.so"
 done
+
+if [ $CUDNN = 1 ]; then
+  D=$("$W/venv/bin/python" -c 'import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],"cudnn","lib"))')
+  ln -sfn "$D/libcudnn.so.9" "$H/lib64/libcudnn.so"
+fi
 
 # The link stub must exist before cudarc's build script first runs (it adds -L only for
 # folders that exist then, and caches that).

@@ -19,7 +19,8 @@
 #
 # Build the binary with `cargo build --release --features cuda` (README, "Performance"). The GPU
 # machine needs no Rust: the binary, this checkout's fixtures/, the driver's libcuda.so.1 and the
-# CUDA 13 libraries (cuBLAS, cuRAND, runtime; a torch cu130 venv has them, found below).
+# CUDA 13 libraries (cuBLAS, cuRAND, runtime, and cuDNN 9 for a `cudnn` build; a torch cu130 venv
+# has them, found below).
 # Environment: MIFO_GPU_DEVICE (default cuda:0), OUT (logs; default ./gpu-check-out).
 set -uo pipefail
 
@@ -30,9 +31,12 @@ DEV=${MIFO_GPU_DEVICE:-cuda:0}
 OUT=${OUT:-./gpu-check-out}
 mkdir -p "$OUT"
 
-# The CUDA libraries of a pip-installed torch (nvidia/cu13/lib), when present.
-if NV=$(python3 -c 'import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],"cu13","lib"))' 2>/dev/null) && [ -d "$NV" ]; then
-  export LD_LIBRARY_PATH="$NV:${LD_LIBRARY_PATH:-}"
+# The CUDA libraries of a pip-installed torch (nvidia/cu13/lib, and cuDNN in nvidia/cudnn/lib
+# for a `--features cudnn` build), when present.
+if NV=$(python3 -c 'import nvidia;print(list(nvidia.__path__)[0])' 2>/dev/null); then
+  for d in "$NV/cudnn/lib" "$NV/cu13/lib"; do
+    [ -d "$d" ] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
+  done
 fi
 
 say() { printf '\n== %s (%s)\n' "$*" "$(date -u +%H:%M:%S)"; }

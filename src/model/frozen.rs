@@ -64,8 +64,9 @@ impl FrozenLayer {
             && x.layout().start_offset() == 0
     }
 
-    /// The layer on a tensor outside any graph.
-    fn plain(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// The layer on a tensor outside any graph (also the inference path of [`super::nn`]'s
+    /// layers when nothing is tracked: on CUDA with cuDNN this is where convolutions go to it).
+    pub(crate) fn forward_untracked(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self.kind {
             Kind::Linear => {
                 let y = x.matmul(&self.weight.t()?)?;
@@ -75,7 +76,7 @@ impl FrozenLayer {
                 }
             }
             Kind::Conv2d { padding, stride } => {
-                let y = x.conv2d(&self.weight, padding, stride, 1, 1)?;
+                let y = conv2d(x, &self.weight, padding, stride)?;
                 match &self.bias {
                     Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
                     None => Ok(y),
@@ -89,7 +90,7 @@ impl FrozenLayer {
             candle_core::bail!("frozen layer: the input must be contiguous from offset 0");
         }
         let x = Tensor::from_storage(input, layout.shape().clone(), BackpropOp::none(), false);
-        self.plain(&x)?.contiguous()
+        self.forward_untracked(&x)?.contiguous()
     }
 }
 
@@ -137,14 +138,53 @@ impl CustomOp1 for FrozenLayer {
     ) -> candle_core::Result<Option<Tensor>> {
         let dx = match self.kind {
             Kind::Linear => grad.matmul(&self.weight)?,
-            Kind::Conv2d { padding, stride } => {
-                // As candle's own conv2d backward, for the input only.
-                let k = self.weight.dim(2)?;
-                let out_size = (grad.dim(2)? - 1) * stride + k - 2 * padding;
-                let out_padding = arg.dim(2)? - out_size;
-                grad.conv_transpose2d(&self.weight, padding, out_padding, stride, 1)?
-            }
+            Kind::Conv2d { padding, stride } => conv2d_input_grad(
+                grad,
+                &self.weight,
+                padding,
+                stride,
+                (arg.dim(2)?, arg.dim(3)?),
+            )?,
         };
         Ok(Some(dx))
     }
+}
+
+/// `conv2d(x, weight)` without bias (dilation 1, one group): with the `cudnn` feature on a CUDA
+/// device, cuDNN or candle by measurement per shape ([`super::cudnn`]); else candle's.
+fn conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    padding: usize,
+    stride: usize,
+) -> candle_core::Result<Tensor> {
+    let candle_path = || x.conv2d(weight, padding, stride, 1, 1);
+    #[cfg(feature = "cudnn")]
+    if super::cudnn::supports(x, weight) {
+        return super::cudnn::conv2d(x, weight, padding, stride, candle_path);
+    }
+    candle_path()
+}
+
+/// The gradient of [`conv2d`] with respect to its input of height and width `in_hw`, given the
+/// output's gradient `grad`: a transposed convolution as in candle's own conv2d backward, or
+/// cuDNN's backward-data convolution where that measured faster ([`super::cudnn`]).
+fn conv2d_input_grad(
+    grad: &Tensor,
+    weight: &Tensor,
+    padding: usize,
+    stride: usize,
+    in_hw: (usize, usize),
+) -> candle_core::Result<Tensor> {
+    let candle_path = || {
+        let k = weight.dim(2)?;
+        let out_size = (grad.dim(2)? - 1) * stride + k - 2 * padding;
+        let out_padding = in_hw.0 - out_size;
+        grad.conv_transpose2d(weight, padding, out_padding, stride, 1)
+    };
+    #[cfg(feature = "cudnn")]
+    if super::cudnn::supports(grad, weight) {
+        return super::cudnn::conv2d_input_grad(grad, weight, padding, stride, in_hw, candle_path);
+    }
+    candle_path()
 }

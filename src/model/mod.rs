@@ -7,6 +7,8 @@ pub mod attention;
 pub mod blocks;
 pub mod clip;
 pub mod config;
+#[cfg(feature = "cudnn")]
+pub(crate) mod cudnn;
 pub mod ddim;
 pub mod frozen;
 pub mod fused;

@@ -105,10 +105,15 @@ impl Conv2d {
     /// Applies the convolution to `x` [B, C, H, W].
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (w, b) = (self.inner.weight(), self.inner.bias());
+        let cfg = self.inner.config();
         if FrozenLayer::applies(x, w, b) {
             // Gradient to the input only (see [`super::frozen`]).
-            let cfg = self.inner.config();
             return Ok(x.apply_op1(FrozenLayer::conv2d(w, b, cfg.padding, cfg.stride))?);
+        }
+        if !x.track_op() && !w.track_op() && !b.is_some_and(|b| b.track_op()) {
+            // Inference: the same convolution (cuDNN on CUDA when built with it).
+            let layer = FrozenLayer::conv2d(w, b, cfg.padding, cfg.stride);
+            return Ok(layer.forward_untracked(x)?);
         }
         Ok(self.inner.forward(x)?)
     }
