@@ -48,8 +48,13 @@ pub fn parse_device(spec: &str) -> Result<Device> {
             };
             Device::new_cuda(ordinal).map_err(|e| {
                 let e = crate::error::first_line(&e);
+                let hint = if cfg!(feature = "cuda") {
+                    "check the NVIDIA driver and that libcuda.so.1 is the driver's"
+                } else {
+                    "build with `--features cuda`"
+                };
                 Error::Input(format!(
-                    "--device {s}: cannot use CUDA device {ordinal} ({e}); build with `--features cuda` and check the driver"
+                    "--device {s}: cannot use CUDA device {ordinal} ({e}); {hint}"
                 ))
             })
         }
@@ -137,5 +142,18 @@ mod tests {
         assert_eq!(dtype_name(DType::F16), "f16");
         enable_precision("f32");
         assert_eq!(dtype_name(DType::F32), "f32");
+    }
+
+    #[test]
+    fn device_spellings_parse_and_say_what_is_wrong() {
+        assert!(matches!(parse_device("cpu"), Ok(Device::Cpu)));
+        let msg = |spec: &str| parse_device(spec).unwrap_err().to_string();
+        assert!(msg("gpu").contains("--device gpu: expected cpu, cuda or cuda:N"));
+        assert!(msg("cuda:x").contains("expected cuda:N with N a number"));
+        if !cfg!(feature = "cuda") {
+            let m = msg("cuda:0");
+            assert!(m.starts_with("--device cuda:0: cannot use CUDA device 0"), "{m}");
+            assert!(m.ends_with("build with `--features cuda`"), "{m}");
+        }
     }
 }
