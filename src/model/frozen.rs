@@ -151,7 +151,8 @@ impl CustomOp1 for FrozenLayer {
 }
 
 /// `conv2d(x, weight)` without bias (dilation 1, one group): with the `cudnn` feature on a CUDA
-/// device, cuDNN or candle by measurement per shape ([`super::cudnn`]); else candle's.
+/// device, cuDNN or candle by measurement per shape ([`super::cudnn`]); in f32 on the CPU,
+/// [`super::cpu_conv`]; else candle's.
 fn conv2d(
     x: &Tensor,
     weight: &Tensor,
@@ -163,12 +164,16 @@ fn conv2d(
     if super::cudnn::supports(x, weight) {
         return super::cudnn::conv2d(x, weight, padding, stride, candle_path);
     }
+    if super::cpu_conv::supports(x, weight) {
+        return super::cpu_conv::conv2d(x, weight, padding, stride);
+    }
     candle_path()
 }
 
 /// The gradient of [`conv2d`] with respect to its input of height and width `in_hw`, given the
-/// output's gradient `grad`: a transposed convolution as in candle's own conv2d backward, or
-/// cuDNN's backward-data convolution where that measured faster ([`super::cudnn`]).
+/// output's gradient `grad`: [`super::cpu_conv`] in f32 on the CPU, cuDNN's backward-data
+/// convolution where that measured faster ([`super::cudnn`]), else a transposed convolution as
+/// in candle's own conv2d backward.
 fn conv2d_input_grad(
     grad: &Tensor,
     weight: &Tensor,
@@ -185,6 +190,9 @@ fn conv2d_input_grad(
     #[cfg(feature = "cudnn")]
     if super::cudnn::supports(grad, weight) {
         return super::cudnn::conv2d_input_grad(grad, weight, padding, stride, in_hw, candle_path);
+    }
+    if super::cpu_conv::supports(grad, weight) {
+        return super::cpu_conv::conv2d_input_grad(grad, weight, padding, stride, in_hw);
     }
     candle_path()
 }

@@ -7,6 +7,7 @@ pub mod attention;
 pub mod blocks;
 pub mod clip;
 pub mod config;
+pub(crate) mod cpu_conv;
 #[cfg(feature = "cudnn")]
 pub(crate) mod cudnn;
 pub mod ddim;
@@ -152,7 +153,10 @@ mod tests {
         assert!(msg("cuda:x").contains("expected cuda:N with N a number"));
         if !cfg!(feature = "cuda") {
             let m = msg("cuda:0");
-            assert!(m.starts_with("--device cuda:0: cannot use CUDA device 0"), "{m}");
+            assert!(
+                m.starts_with("--device cuda:0: cannot use CUDA device 0"),
+                "{m}"
+            );
             assert!(m.ends_with("build with `--features cuda`"), "{m}");
         }
     }
