@@ -215,7 +215,7 @@ struct View {
 }
 
 /// `dst [m, n] = lhs [m, k] · rhs [k, n]` (dst rows `dst_row_stride` apart, columns adjacent),
-/// on candle's thread count.
+/// on candle's thread count; with `accumulate`, `dst += lhs · rhs`.
 ///
 /// # Safety
 /// Every view must address `m × k`, `k × n` and `m × n` live values with its strides, and `dst`
@@ -226,6 +226,7 @@ unsafe fn matmul(
     dst_row_stride: usize,
     lhs: View,
     rhs: View,
+    accumulate: bool,
 ) {
     let threads = candle_core::utils::get_num_threads();
     let parallelism = if threads > 1 {
@@ -240,14 +241,14 @@ unsafe fn matmul(
         dst,
         1,
         dst_row_stride as isize,
-        false,
+        accumulate,
         lhs.ptr,
         lhs.col_stride as isize,
         lhs.row_stride as isize,
         rhs.ptr,
         rhs.col_stride as isize,
         rhs.row_stride as isize,
-        0.0,
+        if accumulate { 1.0 } else { 0.0 },
         1.0,
         false,
         false,
@@ -305,7 +306,7 @@ pub(crate) fn conv2d(
                         };
                         // SAFETY: lhs [c_out, c_in], rhs [c_in, n] rows plane_in apart inside
                         // `image`, dst [c_out, n] rows plane_out apart inside `out_b`.
-                        unsafe { matmul((d.c_out, n, d.rows()), dst, plane_out, lhs, rhs) };
+                        unsafe { matmul((d.c_out, n, d.rows()), dst, plane_out, lhs, rhs, false) };
                         continue;
                     }
                     with_scratch(d.rows() * n, |col| {
@@ -317,7 +318,7 @@ pub(crate) fn conv2d(
                         };
                         // SAFETY: lhs [c_out, rows], rhs [rows, n] = `col`, dst [c_out, n]
                         // rows plane_out apart inside `out_b`.
-                        unsafe { matmul((d.c_out, n, d.rows()), dst, plane_out, lhs, rhs) };
+                        unsafe { matmul((d.c_out, n, d.rows()), dst, plane_out, lhs, rhs, false) };
                     });
                 }
             }
@@ -373,13 +374,22 @@ pub(crate) fn conv2d_input_grad(
                         // SAFETY: lhs [c_in, c_out] inside `w`, rhs [c_out, n] inside `g_b`,
                         // dst [c_in, n] rows plane_in apart inside `dx_b`; tiles write
                         // disjoint columns.
-                        unsafe { matmul((d.rows(), n, d.c_out), dst, plane_in, lhs, rhs) };
+                        unsafe { matmul((d.rows(), n, d.c_out), dst, plane_in, lhs, rhs, false) };
                         continue;
                     }
                     with_scratch(d.rows() * n, |cols| {
                         // SAFETY: lhs [rows, c_out] inside `w`, rhs [c_out, n] inside `g_b`,
                         // dst [rows, n] = `cols`.
-                        unsafe { matmul((d.rows(), n, d.c_out), cols.as_mut_ptr(), n, lhs, rhs) };
+                        unsafe {
+                            matmul(
+                                (d.rows(), n, d.c_out),
+                                cols.as_mut_ptr(),
+                                n,
+                                lhs,
+                                rhs,
+                                false,
+                            )
+                        };
                         col2im_add(&d, cols, (oy0, oy1), dx_b);
                     });
                 }
@@ -387,6 +397,71 @@ pub(crate) fn conv2d_input_grad(
         })
     })??;
     Tensor::from_vec(dx, (batch, d.c_in, d.h, d.w), &Device::Cpu)
+}
+
+/// The gradient of [`conv2d`] with respect to its weight [c_out, c_in, k, k], given its input
+/// `x` and the gradient `grad` of its output: `dW += dy · im2col(x)ᵀ` over images and tiles.
+pub(crate) fn conv2d_weight_grad(
+    x: &Tensor,
+    grad: &Tensor,
+    k: usize,
+    padding: usize,
+    stride: usize,
+) -> candle_core::Result<Tensor> {
+    let (batch, c_out) = (grad.dim(0)?, grad.dim(1)?);
+    let d = match dims(x.dims(), &[c_out, x.dim(1)?, k, k], padding, stride) {
+        Some(d) if grad.dims() == [batch, c_out, d.oh, d.ow] && x.dim(0)? == batch => d,
+        _ => candle_core::bail!(
+            "conv2d weight gradient: input {:?} does not fit gradient {:?} under a {k}x{k} kernel",
+            x.dims(),
+            grad.dims()
+        ),
+    };
+    let (plane_in, plane_out) = (d.h * d.w, d.oh * d.ow);
+    let mut dw = vec![0f32; d.c_out * d.rows()];
+    let tile = d.tile_rows();
+    with_values(x, |x| {
+        with_values(grad, |g| {
+            for b in 0..batch {
+                let image = &x[b * d.c_in * plane_in..(b + 1) * d.c_in * plane_in];
+                let g_b = &g[b * d.c_out * plane_out..(b + 1) * d.c_out * plane_out];
+                for oy0 in (0..d.oh).step_by(tile) {
+                    let oy1 = (oy0 + tile).min(d.oh);
+                    let n = (oy1 - oy0) * d.ow;
+                    // dy [c_out, n] (rows plane_out apart) times the patches, transposed.
+                    let lhs = View {
+                        ptr: g_b[oy0 * d.ow..].as_ptr(),
+                        row_stride: plane_out,
+                        col_stride: 1,
+                    };
+                    let dst = dw.as_mut_ptr();
+                    if d.is_pointwise() {
+                        let rhs = View {
+                            ptr: image[oy0 * d.ow..].as_ptr(),
+                            row_stride: 1,
+                            col_stride: plane_in,
+                        };
+                        // SAFETY: lhs [c_out, n] inside `g_b`, rhs [n, c_in] inside `image`,
+                        // dst [c_out, c_in] = `dw`.
+                        unsafe { matmul((d.c_out, d.rows(), n), dst, d.rows(), lhs, rhs, true) };
+                        continue;
+                    }
+                    with_scratch(d.rows() * n, |col| {
+                        im2col(&d, image, (oy0, oy1), col);
+                        let rhs = View {
+                            ptr: col.as_ptr(),
+                            row_stride: 1,
+                            col_stride: n,
+                        };
+                        // SAFETY: lhs [c_out, n] inside `g_b`, rhs [n, rows] = `col` read
+                        // transposed, dst [c_out, rows] = `dw`.
+                        unsafe { matmul((d.c_out, d.rows(), n), dst, d.rows(), lhs, rhs, true) };
+                    });
+                }
+            }
+        })
+    })??;
+    Tensor::from_vec(dw, (d.c_out, d.c_in, d.k, d.k), &Device::Cpu)
 }
 
 #[cfg(test)]
@@ -399,6 +474,12 @@ mod tests {
         let n: usize = shape.iter().product();
         let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn dot(a: &Tensor, b: &Tensor) -> f64 {
+        let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum()
     }
 
     fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
@@ -422,6 +503,22 @@ mod tests {
         (2, 600, 120, 120, 3, 1, 0),
     ];
     const STRIDES: [usize; 9] = [1, 1, 1, 2, 2, 2, 1, 2, 1];
+
+    /// The weight gradient is the adjoint in the weight: ⟨conv(x, V), dy⟩ = ⟨V, dW⟩ for any V.
+    #[test]
+    fn weight_gradient_is_the_adjoint_in_the_weight() {
+        for (i, (&(b, ci, h, w, co, k, p), &s)) in CASES.iter().zip(&STRIDES).enumerate() {
+            let x = random(&[b, ci, h, w], i as u64);
+            let v = random(&[co, ci, k, k], 100 + i as u64);
+            let y = conv2d(&x, &v, p, s).unwrap();
+            let dy = random(y.dims(), 200 + i as u64);
+            let dw = conv2d_weight_grad(&x, &dy, k, p, s).unwrap();
+            assert_eq!(dw.dims(), v.dims(), "case {i}");
+            let (lhs, rhs) = (dot(&y, &dy), dot(&v, &dw));
+            let scale = dot(&y.abs().unwrap(), &dy.abs().unwrap());
+            assert!((lhs - rhs).abs() < 1e-5 * scale, "case {i}: {lhs} vs {rhs}");
+        }
+    }
 
     #[test]
     fn the_large_cases_take_several_tiles() {
@@ -450,11 +547,6 @@ mod tests {
     /// takes the output padding of both sides from the height), the two agree.
     #[test]
     fn input_gradient_is_the_adjoint_and_matches_candle_backward() {
-        let dot = |a: &Tensor, b: &Tensor| -> f64 {
-            let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum()
-        };
         for (i, (&(b, ci, h, w, co, k, p), &s)) in CASES.iter().zip(&STRIDES).enumerate() {
             let x = random(&[b, ci, h, w], i as u64);
             let wt = random(&[co, ci, k, k], 100 + i as u64);

@@ -76,7 +76,7 @@ impl FrozenLayer {
                 }
             }
             Kind::Conv2d { padding, stride } => {
-                let y = conv2d(x, &self.weight, padding, stride)?;
+                let y = super::conv::conv2d(x, &self.weight, padding, stride)?;
                 match &self.bias {
                     Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
                     None => Ok(y),
@@ -94,7 +94,8 @@ impl FrozenLayer {
     }
 }
 
-fn output_storage(y: &Tensor) -> candle_core::Result<(Storage, Shape)> {
+/// The storage and shape of `y` (a copy, which the custom op hands back to candle).
+pub(super) fn output_storage(y: &Tensor) -> candle_core::Result<(Storage, Shape)> {
     let (storage, layout) = y.storage_and_layout();
     Ok((storage.try_clone(layout)?, y.shape().clone()))
 }
@@ -138,7 +139,7 @@ impl CustomOp1 for FrozenLayer {
     ) -> candle_core::Result<Option<Tensor>> {
         let dx = match self.kind {
             Kind::Linear => grad.matmul(&self.weight)?,
-            Kind::Conv2d { padding, stride } => conv2d_input_grad(
+            Kind::Conv2d { padding, stride } => super::conv::conv2d_input_grad(
                 grad,
                 &self.weight,
                 padding,
@@ -148,51 +149,4 @@ impl CustomOp1 for FrozenLayer {
         };
         Ok(Some(dx))
     }
-}
-
-/// `conv2d(x, weight)` without bias (dilation 1, one group): with the `cudnn` feature on a CUDA
-/// device, cuDNN or candle by measurement per shape ([`super::cudnn`]); in f32 on the CPU,
-/// [`super::cpu_conv`]; else candle's.
-fn conv2d(
-    x: &Tensor,
-    weight: &Tensor,
-    padding: usize,
-    stride: usize,
-) -> candle_core::Result<Tensor> {
-    let candle_path = || x.conv2d(weight, padding, stride, 1, 1);
-    #[cfg(feature = "cudnn")]
-    if super::cudnn::supports(x, weight) {
-        return super::cudnn::conv2d(x, weight, padding, stride, candle_path);
-    }
-    if super::cpu_conv::supports(x, weight) {
-        return super::cpu_conv::conv2d(x, weight, padding, stride);
-    }
-    candle_path()
-}
-
-/// The gradient of [`conv2d`] with respect to its input of height and width `in_hw`, given the
-/// output's gradient `grad`: [`super::cpu_conv`] in f32 on the CPU, cuDNN's backward-data
-/// convolution where that measured faster ([`super::cudnn`]), else a transposed convolution as
-/// in candle's own conv2d backward.
-fn conv2d_input_grad(
-    grad: &Tensor,
-    weight: &Tensor,
-    padding: usize,
-    stride: usize,
-    in_hw: (usize, usize),
-) -> candle_core::Result<Tensor> {
-    let candle_path = || {
-        let k = weight.dim(2)?;
-        let out_size = (grad.dim(2)? - 1) * stride + k - 2 * padding;
-        let out_padding = in_hw.0 - out_size;
-        grad.conv_transpose2d(weight, padding, out_padding, stride, 1)
-    };
-    #[cfg(feature = "cudnn")]
-    if super::cudnn::supports(grad, weight) {
-        return super::cudnn::conv2d_input_grad(grad, weight, padding, stride, in_hw, candle_path);
-    }
-    if super::cpu_conv::supports(grad, weight) {
-        return super::cpu_conv::conv2d_input_grad(grad, weight, padding, stride, in_hw);
-    }
-    candle_path()
 }

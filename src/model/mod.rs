@@ -7,6 +7,7 @@ pub mod attention;
 pub mod blocks;
 pub mod clip;
 pub mod config;
+pub(crate) mod conv;
 pub(crate) mod cpu_conv;
 #[cfg(feature = "cudnn")]
 pub(crate) mod cudnn;

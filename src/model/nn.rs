@@ -115,7 +115,16 @@ impl Conv2d {
             let layer = FrozenLayer::conv2d(w, b, cfg.padding, cfg.stride);
             return Ok(layer.forward_untracked(x)?);
         }
-        Ok(self.inner.forward(x)?)
+        // A trained weight: both gradients by the fast paths (see [`super::conv`]).
+        let op = super::conv::TrainableConv {
+            padding: cfg.padding,
+            stride: cfg.stride,
+        };
+        let y = x.contiguous()?.apply_op2(&w.contiguous()?, op)?;
+        Ok(match b {
+            Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?,
+            None => y,
+        })
     }
 }
 
