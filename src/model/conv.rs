@@ -81,7 +81,8 @@ fn conv2d_weight_grad(
 }
 
 /// `conv2d(x, weight)` (no bias) with a weight that is trained: forward and both gradients by
-/// the paths of this module.
+/// the paths of this module. Used on the CPU ([`super::nn::Conv2d`]); its backward is written
+/// for any device.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct TrainableConv {
     /// Zero padding on each side.
@@ -129,27 +130,6 @@ impl CustomOp2 for TrainableConv {
         match output_storage(&y)? {
             (Storage::Cpu(s), shape) => Ok((s, shape)),
             _ => candle_core::bail!("conv2d: the output left the CPU"),
-        }
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        x: &candle_core::CudaStorage,
-        x_l: &Layout,
-        w: &candle_core::CudaStorage,
-        w_l: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let y = self.forward_on(
-            Storage::Cuda(x.try_clone(x_l)?),
-            x_l,
-            Storage::Cuda(w.try_clone(w_l)?),
-            w_l,
-        )?;
-        match output_storage(&y)? {
-            (Storage::Cuda(s), shape) => Ok((s, shape)),
-            _ => candle_core::bail!("conv2d: the output left the device"),
         }
     }
 

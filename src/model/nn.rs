@@ -115,16 +115,21 @@ impl Conv2d {
             let layer = FrozenLayer::conv2d(w, b, cfg.padding, cfg.stride);
             return Ok(layer.forward_untracked(x)?);
         }
-        // A trained weight: both gradients by the fast paths (see [`super::conv`]).
-        let op = super::conv::TrainableConv {
-            padding: cfg.padding,
-            stride: cfg.stride,
-        };
-        let y = x.contiguous()?.apply_op2(&w.contiguous()?, op)?;
-        Ok(match b {
-            Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?,
-            None => y,
-        })
+        if x.device().is_cpu() {
+            // A trained weight on the CPU: both gradients by our convolution (see
+            // [`super::conv`]). On CUDA candle's own layer stays until this path has been
+            // measured there.
+            let op = super::conv::TrainableConv {
+                padding: cfg.padding,
+                stride: cfg.stride,
+            };
+            let y = x.contiguous()?.apply_op2(&w.contiguous()?, op)?;
+            return Ok(match b {
+                Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?,
+                None => y,
+            });
+        }
+        Ok(self.inner.forward(x)?)
     }
 }
 
