@@ -24,10 +24,23 @@ pub(crate) fn conv2d(
     if super::cudnn::supports(x, weight) {
         return super::cudnn::conv2d(x, weight, padding, stride, candle_path);
     }
-    if super::cpu_conv::supports(x, weight) {
+    if square_kernel(weight) && super::cpu_conv::supports(&[x, weight]) {
         return super::cpu_conv::conv2d(x, weight, padding, stride);
     }
     candle_path()
+}
+
+/// `y` [B, C, H, W] plus a per-channel `bias` [C], if any.
+pub(crate) fn add_channel_bias(y: Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    match bias {
+        Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
+        None => Ok(y),
+    }
+}
+
+/// Whether a 4-D weight has a square kernel (what [`super::cpu_conv`] handles).
+fn square_kernel(weight: &Tensor) -> bool {
+    weight.dim(2).ok() == weight.dim(3).ok()
 }
 
 /// The gradient of [`conv2d`] with respect to its input of height and width `in_hw`, given the
@@ -51,7 +64,7 @@ pub(crate) fn conv2d_input_grad(
     if super::cudnn::supports(grad, weight) {
         return super::cudnn::conv2d_input_grad(grad, weight, padding, stride, in_hw, candle_path);
     }
-    if super::cpu_conv::supports(grad, weight) {
+    if square_kernel(weight) && super::cpu_conv::supports(&[grad, weight]) {
         return super::cpu_conv::conv2d_input_grad(grad, weight, padding, stride, in_hw);
     }
     candle_path()
@@ -63,11 +76,11 @@ pub(crate) fn conv2d_input_grad(
 fn conv2d_weight_grad(
     x: &Tensor,
     grad: &Tensor,
-    k: usize,
+    (k, k_w): (usize, usize),
     padding: usize,
     stride: usize,
 ) -> candle_core::Result<Tensor> {
-    if super::cpu_conv::supports(x, grad) {
+    if k == k_w && super::cpu_conv::supports(&[x, grad]) {
         return super::cpu_conv::conv2d_weight_grad(x, grad, k, padding, stride);
     }
     // With the roles of batch and channels swapped, the weight gradient is a convolution of
@@ -77,7 +90,7 @@ fn conv2d_weight_grad(
         .transpose(0, 1)?
         .conv2d(&grad.transpose(0, 1)?, padding, 1, stride, 1)?
         .transpose(0, 1)?;
-    dw.narrow(2, 0, k)?.narrow(3, 0, k)
+    dw.narrow(2, 0, k)?.narrow(3, 0, k_w)
 }
 
 /// `conv2d(x, weight)` (no bias) with a weight that is trained: forward and both gradients by
@@ -126,6 +139,15 @@ impl CustomOp2 for TrainableConv {
         w: &CpuStorage,
         w_l: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let values = |s, l| super::cpu_conv::storage_values(s, l);
+        if let (Some(xs), Some(ws)) = (values(x, x_l), values(w, w_l)) {
+            let (x_in, w_in) = ((xs, x_l.dims()), (ws, w_l.dims()));
+            if let Some(y) =
+                super::cpu_conv::conv2d_on_values(x_in, w_in, None, self.padding, self.stride)
+            {
+                return Ok(y);
+            }
+        }
         let y = self.forward_on(Storage::Cpu(x.clone()), x_l, Storage::Cpu(w.clone()), w_l)?;
         match output_storage(&y)? {
             (Storage::Cpu(s), shape) => Ok((s, shape)),
@@ -152,7 +174,8 @@ impl CustomOp2 for TrainableConv {
         } else {
             None
         };
-        let dw = conv2d_weight_grad(&x.detach(), grad, weight.dim(2)?, p, s)?;
+        let kernel = (weight.dim(2)?, weight.dim(3)?);
+        let dw = conv2d_weight_grad(&x.detach(), grad, kernel, p, s)?;
         Ok((dx, Some(dw)))
     }
 }

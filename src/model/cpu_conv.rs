@@ -12,7 +12,7 @@
 
 use std::cell::RefCell;
 
-use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Device, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 /// Upper bound, in f32 values, on one tile's im2col matrix (32 MiB).
@@ -66,20 +66,17 @@ impl Dims {
     }
 }
 
-/// Whether the fast path applies: f32 on the CPU, 4-D input and a square kernel of matching
-/// input channels.
-pub(crate) fn supports(x: &Tensor, weight: &Tensor) -> bool {
-    matches!(x.device(), Device::Cpu)
-        && x.dtype() == DType::F32
-        && weight.dtype() == DType::F32
-        && x.rank() == 4
-        && weight.rank() == 4
-        && weight.dim(1).ok() == x.dim(1).ok()
-        && weight.dim(2).ok() == weight.dim(3).ok()
+/// Whether these operands (input, weight or gradient) can take this path: every one f32, 4-D,
+/// on the CPU. Whether their sizes fit one another is checked by each function (kernels must
+/// be square, channels must match).
+pub(crate) fn supports(operands: &[&Tensor]) -> bool {
+    operands
+        .iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.rank() == 4)
 }
 
 /// Calls `f` with the f32 values of a CPU tensor (made contiguous first if it is not).
-fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+pub(crate) fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
     let t = t.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
     match &*storage {
@@ -91,11 +88,13 @@ fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Resul
     }
 }
 
+/// The sizes of a convolution of input `x_dims` under weight `w_dims`, if they fit: matching
+/// input channels, a square kernel no larger than the padded input, a stride of at least 1.
 fn dims(x_dims: &[usize], w_dims: &[usize], padding: usize, stride: usize) -> Option<Dims> {
-    let (&[_, c_in, h, w], &[c_out, _, k, _]) = (x_dims, w_dims) else {
+    let (&[_, c_in, h, w], &[c_out, w_in, k, k_w]) = (x_dims, w_dims) else {
         return None;
     };
-    if stride == 0 || h + 2 * padding < k || w + 2 * padding < k {
+    if w_in != c_in || k_w != k || stride == 0 || h + 2 * padding < k || w + 2 * padding < k {
         return None;
     }
     Some(Dims {
@@ -262,6 +261,161 @@ impl Dims {
     fn is_pointwise(&self) -> bool {
         self.k == 1 && self.stride == 1 && self.padding == 0
     }
+
+    /// The tiles of output rows: `(oy0, oy1, n)` with `n = (oy1 − oy0)·ow` values per channel.
+    fn row_tiles(&self) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+        let tile = self.tile_rows();
+        (0..self.oh).step_by(tile).map(move |oy0| {
+            let oy1 = (oy0 + tile).min(self.oh);
+            (oy0, oy1, (oy1 - oy0) * self.ow)
+        })
+    }
+
+    fn in_len(&self) -> usize {
+        self.c_in * self.h * self.w
+    }
+
+    fn out_len(&self) -> usize {
+        self.c_out * self.oh * self.ow
+    }
+}
+
+/// `conv2d` of `batch` images `x` [batch, c_in, h, w] under `w` [c_out, c_in, k, k], plus
+/// `bias` [c_out] when given, as [batch, c_out, oh, ow] values.
+fn conv2d_values(d: &Dims, batch: usize, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+    let plane_out = d.oh * d.ow;
+    let mut out = vec![0f32; batch * d.out_len()];
+    // W [c_out, c_in·k·k] (its own layout) times each tile's patches.
+    let lhs = View {
+        ptr: w.as_ptr(),
+        row_stride: d.rows(),
+        col_stride: 1,
+    };
+    for (image, out_b) in x
+        .chunks_exact(d.in_len())
+        .zip(out.chunks_exact_mut(d.out_len()))
+    {
+        for (oy0, oy1, n) in d.row_tiles() {
+            let dst = out_b[oy0 * d.ow..].as_mut_ptr();
+            if d.is_pointwise() {
+                let rhs = View {
+                    ptr: image[oy0 * d.ow..].as_ptr(),
+                    row_stride: d.h * d.w,
+                    col_stride: 1,
+                };
+                // SAFETY: lhs [c_out, c_in] = `w`, rhs [c_in, n] rows h·w apart inside
+                // `image`, dst [c_out, n] rows plane_out apart inside `out_b`.
+                unsafe { matmul((d.c_out, n, d.rows()), dst, plane_out, lhs, rhs, false) };
+                continue;
+            }
+            with_scratch(d.rows() * n, |col| {
+                im2col(d, image, (oy0, oy1), col);
+                let rhs = View {
+                    ptr: col.as_ptr(),
+                    row_stride: n,
+                    col_stride: 1,
+                };
+                // SAFETY: lhs [c_out, rows] = `w`, rhs [rows, n] = `col`, dst [c_out, n] rows
+                // plane_out apart inside `out_b`.
+                unsafe { matmul((d.c_out, n, d.rows()), dst, plane_out, lhs, rhs, false) };
+            });
+        }
+        if let Some(bias) = bias {
+            for (plane, &b) in out_b.chunks_exact_mut(plane_out).zip(bias) {
+                plane.iter_mut().for_each(|v| *v += b);
+            }
+        }
+    }
+    out
+}
+
+/// The input gradient [batch, c_in, h, w] from the output gradient `g` under `w`.
+fn input_grad_values(d: &Dims, batch: usize, g: &[f32], w: &[f32]) -> Vec<f32> {
+    let (plane_in, plane_out) = (d.h * d.w, d.oh * d.ow);
+    let mut dx = vec![0f32; batch * d.in_len()];
+    // Wᵀ [c_in·k·k, c_out]: W read column-wise.
+    let lhs = View {
+        ptr: w.as_ptr(),
+        row_stride: 1,
+        col_stride: d.rows(),
+    };
+    for (g_b, dx_b) in g
+        .chunks_exact(d.out_len())
+        .zip(dx.chunks_exact_mut(d.in_len()))
+    {
+        for (oy0, oy1, n) in d.row_tiles() {
+            // The tile's gradient rows [c_out, n], plane_out apart.
+            let rhs = View {
+                ptr: g_b[oy0 * d.ow..].as_ptr(),
+                row_stride: plane_out,
+                col_stride: 1,
+            };
+            if d.is_pointwise() {
+                let dst = dx_b[oy0 * d.ow..].as_mut_ptr();
+                // SAFETY: lhs [c_in, c_out] = `w`, rhs [c_out, n] inside `g_b`, dst [c_in, n]
+                // rows plane_in apart inside `dx_b`; tiles write disjoint columns.
+                unsafe { matmul((d.rows(), n, d.c_out), dst, plane_in, lhs, rhs, false) };
+                continue;
+            }
+            with_scratch(d.rows() * n, |cols| {
+                // SAFETY: lhs [rows, c_out] = `w`, rhs [c_out, n] inside `g_b`, dst [rows, n]
+                // = `cols`.
+                unsafe {
+                    matmul(
+                        (d.rows(), n, d.c_out),
+                        cols.as_mut_ptr(),
+                        n,
+                        lhs,
+                        rhs,
+                        false,
+                    )
+                };
+                col2im_add(d, cols, (oy0, oy1), dx_b);
+            });
+        }
+    }
+    dx
+}
+
+/// The weight gradient [c_out, c_in, k, k] from the input `x` and the output gradient `g`:
+/// `dW += dy · im2col(x)ᵀ` over images and tiles.
+fn weight_grad_values(d: &Dims, x: &[f32], g: &[f32]) -> Vec<f32> {
+    let plane_out = d.oh * d.ow;
+    let mut dw = vec![0f32; d.c_out * d.rows()];
+    let dst = dw.as_mut_ptr();
+    for (image, g_b) in x.chunks_exact(d.in_len()).zip(g.chunks_exact(d.out_len())) {
+        for (oy0, oy1, n) in d.row_tiles() {
+            // dy [c_out, n] (rows plane_out apart) times the patches, transposed.
+            let lhs = View {
+                ptr: g_b[oy0 * d.ow..].as_ptr(),
+                row_stride: plane_out,
+                col_stride: 1,
+            };
+            if d.is_pointwise() {
+                let rhs = View {
+                    ptr: image[oy0 * d.ow..].as_ptr(),
+                    row_stride: 1,
+                    col_stride: d.h * d.w,
+                };
+                // SAFETY: lhs [c_out, n] inside `g_b`, rhs [n, c_in] inside `image`, dst
+                // [c_out, c_in] = `dw`.
+                unsafe { matmul((d.c_out, d.rows(), n), dst, d.rows(), lhs, rhs, true) };
+                continue;
+            }
+            with_scratch(d.rows() * n, |col| {
+                im2col(d, image, (oy0, oy1), col);
+                let rhs = View {
+                    ptr: col.as_ptr(),
+                    row_stride: 1,
+                    col_stride: n,
+                };
+                // SAFETY: lhs [c_out, n] inside `g_b`, rhs [n, rows] = `col` read transposed,
+                // dst [c_out, rows] = `dw`.
+                unsafe { matmul((d.c_out, d.rows(), n), dst, d.rows(), lhs, rhs, true) };
+            });
+        }
+    }
+    dw
 }
 
 /// `conv2d(x, weight)` without bias (dilation 1, one group) for f32 CPU tensors
@@ -280,51 +434,42 @@ pub(crate) fn conv2d(
         )
     };
     let batch = x.dim(0)?;
-    let (plane_in, plane_out) = (d.h * d.w, d.oh * d.ow);
-    let mut out = vec![0f32; batch * d.c_out * plane_out];
-    let tile = d.tile_rows();
-    with_values(weight, |w| {
-        with_values(x, |x| {
-            for b in 0..batch {
-                let image = &x[b * d.c_in * plane_in..(b + 1) * d.c_in * plane_in];
-                let out_b = &mut out[b * d.c_out * plane_out..(b + 1) * d.c_out * plane_out];
-                for oy0 in (0..d.oh).step_by(tile) {
-                    let oy1 = (oy0 + tile).min(d.oh);
-                    let n = (oy1 - oy0) * d.ow;
-                    // W [c_out, c_in·k·k] (its own layout) times the tile's patches.
-                    let lhs = View {
-                        ptr: w.as_ptr(),
-                        row_stride: d.rows(),
-                        col_stride: 1,
-                    };
-                    let dst = out_b[oy0 * d.ow..].as_mut_ptr();
-                    if d.is_pointwise() {
-                        let rhs = View {
-                            ptr: image[oy0 * d.ow..].as_ptr(),
-                            row_stride: plane_in,
-                            col_stride: 1,
-                        };
-                        // SAFETY: lhs [c_out, c_in], rhs [c_in, n] rows plane_in apart inside
-                        // `image`, dst [c_out, n] rows plane_out apart inside `out_b`.
-                        unsafe { matmul((d.c_out, n, d.rows()), dst, plane_out, lhs, rhs, false) };
-                        continue;
-                    }
-                    with_scratch(d.rows() * n, |col| {
-                        im2col(&d, image, (oy0, oy1), col);
-                        let rhs = View {
-                            ptr: col.as_ptr(),
-                            row_stride: n,
-                            col_stride: 1,
-                        };
-                        // SAFETY: lhs [c_out, rows], rhs [rows, n] = `col`, dst [c_out, n]
-                        // rows plane_out apart inside `out_b`.
-                        unsafe { matmul((d.c_out, n, d.rows()), dst, plane_out, lhs, rhs, false) };
-                    });
-                }
-            }
-        })
+    let out = with_values(weight, |w| {
+        with_values(x, |x| conv2d_values(&d, batch, x, w, None))
     })??;
     Tensor::from_vec(out, (batch, d.c_out, d.oh, d.ow), &Device::Cpu)
+}
+
+/// The f32 values of a CPU storage under `layout`, if it is f32 and contiguous (a custom op's
+/// operand, read in place).
+pub(crate) fn storage_values<'a>(storage: &'a CpuStorage, layout: &Layout) -> Option<&'a [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((start, end))) => Some(&v[start..end]),
+        _ => None,
+    }
+}
+
+/// [`conv2d`] plus a per-channel `bias` on values read in place (a custom op's CPU forward):
+/// input `x` of `x_dims`, weight `w` of `w_dims`; `None` if the sizes do not fit.
+pub(crate) fn conv2d_on_values(
+    (x, x_dims): (&[f32], &[usize]),
+    (w, w_dims): (&[f32], &[usize]),
+    bias: Option<&[f32]>,
+    padding: usize,
+    stride: usize,
+) -> Option<(CpuStorage, Shape)> {
+    let d = dims(x_dims, w_dims, padding, stride)?;
+    let batch = x_dims[0];
+    let fits = x.len() == batch * d.in_len()
+        && w.len() == d.c_out * d.rows()
+        && bias.is_none_or(|b| b.len() == d.c_out);
+    fits.then(|| {
+        let out = conv2d_values(&d, batch, x, w, bias);
+        (
+            CpuStorage::F32(out),
+            Shape::from((batch, d.c_out, d.oh, d.ow)),
+        )
+    })
 }
 
 /// The gradient of [`conv2d`] with respect to its input [n, c_in, in_h, in_w], given the
@@ -346,61 +491,14 @@ pub(crate) fn conv2d_input_grad(
             weight.dims()
         ),
     };
-    let (plane_in, plane_out) = (d.h * d.w, d.oh * d.ow);
-    let mut dx = vec![0f32; batch * d.c_in * plane_in];
-    let tile = d.tile_rows();
-    with_values(weight, |w| {
-        with_values(grad, |g| {
-            for b in 0..batch {
-                let g_b = &g[b * d.c_out * plane_out..(b + 1) * d.c_out * plane_out];
-                let dx_b = &mut dx[b * d.c_in * plane_in..(b + 1) * d.c_in * plane_in];
-                for oy0 in (0..d.oh).step_by(tile) {
-                    let oy1 = (oy0 + tile).min(d.oh);
-                    let n = (oy1 - oy0) * d.ow;
-                    // Wᵀ [c_in·k·k, c_out] (W read column-wise) times the tile's gradient
-                    // rows [c_out, n], plane_out apart.
-                    let lhs = View {
-                        ptr: w.as_ptr(),
-                        row_stride: 1,
-                        col_stride: d.rows(),
-                    };
-                    let rhs = View {
-                        ptr: g_b[oy0 * d.ow..].as_ptr(),
-                        row_stride: plane_out,
-                        col_stride: 1,
-                    };
-                    if d.is_pointwise() {
-                        let dst = dx_b[oy0 * d.ow..].as_mut_ptr();
-                        // SAFETY: lhs [c_in, c_out] inside `w`, rhs [c_out, n] inside `g_b`,
-                        // dst [c_in, n] rows plane_in apart inside `dx_b`; tiles write
-                        // disjoint columns.
-                        unsafe { matmul((d.rows(), n, d.c_out), dst, plane_in, lhs, rhs, false) };
-                        continue;
-                    }
-                    with_scratch(d.rows() * n, |cols| {
-                        // SAFETY: lhs [rows, c_out] inside `w`, rhs [c_out, n] inside `g_b`,
-                        // dst [rows, n] = `cols`.
-                        unsafe {
-                            matmul(
-                                (d.rows(), n, d.c_out),
-                                cols.as_mut_ptr(),
-                                n,
-                                lhs,
-                                rhs,
-                                false,
-                            )
-                        };
-                        col2im_add(&d, cols, (oy0, oy1), dx_b);
-                    });
-                }
-            }
-        })
+    let dx = with_values(weight, |w| {
+        with_values(grad, |g| input_grad_values(&d, batch, g, w))
     })??;
     Tensor::from_vec(dx, (batch, d.c_in, d.h, d.w), &Device::Cpu)
 }
 
 /// The gradient of [`conv2d`] with respect to its weight [c_out, c_in, k, k], given its input
-/// `x` and the gradient `grad` of its output: `dW += dy · im2col(x)ᵀ` over images and tiles.
+/// `x` and the gradient `grad` of its output.
 pub(crate) fn conv2d_weight_grad(
     x: &Tensor,
     grad: &Tensor,
@@ -417,50 +515,7 @@ pub(crate) fn conv2d_weight_grad(
             grad.dims()
         ),
     };
-    let (plane_in, plane_out) = (d.h * d.w, d.oh * d.ow);
-    let mut dw = vec![0f32; d.c_out * d.rows()];
-    let tile = d.tile_rows();
-    with_values(x, |x| {
-        with_values(grad, |g| {
-            for b in 0..batch {
-                let image = &x[b * d.c_in * plane_in..(b + 1) * d.c_in * plane_in];
-                let g_b = &g[b * d.c_out * plane_out..(b + 1) * d.c_out * plane_out];
-                for oy0 in (0..d.oh).step_by(tile) {
-                    let oy1 = (oy0 + tile).min(d.oh);
-                    let n = (oy1 - oy0) * d.ow;
-                    // dy [c_out, n] (rows plane_out apart) times the patches, transposed.
-                    let lhs = View {
-                        ptr: g_b[oy0 * d.ow..].as_ptr(),
-                        row_stride: plane_out,
-                        col_stride: 1,
-                    };
-                    let dst = dw.as_mut_ptr();
-                    if d.is_pointwise() {
-                        let rhs = View {
-                            ptr: image[oy0 * d.ow..].as_ptr(),
-                            row_stride: 1,
-                            col_stride: plane_in,
-                        };
-                        // SAFETY: lhs [c_out, n] inside `g_b`, rhs [n, c_in] inside `image`,
-                        // dst [c_out, c_in] = `dw`.
-                        unsafe { matmul((d.c_out, d.rows(), n), dst, d.rows(), lhs, rhs, true) };
-                        continue;
-                    }
-                    with_scratch(d.rows() * n, |col| {
-                        im2col(&d, image, (oy0, oy1), col);
-                        let rhs = View {
-                            ptr: col.as_ptr(),
-                            row_stride: 1,
-                            col_stride: n,
-                        };
-                        // SAFETY: lhs [c_out, n] inside `g_b`, rhs [n, rows] = `col` read
-                        // transposed, dst [c_out, rows] = `dw`.
-                        unsafe { matmul((d.c_out, d.rows(), n), dst, d.rows(), lhs, rhs, true) };
-                    });
-                }
-            }
-        })
-    })??;
+    let dw = with_values(x, |x| with_values(grad, |g| weight_grad_values(&d, x, g)))??;
     Tensor::from_vec(dw, (d.c_out, d.c_in, d.k, d.k), &Device::Cpu)
 }
 

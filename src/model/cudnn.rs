@@ -191,7 +191,7 @@ fn handle(dev: &CudaDevice) -> candle_core::Result<sys::cudnnHandle_t> {
 
 /// Whether f32 convolutions may use TF32 tensor cores (the `tf32` precision).
 fn tf32() -> bool {
-    candle_core::cuda::gemm_reduced_precision_f32()
+    super::tf32_enabled()
 }
 
 fn math_type(dtype: DType) -> sys::cudnnMathType_t {

@@ -77,12 +77,40 @@ impl FrozenLayer {
             }
             Kind::Conv2d { padding, stride } => {
                 let y = super::conv::conv2d(x, &self.weight, padding, stride)?;
-                match &self.bias {
-                    Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
-                    None => Ok(y),
-                }
+                super::conv::add_channel_bias(y, self.bias.as_ref())
             }
         }
+    }
+
+    /// A convolution in f32 on the CPU computed on the input's storage in place (no copy of
+    /// input or output, unlike [`FrozenLayer::on_storage`]); `None` where that path does not
+    /// apply.
+    fn cpu_conv(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<Option<(CpuStorage, Shape)>> {
+        use super::cpu_conv::{conv2d_on_values, storage_values, supports, with_values};
+        let (Kind::Conv2d { padding, stride }, Some(x)) =
+            (self.kind, storage_values(storage, layout))
+        else {
+            return Ok(None);
+        };
+        let bias_fits = self
+            .bias
+            .as_ref()
+            .is_none_or(|b| b.device().is_cpu() && b.dtype() == candle_core::DType::F32);
+        if !bias_fits || !supports(&[&self.weight]) {
+            return Ok(None);
+        }
+        let x = (x, layout.dims());
+        with_values(&self.weight, |w| {
+            let w = (w, self.weight.dims());
+            match &self.bias {
+                Some(b) => with_values(b, |b| conv2d_on_values(x, w, Some(b), padding, stride)),
+                None => Ok(conv2d_on_values(x, w, None, padding, stride)),
+            }
+        })?
     }
 
     fn on_storage(&self, input: Storage, layout: &Layout) -> candle_core::Result<Tensor> {
@@ -110,6 +138,9 @@ impl CustomOp1 for FrozenLayer {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        if let Some(y) = self.cpu_conv(storage, layout)? {
+            return Ok(y);
+        }
         let y = self.on_storage(Storage::Cpu(storage.clone()), layout)?;
         match output_storage(&y)? {
             (Storage::Cpu(s), shape) => Ok((s, shape)),

@@ -116,13 +116,18 @@ pub fn enable_precision(spec: &str) {
     candle_core::cuda::set_gemm_reduced_precision_f32(tf32);
 }
 
+/// Whether the run now executing asked for `tf32` ([`enable_precision`]).
+pub fn tf32_enabled() -> bool {
+    TF32.load(Ordering::Relaxed)
+}
+
 /// The `--dtype` spelling of the precision now in force for `dtype` (after
 /// [`enable_precision`]).
 pub fn dtype_name(dtype: DType) -> &'static str {
     match dtype {
         DType::F16 => "f16",
         DType::BF16 => "bf16",
-        _ if TF32.load(Ordering::Relaxed) => "tf32",
+        _ if tf32_enabled() => "tf32",
         _ => "f32",
     }
 }

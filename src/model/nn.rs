@@ -124,10 +124,7 @@ impl Conv2d {
                 stride: cfg.stride,
             };
             let y = x.contiguous()?.apply_op2(&w.contiguous()?, op)?;
-            return Ok(match b {
-                Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?,
-                None => y,
-            });
+            return Ok(super::conv::add_channel_bias(y, b)?);
         }
         Ok(self.inner.forward(x)?)
     }
