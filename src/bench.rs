@@ -303,10 +303,10 @@ fn bench_scene(size: u32) -> Scene {
         })
     };
     Scene {
-        files: SceneFiles {
-            image: "(bench scene)".into(),
-            masks: vec!["(disc 0)".into(), "(disc 1)".into()],
-        },
+        files: SceneFiles::new(
+            "(bench scene)".into(),
+            vec!["(disc 0)".into(), "(disc 1)".into()],
+        ),
         image,
         masks: vec![disc(0.3, 0.5, 0.2), disc(0.72, 0.45, 0.16)],
     }

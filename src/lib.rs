@@ -15,5 +15,6 @@ pub mod sink;
 pub mod store;
 pub mod synth;
 pub mod tui;
+pub mod world;
 
 pub use error::{Error, Result};

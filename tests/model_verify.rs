@@ -31,10 +31,10 @@ fn scratch(name: &str) -> PathBuf {
     d
 }
 
-#[test]
-fn every_reference_tensor_matches_diffusers() {
-    let dir = fixture();
-    let checks = verify::verify(&dir, &dir.join("reference.safetensors"), &Device::Cpu).unwrap();
+/// Runs the parity harness on a bundled model folder and its reference; every tensor must pass,
+/// and each family of checks must have run.
+fn assert_matches_diffusers(dir: &Path, at_least: usize) {
+    let checks = verify::verify(dir, &dir.join("reference.safetensors"), &Device::Cpu).unwrap();
     let failed: Vec<String> = checks
         .iter()
         .filter(|c| !c.ok)
@@ -42,7 +42,8 @@ fn every_reference_tensor_matches_diffusers() {
         .collect();
     assert!(
         failed.is_empty(),
-        "tensors differ from diffusers: {failed:#?}"
+        "{}: tensors differ from diffusers: {failed:#?}",
+        dir.display()
     );
     let names: Vec<&str> = checks.iter().map(|c| c.name.as_str()).collect();
     for must in [
@@ -60,9 +61,31 @@ fn every_reference_tensor_matches_diffusers() {
         "mifo.grad_penalty_phase.token_embedding_rows",
         "e2e.image",
     ] {
-        assert!(names.contains(&must), "{must} was not checked");
+        assert!(
+            names.contains(&must),
+            "{}: {must} was not checked",
+            dir.display()
+        );
     }
-    assert!(checks.len() >= 80, "only {} tensors checked", checks.len());
+    assert!(
+        checks.len() >= at_least,
+        "{}: only {} tensors checked",
+        dir.display(),
+        checks.len()
+    );
+}
+
+#[test]
+fn every_reference_tensor_matches_diffusers() {
+    assert_matches_diffusers(&fixture(), 80);
+}
+
+/// The world's trained base model (another layout: 3 levels, one layer per block, cross-attention
+/// in the middle block, 8×8 latents) against its own diffusers reference.
+#[test]
+fn the_world_model_matches_diffusers() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/world-sd");
+    assert_matches_diffusers(&dir, 60);
 }
 
 /// A model that differs from the reference by 1% in one attention weight must fail, so the

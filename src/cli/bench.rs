@@ -62,7 +62,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     enable_precision(&args.dtype);
     let model = match args.model {
         Some(m) => m,
-        None => super::demo::fixtures_dir(None)?.join("tiny-sd21"),
+        None => super::demo::fixtures_dir(None, "tiny-sd21")?.join("tiny-sd21"),
     };
     let shape = match args.shape.as_deref() {
         None => None,

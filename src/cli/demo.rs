@@ -1,6 +1,7 @@
-//! `mifo demo`: the first thing to try. Learns the two instances of the bundled coffee scene
-//! (cup, spoon) with the bundled tiny model, synthesises them into a new scene in two boxes,
-//! and prints where everything went.
+//! `mifo demo`: the first thing to try. Draws a world scene of two similar instances (same
+//! shape, different colours), learns them with the bundled world model (`fixtures/world-sd/`,
+//! trained on the world's images), draws them with their places swapped, prints the oracle's
+//! verdict (identity, leak, outside per instance) and opens the workbench on the runs.
 
 use std::path::{Path, PathBuf};
 
@@ -8,16 +9,19 @@ use anyhow::bail;
 use clap::Args;
 
 use super::engine::{follow, submit, Submitted};
-use crate::engine::Request;
+use super::eval::{BlobCache, EngineSource};
+use crate::engine::{Client, Request, Response};
 use crate::jobs::learn::LearnJob;
 use crate::jobs::synth::SynthJob;
 use crate::learn::{scene_files, LearnConfig};
 use crate::synth::SynthConfig;
+use crate::world::score::{report, score_run};
+use crate::world::{Attribute, SceneSpec};
 
 /// Arguments of `mifo demo`.
 #[derive(Args, Debug)]
 pub struct DemoArgs {
-    /// Folder holding `tiny-sd21/` and `scenes/` (default: the checkout's `fixtures/`).
+    /// Folder holding `world-sd/` (default: the checkout's `fixtures/`).
     #[arg(long)]
     pub fixtures: Option<PathBuf>,
     /// Run again even if the demo already ran in this store.
@@ -28,20 +32,22 @@ pub struct DemoArgs {
     pub no_tui: bool,
 }
 
-pub(crate) fn fixtures_dir(flag: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+/// The fixtures folder (`--fixtures`, else the checkout's) that holds the model folder `model`.
+pub(crate) fn fixtures_dir(flag: Option<PathBuf>, model: &str) -> anyhow::Result<PathBuf> {
     let candidates = flag.into_iter().chain([
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures"),
         PathBuf::from("fixtures"),
     ]);
     for c in candidates {
-        if c.join("tiny-sd21/model_index.json").is_file() && c.join("scenes/coffee").is_dir() {
+        if c.join(model).join("model_index.json").is_file() {
             return Ok(std::fs::canonicalize(&c).unwrap_or(c));
         }
     }
-    bail!("cannot find the bundled fixtures (tiny-sd21/ and scenes/); run from the mifo checkout or pass --fixtures DIR")
+    bail!("cannot find the bundled model fixtures/{model}/; run from the mifo checkout or pass --fixtures DIR")
 }
 
-fn run_job(store: &Path, request: Request, what: &str) -> anyhow::Result<String> {
+/// Submits a job and follows it to its end; a spec that already finished gives that run.
+pub(crate) fn run_job(store: &Path, request: Request, what: &str) -> anyhow::Result<String> {
     match submit(store, &request)? {
         Submitted::AlreadyRan(id) => {
             eprintln!("{what}: already done in this store as run {id} (use --fresh to redo)");
@@ -58,35 +64,49 @@ fn run_job(store: &Path, request: Request, what: &str) -> anyhow::Result<String>
     }
 }
 
+/// The demo's scene: two circles that differ only in colour.
+const DEMO_SCENE: SceneSpec = SceneSpec {
+    seed: 1,
+    objects: 2,
+    differ: Some(Attribute::Colour),
+    size: 64,
+};
+
 /// Runs the demo.
 pub fn run(args: DemoArgs, store: &Path) -> anyhow::Result<()> {
-    let fixtures = fixtures_dir(args.fixtures)?;
-    let model = fixtures.join("tiny-sd21");
-    let scene = fixtures.join("scenes/coffee");
+    let started = std::time::Instant::now();
+    let fixtures = fixtures_dir(args.fixtures, "world-sd")?;
+    let model = fixtures.join("world-sd");
+    let scene = DEMO_SCENE.draw()?;
+    let scene_dir = store
+        .join("demo")
+        .join(format!("scene-{}", DEMO_SCENE.seed));
+    std::fs::create_dir_all(store)?;
+    let file = crate::world::write_scene_folder(&scene, &scene_dir)?;
+    let (a, b) = (&file.objects[0], &file.objects[1]);
     eprintln!(
-        "mifo demo: the tiny random-weight model in {} learns the cup (<v0>) and the spoon (<v1>)",
+        "mifo demo: the world model {} (a small Stable Diffusion trained on this world's shapes)",
         model.display()
     );
     eprintln!(
-        "of {}, then draws them into a new scene, each in its own box.",
-        scene.join("img.png").display()
+        "learns the {} (<v0>) and the {} (<v1>) of one image, {},",
+        a.object.noun_phrase(),
+        b.object.noun_phrase(),
+        scene_dir.join("img.png").display()
     );
-    eprintln!("(Random weights: the pictures are noise-like; the point is the whole pipeline. Use --model with real SD 2.1 weights for real images.)\n");
+    eprintln!(
+        "then draws them with their places swapped, and the oracle reads back what it drew.\n"
+    );
 
-    let config = LearnConfig {
-        reward_steps: 30,
-        penalty_steps: 70,
-        dreambooth_steps: 20,
-        preview_steps: 20,
-        checkpoint_every: 50,
-        ..LearnConfig::paper()
-    };
     let learn = LearnJob {
         model: model.clone(),
-        files: scene_files(&scene)?,
-        scene_dir: Some(scene),
+        files: scene_files(&scene_dir)?,
+        scene_dir: Some(scene_dir.clone()),
         preset: "paper".into(),
-        config,
+        config: LearnConfig {
+            checkpoint_every: 200,
+            ..LearnConfig::paper()
+        },
         seed: 7,
         device: "cpu".into(),
         dtype: "f32".into(),
@@ -95,47 +115,76 @@ pub fn run(args: DemoArgs, store: &Path) -> anyhow::Result<()> {
     };
     let learned = run_job(store, Request::SubmitLearn(Box::new(learn)), "learning")?;
 
+    // Swapped: each instance goes where the other stood.
+    let rect = |o: &crate::world::SceneObject| {
+        let [x0, y0, x1, y1] = o.box_fractions;
+        format!("{x0:.4},{y0:.4},{x1:.4},{y1:.4}")
+    };
     let synth = SynthJob {
         from: Some(learned.clone()),
         model,
-        prompt: "a photo of <v0> and <v1> on a wooden table".into(),
-        boxes: vec![
-            "<v0>=0.05,0.35,0.5,0.95".into(),
-            "<v1>=0.55,0.35,0.95,0.95".into(),
-        ],
-        samples: 2,
+        prompt: "a photo of <v0> and <v1>".into(),
+        boxes: vec![format!("<v0>={}", rect(b)), format!("<v1>={}", rect(a))],
+        samples: 4,
         seed: 1,
         preset: "paper".into(),
-        config: SynthConfig {
-            steps: 30,
-            guided_steps: 10,
-            ..SynthConfig::preset("paper")?
-        },
+        config: SynthConfig::preset("paper")?,
         device: "cpu".into(),
         dtype: "f32".into(),
         rerun: args.fresh,
     };
     let drawn = run_job(store, Request::SubmitSynth(Box::new(synth)), "synthesis")?;
 
+    let verdicts = {
+        let mut client = Client::connect(store)?;
+        let mut cache = BlobCache::default();
+        let verdicts = score_run(
+            &mut EngineSource {
+                client: &mut client,
+                cache: &mut cache,
+            },
+            &drawn,
+        )?;
+        match client.request(&Request::RecordScores {
+            run: drawn.clone(),
+            scores: verdicts.metrics(),
+            note: "oracle: scored by mifo demo".into(),
+        })? {
+            Response::Ok => {}
+            Response::Error(e) => bail!(e),
+            other => bail!("engine: unexpected reply {other:?}"),
+        }
+        verdicts
+    };
+    eprintln!(
+        "\nThe oracle on the {} images (identity: colour and shape as learned; leak: share of the box in the other instance's colour; outside: share of the instance drawn outside its box):",
+        verdicts.samples.len()
+    );
+    print!("{}", report(&verdicts));
+
     let s = store.display();
-    eprintln!("\nEverything is in the run store {s}:");
+    let short = |id: &str| id[..8.min(id.len())].to_string();
+    eprintln!(
+        "\nDone in {:.0} s. Everything is in the run store {s}:",
+        started.elapsed().as_secs_f64()
+    );
     eprintln!("  mifo --store {s} runs ls                         every run, newest first");
     eprintln!(
-        "  mifo --store {s} runs show {}          learned tokens, losses, outputs",
-        &learned[..8.min(learned.len())]
-    );
-    eprintln!(
         "  mifo --store {s} runs show {} --image sample_0.png",
-        &drawn[..8.min(drawn.len())]
+        short(&drawn)
     );
     eprintln!(
         "  mifo --store {s} runs diff {} {}",
-        &learned[..8.min(learned.len())],
-        &drawn[..8.min(drawn.len())]
+        short(&learned),
+        short(&drawn)
     );
     eprintln!(
-        "  mifo --store {s} runs export {} demo-out      PNGs, metrics CSV, config TOML",
-        &drawn[..8.min(drawn.len())]
+        "  mifo --store {s} world score {}             the oracle again",
+        short(&drawn)
     );
+    if !args.no_tui && std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        eprintln!("\nOpening the workbench (q quits; the runs stay in the store)…");
+        return super::workbench(store, None, "cpu", crate::tui::images::ImageMode::Auto);
+    }
     Ok(())
 }

@@ -63,14 +63,14 @@ pub struct EvalArgs {
 
 /// Runs and blobs through the engine (blobs cached: the reference photo of a tag's runs is
 /// read once).
-struct EngineSource<'a> {
-    client: &'a mut Client,
-    cache: &'a mut BlobCache,
+pub(crate) struct EngineSource<'a> {
+    pub(crate) client: &'a mut Client,
+    pub(crate) cache: &'a mut BlobCache,
 }
 
 /// Blobs already fetched (cleared past 256 MiB).
 #[derive(Default)]
-struct BlobCache {
+pub(crate) struct BlobCache {
     blobs: HashMap<BlobHash, Vec<u8>>,
     bytes: usize,
 }

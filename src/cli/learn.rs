@@ -91,13 +91,7 @@ pub fn run(args: LearnArgs, store_dir: &Path) -> anyhow::Result<()> {
         let model = crate::jobs::model_dir(args.model.clone())?;
         let (files, scene_dir) = match (&args.scene, &args.image) {
             (Some(dir), _) => (scene_files(dir)?, Some(dir.clone())),
-            (None, Some(image)) => (
-                SceneFiles {
-                    image: image.clone(),
-                    masks: args.mask.clone(),
-                },
-                None,
-            ),
+            (None, Some(image)) => (SceneFiles::new(image.clone(), args.mask.clone()), None),
             (None, None) => {
                 anyhow::bail!("give --scene DIR, or --image IMG with one --mask per instance")
             }
@@ -112,6 +106,7 @@ pub fn run(args: LearnArgs, store_dir: &Path) -> anyhow::Result<()> {
         let files = SceneFiles {
             image: abs(&files.image),
             masks: files.masks.iter().map(abs).collect(),
+            world: files.world.as_ref().map(abs),
         };
         let seed = args
             .seed

@@ -8,6 +8,7 @@ pub mod learn;
 mod model;
 pub mod runs;
 pub mod synth;
+pub mod world;
 
 use std::path::PathBuf;
 
@@ -85,6 +86,10 @@ pub enum Command {
     /// Time the pipeline's operations (learning and synthesis iterations, components) on a
     /// model folder or on SD 2.1-base shapes with random weights; prints a table.
     Bench(bench::BenchArgs),
+    /// The procedural world: seeded scenes of flat shapes with exact masks, the data set of its
+    /// base model (`fixtures/world-sd/`), and the oracle that scores synthesis on it.
+    #[command(subcommand)]
+    World(world::WorldCommand),
 }
 
 /// Entry point called by `main.rs`.
@@ -102,5 +107,6 @@ pub fn main() -> anyhow::Result<()> {
         Command::Engine(cmd) => engine::run(cmd, &cli.store),
         Command::Eval(args) => eval::run(*args, &cli.store),
         Command::Bench(args) => bench::run(args),
+        Command::World(cmd) => world::run(cmd, &cli.store),
     }
 }

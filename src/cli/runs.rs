@@ -575,6 +575,11 @@ pub fn write_show(
                 .filter(|(name, _)| name.starts_with(crate::eval::METRIC_PREFIX))
                 .filter_map(|(name, points)| points.last().map(|&(_, v)| (name.clone(), v)))
                 .collect::<BTreeMap<String, f64>>(),
+            "oracle": metrics
+                .iter()
+                .filter(|(name, _)| name.starts_with(crate::world::ORACLE_PREFIX))
+                .filter_map(|(name, points)| points.last().map(|&(_, v)| (name.clone(), v)))
+                .collect::<BTreeMap<String, f64>>(),
             "summary": store.metric_summaries(&record)?,
             "outputs": record.outputs,
             "error": record.error,
@@ -686,19 +691,21 @@ pub fn write_show(
             writeln!(out, "  {l}")?;
         }
     }
-    if metrics
-        .keys()
-        .any(|n| !n.starts_with(crate::eval::METRIC_PREFIX))
-    {
+    let oracle: BTreeMap<String, f64> = metrics
+        .iter()
+        .filter(|(name, _)| name.starts_with(crate::world::ORACLE_PREFIX))
+        .filter_map(|(name, points)| points.last().map(|&(_, v)| (name.clone(), v)))
+        .collect();
+    for line in crate::world::oracle::score_lines(&oracle) {
+        writeln!(out, "{line}")?;
+    }
+    if metrics.keys().any(|n| !crate::store::is_score(n)) {
         writeln!(
             out,
             "metrics    {:>7}  {:>12}  {:>12}  {:>12}",
             "points", "last", "min", "max"
         )?;
-        for (name, points) in metrics
-            .iter()
-            .filter(|(n, _)| !n.starts_with(crate::eval::METRIC_PREFIX))
-        {
+        for (name, points) in metrics.iter().filter(|(n, _)| !crate::store::is_score(n)) {
             if let Some(s) = SeriesSummary::of(points) {
                 writeln!(
                     out,
@@ -832,7 +839,7 @@ fn write_diff_text(diff: &RunDiff, out: &mut dyn Write) -> anyhow::Result<()> {
             )?;
         }
     }
-    let is_eval = |name: &str| name.starts_with(crate::eval::METRIC_PREFIX);
+    let is_eval = crate::store::is_score;
     let mut scores: Vec<&crate::store::MetricDelta> = diff
         .metrics
         .iter()
@@ -847,7 +854,7 @@ fn write_diff_text(diff: &RunDiff, out: &mut dyn Write) -> anyhow::Result<()> {
         (head, m.name.clone())
     });
     if !scores.is_empty() {
-        writeln!(out, "eval (A  |  B  |  B - A)")?;
+        writeln!(out, "scores (A  |  B  |  B - A)")?;
         for m in scores {
             let (a, b) = (m.a.map(|s| s.last), m.b.map(|s| s.last));
             let show = |v: Option<f64>| v.map_or_else(|| "(absent)".to_string(), format_value);

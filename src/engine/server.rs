@@ -559,9 +559,8 @@ fn handle_client(
             Request::Cancel { run } => cancel(shared, &run),
             Request::RecordScores { run, scores, note } => data(|| {
                 let id = shared.store.resolve(&run)?;
-                shared
-                    .store
-                    .record_scores(&id, crate::eval::METRIC_PREFIX, &scores, &note)?;
+                let prefix = score_prefix(&scores)?;
+                shared.store.record_scores(&id, prefix, &scores, &note)?;
                 Ok(Response::Ok)
             }),
             Request::Subscribe { run } => {
@@ -741,4 +740,18 @@ fn stream_events(
             Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
         }
     }
+}
+
+/// The family of a set of scores: `eval/` (CLIP/DINO evaluation) or `oracle/` (the world's
+/// oracle), read from the first score's name; [`Store::record_scores`] checks the rest.
+fn score_prefix(scores: &[(String, f64)]) -> Result<&'static str> {
+    let first = scores.first().map(|(n, _)| n.as_str()).unwrap_or("");
+    crate::store::SCORE_PREFIXES
+        .into_iter()
+        .find(|p| first.starts_with(p))
+        .ok_or_else(|| {
+            Error::Input(format!(
+                "score {first:?} is neither an eval/ nor an oracle/ score"
+            ))
+        })
 }

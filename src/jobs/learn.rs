@@ -102,6 +102,24 @@ pub fn prepare(store: &Store, job: &LearnJob) -> Result<RunRecord> {
     for (i, m) in job.files.masks.iter().enumerate() {
         inputs.insert(format!("mask{i}"), hash_file(m)?);
     }
+    if let Some(world) = &job.files.world {
+        let bytes = std::fs::read(world).map_err(|e| Error::io(world, e))?;
+        let file = crate::world::SceneFile::parse(&bytes, world)?;
+        if file.objects.len() != job.files.masks.len() {
+            return Err(Error::file(
+                world,
+                format!(
+                    "describes {} objects, the scene has {} masks",
+                    file.objects.len(),
+                    job.files.masks.len()
+                ),
+            ));
+        }
+        inputs.insert(
+            crate::world::WORLD_INPUT.to_string(),
+            crate::store::Digest::of(&bytes),
+        );
+    }
     let spec = RunSpec {
         kind: RunKind::Learn,
         config: spec_config(&job.preset, &job.dtype, &job.config)?,
@@ -113,7 +131,7 @@ pub fn prepare(store: &Store, job: &LearnJob) -> Result<RunRecord> {
     };
     let rerun_of = super::rerun_of(store, &spec, job.rerun)?;
     store.put_blob_file(&job.files.image)?;
-    for m in &job.files.masks {
+    for m in job.files.masks.iter().chain(&job.files.world) {
         store.put_blob_file(m)?;
     }
     let defaults = LearnConfig::preset(&job.preset)?;
@@ -339,6 +357,10 @@ pub fn resume_with_hook(
         masks: (0..mask_count)
             .map(|i| blob(&format!("mask{i}")))
             .collect::<Result<_>>()?,
+        world: spec
+            .inputs
+            .get(crate::world::WORLD_INPUT)
+            .map(|h| store.blobs().path(h)),
     };
     let scene = learn::load_scene(&files, model_resolution(&sd), true)?;
     let checkpoint = match record.outputs.get(CHECKPOINT_OUTPUT) {
@@ -456,6 +478,10 @@ pub fn job_from_spec(
             masks: (0..n)
                 .map(|i| blob(&format!("mask{i}")))
                 .collect::<Result<_>>()?,
+            world: spec
+                .inputs
+                .get(crate::world::WORLD_INPUT)
+                .map(|h| blobs.path(h)),
         },
         scene_dir: scene.map(PathBuf::from),
         preset,

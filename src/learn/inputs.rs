@@ -24,9 +24,25 @@ pub struct SceneFiles {
     pub image: PathBuf,
     /// One mask per instance; mask i becomes token `<vi>`.
     pub masks: Vec<PathBuf>,
+    /// The world's description of the scene (`scene.json` of a `mifo world scene` folder):
+    /// kept with the learning run so the oracle knows each instance's attributes.
+    #[serde(default)]
+    pub world: Option<PathBuf>,
 }
 
-/// Finds `img.(png|jpg|jpeg)` and `mask*.png` (sorted by name) in a scene folder.
+impl SceneFiles {
+    /// An image and its masks, with no world description.
+    pub fn new(image: PathBuf, masks: Vec<PathBuf>) -> SceneFiles {
+        SceneFiles {
+            image,
+            masks,
+            world: None,
+        }
+    }
+}
+
+/// Finds `img.(png|jpg|jpeg)` and `mask*.png` (sorted by name) in a scene folder, and the
+/// world's `scene.json` when the folder has one.
 pub fn scene_files(dir: &Path) -> Result<SceneFiles> {
     let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
     let mut images = Vec::new();
@@ -56,7 +72,12 @@ pub fn scene_files(dir: &Path) -> Result<SceneFiles> {
     if masks.is_empty() {
         return Err(Error::file(dir, "no mask*.png in the scene folder"));
     }
-    Ok(SceneFiles { image, masks })
+    let world = dir.join(crate::world::SCENE_FILE);
+    Ok(SceneFiles {
+        image,
+        masks,
+        world: world.is_file().then_some(world),
+    })
 }
 
 /// A validated scene at the model's resolution.

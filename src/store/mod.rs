@@ -51,6 +51,7 @@ pub use maintenance::{CheckReport, GcReport, Problem, RemoveReport};
 pub use metrics::{Point, CHUNK_POINTS};
 pub use png::{add_png_text_chunks, png_text_chunks};
 pub use record::{RunRecord, RunStatus, SeriesSummary, MAX_RECORD_BYTES};
+pub use scores::{is_score, SCORE_PREFIXES};
 pub use spec::{code_version, write_canonical_json, RunKind, RunSpec, SPEC_ENCODING_PREFIX};
 pub use time::{format_age, format_duration, format_utc, now_ms};
 

@@ -12,6 +12,15 @@ use super::ids::RunId;
 use super::record::{RunRecord, RunStatus, SeriesSummary};
 use super::{cut_log_line, lock, log_key, metrics, Store};
 
+/// The families of scores added after a run finished: `eval/` (CLIP and DINO, `mifo eval`) and
+/// `oracle/` (the world's oracle, `mifo world score`).
+pub const SCORE_PREFIXES: [&str; 2] = ["eval/", "oracle/"];
+
+/// Whether a metric is such a score rather than a series the run itself wrote.
+pub fn is_score(name: &str) -> bool {
+    SCORE_PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
 impl Store {
     /// Replaces every metric series of finished (`done`) run `id` whose name starts with
     /// `prefix` (which must end in `/`) by `scores`, one point at step 0 each, and appends `note`

@@ -739,13 +739,7 @@ impl Backend for LocalBackend {
                 if masks.is_empty() {
                     bail!("give at least one mask");
                 }
-                (
-                    SceneFiles {
-                        image: image.clone(),
-                        masks: masks.clone(),
-                    },
-                    None,
-                )
+                (SceneFiles::new(image.clone(), masks.clone()), None)
             }
         };
         for p in std::iter::once(&files.image).chain(&files.masks) {

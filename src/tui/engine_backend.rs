@@ -220,13 +220,9 @@ impl Backend for EngineBackend {
         let model = self.model_dir(l.model.clone())?;
         let (files, scene_dir) = match &l.source {
             LearnSource::Scene(dir) => (scene_files(dir)?, Some(dir.clone())),
-            LearnSource::Files { image, masks } => (
-                SceneFiles {
-                    image: image.clone(),
-                    masks: masks.clone(),
-                },
-                None,
-            ),
+            LearnSource::Files { image, masks } => {
+                (SceneFiles::new(image.clone(), masks.clone()), None)
+            }
         };
         if files.masks.is_empty() {
             bail!("give at least one mask");
@@ -236,6 +232,7 @@ impl Backend for EngineBackend {
         let files = SceneFiles {
             image: abs(&files.image)?,
             masks: files.masks.iter().map(abs).collect::<Result<_>>()?,
+            world: files.world.as_ref().map(abs).transpose()?,
         };
         let label = format!(
             "learn {} ({}, seed {})",

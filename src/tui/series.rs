@@ -70,7 +70,7 @@ pub struct ChartModel {
 pub fn metric_groups(metrics: &Metrics) -> Vec<String> {
     let mut groups: Vec<String> = Vec::new();
     for name in metrics.keys() {
-        if name == "phase" || name.starts_with(crate::eval::METRIC_PREFIX) {
+        if name == "phase" || crate::store::is_score(name) {
             continue;
         }
         let g = name.split('/').next().unwrap_or(name).to_string();

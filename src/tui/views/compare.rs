@@ -121,13 +121,12 @@ impl CompareState {
             }
             per_run.push(m);
         }
-        // Evaluation scores (`mifo eval`) head the table: the final value of each `eval/*`
-        // series, the paper's four first.
+        // Scores (`mifo eval`, `mifo world score`) head the table: the final value of each
+        // `eval/*` and `oracle/*` series, the paper's four first.
         for (m, metrics) in per_run.iter_mut().zip(&self.metrics) {
             let Some(metrics) = metrics else { continue };
             for (name, points) in metrics {
-                if name.starts_with(crate::eval::METRIC_PREFIX) && name != crate::eval::SETUP_METRIC
-                {
+                if crate::store::is_score(name) && name != crate::eval::SETUP_METRIC {
                     if let Some(&(_, v)) = points.last() {
                         m.insert(name.clone(), format!("{v:.4}"));
                     }
@@ -142,7 +141,7 @@ impl CompareState {
                     .position(|(_, n)| *n == k)
                     .unwrap_or(0)
             }
-            k if k.starts_with(crate::eval::METRIC_PREFIX) => 4,
+            k if crate::store::is_score(k) => 4,
             "kind" => 5,
             "status" => 6,
             "seed" => 7,
@@ -176,7 +175,7 @@ impl CompareState {
             .iter()
             .flatten()
             .flat_map(|m| m.keys().cloned())
-            .filter(|n| n != "phase" && !n.starts_with(crate::eval::METRIC_PREFIX))
+            .filter(|n| n != "phase" && !crate::store::is_score(n))
             .collect();
         self.metric_names = names.into_iter().collect();
         self.metric_names

@@ -532,6 +532,22 @@ fn summary_lines(app: &App, d: &DetailState, detail: &RunDetail) -> Vec<Line<'st
                 Span::raw(format!("{}  {}", pairs[2], pairs[3])),
             ]));
         }
+        // The world oracle's scores (`mifo world score`).
+        let oracle: std::collections::BTreeMap<String, f64> = metrics
+            .iter()
+            .filter(|(n, _)| n.starts_with(crate::world::ORACLE_PREFIX))
+            .filter_map(|(n, p)| p.last().map(|&(_, v)| (n.clone(), v)))
+            .collect();
+        for (i, line) in crate::world::oracle::score_lines(&oracle)
+            .into_iter()
+            .enumerate()
+        {
+            let text = line.trim_start_matches("oracle").trim().to_string();
+            lines.push(Line::from(vec![
+                label(if i == 0 { "oracle" } else { "" }),
+                Span::raw(text),
+            ]));
+        }
     }
     lines
 }

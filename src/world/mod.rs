@@ -1,0 +1,144 @@
+//! The procedural world: seeded scenes of flat shapes with exact masks and known attributes,
+//! the data set the world's base model (`fixtures/world-sd/`) was trained on, and the oracle
+//! that reads the attributes back from generated pixels.
+//!
+//! A scene folder written by [`write_scene_folder`] is what `mifo learn --scene` reads
+//! (`img.png`, `mask0.png`, …) plus `scene.json` ([`SceneFile`]), which a learning run keeps
+//! among its inputs (`world`) so that the oracle knows what each `<vK>` is.
+
+pub mod bench;
+pub mod dataset;
+pub mod oracle;
+pub mod quality;
+pub mod scene;
+pub mod score;
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+pub use scene::{
+    caption, Attribute, Colour, PixelBox, SceneSpec, Shape, WorldObject, WorldScene, ATTRIBUTES,
+    COLOURS, SHAPES,
+};
+
+use crate::error::{Error, Result};
+
+/// Prefix of the oracle's scores stored with a run (`oracle/identity/<v0>`, …).
+pub const ORACLE_PREFIX: &str = "oracle/";
+/// Name of the learning-run input that holds `scene.json`.
+pub const WORLD_INPUT: &str = "world";
+/// File name of a scene's description in a scene folder.
+pub const SCENE_FILE: &str = "scene.json";
+/// Version of [`SceneFile`]'s layout.
+pub const SCENE_FILE_VERSION: u32 = 1;
+
+/// `scene.json`: what a world scene holds, object `i` being mask `i` and token `<vi>`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SceneFile {
+    /// Layout version ([`SCENE_FILE_VERSION`]).
+    pub world: u32,
+    /// What the scene was drawn from.
+    pub spec: SceneSpec,
+    /// The caption naming every object ("a photo of a red circle and a blue circle").
+    pub caption: String,
+    /// The objects in mask order.
+    pub objects: Vec<SceneObject>,
+}
+
+/// One object of `scene.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SceneObject {
+    /// The placeholder that learns it (`<v0>`).
+    pub token: String,
+    /// Its mask file in the folder.
+    pub mask: String,
+    /// Shape, colour and pixel box.
+    #[serde(flatten)]
+    pub object: WorldObject,
+    /// The box in image fractions `[x0, y0, x1, y1]`, as `--box` takes it.
+    pub box_fractions: [f32; 4],
+}
+
+impl SceneFile {
+    /// The description of a drawn scene.
+    pub fn of(scene: &WorldScene) -> SceneFile {
+        SceneFile {
+            world: SCENE_FILE_VERSION,
+            spec: scene.spec,
+            caption: scene.caption(),
+            objects: scene
+                .objects
+                .iter()
+                .enumerate()
+                .map(|(i, o)| SceneObject {
+                    token: format!("<v{i}>"),
+                    mask: format!("mask{i}.png"),
+                    object: *o,
+                    box_fractions: o.bbox.fractions(scene.spec.size),
+                })
+                .collect(),
+        }
+    }
+
+    /// Parses `scene.json` bytes; `what` names the source in errors.
+    pub fn parse(bytes: &[u8], what: &Path) -> Result<SceneFile> {
+        let file: SceneFile = serde_json::from_slice(bytes)
+            .map_err(|e| Error::file(what, format!("not a world scene description ({e})")))?;
+        if file.world != SCENE_FILE_VERSION {
+            return Err(Error::file(
+                what,
+                format!(
+                    "world scene layout {} (this mifo reads {SCENE_FILE_VERSION})",
+                    file.world
+                ),
+            ));
+        }
+        if file.objects.is_empty() {
+            return Err(Error::file(what, "no objects"));
+        }
+        Ok(file)
+    }
+
+    /// The objects, in mask order.
+    pub fn world_objects(&self) -> Vec<WorldObject> {
+        self.objects.iter().map(|o| o.object).collect()
+    }
+}
+
+/// Writes `img.png`, `mask0.png`… and `scene.json` into `dir` (created if missing; existing
+/// files of those names are replaced, a folder holding other scene files is refused).
+pub fn write_scene_folder(scene: &WorldScene, dir: &Path) -> Result<SceneFile> {
+    if dir.is_file() {
+        return Err(Error::file(dir, "is a file, not a folder"));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    // A stale mask from an earlier scene with more objects would join this scene as `<vN>`.
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    for e in entries {
+        let e = e.map_err(|e| Error::io(dir, e))?;
+        let name = e.file_name().to_string_lossy().to_lowercase();
+        let ours = name == "img.png"
+            || name == SCENE_FILE
+            || (0..scene.objects.len()).any(|i| name == format!("mask{i}.png"));
+        if !ours && (name.starts_with("mask") || name.starts_with("img.")) {
+            return Err(Error::file(
+                dir,
+                format!("already holds {name}, which would join the scene; use an empty folder"),
+            ));
+        }
+    }
+    let save = |name: &str, result: image::ImageResult<()>| {
+        result.map_err(|e| Error::file(dir.join(name), format!("cannot write ({e})")))
+    };
+    save("img.png", scene.image.save(dir.join("img.png")))?;
+    for i in 0..scene.objects.len() {
+        let name = format!("mask{i}.png");
+        save(&name, scene.mask(i).save(dir.join(&name)))?;
+    }
+    let file = SceneFile::of(scene);
+    let json = serde_json::to_string_pretty(&file).expect("scene file serialises");
+    let path = dir.join(SCENE_FILE);
+    std::fs::write(&path, json + "\n").map_err(|e| Error::io(&path, e))?;
+    Ok(file)
+}
