@@ -224,7 +224,7 @@ fn scores_are_computed_stored_and_shown() {
 
     // runs diff lists the scores side by side.
     let diff = ok(&mifo(&store, &["runs", "diff", &l, &s]));
-    assert!(diff.contains("eval (A  |  B  |  B - A)"), "{diff}");
+    assert!(diff.contains("scores (A  |  B  |  B - A)"), "{diff}");
     assert!(diff.contains("eval/sim_c"), "{diff}");
     assert!(!diff.contains("eval/setup"), "{diff}");
 
