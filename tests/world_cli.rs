@@ -80,7 +80,7 @@ fn scenes_are_deterministic_and_describe_their_objects() {
         let mask = image::open(a_dir.join(format!("mask{i}.png")))
             .unwrap()
             .to_luma8();
-        let want = match o["colour"].as_str().unwrap() {
+        let want: [u8; 3] = match o["colour"].as_str().unwrap() {
             "red" => [215, 40, 40],
             "green" => [35, 160, 60],
             "blue" => [40, 70, 215],

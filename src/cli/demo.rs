@@ -10,7 +10,7 @@ use clap::Args;
 
 use super::engine::{follow, submit, Submitted};
 use super::eval::{BlobCache, EngineSource};
-use crate::engine::{Client, Request, Response};
+use crate::engine::{Client, Request};
 use crate::jobs::learn::LearnJob;
 use crate::jobs::synth::SynthJob;
 use crate::learn::{scene_files, LearnConfig};
@@ -145,15 +145,11 @@ pub fn run(args: DemoArgs, store: &Path) -> anyhow::Result<()> {
             },
             &drawn,
         )?;
-        match client.request(&Request::RecordScores {
-            run: drawn.clone(),
-            scores: verdicts.metrics(),
-            note: "oracle: scored by mifo demo".into(),
-        })? {
-            Response::Ok => {}
-            Response::Error(e) => bail!(e),
-            other => bail!("engine: unexpected reply {other:?}"),
-        }
+        client.record_scores(
+            &drawn,
+            verdicts.metrics(),
+            "oracle: scored by mifo demo".into(),
+        )?;
         verdicts
     };
     eprintln!(

@@ -342,15 +342,7 @@ pub fn run(args: EvalArgs, store: &Path) -> anyhow::Result<()> {
                 .map(|n| format!("; {n}"))
                 .collect::<String>()
         );
-        match client.request(&Request::RecordScores {
-            run: prepared.id.to_string(),
-            scores: metrics.clone(),
-            note,
-        })? {
-            Response::Ok => {}
-            Response::Error(e) => bail!(e),
-            other => bail!("engine: unexpected reply {other:?}"),
-        }
+        client.record_scores(&prepared.id.to_string(), metrics.clone(), note)?;
         if args.json {
             // Reported in the JSON document below.
         } else if *explicit {

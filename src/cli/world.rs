@@ -272,15 +272,7 @@ fn score(args: ScoreArgs, store: &Path) -> anyhow::Result<()> {
             verdicts.scene.spec.seed,
             verdicts.learned
         );
-        match client.request(&Request::RecordScores {
-            run: verdicts.run.to_string(),
-            scores: metrics.clone(),
-            note,
-        })? {
-            Response::Ok => {}
-            Response::Error(e) => bail!(e),
-            other => bail!("engine: unexpected reply {other:?}"),
-        }
+        client.record_scores(&verdicts.run.to_string(), metrics.clone(), note)?;
         if !args.json && *explicit {
             print!("{}", report(&verdicts));
         }
@@ -492,15 +484,11 @@ fn bench(args: BenchArgs, store: &Path) -> anyhow::Result<()> {
                     &id,
                 )?;
                 let metrics = verdicts.metrics();
-                match client.request(&Request::RecordScores {
-                    run: id.clone(),
-                    scores: metrics.clone(),
-                    note: "oracle: scored by mifo world bench".into(),
-                })? {
-                    Response::Ok => {}
-                    Response::Error(e) => bail!(e),
-                    other => bail!("engine: unexpected reply {other:?}"),
-                }
+                client.record_scores(
+                    &id,
+                    metrics.clone(),
+                    "oracle: scored by mifo world bench".into(),
+                )?;
                 per_row
                     .entry(row.name)
                     .or_default()

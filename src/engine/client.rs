@@ -91,8 +91,6 @@ impl Client {
         }
     }
 
-    /// Subscribes to the events of `run` (or all runs) and returns them as an iterator; the
-    /// iterator ends when the engine closes the stream.
     /// A run's record and spec (by id or unique prefix), and the model folder the store knows
     /// for it ([`Request::Detail`] without logs and tags).
     pub fn stored_run(&mut self, run: &str) -> Result<StoredRun> {
@@ -117,6 +115,27 @@ impl Client {
         }
     }
 
+    /// Stores scores (`eval/*` or `oracle/*`) with finished run `run` in one transaction, with
+    /// `note` in its log ([`Request::RecordScores`]).
+    pub fn record_scores(
+        &mut self,
+        run: &str,
+        scores: Vec<(String, f64)>,
+        note: String,
+    ) -> Result<()> {
+        match self.request(&Request::RecordScores {
+            run: run.to_string(),
+            scores,
+            note,
+        })? {
+            Response::Ok => Ok(()),
+            Response::Error(e) => Err(Error::Input(e)),
+            other => Err(Error::Input(format!("engine: unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Subscribes to the events of `run` (or all runs) and returns them as an iterator; the
+    /// iterator ends when the engine closes the stream.
     pub fn subscribe(mut self, run: Option<&str>) -> Result<Events> {
         match self.request(&Request::Subscribe {
             run: run.map(String::from),

@@ -189,15 +189,7 @@ pub fn prepare(
                 .and_then(|p| p.as_str())
                 .ok_or_else(|| Error::Input(format!("run {id}: its spec has no prompt")))?
                 .to_string();
-            let boxes: Vec<crate::synth::BoxSpec> = spec
-                .config
-                .get("boxes")
-                .and_then(|b| b.as_array())
-                .map(|a| a.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>())
-                .unwrap_or_default()
-                .into_iter()
-                .map(crate::synth::parse_box)
-                .collect::<Result<_>>()?;
+            let boxes = crate::synth::boxes::stored_boxes(&spec.config)?;
             let (refs, mut words) = match &spec.parent {
                 Some(parent) => {
                     let (prec, pspec) = src.run(parent.as_str())?;

@@ -15,6 +15,18 @@ pub struct BoxSpec {
     pub rect: [f32; 4],
 }
 
+/// The boxes a stored synthesis spec's config holds (`"boxes": ["<v0>=x0,y0,x1,y1", …]`).
+pub fn stored_boxes(config: &serde_json::Value) -> Result<Vec<BoxSpec>> {
+    config
+        .get("boxes")
+        .and_then(|b| b.as_array())
+        .map(|a| a.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .map(parse_box)
+        .collect()
+}
+
 impl BoxSpec {
     /// Checks the coordinates: finite, inside [0, 1], x0 < x1 and y0 < y1; and a non-empty
     /// subject. The message names the box as the user wrote it.

@@ -26,7 +26,7 @@ pub fn scene(i: usize) -> SceneSpec {
     SceneSpec {
         seed: FIRST_SCENE_SEED + i as u64,
         objects: 2,
-        differ: Some(if i % 2 == 0 {
+        differ: Some(if i.is_multiple_of(2) {
             Attribute::Colour
         } else {
             Attribute::Shape

@@ -153,7 +153,7 @@ impl Reading {
                 });
             }
         }
-        objects.sort_by(|a, b| b.pixels.len().cmp(&a.pixels.len()));
+        objects.sort_by_key(|o| std::cmp::Reverse(o.pixels.len()));
         Reading {
             width,
             height,
@@ -241,9 +241,7 @@ fn blend_towards(p: [f32; 3], own: [f32; 3], other: [f32; 3]) -> f32 {
     let t = (((p[0] - own[0]) * d[0] + (p[1] - own[1]) * d[1] + (p[2] - own[2]) * d[2]) / len2)
         .clamp(0.0, 1.0);
     let on_segment = [own[0] + t * d[0], own[1] + t * d[1], own[2] + t * d[2]];
-    if dist(p, on_segment) >= COLOUR_RADIUS {
-        0.0
-    } else if t < BLEND_DEAD_ZONE {
+    if dist(p, on_segment) >= COLOUR_RADIUS || t < BLEND_DEAD_ZONE {
         0.0
     } else if t > 1.0 - BLEND_DEAD_ZONE {
         1.0

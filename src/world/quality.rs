@@ -106,7 +106,7 @@ pub fn prompt_objects(i: usize, seed: u64) -> Vec<(Shape, Colour)> {
         .iter()
         .flat_map(|&s| COLOURS.iter().map(move |&c| (s, c)))
         .collect();
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         vec![kinds[(i / 2) % kinds.len()]]
     } else {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ (i as u64).wrapping_mul(0x9E37));

@@ -98,15 +98,7 @@ pub fn score_run(src: &mut dyn RunSource, run: &str) -> Result<RunVerdicts> {
         .and_then(|p| p.as_str())
         .unwrap_or_default()
         .to_string();
-    let boxes: Vec<crate::synth::BoxSpec> = spec
-        .config
-        .get("boxes")
-        .and_then(|b| b.as_array())
-        .map(|a| a.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>())
-        .unwrap_or_default()
-        .into_iter()
-        .map(crate::synth::parse_box)
-        .collect::<Result<_>>()?;
+    let boxes = crate::synth::boxes::stored_boxes(&spec.config)?;
     let subjects: Vec<(String, usize, [f32; 4])> = boxes
         .iter()
         .filter_map(|b| {
