@@ -22,7 +22,7 @@ use clap::{Parser, Subcommand};
     version,
     about,
     long_about = None,
-    after_help = "With no command, mifo opens the workbench (a terminal UI) on the run store.\nNew here? Run `mifo demo`: it learns and synthesises on the bundled tiny model."
+    after_help = "With no command, mifo opens the workbench (a terminal UI) on the run store.\nNew here? Run `mifo demo`: it learns two instances with the bundled world model and draws them."
 )]
 pub struct Cli {
     /// The run store folder.
@@ -65,7 +65,8 @@ pub fn workbench(
 /// Top-level subcommands.
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Learn and synthesise on the bundled tiny model and scene: the first thing to try.
+    /// The first thing to try: learn two similar instances of a world scene with the bundled
+    /// world model, draw them swapped, print the oracle's verdict, open the workbench.
     Demo(demo::DemoArgs),
     /// Learn one placeholder token <vK> per instance mask from one image (paper Algorithm 1).
     Learn(Box<learn::LearnArgs>),
