@@ -10,7 +10,7 @@ use super::eval::{BlobCache, EngineSource};
 use crate::engine::{Client, Request, Response};
 use crate::store::RunStatus;
 use crate::world::quality::{self, QualityOptions};
-use crate::world::score::{report, score_run};
+use crate::world::score::{mean_of_runs, report, score_run};
 use crate::world::{self, Attribute, SceneSpec, ORACLE_PREFIX};
 
 /// `mifo world` subcommands.
@@ -288,14 +288,7 @@ fn score(args: ScoreArgs, store: &Path) -> anyhow::Result<()> {
     let rows: Vec<(String, usize, BTreeMap<String, f64>)> = tag_runs
         .iter()
         .map(|(tag, ids)| {
-            let mut mean: BTreeMap<String, f64> = BTreeMap::new();
-            for id in ids {
-                for (k, v) in &stored[id] {
-                    if !k[ORACLE_PREFIX.len()..].contains('/') {
-                        *mean.entry(k.clone()).or_default() += v / ids.len() as f64;
-                    }
-                }
-            }
+            let mean = mean_of_runs(ids.iter().map(|id| &stored[id]));
             (tag.clone(), ids.len(), mean)
         })
         .collect();
@@ -500,15 +493,7 @@ fn bench(args: BenchArgs, store: &Path) -> anyhow::Result<()> {
         .iter()
         .map(|row| {
             let runs = &per_row[row.name];
-            let mut mean: BTreeMap<String, f64> = BTreeMap::new();
-            for m in runs {
-                for (k, v) in m {
-                    if !k[ORACLE_PREFIX.len()..].contains('/') {
-                        *mean.entry(k.clone()).or_default() += v / runs.len() as f64;
-                    }
-                }
-            }
-            (row.name.to_string(), runs.len(), mean)
+            (row.name.to_string(), runs.len(), mean_of_runs(runs.iter()))
         })
         .collect();
     if args.json {

@@ -270,9 +270,7 @@ pub fn judge(
     let foreground: Vec<usize> = (0..box_mask.len())
         .filter(|&i| box_mask[i] && reading.class(i) != PixelClass::Background)
         .collect();
-    let present = box_area > 0
-        && foreground.len() as f32 >= MIN_PRESENT_FRACTION * box_area as f32
-        && !foreground.is_empty();
+    let present = box_area > 0 && foreground.len() as f32 >= MIN_PRESENT_FRACTION * box_area as f32;
     let main = reading
         .objects
         .iter()

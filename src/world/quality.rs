@@ -12,7 +12,7 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use super::oracle::{judge_prompt, Reading};
-use super::scene::{caption, Colour, PixelBox, Shape, WorldObject, COLOURS, SHAPES};
+use super::scene::{caption_of, Colour, Shape, COLOURS, SHAPES};
 use crate::error::Result;
 use crate::imageio::tensor_to_rgb;
 use crate::model::sample::{seeded_normal, Sampler};
@@ -139,20 +139,7 @@ pub fn measure(
     let mut images = Vec::with_capacity(options.images);
     for i in 0..options.images {
         let asked = prompt_objects(i, options.seed);
-        let objects: Vec<WorldObject> = asked
-            .iter()
-            .map(|&(shape, colour)| WorldObject {
-                shape,
-                colour,
-                bbox: PixelBox {
-                    x0: 0,
-                    y0: 0,
-                    x1: 1,
-                    y1: 1,
-                },
-            })
-            .collect();
-        let prompt = caption(&objects);
+        let prompt = caption_of(&asked);
         let ids = Tensor::new(tok.encode(&prompt)?, dev)?.unsqueeze(0)?;
         let latent = seeded_normal(&[1, channels, size, size], options.seed + i as u64, dev)?
             .to_dtype(sd.dtype)?;

@@ -423,9 +423,15 @@ impl WorldScene {
 
 /// "a photo of a red circle", "a photo of a red circle and a blue square", "…, a … and a …".
 pub fn caption(objects: &[WorldObject]) -> String {
-    let phrases: Vec<String> = objects
+    let kinds: Vec<(Shape, Colour)> = objects.iter().map(|o| (o.shape, o.colour)).collect();
+    caption_of(&kinds)
+}
+
+/// The caption naming objects of these kinds, in order.
+pub fn caption_of(kinds: &[(Shape, Colour)]) -> String {
+    let phrases: Vec<String> = kinds
         .iter()
-        .map(|o| format!("a {}", o.noun_phrase()))
+        .map(|(s, c)| format!("a {} {}", c.word(), s.word()))
         .collect();
     let list = match phrases.len() {
         0 => String::new(),

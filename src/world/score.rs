@@ -151,6 +151,25 @@ pub fn score_run(src: &mut dyn RunSource, run: &str) -> Result<RunVerdicts> {
     })
 }
 
+/// The mean, over runs, of each run's headline scores (`oracle/identity`, … — the means over
+/// placeholders, not the per-placeholder series): one row of a tag or bench table.
+pub fn mean_of_runs<'a>(
+    runs: impl ExactSizeIterator<Item = &'a BTreeMap<String, f64>>,
+) -> BTreeMap<String, f64> {
+    let n = runs.len().max(1) as f64;
+    let mut mean: BTreeMap<String, f64> = BTreeMap::new();
+    for m in runs {
+        for (k, v) in m {
+            if k.strip_prefix(ORACLE_PREFIX)
+                .is_some_and(|rest| !rest.contains('/'))
+            {
+                *mean.entry(k.clone()).or_default() += v / n;
+            }
+        }
+    }
+    mean
+}
+
 /// The table `mifo world score` prints for one run.
 pub fn report(v: &RunVerdicts) -> String {
     let mut out = format!(
