@@ -14,7 +14,6 @@ use crate::engine::{Client, Request};
 use crate::jobs::learn::LearnJob;
 use crate::jobs::synth::SynthJob;
 use crate::learn::{scene_files, LearnConfig};
-use crate::synth::SynthConfig;
 use crate::world::score::{report, score_run};
 use crate::world::{Attribute, SceneSpec};
 
@@ -115,20 +114,17 @@ pub fn run(args: DemoArgs, store: &Path) -> anyhow::Result<()> {
     };
     let learned = run_job(store, Request::SubmitLearn(Box::new(learn)), "learning")?;
 
-    // Swapped: each instance goes where the other stood.
-    let rect = |o: &crate::world::SceneObject| {
-        let [x0, y0, x1, y1] = o.box_fractions;
-        format!("{x0:.4},{y0:.4},{x1:.4},{y1:.4}")
-    };
+    // Swapped: each instance goes where the other stood (its box keeps the instance's size).
+    let boxes = crate::world::bench::Layout::Swapped.boxes(&file);
     let synth = SynthJob {
         from: Some(learned.clone()),
         model,
         prompt: "a photo of <v0> and <v1>".into(),
-        boxes: vec![format!("<v0>={}", rect(b)), format!("<v1>={}", rect(a))],
+        boxes,
         samples: 4,
         seed: 1,
         preset: "paper".into(),
-        config: SynthConfig::preset("paper")?,
+        config: crate::world::synth_config(),
         device: "cpu".into(),
         dtype: "f32".into(),
         rerun: args.fresh,

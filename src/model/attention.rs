@@ -62,6 +62,19 @@ pub trait AttentionHook {
     fn probs(&mut self, _call: &AttnCall, _probs: &Tensor) -> Result<()> {
         Ok(())
     }
+
+    /// Whether this call should also report, through [`AttentionHook::unbiased_probs`], the
+    /// probabilities the layer would have produced without the hook's bias.
+    fn wants_unbiased(&mut self, _call: &AttnCall) -> bool {
+        false
+    }
+
+    /// The softmax of the same forward's logits *before* the bias, detached from the graph
+    /// (`[batch, heads, queries, keys]`); the same tensor as [`AttentionHook::probs`] when no
+    /// bias was added. Called after `probs`, only when [`AttentionHook::wants_unbiased`] said so.
+    fn unbiased_probs(&mut self, _call: &AttnCall, _probs: &Tensor) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Per-forward state: the optional hook and the running call counters.
@@ -216,15 +229,26 @@ impl Attention {
         // The 1/√d scale goes on q ([B, h, N, d]) rather than on the [B, h, N, M] logits:
         // one full-size tensor less per layer, which matters for the backward's memory.
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let mut logits = (q * scale)?.matmul(&k.t()?)?;
+        let unbiased_logits = (q * scale)?.matmul(&k.t()?)?;
+        let mut logits = unbiased_logits.clone();
+        let mut biased = false;
         if let Some(h) = hook.as_deref_mut() {
             if let Some(bias) = h.logit_bias(&call)? {
                 logits = logits.broadcast_add(&bias.to_dtype(logits.dtype())?)?;
+                biased = true;
             }
         }
         let probs = softmax_last(&logits)?.to_dtype(in_dtype)?;
         if let Some(h) = hook {
             h.probs(&call, &probs)?;
+            if h.wants_unbiased(&call) {
+                if biased {
+                    let unbiased = softmax_last(&unbiased_logits.detach())?.to_dtype(in_dtype)?;
+                    h.unbiased_probs(&call, &unbiased)?;
+                } else {
+                    h.unbiased_probs(&call, &probs.detach())?;
+                }
+            }
         }
         let out = probs.matmul(&v)?; // [B, heads, N, d]
         let out = out

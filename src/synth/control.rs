@@ -46,6 +46,13 @@
 //! gives a map; the leak of that layer is the map's mass outside the subject's **box** divided by
 //! its total mass; the metric is the mean over those layers. The box (not the refined mask) is the
 //! reference so that runs with and without box control are comparable.
+//!
+//! The map is read from the attention the layer would have produced **without** the box bias
+//! (the softmax of the same forward's logits before the mask is added,
+//! [`AttentionHook::unbiased_probs`]): after the bias a subject's tokens are hidden outside its
+//! region, so a leak read there would be 0 by construction. What the metric shows is where the
+//! model, at the current latents, wants to put each subject — the latent optimisation and the
+//! masks of earlier layers and steps move it, the mask of the layer itself does not.
 
 use std::collections::HashMap;
 
@@ -646,11 +653,9 @@ impl<'a> ControlHook<'a> {
     fn record_normal(&mut self, call: &AttnCall, probs: &Tensor) -> Result<()> {
         let (h, w) = (call.height, call.width);
         let n = h * w;
-        let is_loss = path_matches(call.path, &self.config.loss_layers);
         let is_cluster = path_matches(call.path, &self.config.cluster_layers);
-        let want_cross_leak = self.measure_leak && is_loss && call.kind == AttnKind::CrossAttn;
         let want_cluster = is_cluster && (self.accumulate || self.capture_maps);
-        if (!want_cross_leak && !want_cluster) || self.subjects() == 0 {
+        if !want_cluster || self.subjects() == 0 {
             return Ok(());
         }
         // Conditional half, head mean: [n, k], on the device.
@@ -661,37 +666,29 @@ impl<'a> ControlHook<'a> {
             let (tokens, leading) = self.selectors(call.key_len)?;
             // Each subject's map: the sum of its token columns, [n, s].
             let token_maps = mean.matmul(&tokens)?;
-            if want_cross_leak {
-                let inside = self.box_tensor(h, w)?;
-                let total = token_maps.sum(0)?;
-                let outside = (&token_maps - (&token_maps * &inside)?)?.sum(0)?;
-                self.pending_leak.push(Tensor::stack(&[outside, total], 0)?);
-            }
-            if want_cluster {
-                self.check_cluster_size(call)?;
-                if self.capture_maps {
-                    // Final step only: the per-subject maps drawn over the image.
-                    let host: Vec<f32> = token_maps
-                        .flatten_all()?
-                        .to_device(&Device::Cpu)?
-                        .to_vec1()?;
-                    if self.stats.maps.is_empty() {
-                        self.stats.maps = vec![vec![0.0; n]; s];
-                        self.stats.map_size = Some((h, w));
-                    }
-                    for (si, acc) in self.stats.maps.iter_mut().enumerate() {
-                        for (p, a) in acc.iter_mut().enumerate() {
-                            *a += host[p * s + si] as f64;
-                        }
-                    }
-                    self.stats.map_layers += 1;
+            self.check_cluster_size(call)?;
+            if self.capture_maps {
+                // Final step only: the per-subject maps drawn over the image.
+                let host: Vec<f32> = token_maps
+                    .flatten_all()?
+                    .to_device(&Device::Cpu)?
+                    .to_vec1()?;
+                if self.stats.maps.is_empty() {
+                    self.stats.maps = vec![vec![0.0; n]; s];
+                    self.stats.map_size = Some((h, w));
                 }
-                if self.accumulate {
-                    MapAccumulator::add(&mut self.maps.cross_sum, mean.matmul(&leading)?)?;
-                    self.maps.cross_count += 1;
+                for (si, acc) in self.stats.maps.iter_mut().enumerate() {
+                    for (p, a) in acc.iter_mut().enumerate() {
+                        *a += host[p * s + si] as f64;
+                    }
                 }
+                self.stats.map_layers += 1;
             }
-        } else if want_cluster && self.accumulate {
+            if self.accumulate {
+                MapAccumulator::add(&mut self.maps.cross_sum, mean.matmul(&leading)?)?;
+                self.maps.cross_count += 1;
+            }
+        } else if self.accumulate {
             self.check_cluster_size(call)?;
             MapAccumulator::add(&mut self.maps.self_sum, mean)?;
             self.maps.self_count += 1;
@@ -787,6 +784,28 @@ impl AttentionHook for ControlHook<'_> {
             Pass::Normal => self.record_normal(call, probs),
         }
     }
+
+    fn wants_unbiased(&mut self, call: &AttnCall) -> bool {
+        self.pass == Pass::Normal
+            && self.measure_leak
+            && call.kind == AttnKind::CrossAttn
+            && self.subjects() > 0
+            && path_matches(call.path, &self.config.loss_layers)
+    }
+
+    fn unbiased_probs(&mut self, call: &AttnCall, probs: &Tensor) -> Result<()> {
+        // Conditional half, head mean [n, k]; each subject's map is the sum of its token
+        // columns [n, s]; the leak is its mass outside the box over its whole mass.
+        let cond = probs.narrow(0, call.batch - 1, 1)?.squeeze(0)?;
+        let mean = cond.to_dtype(DType::F32)?.mean(0)?;
+        let (tokens, _) = self.selectors(call.key_len)?;
+        let token_maps = mean.matmul(&tokens)?;
+        let inside = self.box_tensor(call.height, call.width)?;
+        let total = token_maps.sum(0)?;
+        let outside = (&token_maps - (&token_maps * &inside)?)?.sum(0)?;
+        self.pending_leak.push(Tensor::stack(&[outside, total], 0)?);
+        Ok(())
+    }
 }
 
 /// The dtype the loss is computed in: f64 for f64 models, else f32.
@@ -842,5 +861,148 @@ mod tests {
             "up_blocks.2.attentions.0.transformer_blocks.0.attn2",
             &p
         ));
+    }
+
+    /// Two subjects in the top row of a 2×2 map (top-left, top-right), the bottom row
+    /// background; tokens: SOT, `<v0>` (1), `<v1>` (2), EOS (3).
+    fn two_cell_plan() -> (TokenPlan, Vec<BoxSpec>) {
+        let plan = TokenPlan {
+            ids: vec![0, 1, 2, 3],
+            tokens: ["<sot>", "<v0>", "<v1>", "<eos>"]
+                .map(String::from)
+                .to_vec(),
+            subjects: vec![
+                SubjectTokens {
+                    name: "<v0>".into(),
+                    positions: vec![1],
+                    leading: 1,
+                },
+                SubjectTokens {
+                    name: "<v1>".into(),
+                    positions: vec![2],
+                    leading: 2,
+                },
+            ],
+            eos: 3,
+            stop_positions: vec![],
+        };
+        let boxes = vec![
+            super::super::boxes::parse_box("<v0>=0,0,0.5,0.5").unwrap(),
+            super::super::boxes::parse_box("<v1>=0.5,0,1,0.5").unwrap(),
+        ];
+        (plan, boxes)
+    }
+
+    fn call(kind: AttnKind, path: &str, batch: usize) -> AttnCall<'_> {
+        AttnCall {
+            index: 0,
+            kind_index: 0,
+            kind,
+            path,
+            height: 2,
+            width: 2,
+            heads: 2,
+            batch,
+            key_len: 4,
+        }
+    }
+
+    /// Rows of a [heads = 2, n = 4, k = 4] attention map, each row a distribution.
+    fn map(seed: u32) -> Vec<[[f64; 4]; 4]> {
+        (0..2)
+            .map(|h| {
+                let mut rows = [[0.0; 4]; 4];
+                for (p, row) in rows.iter_mut().enumerate() {
+                    for (k, v) in row.iter_mut().enumerate() {
+                        *v = 1.0 + ((seed as usize + 3 * h + 5 * p + 7 * k) % 11) as f64;
+                    }
+                    let sum: f64 = row.iter().sum();
+                    row.iter_mut().for_each(|v| *v /= sum);
+                }
+                rows
+            })
+            .collect()
+    }
+
+    fn tensor(map: &[[[f64; 4]; 4]], batch_before: usize) -> Tensor {
+        let mut data = vec![0f32; batch_before * 2 * 16];
+        data.extend(map.iter().flatten().flatten().map(|&v| v as f32));
+        Tensor::from_vec(data, (batch_before + 1, 2, 4, 4), &Device::Cpu).unwrap()
+    }
+
+    /// The box loss of one cross- and one self-attention layer against the formula worked out
+    /// by hand on the constructed maps: per subject (1 − FG/(FG + BG))² + α·log(1 + BG), with FG
+    /// and BG summed over heads, the subject's box (or the background) rows and its key columns.
+    #[test]
+    fn box_loss_matches_a_hand_computation() {
+        let (plan, boxes) = two_cell_plan();
+        let config = SynthConfig::default();
+        let mut hook = ControlHook::new(&config, &plan, &boxes, &Device::Cpu, DType::F32);
+        hook.begin(Pass::Guidance);
+        let (ca, sa) = (map(1), map(4));
+        let ca_path = "mid_block.attentions.0.transformer_blocks.0.attn2";
+        let sa_path = "mid_block.attentions.0.transformer_blocks.0.attn1";
+        hook.probs(&call(AttnKind::CrossAttn, ca_path, 1), &tensor(&ca, 0))
+            .unwrap();
+        hook.probs(&call(AttnKind::SelfAttn, sa_path, 1), &tensor(&sa, 0))
+            .unwrap();
+        let alpha = 0.3;
+        let got = hook.loss(alpha).unwrap().to_scalar::<f32>().unwrap() as f64;
+
+        // Cells: 0 top-left (<v0>'s box), 1 top-right (<v1>'s), 2 and 3 background.
+        let a = |m: &[[[f64; 4]; 4]], p: usize, k: usize| m[0][p][k] + m[1][p][k];
+        let term = |fg: f64, bg: f64| (1.0 - fg / (fg + bg)).powi(2) + alpha * (1.0 + bg).ln();
+        // Cross-attention keys: the subject's token and EOS.
+        let ca_v0 = term(
+            a(&ca, 0, 1) + a(&ca, 0, 3),
+            a(&ca, 2, 1) + a(&ca, 2, 3) + a(&ca, 3, 1) + a(&ca, 3, 3),
+        );
+        let ca_v1 = term(
+            a(&ca, 1, 2) + a(&ca, 1, 3),
+            a(&ca, 2, 2) + a(&ca, 2, 3) + a(&ca, 3, 2) + a(&ca, 3, 3),
+        );
+        // Self-attention keys: the subject's own box cell.
+        let sa_v0 = term(a(&sa, 0, 0), a(&sa, 2, 0) + a(&sa, 3, 0));
+        let sa_v1 = term(a(&sa, 1, 1), a(&sa, 2, 1) + a(&sa, 3, 1));
+        let want = 1.5 * (ca_v0 + ca_v1) + 0.5 * (sa_v0 + sa_v1);
+        assert!(
+            (got - want).abs() < 1e-5 * want,
+            "loss {got}, by hand {want}"
+        );
+    }
+
+    /// The leak is read from the attention before the box bias: a map with all of `<v0>`'s
+    /// mass outside its box leaks 1 for `<v0>`, whatever the biased map says.
+    #[test]
+    fn leak_is_read_from_the_unbiased_map() {
+        let (plan, boxes) = two_cell_plan();
+        let config = SynthConfig::default();
+        let mut hook = ControlHook::new(&config, &plan, &boxes, &Device::Cpu, DType::F32);
+        hook.begin(Pass::Normal);
+        let path = "mid_block.attentions.0.transformer_blocks.0.attn2";
+        let c = call(AttnKind::CrossAttn, path, 2);
+        assert!(hook.wants_unbiased(&c));
+        // <v0>'s column (key 1) is non-zero only at cell 1 (<v1>'s box); <v1>'s column
+        // (key 2) half in its box (cell 1), half in the background (cell 2).
+        let mut m = vec![[[0.0; 4]; 4]; 2];
+        for head in m.iter_mut() {
+            head[0] = [1.0, 0.0, 0.0, 0.0];
+            head[1] = [0.0, 0.5, 0.25, 0.25];
+            head[2] = [0.75, 0.0, 0.25, 0.0];
+            head[3] = [1.0, 0.0, 0.0, 0.0];
+        }
+        hook.unbiased_probs(&c, &tensor(&m, 1)).unwrap();
+        hook.finish_pass().unwrap();
+        assert_eq!(hook.stats.leak[0], vec![1.0]);
+        assert!(
+            (hook.stats.leak[1][0] - 0.5).abs() < 1e-6,
+            "{:?}",
+            hook.stats.leak
+        );
+        // Guidance passes and self-attention never ask for the unbiased map.
+        let sa = call(AttnKind::SelfAttn, path, 2);
+        assert!(!hook.wants_unbiased(&sa));
+        hook.begin(Pass::Guidance);
+        assert!(!hook.wants_unbiased(&c));
     }
 }

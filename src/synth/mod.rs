@@ -24,7 +24,8 @@
 //!   update); `loss/box_after` — L at the latent after the step's updates (both un-normalised,
 //!   i.e. summed over subjects); `gd_iters` — gradient updates done; `alpha` — α(t) used. Only
 //!   at guided steps with `box_control` and `latent_opt`.
-//! * `leak/<subject>` — every step when `attn_metrics` (definition in [`control`]).
+//! * `leak/<subject>` — every step when `attn_metrics`: the share of the subject's cross-attention
+//!   outside its box, read from the attention before the box bias (definition in [`control`]).
 //! * Artifacts per sample k: `sample_{k}.png`, `boxes_{k}.png`, `masks_{k}.png` (the refined
 //!   masks, or the boxes when no refinement ran), `attn/{subject}_{k}.png` (the last step's
 //!   cross-attention of the subject's tokens, head-mean over `cluster_layers`, when

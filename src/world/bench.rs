@@ -6,10 +6,11 @@
 //!   only in colour, odd ones only in shape (the visually similar instances MIFO is about).
 //! * Learning: `mifo` = the `paper` preset; `reward-only` = the same with
 //!   `learn.penalty_steps=0`.
-//! * Synthesis: per learned scene, two layouts — `swapped` (each instance in the other's box)
-//!   and `moved` (both in new boxes side by side) — each one run of `--seeds` samples, for every
-//!   row: `mifo` (the `paper` preset), `reward-only` (paper synthesis of the reward-only tokens),
-//!   and one row per synthesis ablation switch turned off.
+//! * Synthesis: per learned scene, two layouts — `swapped` (each instance where the other
+//!   stood) and `moved` (both in new places side by side), boxes the size of each instance's own
+//!   box — each one run of `--seeds` samples, for every row: `mifo` (the `paper` preset mapped
+//!   to the world model, [`super::synth_config`]), `reward-only` (the same synthesis of the
+//!   reward-only tokens), and one row per synthesis ablation switch turned off.
 
 use serde::Serialize;
 
@@ -77,7 +78,7 @@ pub struct Row {
 
 /// Every row, MIFO first.
 pub fn rows() -> Vec<Row> {
-    let paper = SynthConfig::default();
+    let paper = super::synth_config();
     let off = |name: &'static str, change: &'static str, f: fn(&mut SynthConfig)| {
         let mut config = paper.clone();
         f(&mut config);
@@ -123,13 +124,15 @@ pub fn rows() -> Vec<Row> {
     ]
 }
 
-/// Where the boxes go.
+/// Where the boxes go. Each instance's box keeps the size of the instance's box in the
+/// learning scene (the world's identity is colour and shape, and a learned token draws its
+/// instance at the size it saw), so a box never asks for a resize that `outside` would count.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Layout {
-    /// Each instance in the other's box.
+    /// Each instance centred where the other one stood.
     Swapped,
-    /// Both in new boxes, side by side in the middle band.
+    /// Both in new places, side by side in the middle band (centres at x = 0.26 and 0.74).
     Moved,
 }
 
@@ -152,14 +155,29 @@ impl Layout {
             scene.objects[0].box_fractions,
             scene.objects[1].box_fractions,
         );
-        match self {
-            Layout::Swapped => vec![format!("<v0>={}", fmt(b)), format!("<v1>={}", fmt(a))],
-            Layout::Moved => vec![
-                format!("<v0>={}", fmt([0.06, 0.3, 0.46, 0.7])),
-                format!("<v1>={}", fmt([0.54, 0.3, 0.94, 0.7])),
-            ],
-        }
+        let centre = |r: [f32; 4]| [(r[0] + r[2]) / 2.0, (r[1] + r[3]) / 2.0];
+        let (to_a, to_b) = match self {
+            Layout::Swapped => (centre(b), centre(a)),
+            Layout::Moved => ([0.26, 0.5], [0.74, 0.5]),
+        };
+        vec![
+            format!("<v0>={}", fmt(recentred(a, to_a))),
+            format!("<v1>={}", fmt(recentred(b, to_b))),
+        ]
     }
+}
+
+/// `rect` (x0, y0, x1, y1 fractions) moved so that its centre is `centre`, then shifted back
+/// inside the unit square if it stuck out (its size is kept).
+pub fn recentred(rect: [f32; 4], centre: [f32; 2]) -> [f32; 4] {
+    let mut out = [0f32; 4];
+    for axis in 0..2 {
+        let size = rect[axis + 2] - rect[axis];
+        let lo = (centre[axis] - size / 2.0).clamp(0.0, 1.0 - size);
+        out[axis] = lo;
+        out[axis + 2] = lo + size;
+    }
+    out
 }
 
 /// Targets for the `mifo` row (from the world issue).
@@ -172,7 +190,7 @@ mod tests {
     #[test]
     fn each_ablation_row_turns_exactly_its_switch_off() {
         let rows = rows();
-        let paper = serde_json::to_value(SynthConfig::default()).unwrap();
+        let paper = serde_json::to_value(super::super::synth_config()).unwrap();
         for row in &rows {
             let v = serde_json::to_value(&row.config).unwrap();
             let changed: Vec<&String> = v
@@ -200,19 +218,46 @@ mod tests {
     }
 
     #[test]
-    fn swapped_boxes_exchange_the_instances_places() {
-        let file = SceneFile::of(&scene(0).draw().unwrap());
-        let b = Layout::Swapped.boxes(&file);
-        assert!(b[0].starts_with("<v0>=") && b[1].starts_with("<v1>="));
-        let parsed: Vec<crate::synth::BoxSpec> = b
-            .iter()
-            .map(|s| crate::synth::parse_box(s).unwrap())
-            .collect();
-        for (k, other) in [(0usize, 1usize), (1, 0)] {
-            for c in 0..4 {
-                assert!((parsed[k].rect[c] - file.objects[other].box_fractions[c]).abs() < 1e-3);
+    fn swapped_boxes_exchange_the_instances_places_and_keep_their_sizes() {
+        for i in 0..6 {
+            let file = SceneFile::of(&scene(i).draw().unwrap());
+            for layout in LAYOUTS {
+                let b = layout.boxes(&file);
+                assert!(b[0].starts_with("<v0>=") && b[1].starts_with("<v1>="));
+                let parsed: Vec<crate::synth::BoxSpec> = b
+                    .iter()
+                    .map(|s| crate::synth::parse_box(s).unwrap())
+                    .collect();
+                for (k, other) in [(0usize, 1usize), (1, 0)] {
+                    let (got, own) = (parsed[k].rect, file.objects[k].box_fractions);
+                    assert!(got.iter().all(|v| (0.0..=1.0).contains(v)), "{got:?}");
+                    for axis in 0..2 {
+                        let size = own[axis + 2] - own[axis];
+                        assert!((got[axis + 2] - got[axis] - size).abs() < 1e-3);
+                        if layout == Layout::Swapped {
+                            // Centred on the other instance, unless the box had to be
+                            // shifted back inside the image.
+                            let o = file.objects[other].box_fractions;
+                            let want =
+                                ((o[axis] + o[axis + 2]) / 2.0 - size / 2.0).clamp(0.0, 1.0 - size);
+                            assert!((got[axis] - want).abs() < 1e-3, "scene {i} <v{k}>");
+                        }
+                    }
+                }
             }
         }
-        assert_eq!(scene(1).differ, Some(Attribute::Shape));
+    }
+
+    #[test]
+    fn recentring_keeps_the_size_and_stays_inside() {
+        let r = recentred([0.1, 0.2, 0.4, 0.6], [0.9, 0.5]);
+        assert!(
+            (r[0] - 0.7).abs() < 1e-6 && (r[2] - 1.0).abs() < 1e-6,
+            "{r:?}"
+        );
+        assert!(
+            (r[1] - 0.3).abs() < 1e-6 && (r[3] - 0.7).abs() < 1e-6,
+            "{r:?}"
+        );
     }
 }

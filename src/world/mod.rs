@@ -23,6 +23,7 @@ pub use scene::{
 };
 
 use crate::error::{Error, Result};
+use crate::synth::SynthConfig;
 
 /// Prefix of the oracle's scores stored with a run (`oracle/identity/<v0>`, …).
 pub const ORACLE_PREFIX: &str = "oracle/";
@@ -32,6 +33,38 @@ pub const WORLD_INPUT: &str = "world";
 pub const SCENE_FILE: &str = "scene.json";
 /// Version of [`SceneFile`]'s layout.
 pub const SCENE_FILE_VERSION: u32 = 1;
+
+/// The `paper` synthesis preset mapped to the world model (`fixtures/world-sd`: 64 px images,
+/// 8×8 latents), as `mifo demo` and `mifo world bench` use it; [`WORLD_SYNTH_SETS`] are the
+/// same changes as `--set` arguments.
+///
+/// * Layers. On SD (64×64 latents) the box loss and the leak read the mid block (8²) and the
+///   first decoder level (16²), and mask refinement clusters the 16² maps. The world model's
+///   decoder has cross-attention at 4² (`up_blocks.1`) and 8² (`up_blocks.2`) only, and its mid
+///   block is 2×2, where a 20-pixel box can round to no cell at all. So the loss reads both
+///   decoder levels and refinement clusters the 8² maps (the finest, as 16² is on SD's 64²).
+/// * Step size. β of the latent optimisation goes 2 → 0.5 instead of 8 → 2: the gradient on an
+///   8×8 latent is far larger per element than on 64×64, and with the paper's β one sample in
+///   four came out as noise on the demo scene (seed 1, which is not a bench scene) while 2 →
+///   0.5 spoiled none and kept both instances in the most samples of a grid over β (1 → 0.25,
+///   2 → 0.5, 2 → 2, 4 → 1, 8 → 2).
+pub fn synth_config() -> SynthConfig {
+    SynthConfig {
+        loss_layers: vec!["up_blocks.1".into(), "up_blocks.2".into()],
+        cluster_layers: vec!["up_blocks.2".into()],
+        step_size_start: 2.0,
+        step_size_end: 0.5,
+        ..SynthConfig::default()
+    }
+}
+
+/// [`synth_config`]'s changes to the `paper` preset, as `mifo synth --set` arguments.
+pub const WORLD_SYNTH_SETS: [&str; 4] = [
+    r#"synth.loss_layers=["up_blocks.1","up_blocks.2"]"#,
+    r#"synth.cluster_layers=["up_blocks.2"]"#,
+    "synth.step_size_start=2",
+    "synth.step_size_end=0.5",
+];
 
 /// `scene.json`: what a world scene holds, object `i` being mask `i` and token `<vi>`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
