@@ -21,7 +21,6 @@ pub mod sample;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;
-pub mod verify;
 pub mod weights;
 
 pub use attention::{AttentionHook, AttnCall, AttnKind};
