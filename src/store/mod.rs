@@ -1,5 +1,11 @@
 //! The run store: every run's spec, record, metrics, logs, tags and output blobs.
 //!
+//! This file opens a store and runs the run lifecycle (create, start, resume, finish, outputs,
+//! lookup); the other parts of the [`Store`] API live with their data: metric series in
+//! `metrics`, log lines in `logs`, tags in `tags`, model fingerprints and folders in
+//! `model_dirs`, scores added after a run in `scores`, and removal, garbage collection and
+//! checks in `maintenance`.
+//!
 //! Layout of a store folder (default `./runs`):
 //! ```text
 //! <store>/db/                 sled 0.34 database, metadata only, trees:
