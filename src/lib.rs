@@ -15,6 +15,7 @@ pub mod sink;
 pub mod store;
 pub mod synth;
 pub mod tui;
+pub mod verify;
 pub mod world;
 
 pub use error::{Error, Result};

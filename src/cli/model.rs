@@ -8,7 +8,8 @@ use clap::Subcommand;
 use candle_core::Tensor;
 
 use crate::model::attention::{AttentionHook, AttnCall, AttnKind};
-use crate::model::{enable_precision, parse_device, resolve_dtype, verify, StableDiffusion};
+use crate::model::{enable_precision, parse_device, resolve_dtype, StableDiffusion};
+use crate::verify;
 
 /// `mifo model` subcommands.
 #[derive(Subcommand, Debug)]

@@ -180,17 +180,15 @@ pub fn start_with_hook(
             return Err(e);
         }
     };
-    execute(
-        store,
-        id,
-        &sd,
-        &scene,
-        job.config.clone(),
-        job.seed,
-        None,
-        &job.model,
-        opts,
-    )
+    let run = LoadedRun {
+        model: &job.model,
+        sd: &sd,
+        scene: &scene,
+        config: job.config.clone(),
+        seed: job.seed,
+        resume: None,
+    };
+    execute(store, id, run, opts)
 }
 
 /// [`prepare`] then [`start`].
@@ -215,19 +213,29 @@ pub fn config_deltas(defaults: &LearnConfig, cfg: &LearnConfig) -> Vec<(String, 
         .collect()
 }
 
-#[allow(clippy::too_many_arguments)]
-fn execute(
-    store: &Store,
-    id: &RunId,
-    sd: &StableDiffusion,
-    scene: &learn::Scene,
+/// A learning run with its model and scene loaded, ready for [`execute`].
+struct LoadedRun<'a> {
+    /// The model folder (for the log line and the class-image cache's fingerprint).
+    model: &'a Path,
+    sd: &'a StableDiffusion,
+    scene: &'a learn::Scene,
     config: LearnConfig,
     seed: u64,
+    /// The checkpoint to continue from (a resumed run).
     resume: Option<Checkpoint>,
-    model: &Path,
-    opts: &RunOptions,
-) -> Result<RunRecord> {
+}
+
+/// Runs `run` as the store's run `id`, recording its outcome.
+fn execute(store: &Store, id: &RunId, run: LoadedRun, opts: &RunOptions) -> Result<RunRecord> {
     use crate::sink::RunSink;
+    let LoadedRun {
+        model,
+        sd,
+        scene,
+        config,
+        seed,
+        resume,
+    } = run;
     let needs_class = config.prior_preservation && config.dreambooth != "none";
     let class_key = (
         config.class_prompt.clone(),
@@ -369,9 +377,15 @@ pub fn resume_with_hook(
     };
     store.resume_run(id, &host_name(), device)?;
     on_started();
-    execute(
-        store, id, &sd, &scene, config, spec.seed, checkpoint, model, opts,
-    )
+    let run = LoadedRun {
+        model,
+        sd: &sd,
+        scene: &scene,
+        config,
+        seed: spec.seed,
+        resume: checkpoint,
+    };
+    execute(store, id, run, opts)
 }
 
 /// Class images already in the store for this model and class prompt: the `class/<i>.png`
@@ -450,7 +464,6 @@ pub fn stored_config(spec: &RunSpec) -> Result<(String, String, LearnConfig)> {
 /// The job that re-runs a stored learning spec: its config with `sets` applied, its seed (or
 /// `seed`), its input files straight from the blob folder `blobs`, on `model` / `device`;
 /// `scene` is the original run's scene label (kept for listings).
-#[allow(clippy::too_many_arguments)]
 pub fn job_from_spec(
     spec: &RunSpec,
     blobs: &crate::store::BlobStore,

@@ -16,6 +16,9 @@ pub const MIN_IMAGE_SIDE: u32 = 64;
 pub const MIN_MASK_FRACTION: f64 = 0.005;
 /// Two masks may share at most this fraction of the smaller one (unless allowed).
 pub const MAX_OVERLAP_FRACTION: f64 = 0.05;
+/// File name of the optional scene description in a scene folder (what `mifo world scene`
+/// writes next to the image and masks; read by the world's oracle, carried here as a path).
+pub const SCENE_DESCRIPTION_FILE: &str = "scene.json";
 
 /// The files of a scene.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -72,7 +75,7 @@ pub fn scene_files(dir: &Path) -> Result<SceneFiles> {
     if masks.is_empty() {
         return Err(Error::file(dir, "no mask*.png in the scene folder"));
     }
-    let world = dir.join(crate::world::SCENE_FILE);
+    let world = dir.join(SCENE_DESCRIPTION_FILE);
     Ok(SceneFiles {
         image,
         masks,

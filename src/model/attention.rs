@@ -116,20 +116,39 @@ pub struct Attention {
     upcast: bool,
 }
 
+/// The shape and options of one attention module ([`Attention::load`]).
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionParams {
+    /// Width of the query input (and of the output).
+    pub query_dim: usize,
+    /// Width of the key/value input: the text embedding for cross-attention, `query_dim` for
+    /// self-attention.
+    pub context_dim: usize,
+    /// Number of heads.
+    pub heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// Self- or cross-attention.
+    pub kind: AttnKind,
+    /// Whether the q/k/v projections have a bias (false in the UNet, true in the VAE).
+    pub qkv_bias: bool,
+    /// Compute the scores in f32 whatever the weights' dtype (`upcast_attention`).
+    pub upcast: bool,
+}
+
 impl Attention {
-    /// Loads `to_q/to_k/to_v/to_out.0` from `s`. `context_dim` is the key/value input width
-    /// (the query width for self-attention). `qkv_bias` is false in the UNet, true in the VAE.
-    #[allow(clippy::too_many_arguments)]
-    pub fn load(
-        s: &Scope,
-        query_dim: usize,
-        context_dim: usize,
-        heads: usize,
-        head_dim: usize,
-        kind: AttnKind,
-        qkv_bias: bool,
-        upcast: bool,
-    ) -> Result<Self> {
+    /// Loads `to_q/to_k/to_v/to_out.0` (or the older VAE names `query/key/value/proj_attn`)
+    /// from `s`, shaped by `p`.
+    pub fn load(s: &Scope, p: AttentionParams) -> Result<Self> {
+        let AttentionParams {
+            query_dim,
+            context_dim,
+            heads,
+            head_dim,
+            kind,
+            qkv_bias,
+            upcast,
+        } = p;
         let inner = heads * head_dim;
         // Older VAE checkpoints name the projections query/key/value/proj_attn.
         let legacy = !s.contains("to_q.weight") && s.contains("query.weight");

@@ -3,7 +3,7 @@
 
 use candle_core::{Tensor, D};
 
-use super::attention::{Attention, AttnKind, HookCtx};
+use super::attention::{Attention, AttentionParams, AttnKind, HookCtx};
 use super::nn::{resize_nearest, Conv2d, GroupNorm, LayerNorm, Linear};
 use super::weights::Scope;
 use crate::error::Result;
@@ -226,24 +226,28 @@ impl SpatialTransformer {
                 norm1: LayerNorm::load(&b.pp("norm1"), inner, 1e-5)?,
                 attn1: Attention::load(
                     &b.pp("attn1"),
-                    inner,
-                    inner,
-                    p.heads,
-                    p.head_dim,
-                    AttnKind::SelfAttn,
-                    false,
-                    p.upcast_attention,
+                    AttentionParams {
+                        query_dim: inner,
+                        context_dim: inner,
+                        heads: p.heads,
+                        head_dim: p.head_dim,
+                        kind: AttnKind::SelfAttn,
+                        qkv_bias: false,
+                        upcast: p.upcast_attention,
+                    },
                 )?,
                 norm2: LayerNorm::load(&b.pp("norm2"), inner, 1e-5)?,
                 attn2: Attention::load(
                     &b.pp("attn2"),
-                    inner,
-                    p.context_dim,
-                    p.heads,
-                    p.head_dim,
-                    AttnKind::CrossAttn,
-                    false,
-                    p.upcast_attention,
+                    AttentionParams {
+                        query_dim: inner,
+                        context_dim: p.context_dim,
+                        heads: p.heads,
+                        head_dim: p.head_dim,
+                        kind: AttnKind::CrossAttn,
+                        qkv_bias: false,
+                        upcast: p.upcast_attention,
+                    },
                 )?,
                 norm3: LayerNorm::load(&b.pp("norm3"), inner, 1e-5)?,
                 ff: GegluFeedForward::load(&b.pp("ff"), inner, inner * 4)?,

@@ -112,32 +112,6 @@ pub struct ClipTextModel {
 }
 
 impl ClipTextModel {
-    /// Loads from a transformers `text_encoder/` folder.
-    pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        Ok(Self::load_dir_with(dir, dtype, device, Vec::new(), false, None)?.0)
-    }
-
-    /// Like [`ClipTextModel::load_dir`], with `overrides` replacing weights by name and, when
-    /// `trainable`, every weight a `Var` (the vocabulary table included: leave it out of the
-    /// optimiser).
-    pub fn load_dir_with(
-        dir: &Path,
-        dtype: DType,
-        device: &Device,
-        overrides: Vec<(String, Tensor)>,
-        trainable: bool,
-        lora: Option<super::weights::LoraConfig>,
-    ) -> Result<(Self, Rc<WeightFile>)> {
-        let config = ClipConfig::from_json(&ConfigJson::read(&dir.join("config.json"))?)?;
-        let file = super::loader::find_weights(dir, "model")?;
-        let mut weights = WeightFile::load(&file, dtype, device)?;
-        weights.insert_all(overrides);
-        weights.set_trainable(trainable);
-        weights.set_lora(lora);
-        let weights = Rc::new(weights);
-        Ok((Self::load(config, weights.clone(), device)?, weights))
-    }
-
     /// The text tower of a transformers `CLIPModel` folder (`config.json` with a nested
     /// `text_config`, `model.safetensors` with `text_model.*` keys); the weight file is returned
     /// too, for the caller's `text_projection`.

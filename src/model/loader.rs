@@ -3,15 +3,105 @@
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 
 use super::clip::{ClipConfig, ClipTextModel};
+use super::config::ConfigJson;
 use super::ddim::{Ddim, DdimConfig};
 use super::tokenizer::ClipTokenizer;
 use super::unet::{UNet, UNetConfig};
 use super::vae::{Vae, VaeConfig};
-use super::weights::WeightFile;
+use super::weights::{LoraConfig, WeightFile};
 use crate::error::{Error, Result};
+
+/// What to change in a component's weights as [`Component::load_dir`] reads them.
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// Tensors replacing (or adding) weights by name: fine-tuned weights or LoRA adapters.
+    pub overrides: Vec<(String, Tensor)>,
+    /// Every weight a `Var` (for the text encoder the vocabulary table too: leave it out of the
+    /// optimiser).
+    pub trainable: bool,
+    /// Trainable LoRA adapters on the attention projections (handed out by the weights'
+    /// `vars()`).
+    pub lora: Option<LoraConfig>,
+}
+
+/// A model component that lives in its own diffusers / transformers folder (`config.json` plus
+/// one weight file) and is built from the two. All components load through the one
+/// [`Component::load_dir`].
+pub trait Component: Sized {
+    /// Stem of the folder's weight file (see [`find_weights`]).
+    const WEIGHTS_STEM: &'static str;
+
+    /// Builds the component from its folder's parsed `config.json` and its weights.
+    fn from_parts(
+        config: &ConfigJson,
+        weights: Rc<WeightFile>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self>;
+
+    /// Loads the component folder `dir` with `options` applied to its weights; the weight file
+    /// is returned too (phase B of learning derives trainable copies from it).
+    fn load_dir(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+        options: LoadOptions,
+    ) -> Result<(Self, Rc<WeightFile>)> {
+        let config = ConfigJson::read(&dir.join("config.json"))?;
+        let file = find_weights(dir, Self::WEIGHTS_STEM)?;
+        let mut weights = WeightFile::load(&file, dtype, device)?;
+        weights.insert_all(options.overrides);
+        weights.set_trainable(options.trainable);
+        weights.set_lora(options.lora);
+        let weights = Rc::new(weights);
+        Ok((
+            Self::from_parts(&config, weights.clone(), dtype, device)?,
+            weights,
+        ))
+    }
+}
+
+impl Component for UNet {
+    const WEIGHTS_STEM: &'static str = "diffusion_pytorch_model";
+
+    fn from_parts(
+        config: &ConfigJson,
+        weights: Rc<WeightFile>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        UNet::load(UNetConfig::from_json(config)?, weights, dtype, device)
+    }
+}
+
+impl Component for ClipTextModel {
+    const WEIGHTS_STEM: &'static str = "model";
+
+    fn from_parts(
+        config: &ConfigJson,
+        weights: Rc<WeightFile>,
+        _dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        ClipTextModel::load(ClipConfig::from_json(config)?, weights, device)
+    }
+}
+
+impl Component for Vae {
+    const WEIGHTS_STEM: &'static str = "diffusion_pytorch_model";
+
+    fn from_parts(
+        config: &ConfigJson,
+        weights: Rc<WeightFile>,
+        _dtype: DType,
+        _device: &Device,
+    ) -> Result<Self> {
+        Vae::load(VaeConfig::from_json(config)?, weights)
+    }
+}
 
 /// The weight file of a component folder: `<stem>.safetensors`, else `<stem>.fp16.safetensors`.
 pub fn find_weights(dir: &Path, stem: &str) -> Result<PathBuf> {
@@ -52,7 +142,6 @@ fn component(root: &Path, name: &str) -> Result<PathBuf> {
 /// The image resolution a model folder was trained at (UNet `sample_size` × VAE factor), read
 /// from the configs alone (no weights), with the same validation as a full load.
 pub fn resolution(root: &Path) -> Result<u32> {
-    use super::config::ConfigJson;
     if !root.join("model_index.json").is_file() {
         return Err(Error::file(
             root.join("model_index.json"),
@@ -105,14 +194,18 @@ impl StableDiffusion {
         root: &Path,
         dtype: DType,
         device: &Device,
-        overrides: Vec<(String, candle_core::Tensor)>,
+        overrides: Vec<(String, Tensor)>,
     ) -> Result<Self> {
-        let pick = |prefix: &str| -> Result<Vec<(String, candle_core::Tensor)>> {
+        let pick = |prefix: &str| -> Result<LoadOptions> {
             overrides
                 .iter()
                 .filter_map(|(k, v)| k.strip_prefix(prefix).map(|n| (n.to_string(), v)))
                 .map(|(k, v)| Ok((k, v.to_dtype(dtype)?.to_device(device)?)))
-                .collect()
+                .collect::<Result<_>>()
+                .map(|overrides| LoadOptions {
+                    overrides,
+                    ..LoadOptions::default()
+                })
         };
         if !root.is_dir() {
             return Err(Error::file(root, "model folder does not exist"));
@@ -125,23 +218,20 @@ impl StableDiffusion {
             ));
         }
         let tokenizer = ClipTokenizer::from_dir(&component(root, "tokenizer")?)?;
-        let (text_encoder, text_encoder_weights) = ClipTextModel::load_dir_with(
+        let (text_encoder, text_encoder_weights) = ClipTextModel::load_dir(
             &component(root, "text_encoder")?,
             dtype,
             device,
             pick("text_encoder.")?,
-            false,
-            None,
         )?;
-        let (unet, unet_weights) = UNet::load_dir_with(
-            &component(root, "unet")?,
+        let (unet, unet_weights) =
+            UNet::load_dir(&component(root, "unet")?, dtype, device, pick("unet.")?)?;
+        let (vae, _) = Vae::load_dir(
+            &component(root, "vae")?,
             dtype,
             device,
-            pick("unet.")?,
-            false,
-            None,
+            LoadOptions::default(),
         )?;
-        let vae = Vae::load_dir(&component(root, "vae")?, dtype, device)?;
         let scheduler = Ddim::new(DdimConfig::load_dir(&component(root, "scheduler")?)?)?;
         Ok(Self {
             root: root.to_path_buf(),

@@ -21,13 +21,12 @@ pub mod sample;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;
-pub mod verify;
 pub mod weights;
 
 pub use attention::{AttentionHook, AttnCall, AttnKind};
 pub use clip::ClipTextModel;
 pub use ddim::Ddim;
-pub use loader::{ModelShape, StableDiffusion};
+pub use loader::{Component, LoadOptions, ModelShape, StableDiffusion};
 pub use unet::UNet;
 pub use vae::Vae;
 

@@ -1,6 +1,5 @@
 //! `UNet2DConditionModel` (SD 1.x / 2.x layout) built from `unet/config.json`.
 
-use std::path::Path;
 use std::rc::Rc;
 
 use candle_core::{DType, Device, Tensor};
@@ -244,32 +243,6 @@ pub struct UNet {
 }
 
 impl UNet {
-    /// Loads a UNet from a diffusers `unet/` folder (config.json + weights).
-    pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        Ok(Self::load_dir_with(dir, dtype, device, Vec::new(), false, None)?.0)
-    }
-
-    /// Like [`UNet::load_dir`], with `overrides` replacing weights by name (fine-tuned weights
-    /// or LoRA adapters); when `trainable`, every weight is a `Var`, and with `lora` the
-    /// attention projections get trainable adapters (both returned by the weights' `vars()`).
-    pub fn load_dir_with(
-        dir: &Path,
-        dtype: DType,
-        device: &Device,
-        overrides: Vec<(String, Tensor)>,
-        trainable: bool,
-        lora: Option<super::weights::LoraConfig>,
-    ) -> Result<(Self, Rc<WeightFile>)> {
-        let config = UNetConfig::from_json(&ConfigJson::read(&dir.join("config.json"))?)?;
-        let file = super::loader::find_weights(dir, "diffusion_pytorch_model")?;
-        let mut weights = WeightFile::load(&file, dtype, device)?;
-        weights.insert_all(overrides);
-        weights.set_trainable(trainable);
-        weights.set_lora(lora);
-        let weights = Rc::new(weights);
-        Ok((Self::load(config, weights.clone(), dtype, device)?, weights))
-    }
-
     /// Builds the UNet from a config and its weights.
     pub fn load(
         config: UNetConfig,

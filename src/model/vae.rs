@@ -1,13 +1,12 @@
 //! `AutoencoderKL`: image → latent distribution (mean / log-variance, seeded sampling) and
 //! latent → image, built from `vae/config.json`.
 
-use std::path::Path;
 use std::rc::Rc;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
 use serde_json::json;
 
-use super::attention::{Attention, AttnKind, HookCtx};
+use super::attention::{Attention, AttentionParams, AttnKind, HookCtx};
 use super::blocks::{Downsample, ResnetBlock, ResnetParams, Upsample};
 use super::config::ConfigJson;
 use super::nn::{Conv2d, GroupNorm};
@@ -103,7 +102,18 @@ impl MidBlock {
             let a = s.pp("attentions.0");
             Some((
                 GroupNorm::load(&a.pp("group_norm"), cfg.norm_groups, ch, 1e-6)?,
-                Attention::load(&a, ch, ch, 1, ch, AttnKind::SelfAttn, true, false)?,
+                Attention::load(
+                    &a,
+                    AttentionParams {
+                        query_dim: ch,
+                        context_dim: ch,
+                        heads: 1,
+                        head_dim: ch,
+                        kind: AttnKind::SelfAttn,
+                        qkv_bias: true,
+                        upcast: false,
+                    },
+                )?,
             ))
         } else {
             None
@@ -149,14 +159,6 @@ pub struct Vae {
 }
 
 impl Vae {
-    /// Loads from a diffusers `vae/` folder.
-    pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        let config = VaeConfig::from_json(&ConfigJson::read(&dir.join("config.json"))?)?;
-        let file = super::loader::find_weights(dir, "diffusion_pytorch_model")?;
-        let weights = Rc::new(WeightFile::load(&file, dtype, device)?);
-        Self::load(config, weights)
-    }
-
     /// Builds the VAE from a config and weights.
     pub fn load(config: VaeConfig, weights: Rc<WeightFile>) -> Result<Self> {
         let s = Scope::root(weights);

@@ -27,7 +27,7 @@
 //!   `unet.<module>.lora_A.weight` [rank, in] / `unet.<module>.lora_B.weight` [out, rank] for the
 //!   UNet attention projections and `text_encoder.<module>.lora_A.weight` / `lora_B.weight` for
 //!   the CLIP self-attention projections, with scale 1, i.e. alpha = rank; see
-//!   [`crate::model::weights::LoraConfig`]):
+//!   `model::weights::LoraConfig`):
 //!   - `pytorch_lora_weights.safetensors`: the diffusers / PEFT layout that
 //!     `StableDiffusionPipeline.load_lora_weights(DIR)` reads (that is its default file name):
 //!     keys as stored (`unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight`,

@@ -1,4 +1,6 @@
-//! Metric series, stored in chunks of up to [`CHUNK_POINTS`] points (never one sled key per point).
+//! Metric series: the store's append, flush and read methods, and their storage in chunks of up
+//! to [`CHUNK_POINTS`] points (never one sled key per point). Live appends are buffered per run
+//! and series ([`SeriesBuffer`]) and written a chunk at a time.
 //!
 //! Key in the `metrics` tree: `run id (16 bytes) ++ series name ++ 0x00 ++ chunk number (u32 BE)`,
 //! so one prefix scan reads a run's series in name and chunk order.
@@ -19,8 +21,12 @@
 //! a point instead of 16 raw. Decoding checks every length against the bytes present: a corrupt chunk is an error,
 //! never a panic or a large allocation.
 
-use super::error::{StoreError, StoreResult};
+use std::collections::BTreeMap;
+
+use super::error::{DbContext, StoreError, StoreResult};
 use super::ids::{RunId, RUN_ID_LEN};
+use super::record::{RunRecord, SeriesSummary};
+use super::{lock, Store};
 
 /// Points per chunk: live appends are buffered and written as one chunk when this many are pending
 /// (or on an explicit flush, and when the run finishes).
@@ -265,6 +271,160 @@ impl<'a> Reader<'a> {
             }
         }
         None
+    }
+}
+
+/// A series' points buffered in this process until a chunk is full (or flushed).
+#[derive(Default)]
+pub(super) struct SeriesBuffer {
+    /// Next chunk number, read from the tree on first flush.
+    pub(super) next_seq: Option<u32>,
+    /// Points not yet written.
+    pub(super) points: Vec<Point>,
+}
+
+impl Store {
+    /// Appends one point to series `name` of running run `id`. Points are buffered and written in
+    /// chunks of [`CHUNK_POINTS`]; [`Self::flush_metrics`] writes a partial chunk.
+    pub fn append_metric(&self, id: &RunId, name: &str, step: u64, value: f64) -> StoreResult<()> {
+        self.append_points(id, name, &[(step, value)])
+    }
+
+    /// Appends points to series `name` of running run `id` (see [`Self::append_metric`]).
+    pub fn append_points(&self, id: &RunId, name: &str, points: &[Point]) -> StoreResult<()> {
+        validate_series_name(name)?;
+        self.require_owned(id, "metrics can be appended")?;
+        let mut pending = lock(&self.inner.pending);
+        let buffer = pending
+            .entry(id.clone())
+            .or_default()
+            .entry(name.to_string())
+            .or_default();
+        buffer.points.extend_from_slice(points);
+        while buffer.points.len() >= CHUNK_POINTS {
+            let rest = buffer.points.split_off(CHUNK_POINTS);
+            let full = std::mem::replace(&mut buffer.points, rest);
+            self.write_chunk(id, name, buffer, &full)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the buffered points of run `id` as (partial) chunks.
+    pub fn flush_metrics(&self, id: &RunId) -> StoreResult<()> {
+        let mut pending = lock(&self.inner.pending);
+        let Some(series) = pending.get_mut(id) else {
+            return Ok(());
+        };
+        for (name, buffer) in series.iter_mut() {
+            if !buffer.points.is_empty() {
+                let points = std::mem::take(&mut buffer.points);
+                self.write_chunk(id, name, buffer, &points)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_chunk(
+        &self,
+        id: &RunId,
+        name: &str,
+        buffer: &mut SeriesBuffer,
+        points: &[Point],
+    ) -> StoreResult<()> {
+        let seq = match buffer.next_seq {
+            Some(seq) => seq,
+            None => {
+                let prefix = series_prefix(id, name);
+                match self
+                    .inner
+                    .metrics
+                    .scan_prefix(&prefix)
+                    .keys()
+                    .next_back()
+                    .transpose()
+                    .db(|| format!("reading metric {name} of run {id}"))?
+                {
+                    Some(key) => parse_chunk_key(&key)
+                        .map(|(_, _, seq)| seq.saturating_add(1))
+                        .ok_or_else(|| {
+                            StoreError::corrupt(format!("metric key of run {id}"), "malformed")
+                        })?,
+                    None => 0,
+                }
+            }
+        };
+        self.inner
+            .metrics
+            .insert(chunk_key(id, name, seq), encode_chunk(points))
+            .db(|| format!("writing metric {name} of run {id}"))?;
+        buffer.next_seq = Some(seq + 1);
+        Ok(())
+    }
+
+    /// Every metric series of run `id` (stored chunks plus points still buffered in this process).
+    pub fn metrics(&self, id: &RunId) -> StoreResult<BTreeMap<String, Vec<Point>>> {
+        let mut series: BTreeMap<String, Vec<Point>> = BTreeMap::new();
+        for entry in self.inner.metrics.scan_prefix(id.as_bytes()) {
+            let (key, bytes) = entry.db(|| format!("reading metrics of run {id}"))?;
+            let (_, name, seq) = parse_chunk_key(&key).ok_or_else(|| {
+                StoreError::corrupt(format!("metric key of run {id}"), "malformed")
+            })?;
+            let points = series.entry(name.to_string()).or_default();
+            decode_chunk_into(&bytes, points, &|| {
+                format!("metric chunk {name}#{seq} of run {id}")
+            })?;
+        }
+        if let Some(pending) = lock(&self.inner.pending).get(id) {
+            for (name, buffer) in pending {
+                if !buffer.points.is_empty() {
+                    series
+                        .entry(name.clone())
+                        .or_default()
+                        .extend_from_slice(&buffer.points);
+                }
+            }
+        }
+        Ok(series)
+    }
+
+    /// One metric series of run `id` (empty when the run has no such series).
+    pub fn metric_series(&self, id: &RunId, name: &str) -> StoreResult<Vec<Point>> {
+        let mut points = Vec::new();
+        for entry in self.inner.metrics.scan_prefix(series_prefix(id, name)) {
+            let (key, bytes) = entry.db(|| format!("reading metric {name} of run {id}"))?;
+            let seq = parse_chunk_key(&key).map_or(0, |(_, _, seq)| seq);
+            decode_chunk_into(&bytes, &mut points, &|| {
+                format!("metric chunk {name}#{seq} of run {id}")
+            })?;
+        }
+        if let Some(buffer) = lock(&self.inner.pending).get(id).and_then(|s| s.get(name)) {
+            points.extend_from_slice(&buffer.points);
+        }
+        Ok(points)
+    }
+
+    pub(super) fn summarise_metrics(
+        &self,
+        id: &RunId,
+    ) -> StoreResult<BTreeMap<String, SeriesSummary>> {
+        Ok(self
+            .metrics(id)?
+            .iter()
+            .filter_map(|(name, points)| SeriesSummary::of(points).map(|s| (name.clone(), s)))
+            .collect())
+    }
+
+    /// Per-series summaries of run `id`: the record's when the run has finished, else computed from
+    /// the stored points.
+    pub fn metric_summaries(
+        &self,
+        record: &RunRecord,
+    ) -> StoreResult<BTreeMap<String, SeriesSummary>> {
+        if record.status.is_final() {
+            Ok(record.summary.clone())
+        } else {
+            self.summarise_metrics(&record.id)
+        }
     }
 }
 

@@ -1,5 +1,11 @@
 //! The run store: every run's spec, record, metrics, logs, tags and output blobs.
 //!
+//! This file opens a store and runs the run lifecycle (create, start, resume, finish, outputs,
+//! lookup); the other parts of the [`Store`] API live with their data: metric series in
+//! `metrics`, log lines in `logs`, tags in `tags`, model fingerprints and folders in
+//! `model_dirs`, scores added after a run in `scores`, and removal, garbage collection and
+//! checks in `maintenance`.
+//!
 //! Layout of a store folder (default `./runs`):
 //! ```text
 //! <store>/db/                 sled 0.34 database, metadata only, trees:
@@ -29,12 +35,15 @@ mod error;
 mod export;
 mod fingerprint;
 mod ids;
+mod logs;
 mod maintenance;
 mod metrics;
+mod model_dirs;
 mod png;
 mod record;
 mod scores;
 mod spec;
+mod tags;
 mod time;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -47,23 +56,23 @@ pub use diff::{diff_runs, ConfigDelta, MetricDelta, OutputDelta, RunDiff, ValueD
 pub use error::{StoreError, StoreResult};
 pub use export::{export_run, ExportReport, EMBEDDINGS_OUTPUT};
 pub use ids::{normalize_run_prefix, BlobHash, Digest, RunId, SpecHash, RUN_ID_LEN};
+pub use logs::MAX_LOG_LINE;
 pub use maintenance::{CheckReport, GcReport, Problem, RemoveReport};
 pub use metrics::{Point, CHUNK_POINTS};
+pub use model_dirs::model_fingerprint;
 pub use png::{add_png_text_chunks, png_text_chunks};
 pub use record::{RunRecord, RunStatus, SeriesSummary, MAX_RECORD_BYTES};
 pub use scores::{is_score, SCORE_PREFIXES};
 pub use spec::{code_version, write_canonical_json, RunKind, RunSpec, SPEC_ENCODING_PREFIX};
+pub use tags::{validate_tag, MAX_TAG_LEN};
 pub use time::{format_age, format_duration, format_utc, now_ms};
 
 use error::DbContext;
+use metrics::SeriesBuffer;
 
 /// The store layout and encodings this build reads and writes.
 pub const SCHEMA_VERSION: u32 = 1;
 const SCHEMA_KEY: &[u8] = b"schema_version";
-/// Longest log line kept (longer lines are cut).
-pub const MAX_LOG_LINE: usize = 64 * 1024;
-/// Longest tag.
-pub const MAX_TAG_LEN: usize = 64;
 /// Longest output or input name.
 pub const MAX_NAME_LEN: usize = 128;
 
@@ -137,13 +146,6 @@ struct Inner {
     pending: Mutex<HashMap<RunId, BTreeMap<String, SeriesBuffer>>>,
     /// Next log line number per run.
     log_next: Mutex<HashMap<RunId, u64>>,
-}
-
-#[derive(Default)]
-struct SeriesBuffer {
-    /// Next chunk number, read from the tree on first flush.
-    next_seq: Option<u32>,
-    points: Vec<Point>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -690,300 +692,6 @@ impl Store {
             ))
         }
     }
-
-    // === Metrics ===
-
-    /// Appends one point to series `name` of running run `id`. Points are buffered and written in
-    /// chunks of [`CHUNK_POINTS`]; [`Self::flush_metrics`] writes a partial chunk.
-    pub fn append_metric(&self, id: &RunId, name: &str, step: u64, value: f64) -> StoreResult<()> {
-        self.append_points(id, name, &[(step, value)])
-    }
-
-    /// Appends points to series `name` of running run `id` (see [`Self::append_metric`]).
-    pub fn append_points(&self, id: &RunId, name: &str, points: &[Point]) -> StoreResult<()> {
-        metrics::validate_series_name(name)?;
-        self.require_owned(id, "metrics can be appended")?;
-        let mut pending = lock(&self.inner.pending);
-        let buffer = pending
-            .entry(id.clone())
-            .or_default()
-            .entry(name.to_string())
-            .or_default();
-        buffer.points.extend_from_slice(points);
-        while buffer.points.len() >= CHUNK_POINTS {
-            let rest = buffer.points.split_off(CHUNK_POINTS);
-            let full = std::mem::replace(&mut buffer.points, rest);
-            self.write_chunk(id, name, buffer, &full)?;
-        }
-        Ok(())
-    }
-
-    /// Writes the buffered points of run `id` as (partial) chunks.
-    pub fn flush_metrics(&self, id: &RunId) -> StoreResult<()> {
-        let mut pending = lock(&self.inner.pending);
-        let Some(series) = pending.get_mut(id) else {
-            return Ok(());
-        };
-        for (name, buffer) in series.iter_mut() {
-            if !buffer.points.is_empty() {
-                let points = std::mem::take(&mut buffer.points);
-                self.write_chunk(id, name, buffer, &points)?;
-            }
-        }
-        Ok(())
-    }
-
-    fn write_chunk(
-        &self,
-        id: &RunId,
-        name: &str,
-        buffer: &mut SeriesBuffer,
-        points: &[Point],
-    ) -> StoreResult<()> {
-        let seq = match buffer.next_seq {
-            Some(seq) => seq,
-            None => {
-                let prefix = metrics::series_prefix(id, name);
-                match self
-                    .inner
-                    .metrics
-                    .scan_prefix(&prefix)
-                    .keys()
-                    .next_back()
-                    .transpose()
-                    .db(|| format!("reading metric {name} of run {id}"))?
-                {
-                    Some(key) => metrics::parse_chunk_key(&key)
-                        .map(|(_, _, seq)| seq.saturating_add(1))
-                        .ok_or_else(|| {
-                            StoreError::corrupt(format!("metric key of run {id}"), "malformed")
-                        })?,
-                    None => 0,
-                }
-            }
-        };
-        self.inner
-            .metrics
-            .insert(
-                metrics::chunk_key(id, name, seq),
-                metrics::encode_chunk(points),
-            )
-            .db(|| format!("writing metric {name} of run {id}"))?;
-        buffer.next_seq = Some(seq + 1);
-        Ok(())
-    }
-
-    /// Every metric series of run `id` (stored chunks plus points still buffered in this process).
-    pub fn metrics(&self, id: &RunId) -> StoreResult<BTreeMap<String, Vec<Point>>> {
-        let mut series: BTreeMap<String, Vec<Point>> = BTreeMap::new();
-        for entry in self.inner.metrics.scan_prefix(id.as_bytes()) {
-            let (key, bytes) = entry.db(|| format!("reading metrics of run {id}"))?;
-            let (_, name, seq) = metrics::parse_chunk_key(&key).ok_or_else(|| {
-                StoreError::corrupt(format!("metric key of run {id}"), "malformed")
-            })?;
-            let points = series.entry(name.to_string()).or_default();
-            metrics::decode_chunk_into(&bytes, points, &|| {
-                format!("metric chunk {name}#{seq} of run {id}")
-            })?;
-        }
-        if let Some(pending) = lock(&self.inner.pending).get(id) {
-            for (name, buffer) in pending {
-                if !buffer.points.is_empty() {
-                    series
-                        .entry(name.clone())
-                        .or_default()
-                        .extend_from_slice(&buffer.points);
-                }
-            }
-        }
-        Ok(series)
-    }
-
-    /// One metric series of run `id` (empty when the run has no such series).
-    pub fn metric_series(&self, id: &RunId, name: &str) -> StoreResult<Vec<Point>> {
-        let mut points = Vec::new();
-        for entry in self
-            .inner
-            .metrics
-            .scan_prefix(metrics::series_prefix(id, name))
-        {
-            let (key, bytes) = entry.db(|| format!("reading metric {name} of run {id}"))?;
-            let seq = metrics::parse_chunk_key(&key).map_or(0, |(_, _, seq)| seq);
-            metrics::decode_chunk_into(&bytes, &mut points, &|| {
-                format!("metric chunk {name}#{seq} of run {id}")
-            })?;
-        }
-        if let Some(buffer) = lock(&self.inner.pending).get(id).and_then(|s| s.get(name)) {
-            points.extend_from_slice(&buffer.points);
-        }
-        Ok(points)
-    }
-
-    fn summarise_metrics(&self, id: &RunId) -> StoreResult<BTreeMap<String, SeriesSummary>> {
-        Ok(self
-            .metrics(id)?
-            .iter()
-            .filter_map(|(name, points)| SeriesSummary::of(points).map(|s| (name.clone(), s)))
-            .collect())
-    }
-
-    /// Per-series summaries of run `id`: the record's when the run has finished, else computed from
-    /// the stored points.
-    pub fn metric_summaries(
-        &self,
-        record: &RunRecord,
-    ) -> StoreResult<BTreeMap<String, SeriesSummary>> {
-        if record.status.is_final() {
-            Ok(record.summary.clone())
-        } else {
-            self.summarise_metrics(&record.id)
-        }
-    }
-
-    // === Logs ===
-
-    /// Appends a line to the log of running run `id` (cut at [`MAX_LOG_LINE`] bytes).
-    pub fn append_log(&self, id: &RunId, line: &str) -> StoreResult<()> {
-        self.require_owned(id, "log lines can be appended")?;
-        let mut next = lock(&self.inner.log_next);
-        let seq = match next.get(id) {
-            Some(&seq) => seq,
-            None => self.next_log_seq(id)?,
-        };
-        self.inner
-            .logs
-            .insert(log_key(id, seq), cut_log_line(line).as_bytes())
-            .db(|| format!("writing the log of run {id}"))?;
-        next.insert(id.clone(), seq + 1);
-        Ok(())
-    }
-
-    /// The number of the line after the last one stored in the log of run `id`.
-    fn next_log_seq(&self, id: &RunId) -> StoreResult<u64> {
-        Ok(self
-            .inner
-            .logs
-            .scan_prefix(id.as_bytes())
-            .keys()
-            .next_back()
-            .transpose()
-            .db(|| format!("reading the log of run {id}"))?
-            .and_then(|k| log_seq(&k))
-            .map_or(0, |s| s + 1))
-    }
-
-    /// The log lines of run `id`, in order.
-    pub fn logs(&self, id: &RunId) -> StoreResult<Vec<String>> {
-        let mut lines = Vec::new();
-        for entry in self.inner.logs.scan_prefix(id.as_bytes()) {
-            let (key, bytes) = entry.db(|| format!("reading the log of run {id}"))?;
-            let line = std::str::from_utf8(&bytes).map_err(|_| {
-                StoreError::corrupt(
-                    format!("log line {} of run {id}", log_seq(&key).unwrap_or(0)),
-                    "not UTF-8",
-                )
-            })?;
-            lines.push(line.to_string());
-        }
-        Ok(lines)
-    }
-
-    // === Tags ===
-
-    /// Tags run `id` with `tag` (1 to 64 characters, no whitespace or control characters).
-    pub fn add_tag(&self, id: &RunId, tag: &str) -> StoreResult<()> {
-        validate_tag(tag)?;
-        self.get_run(id)?;
-        self.inner
-            .tags
-            .insert(tag_key(id, tag), &[])
-            .db(|| format!("tagging run {id}"))?;
-        self.sync()
-    }
-
-    /// Removes `tag` from run `id`; returns whether it was there.
-    pub fn remove_tag(&self, id: &RunId, tag: &str) -> StoreResult<bool> {
-        let removed = self
-            .inner
-            .tags
-            .remove(tag_key(id, tag))
-            .db(|| format!("untagging run {id}"))?
-            .is_some();
-        self.sync()?;
-        Ok(removed)
-    }
-
-    /// The tags of run `id`, sorted.
-    pub fn tags(&self, id: &RunId) -> StoreResult<Vec<String>> {
-        let mut tags = Vec::new();
-        for key in self.inner.tags.scan_prefix(id.as_bytes()).keys() {
-            let key = key.db(|| format!("reading tags of run {id}"))?;
-            tags.push(String::from_utf8_lossy(&key[RUN_ID_LEN..]).into_owned());
-        }
-        Ok(tags)
-    }
-
-    /// The tags of every tagged run.
-    pub fn all_tags(&self) -> StoreResult<HashMap<RunId, Vec<String>>> {
-        let mut all: HashMap<RunId, Vec<String>> = HashMap::new();
-        for key in self.inner.tags.iter().keys() {
-            let key = key.db(|| "reading tags".into())?;
-            if key.len() <= RUN_ID_LEN {
-                continue;
-            }
-            if let Ok(id) = RunId::from_key(&key[..RUN_ID_LEN]) {
-                all.entry(id)
-                    .or_default()
-                    .push(String::from_utf8_lossy(&key[RUN_ID_LEN..]).into_owned());
-            }
-        }
-        Ok(all)
-    }
-
-    // === Model fingerprints ===
-
-    /// [`model_fingerprint`] of `dir`, with per-file hashes cached in this store by path, size and
-    /// modification time.
-    pub fn model_fingerprint(&self, dir: &Path) -> StoreResult<Digest> {
-        fingerprint::fingerprint_dir(dir, Some(&self.inner.meta))
-    }
-
-    /// Notes `dir` (made absolute) as the folder of the model whose fingerprint is `fingerprint`,
-    /// so that later commands can find it from a run's spec ([`Self::model_dir_for`]). The
-    /// latest folder noted for a fingerprint wins.
-    pub fn remember_model_dir(&self, fingerprint: &Digest, dir: &Path) -> StoreResult<()> {
-        let dir = std::fs::canonicalize(dir).map_err(|e| StoreError::io(dir, e))?;
-        self.inner
-            .meta
-            .insert(model_dir_key(fingerprint), dir.to_string_lossy().as_bytes())
-            .db(|| "noting a model folder".into())?;
-        Ok(())
-    }
-
-    /// The folder last noted for the model `fingerprint`, if it is still a folder whose files
-    /// have that fingerprint.
-    pub fn model_dir_for(&self, fingerprint: &Digest) -> StoreResult<Option<PathBuf>> {
-        let Some(bytes) = self
-            .inner
-            .meta
-            .get(model_dir_key(fingerprint))
-            .db(|| "reading a model folder".into())?
-        else {
-            return Ok(None);
-        };
-        let dir = PathBuf::from(String::from_utf8_lossy(&bytes).into_owned());
-        let same = dir.is_dir()
-            && self
-                .model_fingerprint(&dir)
-                .is_ok_and(|now| now == *fingerprint);
-        Ok(same.then_some(dir))
-    }
-}
-
-/// blake3 fingerprint of a model folder's weight and config files (relative path + content); see
-/// the `fingerprint` module docs for the exact rule. [`Store::model_fingerprint`] caches file hashes.
-pub fn model_fingerprint(dir: &Path) -> StoreResult<Digest> {
-    fingerprint::fingerprint_dir(dir, None)
 }
 
 /// This machine's host name (`/proc/sys/kernel/hostname`, `/etc/hostname`, `$HOSTNAME`, or `unknown`).
@@ -997,54 +705,8 @@ pub fn host_name() -> String {
         .unwrap_or_else(|| "unknown".to_string())
 }
 
-/// Meta key of the folder noted for a model fingerprint.
-fn model_dir_key(fingerprint: &Digest) -> Vec<u8> {
-    format!("model-dir/{}", fingerprint.to_hex()).into_bytes()
-}
-
 fn describe_run_key(key: &[u8]) -> String {
     format!("run {}", String::from_utf8_lossy(key))
-}
-
-/// The logs key of line `seq` of run `id`.
-fn log_key(id: &RunId, seq: u64) -> Vec<u8> {
-    let mut key = id.as_bytes().to_vec();
-    key.extend_from_slice(&seq.to_be_bytes());
-    key
-}
-
-/// `line` cut to at most [`MAX_LOG_LINE`] bytes, at a character boundary.
-fn cut_log_line(line: &str) -> &str {
-    let mut end = line.len().min(MAX_LOG_LINE);
-    while !line.is_char_boundary(end) {
-        end -= 1;
-    }
-    &line[..end]
-}
-
-fn log_seq(key: &[u8]) -> Option<u64> {
-    key.get(RUN_ID_LEN..)
-        .and_then(|b| <[u8; 8]>::try_from(b).ok())
-        .map(u64::from_be_bytes)
-}
-
-fn tag_key(id: &RunId, tag: &str) -> Vec<u8> {
-    let mut key = id.as_bytes().to_vec();
-    key.extend_from_slice(tag.as_bytes());
-    key
-}
-
-/// Checks a tag: 1 to [`MAX_TAG_LEN`] bytes without whitespace or control characters.
-pub fn validate_tag(tag: &str) -> StoreResult<()> {
-    if tag.is_empty()
-        || tag.len() > MAX_TAG_LEN
-        || tag.chars().any(|c| c.is_whitespace() || c.is_control())
-    {
-        return Err(StoreError::InvalidInput(format!(
-            "tag {tag:?} must be 1 to {MAX_TAG_LEN} bytes without whitespace"
-        )));
-    }
-    Ok(())
 }
 
 fn validate_name(role: &str, name: &str) -> StoreResult<()> {

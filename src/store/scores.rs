@@ -9,8 +9,9 @@ use sled::Transactional;
 
 use super::error::{DbContext, StoreError, StoreResult};
 use super::ids::RunId;
+use super::logs::{cut_log_line, log_key};
 use super::record::{RunRecord, RunStatus, SeriesSummary};
-use super::{cut_log_line, lock, log_key, metrics, Store};
+use super::{lock, metrics, Store};
 
 /// The families of scores added after a run finished: `eval/` (CLIP and DINO, `mifo eval`) and
 /// `oracle/` (the world's oracle, `mifo world score`).

@@ -267,17 +267,35 @@ fn guidance_loss(
     hook.loss(alpha)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What the latent optimisation of one denoising step works with (besides the hook and the
+/// latent it moves).
+#[derive(Clone, Copy)]
+struct GuidanceInputs<'a> {
+    unet: &'a UNet,
+    /// The step's timestep tensor.
+    t: &'a Tensor,
+    /// The prompt's text embedding (the guidance passes run without CFG).
+    cond: &'a Tensor,
+    cfg: &'a SynthConfig,
+    /// The denoising step's index (for α and the step size).
+    step: usize,
+    /// Number of subjects (the loss is normalised by it).
+    subjects: usize,
+}
+
 fn optimise_latent(
-    unet: &UNet,
     hook: &mut ControlHook,
     z: &Tensor,
-    t: &Tensor,
-    cond: &Tensor,
-    cfg: &SynthConfig,
-    step: usize,
-    subjects: usize,
+    inputs: GuidanceInputs,
 ) -> Result<GuidedStep> {
+    let GuidanceInputs {
+        unet,
+        t,
+        cond,
+        cfg,
+        step,
+        subjects,
+    } = inputs;
     let alpha = cfg.alpha(step);
     let beta = cfg.step_size(step);
     let norm = subjects.max(1) as f64; // batch 1 per sample
@@ -380,7 +398,14 @@ pub fn run(req: &SynthRequest, sink: &mut dyn RunSink) -> Result<SynthReport> {
         wall_seconds: 0.0,
     };
     for k in 0..req.samples {
-        match run_sample(req, &plan, &ddim, &timesteps, &cond, &context, k, sink)? {
+        let setup = SampleSetup {
+            plan: &plan,
+            ddim: &ddim,
+            timesteps: &timesteps,
+            cond: &cond,
+            context: &context,
+        };
+        match run_sample(req, setup, k, sink)? {
             Some(s) => report.samples.push(s),
             None => {
                 report.cancelled = true;
@@ -393,17 +418,31 @@ pub fn run(req: &SynthRequest, sink: &mut dyn RunSink) -> Result<SynthReport> {
     Ok(report)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What every sample of one run shares: the token plan, the sampler and the encoded prompt.
+#[derive(Clone, Copy)]
+struct SampleSetup<'a> {
+    plan: &'a TokenPlan,
+    ddim: &'a Ddim,
+    timesteps: &'a [usize],
+    /// The prompt's text embedding.
+    cond: &'a Tensor,
+    /// `[uncond; cond]`, the batch of the classifier-free-guidance pass.
+    context: &'a Tensor,
+}
+
 fn run_sample(
     req: &SynthRequest,
-    plan: &TokenPlan,
-    ddim: &Ddim,
-    timesteps: &[usize],
-    cond: &Tensor,
-    context: &Tensor,
+    setup: SampleSetup,
     k: usize,
     sink: &mut dyn RunSink,
 ) -> Result<Option<SampleReport>> {
+    let SampleSetup {
+        plan,
+        ddim,
+        timesteps,
+        cond,
+        context,
+    } = setup;
     let started = Instant::now();
     let sd = req.sd;
     let cfg = &req.config;
@@ -453,7 +492,15 @@ fn run_sample(
         let guided =
             control && cfg.latent_opt && i < cfg.guided_steps && (cfg.ca_control || cfg.sa_control);
         if guided {
-            let g = optimise_latent(&sd.unet, &mut hook, &z, &t_tensor, cond, cfg, i, subjects)?;
+            let inputs = GuidanceInputs {
+                unet: &sd.unet,
+                t: &t_tensor,
+                cond,
+                cfg,
+                step: i,
+                subjects,
+            };
+            let g = optimise_latent(&mut hook, &z, inputs)?;
             z = g.z;
             sink.metric("loss/box", mstep, g.before)?;
             sink.metric("loss/box_after", mstep, g.after)?;

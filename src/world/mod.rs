@@ -29,8 +29,9 @@ use crate::synth::SynthConfig;
 pub const ORACLE_PREFIX: &str = "oracle/";
 /// Name of the learning-run input that holds `scene.json`.
 pub const WORLD_INPUT: &str = "world";
-/// File name of a scene's description in a scene folder.
-pub const SCENE_FILE: &str = "scene.json";
+/// File name of a scene's description in a scene folder (defined by the learning inputs, which
+/// pick it up from a scene folder).
+pub const SCENE_FILE: &str = crate::learn::inputs::SCENE_DESCRIPTION_FILE;
 /// Version of [`SceneFile`]'s layout.
 pub const SCENE_FILE_VERSION: u32 = 1;
 

@@ -1,6 +1,10 @@
 //! `mifo model verify`: run this implementation on the inputs stored in a reference file dumped
 //! from diffusers / transformers and compare every output tensor it describes.
 //!
+//! The harness sits above both `model` and `learn`: besides the model's forward passes it checks
+//! the learning losses (`learn::losses`) against the reference, so it lives at the top of the
+//! library rather than inside either layer.
+//!
 //! The reference format is `fixtures/tiny-sd21/reference.json` + `reference.safetensors`. Which
 //! checks run is decided by which tensors the reference contains (a group is skipped when its
 //! inputs are absent), and every size comes from the model's configs and the reference itself.
@@ -11,11 +15,11 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor, Var, D};
 use serde_json::Value;
 
-use super::attention::{AttentionHook, AttnCall, AttnKind};
-use super::loader::StableDiffusion;
-use super::nn::{resize_bilinear, resize_nearest_hw};
 use crate::error::{Error, Result};
 use crate::learn::losses;
+use crate::model::attention::{AttentionHook, AttnCall, AttnKind};
+use crate::model::loader::StableDiffusion;
+use crate::model::nn::{resize_bilinear, resize_nearest_hw};
 
 /// Largest allowed `max |ours − ref| / max |ref|` for forward tensors (fp32).
 pub const FORWARD_TOLERANCE: f64 = 1e-4;
@@ -261,16 +265,17 @@ pub fn verify(model_dir: &Path, reference: &Path, device: &Device) -> Result<Vec
     let mut tok = sd.tokenizer.clone();
     let names: Vec<String> = new_tokens.iter().map(|(n, _)| n.clone()).collect();
     let added = tok.add_tokens(&names)?;
-    let encode_all = |t: &super::tokenizer::ClipTokenizer, texts: &[String]| -> Result<Tensor> {
-        let rows = texts
-            .iter()
-            .map(|p| t.encode(p))
-            .collect::<Result<Vec<_>>>()?;
-        let n = rows.len();
-        let l = rows.first().map(Vec::len).unwrap_or(0);
-        let flat: Vec<i64> = rows.into_iter().flatten().map(i64::from).collect();
-        Ok(Tensor::from_vec(flat, (n, l), &Device::Cpu)?)
-    };
+    let encode_all =
+        |t: &crate::model::tokenizer::ClipTokenizer, texts: &[String]| -> Result<Tensor> {
+            let rows = texts
+                .iter()
+                .map(|p| t.encode(p))
+                .collect::<Result<Vec<_>>>()?;
+            let n = rows.len();
+            let l = rows.first().map(Vec::len).unwrap_or(0);
+            let flat: Vec<i64> = rows.into_iter().flatten().map(i64::from).collect();
+            Ok(Tensor::from_vec(flat, (n, l), &Device::Cpu)?)
+        };
     if r.has("tokens.prompt_input_ids") && !prompts.is_empty() {
         cmp(
             &mut out,
@@ -641,7 +646,7 @@ pub fn verify(model_dir: &Path, reference: &Path, device: &Device) -> Result<Vec
 fn verify_mifo(
     r: &Reference,
     sd: &StableDiffusion,
-    tok: &super::tokenizer::ClipTokenizer,
+    tok: &crate::model::tokenizer::ClipTokenizer,
     added: &[u32],
     dev: &Device,
     out: &mut Vec<Check>,
