@@ -11,6 +11,7 @@ pub mod imageio;
 pub mod jobs;
 pub mod learn;
 pub mod model;
+pub mod runs;
 pub mod sink;
 pub mod store;
 pub mod synth;

@@ -4,11 +4,16 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+mod engine_support;
+
+use engine_support::start_engine_with;
 use mifo::engine::protocol::{read_frame, write_frame};
 use mifo::engine::{serve, Client, EngineOptions, Event, EventKind, Request, Response};
 use mifo::jobs::learn::LearnJob;
 use mifo::jobs::sink::SinkEvent;
 use mifo::learn::{scene_files, LearnConfig};
+use mifo::runs::{RunsReply, RunsRequest};
+use mifo::store::RunStatus;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
@@ -16,29 +21,6 @@ fn root() -> PathBuf {
 
 fn start_engine(name: &str) -> PathBuf {
     start_engine_with(name, 1)
-}
-
-fn start_engine_with(name: &str, jobs: usize) -> PathBuf {
-    let store = std::env::temp_dir().join(format!("mifo-engine-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&store);
-    let dir = store.clone();
-    std::thread::spawn(move || {
-        serve(
-            &dir,
-            EngineOptions {
-                idle_exit: Some(Duration::from_secs(30)),
-                jobs,
-            },
-        )
-        .unwrap()
-    });
-    for _ in 0..200 {
-        if Client::try_connect(&store).ok().flatten().is_some() {
-            return store;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("engine did not come up");
 }
 
 fn job(steps: u64, seed: u64) -> LearnJob {
@@ -121,19 +103,10 @@ fn two_clients_see_the_same_live_events() {
     };
     assert_eq!(st.pid, std::process::id());
     assert!(st.queue.is_empty());
-    let Response::Runs {
-        stdout,
-        error: None,
-    } = c
-        .request(&Request::Runs {
-            argv: vec!["show".into(), first.clone(), "--json".into()],
-        })
-        .unwrap()
-    else {
+    let RunsReply::Show(show) = c.runs(RunsRequest::Show { run: first.clone() }).unwrap() else {
         panic!("runs show failed")
     };
-    let rec: serde_json::Value = serde_json::from_slice(&stdout).unwrap();
-    assert_eq!(rec["status"], "done");
+    assert_eq!(show.record.status, RunStatus::Done);
 
     // The data requests front ends (the workbench) use.
     let Response::Records(records) = c.request(&Request::ListRecords).unwrap() else {
@@ -213,21 +186,15 @@ fn cancel_stops_a_running_job_and_keeps_its_checkpoint() {
     assert!(
         matches!(&events.last().unwrap().kind, EventKind::Status { status, .. } if status == "cancelled")
     );
-    let Response::Runs { stdout, .. } = c
-        .request(&Request::Runs {
-            argv: vec!["show".into(), run, "--json".into()],
-        })
-        .unwrap()
-    else {
-        panic!()
+    let RunsReply::Show(show) = c.runs(RunsRequest::Show { run }).unwrap() else {
+        panic!("runs show failed")
     };
-    let rec: serde_json::Value = serde_json::from_slice(&stdout).unwrap();
     assert!(
-        rec["outputs"]["checkpoint"].is_string(),
-        "no checkpoint kept: {}",
-        rec["outputs"]
+        show.record.outputs.contains_key("checkpoint"),
+        "no checkpoint kept: {:?}",
+        show.record.outputs
     );
-    let steps = rec["metrics"]["loss/total"].as_array().unwrap().len();
+    let steps = show.metrics["loss/total"].len();
     assert!(steps < 400, "ran to the end despite the cancel");
 }
 

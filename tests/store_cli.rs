@@ -515,3 +515,41 @@ fn clap_definitions_are_consistent() {
         "tag needs at least one tag"
     );
 }
+
+// === through the engine ===
+
+/// `mifo --model runs runs ls` reaches the engine as a typed request: a global flag whose value
+/// is `runs` (here a model folder of that name) is no longer taken for the subcommand (the client
+/// used to forward everything after the first word `runs`, and the engine refused `runs ls`).
+#[test]
+fn a_model_folder_named_runs_does_not_confuse_the_client() {
+    let f = fixture();
+    let cwd = f.root.parent().unwrap();
+    assert!(cwd.join("runs").is_dir());
+    let mifo = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_mifo"))
+            .current_dir(cwd)
+            .env("MIFO_ENGINE_IDLE", "3")
+            .env_remove("MIFO_MODEL")
+            .arg("--store")
+            .arg(&f.root)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = mifo(&["--model", "runs", "runs", "ls", "--json"]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let _ = mifo(&["engine", "stop", "--force"]);
+    assert!(out.status.success(), "{stderr}");
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ids: Vec<&str> = doc
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        [&f.stale, &f.failed, &f.synth, &f.learn].map(|id| id.as_str())
+    );
+}

@@ -1,6 +1,9 @@
-//! The workbench over a real run store ([`LocalBackend`]): opening 10,000 runs (timed and
-//! printed, not asserted), the backend operations, and a learning run launched from the form
-//! on the tiny model, watched to the end, opened, and re-run bit-identically.
+//! The workbench over a real engine ([`EngineBackend`] to an engine serving a temp store in this
+//! process, over its unix socket): opening 10,000 runs (timed and printed, not asserted), the
+//! backend operations, the launch form's overlap toggle, and a learning run launched from the
+//! form on the tiny model, watched to the end, opened, and re-run bit-identically.
+
+mod engine_support;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -11,11 +14,19 @@ use mifo::store::{
     now_ms, Digest, NewRun, RunId, RunKind, RunOutcome, RunSpec, RunStatus, Store, StoreOptions,
 };
 use mifo::tui::app::View;
-use mifo::tui::backend::{Backend, JobState, LocalBackend, RerunRequest};
+use mifo::tui::backend::{Backend, JobState, RerunRequest};
 use mifo::tui::driver::SyncDriver;
+use mifo::tui::EngineBackend;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
+}
+
+/// Starts an engine on `store_dir` in this process and connects the workbench's backend to it,
+/// with `model` as the default model folder (never taken from the environment).
+fn engine_backend(store_dir: &Path, model: Option<PathBuf>) -> EngineBackend {
+    engine_support::serve_in_thread(store_dir, 1);
+    EngineBackend::connect(store_dir.to_path_buf(), model, "cpu").unwrap()
 }
 
 fn learn_spec(seed: u64, inputs: BTreeMap<String, Digest>) -> RunSpec {
@@ -123,10 +134,10 @@ fn ten_thousand_runs_open_quickly() {
         t.elapsed().as_secs_f64()
     );
 
-    // Startup as `mifo` does it: open the store (marking the stale running run interrupted),
-    // list every run, draw the first frame.
+    // Startup as `mifo` does it: the engine opens the store (marking the stale running run
+    // interrupted), the workbench connects, lists every run, draws the first frame.
     let t = Instant::now();
-    let backend = LocalBackend::open(&store_dir, None, "cpu").unwrap();
+    let backend = engine_backend(&store_dir, None);
     let opened = t.elapsed();
     let mut d = SyncDriver::new(backend, 160, 48, now_ms(), false);
     let listed = t.elapsed();
@@ -134,10 +145,8 @@ fn ten_thousand_runs_open_quickly() {
     let first_frame = t.elapsed();
     assert_eq!(d.app.runs.rows.len(), 10_000);
     assert!(screen.contains("Runs 10000"), "{screen}");
-    // The run left `running` is marked interrupted in the background, and the next poll shows it.
-    wait_for(&mut d, "the stale run to be marked", |d| {
-        d.app.runs.rows[0].status == RunStatus::Interrupted
-    });
+    // The engine marked the run left `running` interrupted before it answered.
+    assert_eq!(d.app.runs.rows[0].status, RunStatus::Interrupted);
 
     // Frame render time of the runs view (averaged), and of the detail view with a chart.
     let frames = 50;
@@ -172,19 +181,12 @@ fn ten_thousand_runs_open_quickly() {
 }
 
 #[test]
-fn local_backend_reads_tags_and_deletes() {
+fn engine_backend_reads_tags_and_deletes() {
     let dir = tempfile::tempdir().unwrap();
     let store_dir = dir.path().join("runs");
     let ids = fill_store(&store_dir, 3);
-    let backend = LocalBackend::open(&store_dir, None, "cpu").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while backend.list_runs().unwrap()[0].status != RunStatus::Interrupted {
-        assert!(
-            Instant::now() < deadline,
-            "the stale run was not marked interrupted"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // No model folder: launches are refused with a clear message.
+    let backend = engine_backend(&store_dir, None);
     let rows = backend.list_runs().unwrap();
     assert_eq!(rows.len(), 3);
     assert_eq!(rows[0].id, ids[2]); // newest first
@@ -208,10 +210,7 @@ fn local_backend_reads_tags_and_deletes() {
     assert!(backend.untag(&ids[1], "keep").is_err());
     backend.delete(&ids[1]).unwrap();
     assert_eq!(backend.list_runs().unwrap().len(), 2);
-    assert!(backend.cancel(&ids[0]).is_err()); // not running here
-                                               // No model folder: launches are refused with a clear message.
-    std::env::remove_var("MIFO_MODEL");
-    let backend = LocalBackend::with_store(backend.store().clone(), None, "cpu");
+    assert!(backend.cancel(&ids[0]).is_err()); // not running
     let e = backend
         .rerun(&ids[0], RerunRequest::default())
         .unwrap_err()
@@ -233,7 +232,7 @@ fn launch_watch_open_and_rerun_on_the_tiny_model() {
     let dir = tempfile::tempdir().unwrap();
     let store_dir = dir.path().join("runs");
     let model = root().join("fixtures/tiny-sd21");
-    let backend = LocalBackend::open(&store_dir, Some(model), "cpu").unwrap();
+    let backend = engine_backend(&store_dir, Some(model));
     let mut d = SyncDriver::new(backend, 120, 40, now_ms(), true);
     assert!(d.draw().contains("No runs yet"));
 
@@ -321,5 +320,66 @@ fn launch_watch_open_and_rerun_on_the_tiny_model() {
     let row = d.app.row(job.run.as_ref().unwrap()).unwrap();
     assert_eq!((row.kind, row.status), (RunKind::Synth, RunStatus::Done));
     assert_eq!(row.parent.as_ref(), Some(&run));
-    d.backend.shutdown();
+}
+
+/// A scene folder whose two masks are the same (100% overlap).
+fn overlapping_scene(dir: &Path) -> PathBuf {
+    let scene = dir.join("twins");
+    std::fs::create_dir_all(&scene).unwrap();
+    let coffee = root().join("fixtures/scenes/coffee");
+    let mut mask = None;
+    for entry in std::fs::read_dir(&coffee).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if name.starts_with("img.") {
+            std::fs::copy(&path, scene.join(&name)).unwrap();
+        } else if name.starts_with("mask") && mask.is_none() {
+            mask = Some(path);
+        }
+    }
+    let mask = mask.expect("a mask in fixtures/scenes/coffee");
+    std::fs::copy(&mask, scene.join("mask0.png")).unwrap();
+    std::fs::copy(&mask, scene.join("mask1.png")).unwrap();
+    scene
+}
+
+/// The form's "allow overlapping masks" toggle reaches the engine: without it the engine refuses
+/// the scene, with it the run is queued (the engine client used to send `false` always).
+#[test]
+fn the_overlap_toggle_reaches_the_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_dir = dir.path().join("runs");
+    let scene = overlapping_scene(dir.path());
+    let backend = engine_backend(&store_dir, Some(root().join("fixtures/tiny-sd21")));
+    let mut d = SyncDriver::new(backend, 120, 40, now_ms(), false);
+    let fill_form = |d: &mut SyncDriver<EngineBackend>| {
+        d.press("L");
+        d.press(&format!("<Down>{}", scene.display()));
+        d.press("<Down><Down><Down><C-u>7<Down><Down><Down>");
+        d.press("learn.reward_steps=1 learn.penalty_steps=1 learn.dreambooth_steps=0 learn.preview_steps=0");
+    };
+
+    fill_form(&mut d);
+    assert!(!d.app.launch.as_ref().unwrap().allow_overlap);
+    d.press("<Enter>");
+    let refused = format!("{:?}", d.app.status);
+    assert!(refused.contains("overlap"), "{refused}");
+    assert!(d.app.jobs.rows.is_empty(), "{:?}", d.app.jobs.rows);
+
+    d.press("<Esc>");
+    fill_form(&mut d);
+    d.press("<Down><Space>");
+    assert!(d.app.launch.as_ref().unwrap().allow_overlap);
+    d.press("<Enter>");
+    let queued = format!("{:?}", d.app.status);
+    assert!(queued.contains("queued as job 1"), "{queued}");
+    let job = d.app.jobs.rows[0].clone();
+    assert!(
+        !matches!(job.state, JobState::Failed(_)),
+        "the engine refused the launch: {job:?}"
+    );
+    d.backend.cancel_job(job.job).unwrap();
+    wait_for(&mut d, "the cancelled run to end", |d| {
+        !d.app.jobs.rows[0].state.is_active()
+    });
 }

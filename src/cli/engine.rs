@@ -11,8 +11,10 @@ use anyhow::{anyhow, bail};
 use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
 
+use super::runs::{carry_out, format_show, Console, RunsCommand};
 use crate::engine::{serve, Client, EngineOptions, EventKind, Request, Response};
 use crate::jobs::sink::SinkEvent;
+use crate::runs::{RunsReply, RunsRequest};
 
 /// `mifo engine` subcommands.
 #[derive(Subcommand, Debug)]
@@ -147,143 +149,63 @@ fn expect_ok(r: Response) -> anyhow::Result<()> {
     }
 }
 
-/// The arguments after `runs` on the command line, without the global `--store`.
-fn runs_argv() -> Vec<String> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let mut out = Vec::new();
-    let mut seen_runs = false;
-    let mut skip_next = false;
-    for a in args {
-        if skip_next {
-            skip_next = false;
-            continue;
-        }
-        if a == "--store" {
-            skip_next = true;
-            continue;
-        }
-        if a.starts_with("--store=") {
-            continue;
-        }
-        if seen_runs {
-            out.push(a);
-        } else if a == "runs" {
-            seen_runs = true;
-        }
-    }
-    out
-}
-
-/// `mifo runs …` through the engine.
-pub fn runs(cmd: crate::cli::runs::RunsCommand, store: &Path) -> anyhow::Result<()> {
-    use crate::cli::runs::RunsCommand;
+/// `mifo runs …` through the engine: `rerun` submits a job and follows it; every other
+/// command is carried out by typed requests ([`crate::runs`]) the engine executes.
+pub fn runs(cmd: RunsCommand, store: &Path) -> anyhow::Result<()> {
     if !store.join("db").is_dir() {
         bail!(
             "{}: no run store here (nothing has run yet, or pass --store DIR / set MIFO_STORE)",
             store.display()
         );
     }
-    let mut argv = runs_argv();
-    match &cmd {
-        RunsCommand::Rerun {
-            run,
-            sets,
-            seed,
-            model,
-            device,
-            json,
-            detach,
-        } => {
-            let mut c = Client::connect(store)?;
-            let crate::engine::StoredRun {
-                record,
-                spec,
-                model_dir,
-            } = c.stored_run(run)?;
-            let model = crate::jobs::model_dir_for_run(model.clone(), model_dir, run)?;
-            let request = match record.kind {
-                crate::store::RunKind::Learn => {
-                    let root = std::fs::canonicalize(store).unwrap_or_else(|_| store.to_path_buf());
-                    let blobs = crate::store::BlobStore::new(root.join("blobs"));
-                    Request::SubmitLearn(Box::new(crate::jobs::learn::job_from_spec(
-                        &spec,
-                        &blobs,
-                        model,
-                        device,
-                        sets,
-                        *seed,
-                        record.scene.as_deref(),
-                    )?))
-                }
-                crate::store::RunKind::Synth => Request::SubmitSynth(Box::new(
-                    crate::jobs::synth::job_from_spec(&spec, model, device, sets, *seed)?,
-                )),
-            };
-            if !json {
-                eprintln!("re-running {} ({})", record.id, record.kind.as_str());
+    if let RunsCommand::Rerun {
+        run,
+        sets,
+        seed,
+        model,
+        device,
+        json,
+        detach,
+    } = cmd
+    {
+        let mut c = Client::connect(store)?;
+        let crate::engine::StoredRun {
+            record,
+            spec,
+            model_dir,
+        } = c.stored_run(&run)?;
+        let model = crate::jobs::model_dir_for_run(model, model_dir, &run)?;
+        let request = match record.kind {
+            crate::store::RunKind::Learn => {
+                let root = std::fs::canonicalize(store).unwrap_or_else(|_| store.to_path_buf());
+                let blobs = crate::store::BlobStore::new(root.join("blobs"));
+                Request::SubmitLearn(Box::new(crate::jobs::learn::job_from_spec(
+                    &spec,
+                    &blobs,
+                    model,
+                    &device,
+                    &sets,
+                    seed,
+                    record.scene.as_deref(),
+                )?))
             }
-            return submit_and_follow(store, &request, *json, *detach);
+            crate::store::RunKind::Synth => Request::SubmitSynth(Box::new(
+                crate::jobs::synth::job_from_spec(&spec, model, &device, &sets, seed)?,
+            )),
+        };
+        if !json {
+            eprintln!("re-running {} ({})", record.id, record.kind.as_str());
         }
-        RunsCommand::Show {
-            run,
-            image: Some(name),
-            ..
-        } => {
-            let mut c = Client::connect(store)?;
-            return match c.request(&Request::Output {
-                run: run.clone(),
-                name: name.clone(),
-            })? {
-                Response::Bytes(b) => {
-                    crate::cli::runs::print_png(&b, &format!("output '{name}' of run {run}"))
-                }
-                Response::Error(e) => Err(anyhow!(e)),
-                other => Err(anyhow!("engine: unexpected reply {other:?}")),
-            };
-        }
-        RunsCommand::Rm { run, yes: false }
-            if std::io::stdin().is_terminal() && std::io::stderr().is_terminal() =>
-        {
-            eprint!("remove run {run} and the outputs no other run uses? [y/N] ");
-            std::io::stderr().flush()?;
-            let mut answer = String::new();
-            std::io::stdin().read_line(&mut answer)?;
-            if !matches!(answer.trim(), "y" | "Y" | "yes") {
-                bail!("not removed");
-            }
-            argv.push("--yes".into());
-        }
-        RunsCommand::Export { .. } => {
-            // The engine may run in another directory: make the target absolute.
-            let positional: Vec<usize> = argv
-                .iter()
-                .enumerate()
-                .filter(|(i, a)| *i > 0 && !a.starts_with('-'))
-                .map(|(i, _)| i)
-                .collect();
-            if let Some(&i) = positional.get(1) {
-                let p = PathBuf::from(&argv[i]);
-                if p.is_relative() {
-                    argv[i] = std::env::current_dir()?.join(p).display().to_string();
-                }
-            }
-        }
-        _ => {}
+        return submit_and_follow(store, &request, json, detach);
     }
-    let mut c = Client::connect(store)?;
-    match c.request(&Request::Runs { argv })? {
-        Response::Runs { stdout, error } => {
-            let mut out = std::io::stdout().lock();
-            out.write_all(&stdout)?;
-            out.flush()?;
-            match error {
-                Some(e) => Err(anyhow!(e)),
-                None => Ok(()),
-            }
-        }
-        Response::Error(e) => Err(anyhow!(e)),
-        other => Err(anyhow!("engine: unexpected reply {other:?}")),
-    }
+    // One connection per request: `rm` may wait on the user between two of them.
+    Console::terminal(|console| {
+        carry_out(
+            cmd,
+            &mut |request| Ok(Client::connect(store)?.runs(request)?),
+            console,
+        )
+    })
 }
 
 /// Follows run `id` until it ends, drawing progress on stderr. Ctrl-C detaches (the run goes
@@ -370,18 +292,13 @@ pub fn follow(store: &Path, id: &str, quiet: bool) -> anyhow::Result<String> {
 
 /// Prints `runs show RUN --json` from the engine on stdout.
 pub fn runs_show_json(store: &Path, id: &str) -> anyhow::Result<()> {
-    let mut c = Client::connect(store)?;
-    match c.request(&Request::Runs {
-        argv: vec!["show".into(), id.into(), "--json".into()],
-    })? {
-        Response::Runs {
-            stdout,
-            error: None,
-        } => {
-            std::io::stdout().write_all(&stdout)?;
+    match Client::connect(store)?.runs(RunsRequest::Show { run: id.into() })? {
+        RunsReply::Show(show) => {
+            let mut out = std::io::stdout().lock();
+            format_show(&show, true, &mut out)?;
+            out.flush()?;
             Ok(())
         }
-        Response::Runs { error: Some(e), .. } | Response::Error(e) => Err(anyhow!(e)),
         other => Err(anyhow!("engine: unexpected reply {other:?}")),
     }
 }

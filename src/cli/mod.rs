@@ -46,20 +46,20 @@ fn parse_image_mode(s: &str) -> Result<crate::tui::images::ImageMode, String> {
     s.parse()
 }
 
-/// Opens the workbench on the store's engine (starting the engine if needed).
+/// Opens the workbench on the store's engine (starting the engine if needed); the default model
+/// folder is `model`, else `$MIFO_MODEL`.
 pub fn workbench(
     store: &std::path::Path,
     model: Option<PathBuf>,
     device: &str,
     mode: crate::tui::images::ImageMode,
 ) -> anyhow::Result<()> {
-    let started = std::time::Instant::now();
-    if !std::io::IsTerminal::is_terminal(&std::io::stdout()) {
-        anyhow::bail!("the workbench needs a terminal (for scripts use `mifo runs ls`)");
-    }
-    let backend =
-        crate::tui::engine_backend::EngineBackend::connect(store.to_path_buf(), model, device)?;
-    crate::tui::run_with(Box::new(backend), mode, started)
+    crate::tui::run(crate::tui::TuiOptions {
+        store: store.to_path_buf(),
+        model: model.or_else(|| std::env::var_os("MIFO_MODEL").map(PathBuf::from)),
+        device: device.to_string(),
+        image_protocol: mode,
+    })
 }
 
 /// Top-level subcommands.

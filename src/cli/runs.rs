@@ -1,4 +1,6 @@
-//! `mifo runs …`: list, show, compare, remove, collect, check and export stored runs.
+//! `mifo runs …`: list, show, compare, remove, collect, check and export stored runs. This module
+//! parses the arguments into [`RunsRequest`]s and formats the [`RunsReply`]s; the operations
+//! themselves are [`crate::runs`] (executed by the engine, or in this process by [`run_with`]).
 //!
 //! Read commands take `--json` and then print exactly one JSON document on stdout. Errors (unknown
 //! or ambiguous run prefix, missing store, a store in use) are one line on stderr and a non-zero
@@ -8,12 +10,13 @@ use std::collections::BTreeMap;
 use std::io::{self, BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context as _};
+use anyhow::{anyhow, bail, Context as _};
 use serde_json::{json, Value};
 
+use crate::runs::{Listing, RunShow, RunsReply, RunsRequest};
 use crate::store::{
-    diff_runs, export_run, format_age, format_duration, format_utc, now_ms, RunDiff, RunId,
-    RunKind, RunRecord, RunStatus, SeriesSummary, Store,
+    format_age, format_duration, format_utc, now_ms, RunDiff, RunId, RunKind, RunStatus,
+    SeriesSummary, Store,
 };
 
 /// `mifo runs` subcommands.
@@ -168,16 +171,7 @@ impl From<StatusArg> for RunStatus {
     }
 }
 
-/// Which runs `ls` lists.
-#[derive(Debug, Clone, Default)]
-pub struct LsFilter {
-    /// Only this kind.
-    pub kind: Option<RunKind>,
-    /// Only this status.
-    pub status: Option<RunStatus>,
-    /// Only runs with this tag.
-    pub tag: Option<String>,
-}
+pub use crate::runs::LsFilter;
 
 /// Asks a yes/no question and returns the answer.
 pub type Confirm<'a> = &'a mut dyn FnMut(&str) -> io::Result<bool>;
@@ -190,19 +184,30 @@ pub struct Console<'a> {
     pub confirm: Option<Confirm<'a>>,
 }
 
-/// Runs `cmd` on the store at `store_dir`, printing to stdout and asking on the terminal.
+/// Carries out one [`RunsRequest`]: on the store in this process, or through the engine.
+pub type Execute<'a> = &'a mut dyn FnMut(RunsRequest) -> anyhow::Result<RunsReply>;
+
+impl Console<'static> {
+    /// Runs `f` with a console on stdout that asks on the terminal when there is one.
+    pub fn terminal<T>(f: impl FnOnce(&mut Console<'_>) -> anyhow::Result<T>) -> anyhow::Result<T> {
+        let stdout = io::stdout();
+        let mut out = stdout.lock();
+        let mut ask = ask_on_terminal;
+        let interactive = io::stdin().is_terminal() && io::stderr().is_terminal();
+        let mut console = Console {
+            out: &mut out,
+            confirm: if interactive { Some(&mut ask) } else { None },
+        };
+        let result = f(&mut console);
+        out.flush()?;
+        result
+    }
+}
+
+/// Runs `cmd` on the store at `store_dir` in this process, printing to stdout and asking on the
+/// terminal.
 pub fn run(cmd: RunsCommand, store_dir: &Path) -> anyhow::Result<()> {
-    let stdout = io::stdout();
-    let mut out = stdout.lock();
-    let mut ask = ask_on_terminal;
-    let interactive = io::stdin().is_terminal() && io::stderr().is_terminal();
-    let mut console = Console {
-        out: &mut out,
-        confirm: if interactive { Some(&mut ask) } else { None },
-    };
-    let result = run_with(cmd, store_dir, &mut console);
-    out.flush()?;
-    result
+    Console::terminal(|console| run_with(cmd, store_dir, console))
 }
 
 fn ask_on_terminal(question: &str) -> io::Result<bool> {
@@ -214,19 +219,36 @@ fn ask_on_terminal(question: &str) -> io::Result<bool> {
     Ok(matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes"))
 }
 
-/// Runs `cmd` on the store at `store_dir` with explicit output and confirmation (for tests and the TUI).
+/// Runs `cmd` on the store at `store_dir` in this process, with explicit output and
+/// confirmation (for tests).
 pub fn run_with(
     cmd: RunsCommand,
     store_dir: &Path,
     console: &mut Console<'_>,
 ) -> anyhow::Result<()> {
     let store = Store::open(store_dir)?;
-    run_on(cmd, &store, console)
+    if let RunsCommand::Rerun { .. } = cmd {
+        bail!("`runs rerun` submits a job: run it through the engine client (mifo runs rerun)")
+    }
+    carry_out(
+        cmd,
+        &mut |request| Ok(crate::runs::execute(&store, request)?),
+        console,
+    )
 }
 
-/// Runs `cmd` on an already open store (the engine executes `runs` commands this way).
-pub fn run_on(cmd: RunsCommand, store: &Store, console: &mut Console<'_>) -> anyhow::Result<()> {
-    let store = store.clone();
+fn unexpected(reply: RunsReply) -> anyhow::Error {
+    anyhow!("engine: unexpected reply {reply:?}")
+}
+
+/// Carries out `cmd` (any command but `rerun`, which submits a job) by sending its requests to
+/// `execute` and writing the replies to `console`: the one place that turns replies into text
+/// and JSON.
+pub fn carry_out(
+    cmd: RunsCommand,
+    execute: Execute<'_>,
+    console: &mut Console<'_>,
+) -> anyhow::Result<()> {
     match cmd {
         RunsCommand::Ls {
             kind,
@@ -239,36 +261,55 @@ pub fn run_on(cmd: RunsCommand, store: &Store, console: &mut Console<'_>) -> any
                 status: status.map(Into::into),
                 tag,
             };
-            write_ls(&store, &filter, json, console.out)?;
-        }
-        RunsCommand::Show { run, json, image } => {
-            let id = store.resolve(&run)?;
-            match image {
-                Some(name) => show_image(&store, &id, &name)?,
-                None => write_show(&store, &id, json, console.out)?,
+            match execute(RunsRequest::List(filter))? {
+                RunsReply::List(listing) => format_ls(&listing, json, console.out)?,
+                other => return Err(unexpected(other)),
             }
         }
-        RunsCommand::Diff { a, b, all, json } => {
-            let (a, b) = (store.resolve(&a)?, store.resolve(&b)?);
-            let diff = diff_runs(&store, &a, &b, all)?;
-            if json {
-                writeln!(console.out, "{}", serde_json::to_string_pretty(&diff)?)?;
-            } else {
-                write_diff_text(&diff, console.out)?;
+        RunsCommand::Show {
+            run,
+            image: Some(name),
+            ..
+        } => match execute(RunsRequest::Output {
+            run: run.clone(),
+            name: name.clone(),
+        })? {
+            RunsReply::Output(bytes) => {
+                print_png(&bytes, &format!("output '{name}' of run {run}"))?
             }
-        }
+            other => return Err(unexpected(other)),
+        },
+        RunsCommand::Show {
+            run,
+            json,
+            image: None,
+        } => match execute(RunsRequest::Show { run })? {
+            RunsReply::Show(show) => format_show(&show, json, console.out)?,
+            other => return Err(unexpected(other)),
+        },
+        RunsCommand::Diff { a, b, all, json } => match execute(RunsRequest::Diff { a, b, all })? {
+            RunsReply::Diff(diff) if json => {
+                writeln!(console.out, "{}", serde_json::to_string_pretty(&diff)?)?
+            }
+            RunsReply::Diff(diff) => write_diff_text(&diff, console.out)?,
+            other => return Err(unexpected(other)),
+        },
         RunsCommand::Rm { run, yes } => {
-            let id = store.resolve(&run)?;
+            let mut run = run;
             if !yes {
-                let question = match store.get_run(&id) {
-                    Ok(r) => format!(
+                let (id, record) = match execute(RunsRequest::Record { run })? {
+                    RunsReply::Record { id, record } => (id, record),
+                    other => return Err(unexpected(other)),
+                };
+                let question = match record {
+                    Some(r) => format!(
                         "remove {} run {id} ({}, {} outputs, created {})?",
                         r.kind,
                         r.status,
                         r.outputs.len(),
                         format_utc(r.created_ms)
                     ),
-                    Err(_) => format!("remove run {id} (its record is unreadable)?"),
+                    None => format!("remove run {id} (its record is unreadable)?"),
                 };
                 match console.confirm.as_mut() {
                     None => {
@@ -281,11 +322,16 @@ pub fn run_on(cmd: RunsCommand, store: &Store, console: &mut Console<'_>) -> any
                         }
                     }
                 }
+                run = id.to_string();
             }
-            let report = store.remove_run(&id)?;
+            let report = match execute(RunsRequest::Remove { run })? {
+                RunsReply::Removed(report) => report,
+                other => return Err(unexpected(other)),
+            };
             writeln!(
                 console.out,
-                "removed run {id}: {} blobs ({}) freed, {} kept (used by other runs), spec {}, {} metric/log/tag entries",
+                "removed run {}: {} blobs ({}) freed, {} kept (used by other runs), spec {}, {} metric/log/tag entries",
+                report.run,
                 report.blobs_removed,
                 human_bytes(report.bytes_freed),
                 report.blobs_kept,
@@ -297,22 +343,18 @@ pub fn run_on(cmd: RunsCommand, store: &Store, console: &mut Console<'_>) -> any
             }
         }
         RunsCommand::Tag { run, tags, remove } => {
-            let id = store.resolve(&run)?;
-            for tag in &tags {
-                if remove {
-                    store.remove_tag(&id, tag)?;
-                } else {
-                    store.add_tag(&id, tag)?;
+            match execute(RunsRequest::Tag { run, tags, remove })? {
+                RunsReply::Tags { id, tags } => {
+                    writeln!(console.out, "run {id} tags: {}", tags.join(", "))?
                 }
+                other => return Err(unexpected(other)),
             }
-            writeln!(
-                console.out,
-                "run {id} tags: {}",
-                store.tags(&id)?.join(", ")
-            )?;
         }
         RunsCommand::Gc => {
-            let report = store.gc()?;
+            let report = match execute(RunsRequest::Gc)? {
+                RunsReply::Gc(report) => report,
+                other => return Err(unexpected(other)),
+            };
             writeln!(
                 console.out,
                 "gc freed {}: {} unreferenced blobs ({}), {} unused specs, {} orphan metric/log/tag entries, {} temp files ({})",
@@ -326,7 +368,10 @@ pub fn run_on(cmd: RunsCommand, store: &Store, console: &mut Console<'_>) -> any
             )?;
         }
         RunsCommand::Check { json } => {
-            let report = store.check()?;
+            let (report, store) = match execute(RunsRequest::Check)? {
+                RunsReply::Check { report, store } => (report, store),
+                other => return Err(unexpected(other)),
+            };
             if json {
                 writeln!(console.out, "{}", serde_json::to_string_pretty(&report)?)?;
             } else {
@@ -362,7 +407,7 @@ pub fn run_on(cmd: RunsCommand, store: &Store, console: &mut Console<'_>) -> any
                 bail!(
                     "store check found {} problems in {}",
                     report.problems.len(),
-                    store.root().display()
+                    store.display()
                 );
             }
         }
@@ -370,8 +415,16 @@ pub fn run_on(cmd: RunsCommand, store: &Store, console: &mut Console<'_>) -> any
             bail!("`runs rerun` submits a job: run it through the engine client (mifo runs rerun)")
         }
         RunsCommand::Export { run, dir } => {
-            let id = store.resolve(&run)?;
-            let report = export_run(&store, &id, &dir)?;
+            // The engine may run in another directory: send the folder as an absolute path.
+            let dir = if dir.is_relative() {
+                std::env::current_dir()?.join(dir)
+            } else {
+                dir
+            };
+            let report = match execute(RunsRequest::Export { run, dir })? {
+                RunsReply::Exported(report) => report,
+                other => return Err(unexpected(other)),
+            };
             for file in &report.files {
                 writeln!(console.out, "{}", file.display())?;
             }
@@ -392,58 +445,24 @@ pub fn run_on(cmd: RunsCommand, store: &Store, console: &mut Console<'_>) -> any
 
 // === ls ===
 
-/// One row of `runs ls`.
-struct LsRow {
-    record: RunRecord,
-    final_loss: Option<f64>,
-    tags: Vec<String>,
-}
-
-/// Writes the `runs ls` listing (text or one JSON array) of the runs that pass `filter`. Reads run
-/// records and tags only; metrics are read just for runs that have not finished.
+/// Writes the `runs ls` listing (text or one JSON array) of the runs in `store` that pass
+/// `filter`.
 pub fn write_ls(
     store: &Store,
     filter: &LsFilter,
     json: bool,
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
-    let tags = store.all_tags()?;
-    let mut rows = Vec::new();
-    let mut all_ids: Vec<RunId> = Vec::new();
-    let mut unreadable = Vec::new();
-    for record in store.runs() {
-        let record = match record {
-            Ok(record) => record,
-            Err(e) => {
-                unreadable.push(e.to_string());
-                continue;
-            }
-        };
-        all_ids.push(record.id.clone());
-        let run_tags = tags.get(&record.id).cloned().unwrap_or_default();
-        if filter.kind.is_some_and(|k| k != record.kind)
-            || filter.status.is_some_and(|s| s != record.status)
-            || filter.tag.as_ref().is_some_and(|t| !run_tags.contains(t))
-        {
-            continue;
-        }
-        let final_loss = match record.summary.get(LOSS_SERIES) {
-            Some(summary) => Some(summary.last),
-            None if !record.status.is_final() => store
-                .metric_series(&record.id, LOSS_SERIES)?
-                .last()
-                .map(|p| p.1),
-            None => None,
-        };
-        rows.push(LsRow {
-            record,
-            final_loss,
-            tags: run_tags,
-        });
-    }
-    for problem in &unreadable {
+    format_ls(&crate::runs::list(store, filter)?, json, out)
+}
+
+/// Writes a listing as `runs ls` prints it (text, or one JSON array); unreadable records are
+/// warnings on stderr.
+pub fn format_ls(listing: &Listing, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
+    for problem in &listing.unreadable {
         eprintln!("warning: {problem} (run `mifo runs check`)");
     }
+    let rows = &listing.rows;
     let now = now_ms();
     if json {
         let items: Vec<Value> = rows
@@ -469,7 +488,7 @@ pub fn write_ls(
         writeln!(out)?;
         return Ok(());
     }
-    let width = unique_prefix_width(&mut all_ids);
+    let width = listing.id_width;
     let mut text = String::with_capacity(rows.len() * 100 + 100);
     use std::fmt::Write as _;
     let _ = writeln!(
@@ -477,7 +496,7 @@ pub fn write_ls(
         "{:<width$}  {:<5}  {:<11}  {:<20}  {:>9}  {:>4}  CONFIG",
         "ID", "KIND", "STATUS", "SCENE/PARENT", "LOSS", "AGE"
     );
-    for row in &rows {
+    for row in rows {
         let r = &row.record;
         let origin = match (&r.scene, &r.parent) {
             (Some(scene), Some(parent)) => format!("{scene} ^{}", &parent.as_str()[..width]),
@@ -511,41 +530,32 @@ pub fn write_ls(
     Ok(())
 }
 
-const LOSS_SERIES: &str = "loss/total";
-
-/// Shortest prefix length (at least 8) that tells every id apart.
-fn unique_prefix_width(ids: &mut [RunId]) -> usize {
-    ids.sort_unstable();
-    let mut width = 8;
-    for pair in ids.windows(2) {
-        let common = pair[0]
-            .as_bytes()
-            .iter()
-            .zip(pair[1].as_bytes())
-            .take_while(|(a, b)| a == b)
-            .count();
-        width = width.max(common + 1);
-    }
-    width.min(crate::store::RUN_ID_LEN)
-}
-
 // === show ===
 
-/// Writes `runs show` for run `id`: text, or one JSON object with at least `id`, `kind`, `status`,
-/// `spec_hash`, `config`, `seed`, `inputs`, `parent`, `metrics` (name -> [[step, value], …]),
-/// `outputs`, `error` and the timings.
+/// Writes `runs show` for run `id` of `store` (see [`format_show`]).
 pub fn write_show(
     store: &Store,
     id: &RunId,
     json: bool,
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
-    let record = store.get_run(id)?;
-    let spec = store.spec(&record.spec_hash)?;
-    let metrics = store.metrics(id)?;
-    let tags = store.tags(id)?;
-    let logs = store.logs(id)?;
-    let model_dir = store.model_dir_for(&spec.model_fingerprint)?;
+    format_show(&crate::runs::show(store, id)?, json, out)
+}
+
+/// Writes `runs show`: text, or one JSON object with at least `id`, `kind`, `status`,
+/// `spec_hash`, `config`, `seed`, `inputs`, `parent`, `metrics` (name -> [[step, value], …]),
+/// `outputs`, `error` and the timings.
+pub fn format_show(show: &RunShow, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
+    let RunShow {
+        record,
+        spec,
+        metrics,
+        summaries,
+        tags,
+        logs,
+        model_dir,
+        output_sizes,
+    } = show;
     let now = now_ms();
     if json {
         let metrics_json: BTreeMap<&String, Vec<[Value; 2]>> = metrics
@@ -580,7 +590,7 @@ pub fn write_show(
                 .filter(|(name, _)| name.starts_with(crate::world::ORACLE_PREFIX))
                 .filter_map(|(name, points)| points.last().map(|&(_, v)| (name.clone(), v)))
                 .collect::<BTreeMap<String, f64>>(),
-            "summary": store.metric_summaries(&record)?,
+            "summary": summaries,
             "outputs": record.outputs,
             "error": record.error,
             "created_at": format_utc(record.created_ms),
@@ -721,11 +731,11 @@ pub fn write_show(
     if !record.outputs.is_empty() {
         writeln!(out, "outputs")?;
         for (name, hash) in &record.outputs {
-            let size = std::fs::metadata(store.blobs().path(hash)).map(|m| human_bytes(m.len()));
+            let size = output_sizes.get(name).copied().flatten().map(human_bytes);
             writeln!(
                 out,
                 "  {name:<20} {hash}  {}",
-                size.unwrap_or_else(|_| "MISSING".to_string())
+                size.unwrap_or_else(|| "MISSING".to_string())
             )?;
         }
     }
@@ -742,23 +752,6 @@ pub fn write_show(
         }
     }
     Ok(())
-}
-
-fn show_image(store: &Store, id: &RunId, name: &str) -> anyhow::Result<()> {
-    let record = store.get_run(id)?;
-    let Some(hash) = record.outputs.get(name) else {
-        let names: Vec<&str> = record.outputs.keys().map(String::as_str).collect();
-        bail!(
-            "run {id} has no output named '{name}' (outputs: {})",
-            if names.is_empty() {
-                "none".to_string()
-            } else {
-                names.join(", ")
-            }
-        );
-    };
-    let bytes = store.read_blob(hash)?;
-    print_png(&bytes, &format!("output '{name}' of run {id}"))
 }
 
 /// Prints PNG bytes in the terminal with viuer (kitty / iTerm2 / blocks); `what` names the

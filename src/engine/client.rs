@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use super::protocol::{read_frame, write_frame, Event, Request, Response, PROTOCOL_VERSION};
 use super::socket_path;
 use crate::error::{Error, Result};
+use crate::runs::{RunsReply, RunsRequest};
 
 /// A connection to the engine of one store.
 pub struct Client {
@@ -129,6 +130,15 @@ impl Client {
             note,
         })? {
             Response::Ok => Ok(()),
+            Response::Error(e) => Err(Error::Input(e)),
+            other => Err(Error::Input(format!("engine: unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Executes a `runs` operation on the engine's store ([`Request::Runs`]).
+    pub fn runs(&mut self, request: RunsRequest) -> Result<RunsReply> {
+        match self.request(&Request::Runs(request))? {
+            Response::Runs(reply) => Ok(reply),
             Response::Error(e) => Err(Error::Input(e)),
             other => Err(Error::Input(format!("engine: unexpected reply {other:?}"))),
         }

@@ -7,9 +7,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::jobs::learn::LearnJob;
 use crate::jobs::sink::SinkEvent;
+use crate::runs::{RunsReply, RunsRequest};
 
 /// Bumped whenever a message changes shape.
-pub const PROTOCOL_VERSION: u32 = 9;
+pub const PROTOCOL_VERSION: u32 = 10;
 /// Largest frame accepted (a `runs show --json` of a long run is well below this).
 pub const MAX_FRAME: usize = 64 << 20;
 
@@ -23,19 +24,9 @@ pub enum Request {
     },
     /// Engine status.
     Status,
-    /// Run a `mifo runs …` command (argv after `runs`) on the engine's store; the reply
-    /// carries what it printed.
-    Runs {
-        /// Arguments after `runs`.
-        argv: Vec<String>,
-    },
-    /// The bytes of a run's output (e.g. a PNG for `runs show --image`).
-    Output {
-        /// Run id or unique prefix.
-        run: String,
-        /// Output name.
-        name: String,
-    },
+    /// A `mifo runs …` operation on the engine's store; answered with [`Response::Runs`] (or
+    /// [`Response::Error`]).
+    Runs(RunsRequest),
     /// Every run record (newest first) with its tags.
     ListRecords,
     /// Every run (newest first) as a compact [`RunSummary`]: what a runs table shows.
@@ -235,13 +226,8 @@ pub enum Response {
     Error(String),
     /// Engine status.
     Status(EngineStatus),
-    /// Output of a `runs` command; `error` set when it failed.
-    Runs {
-        /// Its stdout.
-        stdout: Vec<u8>,
-        /// Its error, one line.
-        error: Option<String>,
-    },
+    /// The answer to a [`Request::Runs`].
+    Runs(RunsReply),
     /// Raw bytes (an output).
     Bytes(Vec<u8>),
     /// Run records, newest first, each with its tags.
@@ -325,4 +311,41 @@ pub fn read_frame<T: for<'de> Deserialize<'de>>(r: &mut impl Read) -> std::io::R
     let (msg, _) = bincode::serde::decode_from_slice(&buf, config())
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
     Ok(Some(msg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reply that holds free-form JSON (config values) survives the bincode framing.
+    #[test]
+    fn a_diff_with_json_values_crosses_the_wire() {
+        let a = crate::store::RunId::from_parts(1_750_000_000_000, 7);
+        let diff = crate::store::RunDiff {
+            a: a.clone(),
+            b: a,
+            fields: Vec::new(),
+            config: vec![crate::store::ConfigDelta {
+                key: "learn.lr".into(),
+                a: Some(serde_json::json!({"x": [0.001, null, "s"]})),
+                b: None,
+                same: false,
+            }],
+            inputs: Vec::new(),
+            metrics: Vec::new(),
+            outputs: Vec::new(),
+        };
+        let mut frame = Vec::new();
+        write_frame(
+            &mut frame,
+            &Response::Runs(RunsReply::Diff(Box::new(diff.clone()))),
+        )
+        .unwrap();
+        let back: Response = read_frame(&mut frame.as_slice()).unwrap().unwrap();
+        let Response::Runs(RunsReply::Diff(back)) = back else {
+            panic!("not a diff: {back:?}")
+        };
+        assert_eq!(back.config, diff.config);
+        assert_eq!(back.a, diff.a);
+    }
 }

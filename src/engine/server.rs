@@ -1,25 +1,22 @@
 //! The engine process: owns the store, queues and runs jobs, streams events, answers clients on
 //! `<store>/engine.sock` (mode 0600, same-uid peers only).
 
-use std::collections::VecDeque;
 use std::io::{BufReader, BufWriter};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-
-use clap::Parser;
 
 use super::protocol::{
     read_frame, write_frame, EngineStatus, Event, EventKind, Request, Response, PROTOCOL_VERSION,
 };
 use super::socket_path;
 use crate::error::{Error, Result};
-use crate::jobs::learn::{self as learn_job, LearnJob, RunOptions};
-use crate::jobs::sink::{Observer, SinkEvent};
+use crate::jobs::learn as learn_job;
+use crate::jobs::runner::{Cancelled, Runner, RunnerEvent, Work};
 use crate::store::{RunId, RunOutcome, Store};
 
 /// How the engine behaves.
@@ -32,33 +29,6 @@ pub struct EngineOptions {
     pub jobs: usize,
 }
 
-enum Job {
-    Learn(RunId, Box<LearnJob>),
-    Synth(RunId, Box<crate::jobs::synth::SynthJob>),
-    Resume {
-        id: RunId,
-        model: PathBuf,
-        device: String,
-    },
-}
-
-impl Job {
-    fn id(&self) -> &RunId {
-        match self {
-            Job::Learn(id, _) => id,
-            Job::Synth(id, _) => id,
-            Job::Resume { id, .. } => id,
-        }
-    }
-}
-
-struct Current {
-    id: RunId,
-    cancel: Arc<AtomicBool>,
-    device: String,
-    progress: Option<(u64, u64, String)>,
-}
-
 struct Subscriber {
     run: Option<RunId>,
     tx: mpsc::Sender<Event>,
@@ -66,15 +36,11 @@ struct Subscriber {
 
 struct Shared {
     store: Store,
-    queue: Mutex<VecDeque<Job>>,
-    wake: Condvar,
-    /// The running jobs (at most `EngineOptions::jobs`).
-    current: Mutex<Vec<Current>>,
+    /// The queue and its workers (at most `EngineOptions::jobs` jobs at once).
+    runner: Runner,
     subscribers: Mutex<Vec<Subscriber>>,
-    shutdown: Arc<AtomicBool>,
     first_stop: Mutex<Option<Instant>>,
     started: Instant,
-    workers: usize,
     clients: AtomicUsize,
     last_activity: Mutex<Instant>,
 }
@@ -109,25 +75,42 @@ impl Shared {
     }
 
     fn status(&self, store_dir: &Path) -> EngineStatus {
-        let cur = lock(&self.current);
-        let first = cur.first();
+        let running = self.runner.running();
+        let first = running.first();
         EngineStatus {
             pid: std::process::id(),
             uptime_s: self.started.elapsed().as_secs_f64(),
             store: store_dir.display().to_string(),
-            queue: lock(&self.queue)
+            queue: self
+                .runner
+                .queued()
                 .iter()
-                .map(|j| j.id().to_string())
+                .map(ToString::to_string)
                 .collect(),
             running: first.map(|c| c.id.to_string()),
             progress: first.and_then(|c| c.progress.clone()),
             device: first.map(|c| c.device.clone()),
-            running_all: cur
+            running_all: running
                 .iter()
                 .map(|c| (c.id.to_string(), c.device.clone(), c.progress.clone()))
                 .collect(),
-            workers: self.workers,
+            workers: self.runner.workers(),
             version: PROTOCOL_VERSION,
+        }
+    }
+
+    /// What the runner reports, as events to the subscribers.
+    fn on_runner_event(&self, run: &RunId, event: RunnerEvent) {
+        match event {
+            RunnerEvent::Started => self.publish_status(run),
+            RunnerEvent::Sink(ev) => self.publish(Event {
+                run: run.to_string(),
+                kind: EventKind::Run(ev),
+            }),
+            RunnerEvent::Ended => {
+                self.publish_status(run);
+                self.touch();
+            }
         }
     }
 }
@@ -198,25 +181,28 @@ pub fn serve(store_dir: &Path, opts: EngineOptions) -> Result<()> {
         store_dir.display()
     );
 
-    let shared = Arc::new(Shared {
-        store,
-        queue: Mutex::new(VecDeque::new()),
-        wake: Condvar::new(),
-        current: Mutex::new(Vec::new()),
-        workers: opts.jobs.max(1),
-        subscribers: Mutex::new(Vec::new()),
-        shutdown: Arc::new(AtomicBool::new(false)),
-        first_stop: Mutex::new(None),
-        started: Instant::now(),
-        clients: AtomicUsize::new(0),
-        last_activity: Mutex::new(Instant::now()),
+    // The runner reports to the engine that holds it (no job is queued before both exist).
+    let shared = Arc::new_cyclic(|engine: &std::sync::Weak<Shared>| {
+        let engine = engine.clone();
+        let runner = Runner::start(
+            store.clone(),
+            opts.jobs,
+            Arc::new(move |run: &RunId, event: RunnerEvent| {
+                if let Some(shared) = engine.upgrade() {
+                    shared.on_runner_event(run, event);
+                }
+            }),
+        );
+        Shared {
+            store,
+            runner,
+            subscribers: Mutex::new(Vec::new()),
+            first_stop: Mutex::new(None),
+            started: Instant::now(),
+            clients: AtomicUsize::new(0),
+            last_activity: Mutex::new(Instant::now()),
+        }
     });
-    let workers: Vec<_> = (0..shared.workers)
-        .map(|_| {
-            let shared = shared.clone();
-            std::thread::spawn(move || worker_loop(&shared))
-        })
-        .collect();
     let store_dir = store_dir.to_path_buf();
     loop {
         match listener.accept() {
@@ -249,137 +235,25 @@ pub fn serve(store_dir: &Path, opts: EngineOptions) -> Result<()> {
             }
             Err(e) => eprintln!("engine: accept failed: {e}"),
         }
-        if shared.shutdown.load(Ordering::SeqCst) && workers.iter().all(|w| w.is_finished()) {
+        if shared.runner.is_stopping() && shared.runner.workers_finished() {
             break;
         }
         if let Some(idle) = opts.idle_exit {
-            let busy = !lock(&shared.current).is_empty() || !lock(&shared.queue).is_empty();
+            let busy = shared.runner.is_busy();
             let quiet = shared.clients.load(Ordering::SeqCst) == 0
                 && lock(&shared.last_activity).elapsed() >= idle;
             if !busy && quiet {
                 eprintln!("engine: idle for {idle:?}, exiting");
-                shared.shutdown.store(true, Ordering::SeqCst);
-                shared.wake.notify_all();
+                shared.runner.stop();
             }
         }
     }
-    for w in workers {
-        let _ = w.join();
-    }
-    // Queued jobs never started.
-    for job in lock(&shared.queue).drain(..) {
-        let _ = shared
-            .store
-            .append_log(job.id(), "the engine stopped before this run started");
-        let _ = shared.store.finish_run(job.id(), RunOutcome::Cancelled);
-    }
+    // Queued jobs never started are recorded as cancelled.
+    shared.runner.join();
     let _ = shared.store.flush();
     let _ = std::fs::remove_file(&sock);
     eprintln!("engine: stopped");
     Ok(())
-}
-
-fn worker_loop(shared: &Arc<Shared>) {
-    loop {
-        let job = {
-            let mut q = lock(&shared.queue);
-            loop {
-                if shared.shutdown.load(Ordering::SeqCst) {
-                    return;
-                }
-                if let Some(j) = q.pop_front() {
-                    break j;
-                }
-                q = shared
-                    .wake
-                    .wait_timeout(q, Duration::from_millis(200))
-                    .map(|(g, _)| g)
-                    .unwrap_or_else(|p| p.into_inner().0);
-            }
-        };
-        let id = job.id().clone();
-        let cancel = Arc::new(AtomicBool::new(false));
-        let device = match &job {
-            Job::Learn(_, j) => j.device.clone(),
-            Job::Synth(_, j) => j.device.clone(),
-            Job::Resume { device, .. } => device.clone(),
-        };
-        lock(&shared.current).push(Current {
-            id: id.clone(),
-            cancel: cancel.clone(),
-            device,
-            progress: None,
-        });
-        let observer: Observer = {
-            let shared = shared.clone();
-            Arc::new(move |run: &RunId, ev: SinkEvent| {
-                if let SinkEvent::Progress {
-                    step, total, phase, ..
-                } = &ev
-                {
-                    if let Some(c) = lock(&shared.current).iter_mut().find(|c| &c.id == run) {
-                        c.progress = Some((*step, *total, phase.clone()));
-                    }
-                }
-                shared.publish(Event {
-                    run: run.to_string(),
-                    kind: EventKind::Run(ev),
-                });
-            })
-        };
-        let opts = RunOptions {
-            progress_bar: false,
-            stop: cancel,
-            shutdown: shared.shutdown.clone(),
-            observer: Some(observer),
-            progress_lines: true,
-        };
-        eprintln!("engine: starting run {id}");
-        let store = shared.store.clone();
-        let status_shared = shared.clone();
-        let status_id = id.clone();
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &job {
-            Job::Learn(id, j) => {
-                // start_run happens inside; announce running right after.
-                let r = learn_job::start_with_hook(&store, id, j, &opts, &|| {
-                    status_shared.publish_status(&status_id)
-                });
-                r.map(|_| ())
-            }
-            Job::Synth(id, j) => crate::jobs::synth::start(&store, id, j, &opts, &|| {
-                status_shared.publish_status(&status_id)
-            })
-            .map(|_| ()),
-            Job::Resume { id, model, device } => {
-                learn_job::resume_with_hook(&store, id, model, device, &opts, &|| {
-                    status_shared.publish_status(&status_id)
-                })
-                .map(|_| ())
-            }
-        }));
-        match result {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => eprintln!("engine: run {id} failed: {e}"),
-            Err(_) => {
-                eprintln!("engine: run {id} panicked");
-                let _ = shared.store.finish_run(
-                    &id,
-                    RunOutcome::Failed("internal error (panic); see engine.log".into()),
-                );
-            }
-        }
-        lock(&shared.current).retain(|c| c.id != id);
-        shared.publish_status(&id);
-        shared.touch();
-    }
-}
-
-/// `mifo runs …` parsed on the engine side.
-#[derive(Parser)]
-#[command(name = "mifo runs", no_binary_name = true)]
-struct RunsArgv {
-    #[command(subcommand)]
-    cmd: crate::cli::runs::RunsCommand,
 }
 
 fn handle_client(
@@ -429,8 +303,10 @@ fn handle_client(
         let reply = match req {
             Request::Hello { .. } => Response::Error("already greeted".into()),
             Request::Status => Response::Status(shared.status(store_dir)),
-            Request::Runs { argv } => run_runs_command(shared, argv),
-            Request::Output { run, name } => output_bytes(shared, &run, &name),
+            Request::Runs(request) => match crate::runs::execute(&shared.store, request) {
+                Ok(reply) => Response::Runs(reply),
+                Err(e) => Response::Error(e.to_string()),
+            },
             Request::ListRecords => data(|| {
                 let tags = shared.store.all_tags()?;
                 let mut out = Vec::new();
@@ -483,7 +359,9 @@ fn handle_client(
             Request::Tag { run, tag, remove } => data(|| {
                 let id = shared.store.resolve(&run)?;
                 if remove {
-                    shared.store.remove_tag(&id, &tag)?;
+                    if !shared.store.remove_tag(&id, &tag)? {
+                        return Err(Error::Input(format!("run {id} has no tag {tag}")));
+                    }
                 } else {
                     shared.store.add_tag(&id, &tag)?;
                 }
@@ -491,9 +369,7 @@ fn handle_client(
             }),
             Request::Remove { run } => data(|| {
                 let id = shared.store.resolve(&run)?;
-                let busy = lock(&shared.current).iter().any(|c| c.id == id)
-                    || lock(&shared.queue).iter().any(|j| *j.id() == id);
-                if busy {
+                if shared.runner.is_pending(&id) {
                     return Err(Error::Input(format!(
                         "run {id} is queued or running; cancel it first"
                     )));
@@ -502,13 +378,12 @@ fn handle_client(
                 Ok(Response::Ok)
             }),
             Request::SubmitLearn(job) => {
-                if shared.shutdown.load(Ordering::SeqCst) {
+                if shared.runner.is_stopping() {
                     Response::Error("the engine is stopping; try again in a moment".into())
                 } else {
                     match learn_job::prepare(&shared.store, &job) {
                         Ok(rec) => {
-                            lock(&shared.queue).push_back(Job::Learn(rec.id.clone(), job));
-                            shared.wake.notify_all();
+                            shared.runner.submit(Work::Learn(rec.id.clone(), job));
                             shared.publish_status(&rec.id);
                             Response::Queued {
                                 run: rec.id.to_string(),
@@ -521,13 +396,12 @@ fn handle_client(
                 }
             }
             Request::SubmitSynth(job) => {
-                if shared.shutdown.load(Ordering::SeqCst) {
+                if shared.runner.is_stopping() {
                     Response::Error("the engine is stopping; try again in a moment".into())
                 } else {
                     match crate::jobs::synth::prepare(&shared.store, &job) {
                         Ok((rec, warnings)) => {
-                            lock(&shared.queue).push_back(Job::Synth(rec.id.clone(), job));
-                            shared.wake.notify_all();
+                            shared.runner.submit(Work::Synth(rec.id.clone(), job));
                             shared.publish_status(&rec.id);
                             Response::Queued {
                                 run: rec.id.to_string(),
@@ -542,12 +416,11 @@ fn handle_client(
             Request::ResumeLearn { run, model, device } => {
                 match learn_job::check_resumable(&shared.store, &run, &model) {
                     Ok(id) => {
-                        lock(&shared.queue).push_back(Job::Resume {
+                        shared.runner.submit(Work::Resume {
                             id: id.clone(),
                             model,
                             device,
                         });
-                        shared.wake.notify_all();
                         Response::Queued {
                             run: id.to_string(),
                             warnings: Vec::new(),
@@ -586,8 +459,7 @@ fn handle_client(
                 }
                 *first = Some(Instant::now());
                 eprintln!("engine: stopping after the current step");
-                shared.shutdown.store(true, Ordering::SeqCst);
-                shared.wake.notify_all();
+                shared.runner.stop();
                 Response::Ok
             }
         };
@@ -597,86 +469,24 @@ fn handle_client(
 }
 
 fn cancel(shared: &Arc<Shared>, run: &str) -> Response {
-    let id = match shared.store.resolve(run) {
-        Ok(id) => id,
-        Err(e) => return Response::Error(e.to_string()),
-    };
-    if let Some(c) = lock(&shared.current).iter().find(|c| c.id == id) {
-        c.cancel.store(true, Ordering::SeqCst);
-        return Response::Ok;
+    let result = shared
+        .store
+        .resolve(run)
+        .map_err(Error::from)
+        .and_then(|id| Ok((shared.runner.cancel(&id)?, id)));
+    match result {
+        Ok((Cancelled::Stopping, _)) => Response::Ok,
+        Ok((Cancelled::Dequeued, id)) => {
+            shared.publish_status(&id);
+            Response::Ok
+        }
+        Err(e) => Response::Error(e.to_string()),
     }
-    let mut q = lock(&shared.queue);
-    if let Some(pos) = q.iter().position(|j| *j.id() == id) {
-        q.remove(pos);
-        drop(q);
-        let _ = shared.store.append_log(&id, "cancelled before it started");
-        return match shared.store.finish_run(&id, RunOutcome::Cancelled) {
-            Ok(_) => {
-                shared.publish_status(&id);
-                Response::Ok
-            }
-            Err(e) => Response::Error(e.to_string()),
-        };
-    }
-    Response::Error(format!("run {id} is not queued or running"))
 }
 
 /// Runs a data request, turning its error into a one-line [`Response::Error`].
 fn data(f: impl FnOnce() -> Result<Response>) -> Response {
     f().unwrap_or_else(|e| Response::Error(e.to_string()))
-}
-
-fn output_bytes(shared: &Arc<Shared>, run: &str, name: &str) -> Response {
-    let result = (|| -> Result<Vec<u8>> {
-        let id = shared.store.resolve(run)?;
-        let rec = shared.store.get_run(&id)?;
-        let hash = rec.outputs.get(name).ok_or_else(|| {
-            let names: Vec<&str> = rec.outputs.keys().map(String::as_str).collect();
-            Error::Input(format!(
-                "run {id} has no output named '{name}' (outputs: {})",
-                if names.is_empty() {
-                    "none".to_string()
-                } else {
-                    names.join(", ")
-                }
-            ))
-        })?;
-        Ok(shared.store.read_blob(hash)?)
-    })();
-    match result {
-        Ok(b) => Response::Bytes(b),
-        Err(e) => Response::Error(e.to_string()),
-    }
-}
-
-fn run_runs_command(shared: &Arc<Shared>, argv: Vec<String>) -> Response {
-    let parsed = match RunsArgv::try_parse_from(&argv) {
-        Ok(p) => p,
-        Err(e) => {
-            return Response::Runs {
-                stdout: Vec::new(),
-                error: Some(
-                    e.to_string()
-                        .lines()
-                        .next()
-                        .unwrap_or("bad arguments")
-                        .to_string(),
-                ),
-            }
-        }
-    };
-    let mut out = Vec::new();
-    let result = {
-        let mut console = crate::cli::runs::Console {
-            out: &mut out,
-            confirm: None,
-        };
-        crate::cli::runs::run_on(parsed.cmd, &shared.store, &mut console)
-    };
-    Response::Runs {
-        stdout: out,
-        error: result.err().map(|e| format!("{e:#}")),
-    }
 }
 
 /// Whether the client closed its end: a non-blocking peek reads end-of-file.
@@ -708,8 +518,7 @@ fn stream_events(
     });
     // A run that already ended (and is not queued to resume) gets its final status at once.
     if let Some(id) = &run {
-        let pending = lock(&shared.queue).iter().any(|j| j.id() == id)
-            || lock(&shared.current).iter().any(|c| &c.id == id);
+        let pending = shared.runner.is_pending(id);
         if let Ok(r) = shared.store.get_run(id) {
             if r.status.is_final() && !pending {
                 write_frame(
@@ -729,7 +538,7 @@ fn stream_events(
         match rx.recv_timeout(Duration::from_millis(500)) {
             Ok(ev) => write_frame(writer, &Response::Event(ev))?,
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                if shared.shutdown.load(Ordering::SeqCst) && lock(&shared.current).is_empty() {
+                if shared.runner.is_stopping() && !shared.runner.is_running() {
                     return Ok(());
                 }
                 // A subscriber that went away between events must not keep the engine alive.

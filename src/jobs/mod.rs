@@ -1,7 +1,8 @@
-//! Jobs: a learning or synthesis run launched against the store (spec, inputs, record, sink).
-//! The CLI runs them in-process today; the engine will run the same functions in workers.
+//! Jobs: a learning or synthesis run launched against the store (spec, inputs, record, sink),
+//! and the [`runner`] whose workers execute them for the engine.
 
 pub mod learn;
+pub mod runner;
 pub mod sink;
 pub mod synth;
 

@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::error::StoreResult;
@@ -11,7 +11,7 @@ use super::record::SeriesSummary;
 use super::Store;
 
 /// One config key in a diff. `a`/`b` are `None` where the run's config lacks the key.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ConfigDelta {
     /// Dotted path of the key (`learn.lr`, `boxes[1].x0`).
     pub key: String,
@@ -24,7 +24,7 @@ pub struct ConfigDelta {
 }
 
 /// A scalar field of the two specs (seed, model fingerprint, code version, kind, parent).
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ValueDelta {
     /// Field name.
     pub field: String,
@@ -37,7 +37,7 @@ pub struct ValueDelta {
 }
 
 /// A metric series in a diff: its summary in each run.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MetricDelta {
     /// Series name.
     pub name: String,
@@ -48,7 +48,7 @@ pub struct MetricDelta {
 }
 
 /// A named blob (input or output) in a diff.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct OutputDelta {
     /// Input or output name.
     pub name: String,
@@ -61,7 +61,7 @@ pub struct OutputDelta {
 }
 
 /// Everything that differs between two runs (or everything, with `all`).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RunDiff {
     /// Run A.
     pub a: RunId,

@@ -68,7 +68,7 @@ use std::path::{Path, PathBuf};
 
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::error::{StoreError, StoreResult};
 use super::ids::RunId;
@@ -94,7 +94,7 @@ pub const KOHYA_LORA_FILE: &str = "lora_kohya.safetensors";
 pub const FINETUNED_WEIGHTS_FILE: &str = "finetuned_weights.safetensors";
 
 /// What [`export_run`] wrote.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ExportReport {
     /// Every file written, in order.
     pub files: Vec<PathBuf>,

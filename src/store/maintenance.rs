@@ -10,7 +10,7 @@
 use std::collections::{BTreeSet, HashSet};
 use std::fs;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::blobs::BlobEntry;
 use super::error::{DbContext, StoreError, StoreResult};
@@ -20,7 +20,7 @@ use super::spec::RunSpec;
 use super::{describe_run_key, lock, metrics, Store};
 
 /// What [`Store::remove_run`] removed.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct RemoveReport {
     /// The run removed.
     pub run: String,
@@ -39,7 +39,7 @@ pub struct RemoveReport {
 }
 
 /// What [`Store::gc`] removed.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct GcReport {
     /// Blobs no run or spec refers to.
     pub blobs_removed: usize,
@@ -56,7 +56,7 @@ pub struct GcReport {
 }
 
 /// One problem found by [`Store::check`].
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Problem {
     /// What it is about: `run <id>`, `blob <hash>`, `spec <hash>`, `metric chunk …`, a path.
     pub subject: String,
@@ -65,7 +65,7 @@ pub struct Problem {
 }
 
 /// What [`Store::check`] found.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct CheckReport {
     /// Run records read.
     pub runs_checked: usize,

@@ -47,10 +47,11 @@ fn unexpected(r: Response) -> anyhow::Error {
 }
 
 impl EngineBackend {
-    /// Connects to the engine of `store_dir` (starting it when none answers).
+    /// Connects to the engine of `store_dir` (starting it when none answers). `model` is the
+    /// default model folder for launches (the caller resolves `--model` / `$MIFO_MODEL`),
+    /// `device` the default device.
     pub fn connect(store_dir: PathBuf, model: Option<PathBuf>, device: &str) -> Result<Self> {
         Client::connect(&store_dir)?;
-        let model = model.or_else(|| std::env::var_os("MIFO_MODEL").map(PathBuf::from));
         Ok(Self {
             store_dir,
             model,
@@ -249,8 +250,8 @@ impl Backend for EngineBackend {
             seed: l.seed,
             device: l.device.clone(),
             dtype: l.dtype.clone(),
-            allow_overlap: false,
-            rerun: false,
+            allow_overlap: l.allow_overlap,
+            rerun: l.rerun,
         };
         self.submit(Request::SubmitLearn(Box::new(job)), label, l.device)
     }

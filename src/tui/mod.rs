@@ -3,8 +3,8 @@
 //! Layout (TEA at the top):
 //! - [`app`]: the one [`App`] state and the pure `update(&mut App, Action) -> Vec<Effect>`;
 //! - [`action`]: [`Action`]s in (keys, ticks, backend answers), [`Effect`]s out;
-//! - [`backend`]: the [`Backend`] trait (all the UI may ask of runs and jobs) and
-//!   [`LocalBackend`] over the run store;
+//! - [`backend`]: the [`Backend`] trait (all the UI may ask of runs and jobs);
+//! - [`engine_backend`]: the backend the workbench runs on, a client of the store's engine;
 //! - [`worker`]: carries out requests against a backend (worker thread or inline);
 //! - [`keymap`]: the binding table behind key handling, `?` help and the hint bar;
 //! - [`views`]: one module per view (runs, detail, compare, launch, synth, jobs, help);
@@ -41,7 +41,8 @@ use ratatui::crossterm::event::{self, Event};
 
 pub use action::{Action, Effect, Request};
 pub use app::{update, App, View};
-pub use backend::{Backend, LocalBackend};
+pub use backend::Backend;
+pub use engine_backend::EngineBackend;
 pub use images::ImageMode;
 
 use images::{ImageCache, ResizeJob};
@@ -52,7 +53,7 @@ use worker::{perform, DecodeJob, Outcome};
 pub struct TuiOptions {
     /// The run store folder.
     pub store: PathBuf,
-    /// Default model folder for launches (else `$MIFO_MODEL`).
+    /// Default model folder for launches (the CLI passes `--model`, else `$MIFO_MODEL`).
     pub model: Option<PathBuf>,
     /// Default device for launches.
     pub device: String,
@@ -71,11 +72,14 @@ impl Default for TuiOptions {
     }
 }
 
-/// Opens the workbench on the store of `opts` (in-process backend) until the user quits.
-/// Set `MIFO_TUI_STATS=1` to print startup and frame timings on exit.
+/// Opens the workbench on the engine of the store of `opts` (starting the engine if needed)
+/// until the user quits. Set `MIFO_TUI_STATS=1` to print startup and frame timings on exit.
 pub fn run(opts: TuiOptions) -> Result<()> {
     let started = Instant::now();
-    let backend = LocalBackend::open(&opts.store, opts.model.clone(), &opts.device)?;
+    if !std::io::stdout().is_terminal() {
+        bail!("the workbench needs a terminal (for scripts use `mifo runs ls`)");
+    }
+    let backend = EngineBackend::connect(opts.store, opts.model, &opts.device)?;
     run_with(Box::new(backend), opts.image_protocol, started)
 }
 

@@ -1,0 +1,323 @@
+//! The job runner: a queue of prepared runs and the worker threads that execute them, one at a
+//! time per worker, with cancel, shutdown and panic handling. The engine owns one runner for its
+//! store; nothing else runs jobs in the background.
+//!
+//! A run enters the queue already recorded as `queued` ([`super::learn::prepare`],
+//! [`super::synth::prepare`]) or `interrupted` (a resume). A worker takes the oldest, executes
+//! it with a [`StoreSink`](super::sink::StoreSink) that reports every event to the runner's
+//! observer, and records the end. A job that panics is recorded as failed and the worker goes on.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use super::learn::{self as learn_job, LearnJob, RunOptions};
+use super::sink::{Observer, SinkEvent};
+use super::synth::SynthJob;
+use crate::error::{Error, Result};
+use crate::store::{RunId, RunOutcome, Store};
+
+/// A prepared run waiting for a worker.
+pub enum Work {
+    /// A learning run recorded as queued.
+    Learn(RunId, Box<LearnJob>),
+    /// A synthesis run recorded as queued.
+    Synth(RunId, Box<SynthJob>),
+    /// The continuation of an interrupted learning run from its checkpoint.
+    Resume {
+        /// The run.
+        id: RunId,
+        /// The model folder (its fingerprint was checked against the run's).
+        model: PathBuf,
+        /// Device.
+        device: String,
+    },
+}
+
+impl Work {
+    /// The run this work executes.
+    pub fn id(&self) -> &RunId {
+        match self {
+            Work::Learn(id, _) | Work::Synth(id, _) | Work::Resume { id, .. } => id,
+        }
+    }
+
+    /// The device it runs on.
+    pub fn device(&self) -> &str {
+        match self {
+            Work::Learn(_, j) => &j.device,
+            Work::Synth(_, j) => &j.device,
+            Work::Resume { device, .. } => device,
+        }
+    }
+}
+
+/// What the runner tells its observer about a run.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RunnerEvent {
+    /// The run's status changed to `running` (its record says so now).
+    Started,
+    /// A metric point, log line, progress report or output of the running run.
+    Sink(SinkEvent),
+    /// The run ended (its record holds the final status), or a queued run was cancelled.
+    Ended,
+}
+
+/// Receives the runner's events; called from worker threads.
+pub type RunnerObserver = Arc<dyn Fn(&RunId, RunnerEvent) + Send + Sync>;
+
+/// A run a worker is executing.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunningJob {
+    /// The run.
+    pub id: RunId,
+    /// Its device.
+    pub device: String,
+    /// Its last progress report: (step, total, phase).
+    pub progress: Option<(u64, u64, String)>,
+}
+
+/// What [`Runner::cancel`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cancelled {
+    /// The run is running: it stops at its next step (its checkpoint is kept).
+    Stopping,
+    /// The run was queued: it is out of the queue and recorded as cancelled.
+    Dequeued,
+}
+
+struct Current {
+    job: RunningJob,
+    cancel: Arc<AtomicBool>,
+}
+
+struct Inner {
+    store: Store,
+    queue: Mutex<VecDeque<Work>>,
+    wake: Condvar,
+    current: Mutex<Vec<Current>>,
+    shutdown: Arc<AtomicBool>,
+    observer: RunnerObserver,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The queue and its workers. Cloning shares them.
+#[derive(Clone)]
+pub struct Runner {
+    inner: Arc<Inner>,
+    workers: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    worker_count: usize,
+}
+
+impl Runner {
+    /// Starts `workers` worker threads (0 is taken as 1) on `store`, reporting to `observer`.
+    pub fn start(store: Store, workers: usize, observer: RunnerObserver) -> Runner {
+        let inner = Arc::new(Inner {
+            store,
+            queue: Mutex::new(VecDeque::new()),
+            wake: Condvar::new(),
+            current: Mutex::new(Vec::new()),
+            shutdown: Arc::new(AtomicBool::new(false)),
+            observer,
+        });
+        let worker_count = workers.max(1);
+        let handles = (0..worker_count)
+            .map(|_| {
+                let inner = inner.clone();
+                std::thread::spawn(move || worker_loop(&inner))
+            })
+            .collect();
+        Runner {
+            inner,
+            workers: Arc::new(Mutex::new(handles)),
+            worker_count,
+        }
+    }
+
+    /// How many jobs may run at once.
+    pub fn workers(&self) -> usize {
+        self.worker_count
+    }
+
+    /// Queues `work` behind the jobs already waiting.
+    pub fn submit(&self, work: Work) {
+        lock(&self.inner.queue).push_back(work);
+        self.inner.wake.notify_all();
+    }
+
+    /// Cancels run `id`: a running one stops at its next step, a queued one leaves the queue
+    /// and is recorded as cancelled.
+    pub fn cancel(&self, id: &RunId) -> Result<Cancelled> {
+        if let Some(c) = lock(&self.inner.current).iter().find(|c| &c.job.id == id) {
+            c.cancel.store(true, Ordering::SeqCst);
+            return Ok(Cancelled::Stopping);
+        }
+        let mut queue = lock(&self.inner.queue);
+        let Some(pos) = queue.iter().position(|w| w.id() == id) else {
+            return Err(Error::Input(format!("run {id} is not queued or running")));
+        };
+        queue.remove(pos);
+        drop(queue);
+        let _ = self
+            .inner
+            .store
+            .append_log(id, "cancelled before it started");
+        self.inner.store.finish_run(id, RunOutcome::Cancelled)?;
+        Ok(Cancelled::Dequeued)
+    }
+
+    /// The queued runs, oldest first.
+    pub fn queued(&self) -> Vec<RunId> {
+        lock(&self.inner.queue)
+            .iter()
+            .map(|w| w.id().clone())
+            .collect()
+    }
+
+    /// The running jobs, in the order they started.
+    pub fn running(&self) -> Vec<RunningJob> {
+        lock(&self.inner.current)
+            .iter()
+            .map(|c| c.job.clone())
+            .collect()
+    }
+
+    /// Whether run `id` is queued or running.
+    pub fn is_pending(&self, id: &RunId) -> bool {
+        lock(&self.inner.current).iter().any(|c| &c.job.id == id)
+            || lock(&self.inner.queue).iter().any(|w| w.id() == id)
+    }
+
+    /// Whether any job is queued or running.
+    pub fn is_busy(&self) -> bool {
+        !lock(&self.inner.current).is_empty() || !lock(&self.inner.queue).is_empty()
+    }
+
+    /// Whether any job is running.
+    pub fn is_running(&self) -> bool {
+        !lock(&self.inner.current).is_empty()
+    }
+
+    /// Asks every worker to stop: running jobs stop at their next step and stay resumable
+    /// (`interrupted` when the store is next opened); queued jobs are not started.
+    pub fn stop(&self) {
+        self.inner.shutdown.store(true, Ordering::SeqCst);
+        self.inner.wake.notify_all();
+    }
+
+    /// Whether [`Self::stop`] was called.
+    pub fn is_stopping(&self) -> bool {
+        self.inner.shutdown.load(Ordering::SeqCst)
+    }
+
+    /// Whether every worker thread has returned (after [`Self::stop`]).
+    pub fn workers_finished(&self) -> bool {
+        lock(&self.workers).iter().all(|w| w.is_finished())
+    }
+
+    /// Waits for the workers (call after [`Self::stop`]), then records the queued runs that
+    /// never started as cancelled.
+    pub fn join(&self) {
+        let handles: Vec<_> = lock(&self.workers).drain(..).collect();
+        for w in handles {
+            let _ = w.join();
+        }
+        for work in lock(&self.inner.queue).drain(..) {
+            let _ = self
+                .inner
+                .store
+                .append_log(work.id(), "the engine stopped before this run started");
+            let _ = self
+                .inner
+                .store
+                .finish_run(work.id(), RunOutcome::Cancelled);
+        }
+    }
+}
+
+/// Takes the oldest job, or `None` once the runner is stopping.
+fn next_work(inner: &Inner) -> Option<Work> {
+    let mut queue = lock(&inner.queue);
+    loop {
+        if inner.shutdown.load(Ordering::SeqCst) {
+            return None;
+        }
+        if let Some(work) = queue.pop_front() {
+            return Some(work);
+        }
+        queue = inner
+            .wake
+            .wait_timeout(queue, Duration::from_millis(200))
+            .map(|(g, _)| g)
+            .unwrap_or_else(|p| p.into_inner().0);
+    }
+}
+
+fn worker_loop(inner: &Arc<Inner>) {
+    while let Some(work) = next_work(inner) {
+        let id = work.id().clone();
+        let cancel = Arc::new(AtomicBool::new(false));
+        lock(&inner.current).push(Current {
+            job: RunningJob {
+                id: id.clone(),
+                device: work.device().to_string(),
+                progress: None,
+            },
+            cancel: cancel.clone(),
+        });
+        let observer: Observer = {
+            let inner = inner.clone();
+            Arc::new(move |run: &RunId, ev: SinkEvent| {
+                if let SinkEvent::Progress {
+                    step, total, phase, ..
+                } = &ev
+                {
+                    if let Some(c) = lock(&inner.current).iter_mut().find(|c| &c.job.id == run) {
+                        c.job.progress = Some((*step, *total, phase.clone()));
+                    }
+                }
+                (inner.observer)(run, RunnerEvent::Sink(ev));
+            })
+        };
+        let opts = RunOptions {
+            progress_bar: false,
+            stop: cancel,
+            shutdown: inner.shutdown.clone(),
+            observer: Some(observer),
+            progress_lines: true,
+        };
+        eprintln!("engine: starting run {id}");
+        let started = || (inner.observer)(&id, RunnerEvent::Started);
+        let store = &inner.store;
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &work {
+            Work::Learn(id, job) => {
+                learn_job::start_with_hook(store, id, job, &opts, &started).map(|_| ())
+            }
+            Work::Synth(id, job) => {
+                super::synth::start(store, id, job, &opts, &started).map(|_| ())
+            }
+            Work::Resume { id, model, device } => {
+                learn_job::resume_with_hook(store, id, model, device, &opts, &started).map(|_| ())
+            }
+        }));
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("engine: run {id} failed: {e}"),
+            Err(_) => {
+                eprintln!("engine: run {id} panicked");
+                let _ = store.finish_run(
+                    &id,
+                    RunOutcome::Failed("internal error (panic); see engine.log".into()),
+                );
+            }
+        }
+        lock(&inner.current).retain(|c| c.job.id != id);
+        (inner.observer)(&id, RunnerEvent::Ended);
+    }
+}
