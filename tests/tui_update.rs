@@ -369,8 +369,28 @@ fn polling_is_driven_by_ticks_and_deduplicated() {
 
 #[test]
 fn key_notation_parses() {
-    let keys = parse_keys("a<Enter><C-r>D<Space>");
-    assert_eq!(keys.len(), 5);
+    use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+    let key = |code, mods| KeyEvent::new(code, mods);
+    assert_eq!(
+        parse_keys("a<Enter><C-r>D<Space><PgDn><Esc>"),
+        vec![
+            key(KeyCode::Char('a'), KeyModifiers::NONE),
+            key(KeyCode::Enter, KeyModifiers::NONE),
+            key(KeyCode::Char('r'), KeyModifiers::CONTROL),
+            key(KeyCode::Char('D'), KeyModifiers::SHIFT),
+            key(KeyCode::Char(' '), KeyModifiers::NONE),
+            key(KeyCode::PageDown, KeyModifiers::NONE),
+            key(KeyCode::Esc, KeyModifiers::NONE),
+        ]
+    );
+    // A `<` that opens no known name is the character itself.
+    assert_eq!(
+        parse_keys("<x"),
+        vec![
+            key(KeyCode::Char('<'), KeyModifiers::NONE),
+            key(KeyCode::Char('x'), KeyModifiers::NONE),
+        ]
+    );
 }
 
 #[test]
