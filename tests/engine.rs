@@ -730,6 +730,11 @@ fn a_second_engine_on_the_same_store_is_refused() {
     assert!(!out.status.success(), "a second engine started: {err}");
     assert!(!err.contains("panicked"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
+    // The first engine is still the one new clients reach (its socket is still there).
+    let fresh = Client::try_connect(&store)
+        .unwrap()
+        .expect("the first engine no longer answers on its socket");
+    assert_eq!(fresh.engine_pid, c.engine_pid);
     let Response::Status(st) = c.request(&Request::Status).unwrap() else {
         panic!()
     };
