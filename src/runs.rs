@@ -1,5 +1,5 @@
 //! The `mifo runs` operations on an open store, as typed requests and replies: the engine
-//! executes them for its clients ([`crate::engine::Request::Runs`]), and the CLI only parses
+//! executes them for its clients (as `Request::Runs`), and the CLI only parses
 //! arguments into a [`RunsRequest`] and formats the [`RunsReply`].
 //!
 //! Replies are data, never text: listing, showing, comparing, removing, tagging, collecting,

@@ -1,8 +1,11 @@
 //! `mifo bench` on the tiny model: the rows it promises, with times and peak memory, and
-//! one-line refusals of bad flags. (Timings are printed, never asserted.)
+//! one-line refusals of bad flags. Timings and memory are checked against what the test sees from
+//! outside (the command's wall time, the kernel's peak resident set of the process), never
+//! against fixed numbers.
 
 use std::path::Path;
 use std::process::{Command, Output};
+use std::time::Instant;
 
 fn mifo(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_mifo"))
@@ -13,10 +16,22 @@ fn mifo(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// The largest resident set (MiB) of any child process this test process has waited for
+/// (`getrusage(RUSAGE_CHILDREN)`; Linux reports `ru_maxrss` in KiB).
+fn children_peak_rss_mib() -> f64 {
+    // SAFETY: getrusage fills the zeroed rusage we own.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
+    assert_eq!(rc, 0, "getrusage");
+    usage.ru_maxrss as f64 / 1024.0
+}
+
 #[test]
 fn bench_times_the_learning_and_synthesis_rows() {
     let rows = "text_encode,learn_phase_a,learn_phase_b_lora,synth_step,kmeans_refine";
-    let out = mifo(&["bench", "--iters", "1", "--only", rows, "--json"]);
+    let started = Instant::now();
+    let out = mifo(&["bench", "--iters", "2", "--only", rows, "--json"]);
+    let wall_ms = started.elapsed().as_secs_f64() * 1000.0;
     assert!(
         out.status.success(),
         "{}",
@@ -24,6 +39,7 @@ fn bench_times_the_learning_and_synthesis_rows() {
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["size"], 128, "the tiny model's resolution");
+    assert_eq!(report["memory"], "peak resident set of the process, MiB");
     let got: Vec<&str> = report["rows"]
         .as_array()
         .unwrap()
@@ -31,12 +47,31 @@ fn bench_times_the_learning_and_synthesis_rows() {
         .map(|r| r["name"].as_str().unwrap())
         .collect();
     assert_eq!(got, rows.split(',').collect::<Vec<_>>());
+    // The timed iterations all happened inside the command: in milliseconds, their sum cannot
+    // exceed its wall time (a wrong unit — µs, or seconds taken as ms twice — breaks this).
+    let mut timed_ms = 0.0;
+    // The bench process's own peak, measured by the kernel from outside it.
+    let process_peak = children_peak_rss_mib();
     for r in report["rows"].as_array().unwrap() {
-        assert_eq!(r["runs"], 1, "{r}");
-        let ms = r["median_ms"].as_f64().unwrap();
-        assert!(ms.is_finite() && ms > 0.0, "{r}");
-        assert!(r["peak_mib"].as_f64().unwrap() > 1.0, "{r}");
+        assert_eq!(r["runs"], 2, "{r}");
+        let median = r["median_ms"].as_f64().unwrap();
+        let min = r["min_ms"].as_f64().unwrap();
+        assert!(min > 0.0 && min <= median, "{r}");
+        timed_ms += median * 2.0;
+        // A row's peak is the process's resident set while it ran: at most the process's
+        // peak, and not a small fraction of it either (the model and the runtime stay
+        // resident throughout); a KiB/MiB or bytes mix-up is off by 1024.
+        let peak = r["peak_mib"].as_f64().unwrap();
+        assert!(
+            peak <= process_peak + 1.0 && peak >= process_peak / 8.0,
+            "{}: peak {peak} MiB, process peak {process_peak} MiB",
+            r["name"]
+        );
     }
+    assert!(
+        timed_ms <= wall_ms,
+        "rows timed {timed_ms} ms in a command of {wall_ms} ms"
+    );
 }
 
 #[test]

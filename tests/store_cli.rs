@@ -260,7 +260,9 @@ fn show_image_child() {
         std::env::var("MIFO_TEST_STORE"),
         std::env::var("MIFO_TEST_RUN"),
     ) else {
-        return;
+        panic!(
+            "MIFO_TEST_STORE/MIFO_TEST_RUN unset: this helper is the parent test's child process, not a test"
+        );
     };
     let cmd = RunsCommand::Show {
         run,

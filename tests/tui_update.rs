@@ -369,8 +369,35 @@ fn polling_is_driven_by_ticks_and_deduplicated() {
 
 #[test]
 fn key_notation_parses() {
-    let keys = parse_keys("a<Enter><C-r>D<Space>");
-    assert_eq!(keys.len(), 5);
+    use ratatui::crossterm::event::{KeyCode, KeyModifiers};
+    // Code and modifiers compared as they are: crossterm's `KeyEvent ==` treats an upper-case
+    // character without SHIFT as equal to one with it.
+    let parsed = |keys: &str| -> Vec<(KeyCode, KeyModifiers)> {
+        parse_keys(keys)
+            .into_iter()
+            .map(|k| (k.code, k.modifiers))
+            .collect()
+    };
+    assert_eq!(
+        parsed("a<Enter><C-r>D<Space><PgDn><Esc>"),
+        vec![
+            (KeyCode::Char('a'), KeyModifiers::NONE),
+            (KeyCode::Enter, KeyModifiers::NONE),
+            (KeyCode::Char('r'), KeyModifiers::CONTROL),
+            (KeyCode::Char('D'), KeyModifiers::SHIFT),
+            (KeyCode::Char(' '), KeyModifiers::NONE),
+            (KeyCode::PageDown, KeyModifiers::NONE),
+            (KeyCode::Esc, KeyModifiers::NONE),
+        ]
+    );
+    // A `<` that opens no known name is the character itself.
+    assert_eq!(
+        parsed("<x"),
+        vec![
+            (KeyCode::Char('<'), KeyModifiers::NONE),
+            (KeyCode::Char('x'), KeyModifiers::NONE),
+        ]
+    );
 }
 
 #[test]

@@ -151,12 +151,16 @@ pub fn serve(store_dir: &Path, opts: EngineOptions) -> Result<()> {
         eprintln!("engine: run {id} was left running by a dead process: marked interrupted");
     }
     // Queued runs of a previous engine were never started: close them so they can be launched
-    // again.
+    // again. (The store keeps log lines of running runs only, so the reason goes to the
+    // engine's own log; a failed log write here used to stop the engine from starting.)
     for rec in store.runs() {
         let rec = rec?;
         if rec.status == crate::store::RunStatus::Queued {
-            store.append_log(&rec.id, "the engine stopped before this run started")?;
             store.finish_run(&rec.id, RunOutcome::Cancelled)?;
+            eprintln!(
+                "engine: run {} was queued when the last engine stopped: marked cancelled",
+                rec.id
+            );
         }
     }
     let sock = socket_path(store_dir);
@@ -256,14 +260,22 @@ pub fn serve(store_dir: &Path, opts: EngineOptions) -> Result<()> {
     Ok(())
 }
 
+/// How long a new connection may take to send its `Hello`: a client that connects and never
+/// sends would otherwise count as a client for ever and keep the engine from its idle exit.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
 fn handle_client(
     shared: &Arc<Shared>,
     store_dir: &Path,
     stream: UnixStream,
 ) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(HELLO_TIMEOUT))?;
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut writer = BufWriter::new(stream);
-    match read_frame::<Request>(&mut reader) {
+    let hello = read_frame::<Request>(&mut reader);
+    // Greeted clients may stay quiet between requests (a workbench left open).
+    writer.get_ref().set_read_timeout(None)?;
+    match hello {
         Ok(Some(Request::Hello { version })) if version == PROTOCOL_VERSION => {
             write_frame(
                 &mut writer,
@@ -288,7 +300,15 @@ fn handle_client(
             )
         }
         Err(e) => {
-            let _ = write_frame(&mut writer, &Response::Error(format!("bad frame: {e}")));
+            let why = if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) {
+                format!("no Hello within {} s", HELLO_TIMEOUT.as_secs())
+            } else {
+                format!("bad frame: {e}")
+            };
+            let _ = write_frame(&mut writer, &Response::Error(why));
             return Ok(());
         }
     }

@@ -164,11 +164,9 @@ impl Runner {
         };
         queue.remove(pos);
         drop(queue);
-        let _ = self
-            .inner
-            .store
-            .append_log(id, "cancelled before it started");
+        // (A queued run takes no log lines: the store keeps them for running runs only.)
         self.inner.store.finish_run(id, RunOutcome::Cancelled)?;
+        eprintln!("engine: run {id} cancelled before it started");
         Ok(Cancelled::Dequeued)
     }
 
@@ -228,15 +226,20 @@ impl Runner {
         for w in handles {
             let _ = w.join();
         }
+        // The store keeps log lines of running runs only, so the reason goes to the engine's
+        // own log (stderr).
         for work in lock(&self.inner.queue).drain(..) {
-            let _ = self
+            match self
                 .inner
                 .store
-                .append_log(work.id(), "the engine stopped before this run started");
-            let _ = self
-                .inner
-                .store
-                .finish_run(work.id(), RunOutcome::Cancelled);
+                .finish_run(work.id(), RunOutcome::Cancelled)
+            {
+                Ok(_) => eprintln!(
+                    "engine: run {} was still queued: marked cancelled",
+                    work.id()
+                ),
+                Err(e) => eprintln!("engine: run {}: {e}", work.id()),
+            }
         }
     }
 }
