@@ -152,7 +152,9 @@ impl RunSink for StoreSink {
     fn checkpoint(&mut self, _step: u64, bytes: Vec<u8>) -> Result<()> {
         self.store
             .put_output(&self.run, CHECKPOINT_OUTPUT, &bytes)?;
-        self.store.flush_metrics(&self.run).map_err(Error::from)
+        // To disk now, record and metrics with it: a crash right after a checkpoint must resume
+        // from it (sled would otherwise write its buffers within the next half second).
+        self.store.flush().map_err(Error::from)
     }
 
     fn should_stop(&self) -> bool {
