@@ -1,3 +1,7 @@
+//! The `mifo` command: runs `mifo::cli::main` and turns its `anyhow` error into one line on
+//! stderr (`mifo: error: …`, the whole cause chain) and a non-zero exit; a closed output pipe
+//! (`mifo runs ls | head`) counts as success.
+
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
