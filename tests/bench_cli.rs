@@ -19,8 +19,9 @@ fn mifo(args: &[&str]) -> Output {
 /// The largest resident set (MiB) of any child process this test process has waited for
 /// (`getrusage(RUSAGE_CHILDREN)`; Linux reports `ru_maxrss` in KiB).
 fn children_peak_rss_mib() -> f64 {
-    // SAFETY: getrusage fills the zeroed rusage we own.
+    // SAFETY: rusage is plain old data, for which all-zero bytes are a valid value.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage only writes into the rusage we own and pass by unique reference.
     let rc = unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
     assert_eq!(rc, 0, "getrusage");
     usage.ru_maxrss as f64 / 1024.0
