@@ -6,7 +6,7 @@ use std::time::Duration;
 
 mod engine_support;
 
-use engine_support::start_engine_with;
+use engine_support::{serve_with_idle_exit, start_engine_with};
 use mifo::engine::protocol::{read_frame, write_frame};
 use mifo::engine::{serve, Client, EngineOptions, Event, EventKind, Request, Response};
 use mifo::jobs::learn::LearnJob;
@@ -256,19 +256,7 @@ fn concurrency_is_configurable() {
 #[test]
 fn a_vanished_subscriber_does_not_keep_the_engine_alive() {
     let store = std::env::temp_dir().join(format!("mifo-engine-{}-idle", std::process::id()));
-    let _ = std::fs::remove_dir_all(&store);
-    let dir = store.clone();
-    let (done_tx, done_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let r = serve(
-            &dir,
-            EngineOptions {
-                idle_exit: Some(Duration::from_secs(1)),
-                jobs: 1,
-            },
-        );
-        let _ = done_tx.send(r.is_ok());
-    });
+    let done_rx = serve_with_idle_exit(&store, Duration::from_secs(1));
     let mut client = None;
     for _ in 0..200 {
         if let Some(c) = Client::try_connect(&store).ok().flatten() {
@@ -384,19 +372,7 @@ fn malformed_frames_are_refused_and_the_engine_keeps_serving() {
 #[test]
 fn a_silent_client_does_not_block_the_idle_exit() {
     let store = std::env::temp_dir().join(format!("mifo-engine-{}-silent", std::process::id()));
-    let _ = std::fs::remove_dir_all(&store);
-    let dir = store.clone();
-    let (done_tx, done_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let r = serve(
-            &dir,
-            EngineOptions {
-                idle_exit: Some(Duration::from_secs(1)),
-                jobs: 1,
-            },
-        );
-        let _ = done_tx.send(r.is_ok());
-    });
+    let done_rx = serve_with_idle_exit(&store, Duration::from_secs(1));
     let mut silent = None;
     for _ in 0..200 {
         if let Ok(s) = std::os::unix::net::UnixStream::connect(mifo::engine::socket_path(&store)) {

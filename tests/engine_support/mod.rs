@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::Receiver;
 use std::time::Duration;
 
 use mifo::engine::{serve, Client, EngineOptions};
@@ -38,4 +39,24 @@ pub fn start_engine_with(name: &str, jobs: usize) -> PathBuf {
     let _ = std::fs::remove_dir_all(&store);
     serve_in_thread(&store, jobs);
     store
+}
+
+/// Starts an engine on a fresh `store` in a thread that exits after `idle` with no job and no
+/// client, without waiting for it to answer; the receiver gets whether `serve` returned `Ok`
+/// once it has exited.
+pub fn serve_with_idle_exit(store: &Path, idle: Duration) -> Receiver<bool> {
+    let _ = std::fs::remove_dir_all(store);
+    let dir = store.to_path_buf();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = serve(
+            &dir,
+            EngineOptions {
+                idle_exit: Some(idle),
+                jobs: 1,
+            },
+        );
+        let _ = done_tx.send(r.is_ok());
+    });
+    done_rx
 }
