@@ -8,7 +8,7 @@ mod engine_support;
 
 use engine_support::{serve_with_idle_exit, start_engine_with};
 use mifo::engine::protocol::{read_frame, write_frame};
-use mifo::engine::{serve, Client, EngineOptions, Event, EventKind, Request, Response};
+use mifo::engine::{Client, Event, EventKind, Request, Response};
 use mifo::jobs::learn::LearnJob;
 use mifo::jobs::sink::SinkEvent;
 use mifo::learn::{scene_files, LearnConfig};

@@ -71,8 +71,12 @@ const DEMO_SCENE: SceneSpec = SceneSpec {
     size: 64,
 };
 
-/// Runs the demo.
-pub fn run(args: DemoArgs, store: &Path) -> anyhow::Result<()> {
+/// Runs the demo; the workbench it opens at the end shows images with `image_mode`.
+pub fn run(
+    args: DemoArgs,
+    store: &Path,
+    image_mode: crate::tui::images::ImageMode,
+) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let fixtures = fixtures_dir(args.fixtures, "world-sd")?;
     let model = fixtures.join("world-sd");
@@ -176,7 +180,7 @@ pub fn run(args: DemoArgs, store: &Path) -> anyhow::Result<()> {
     );
     if !args.no_tui && std::io::IsTerminal::is_terminal(&std::io::stdout()) {
         eprintln!("\nOpening the workbench (q quits; the runs stay in the store)…");
-        return super::workbench(store, None, "cpu", crate::tui::images::ImageMode::Auto);
+        return super::workbench(store, None, "cpu", image_mode);
     }
     Ok(())
 }

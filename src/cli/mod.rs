@@ -28,7 +28,8 @@ pub struct Cli {
     /// The run store folder.
     #[arg(long, global = true, env = "MIFO_STORE", default_value = "runs")]
     pub store: PathBuf,
-    /// Workbench images: auto, kitty, sixel, iterm2, halfblocks or off.
+    /// Workbench images: auto, kitty, sixel, iterm2, halfblocks or off (also for the workbench
+    /// that `mifo demo` opens: `mifo --image-protocol halfblocks demo`).
     #[arg(long, default_value = "auto", value_parser = parse_image_mode)]
     pub image_protocol: crate::tui::images::ImageMode,
     /// Default model folder for launches from the workbench [env: MIFO_MODEL].
@@ -100,7 +101,7 @@ pub fn main() -> anyhow::Result<()> {
         return workbench(&cli.store, cli.model, &cli.device, cli.image_protocol);
     };
     match command {
-        Command::Demo(args) => demo::run(args, &cli.store),
+        Command::Demo(args) => demo::run(args, &cli.store, cli.image_protocol),
         Command::Learn(args) => learn::run(*args, &cli.store),
         Command::Synth(args) => synth::run(*args, &cli.store),
         Command::Runs(cmd) => engine::runs(cmd, &cli.store),
