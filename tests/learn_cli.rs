@@ -349,6 +349,19 @@ fn bad_inputs_give_one_line_errors_and_store_nothing() {
     write_mask(&tiny_mask, 48, 48, |x, _| x < 20);
     let junk = d.join("junk.png");
     std::fs::write(&junk, b"not a png").unwrap();
+    // A wide image whose centre crop cuts the left instance away.
+    let wide = d.join("wide.png");
+    write_rgb(&wide, 192, 96);
+    let wide_left = d.join("wide_left.png");
+    write_mask(&wide_left, 192, 96, |x, _| x < 40);
+    let wide_mid = d.join("wide_mid.png");
+    write_mask(&wide_mid, 192, 96, |x, _| (80..120).contains(&x));
+    // The tiny model with its UNet weights cut in half.
+    let broken_model = d.join("broken-model");
+    copy_dir(Path::new("fixtures/tiny-sd21"), &broken_model);
+    let unet = broken_model.join("unet/diffusion_pytorch_model.safetensors");
+    let bytes = std::fs::read(&unet).unwrap();
+    std::fs::write(&unet, &bytes[..bytes.len() / 2]).unwrap();
     let s = |p: &Path| p.to_str().unwrap().to_string();
     let base = |image: &Path, masks: &[&Path]| -> Vec<String> {
         let mut v = vec![
@@ -400,6 +413,16 @@ fn bad_inputs_give_one_line_errors_and_store_nothing() {
     let mut a = base(&img, &[&m_left, &m_right]);
     a[2] = s(&d.join("no-model"));
     check(a, "no-model");
+    check(
+        base(&wide, &[&wide_left, &wide_mid]),
+        "wide_left.png: mask is empty after the centre crop",
+    );
+    let mut a = base(&img, &[&m_left, &m_right]);
+    a[2] = s(&broken_model);
+    check(
+        a,
+        "diffusion_pytorch_model.safetensors: not a valid safetensors file",
+    );
     assert!(
         !store.exists() || store_is_empty(&store),
         "a rejected launch wrote to the store"
@@ -500,4 +523,18 @@ fn allow_overlap_accepts_overlapping_masks() {
     assert!(rec["inputs"]["mask1"].is_string(), "{}", rec["inputs"]);
     assert_ne!(rec["inputs"]["mask0"], rec["inputs"]["mask1"]);
     let _ = std::fs::remove_dir_all(d);
+}
+
+/// Copies a folder tree (files and subfolders).
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
 }

@@ -82,6 +82,9 @@ pub fn prepare(store: &Store, job: &LearnJob) -> Result<RunRecord> {
         )));
     }
     let resolution = crate::model::loader::resolution(&job.model)?;
+    // The model is loaded only when the run starts: refuse broken weight files now, while the
+    // store is untouched.
+    crate::model::weights::check_weight_headers(&job.model)?;
     let scene = learn::load_scene(&job.files, resolution, job.allow_overlap)?;
     if job.config.init != "mean" {
         let words = job.config.init.split(',').count();

@@ -119,7 +119,7 @@ pub fn load_scene(files: &SceneFiles, size: u32, allow_overlap: bool) -> Result<
             format!("image is {w}x{h}; the short side must be at least {MIN_IMAGE_SIDE} px"),
         ));
     }
-    let mut raw_masks = Vec::new();
+    let mut masks = Vec::new();
     for p in &files.masks {
         let m = mask_channel(&read_image(p)?);
         if m.dimensions() != (w, h) {
@@ -132,30 +132,37 @@ pub fn load_scene(files: &SceneFiles, size: u32, allow_overlap: bool) -> Result<
                 ),
             ));
         }
-        let (frac, _) = coverage(&m);
+        // Coverage and overlap are judged on what the model will see: the mask after the
+        // image's resize and centre crop, which can cut an instance near the border away.
+        let fitted = fit_mask(&m, size);
+        let (frac, _) = coverage(&fitted);
         if frac < MIN_MASK_FRACTION {
-            return Err(Error::file(
-                p,
+            let (before, _) = coverage(&m);
+            let why = if before < MIN_MASK_FRACTION {
                 format!(
                     "mask is empty: {:.2}% of pixels are white (need at least {:.1}%)",
-                    frac * 100.0,
+                    before * 100.0,
                     MIN_MASK_FRACTION * 100.0
-                ),
-            ));
+                )
+            } else {
+                format!(
+                    "mask is empty after the centre crop to {size}x{size}: {:.2}% of pixels are white there (need at least {:.1}%; {:.2}% before the crop)",
+                    frac * 100.0,
+                    MIN_MASK_FRACTION * 100.0,
+                    before * 100.0
+                )
+            };
+            return Err(Error::file(p, why));
         }
-        raw_masks.push(m);
+        masks.push(fitted);
     }
     if !allow_overlap {
-        for i in 0..raw_masks.len() {
-            for j in i + 1..raw_masks.len() {
-                let (_, a) = coverage(&raw_masks[i]);
-                let (_, b) = coverage(&raw_masks[j]);
-                let both = a.iter().zip(&b).filter(|(x, y)| **x && **y).count();
-                let smaller = a
-                    .iter()
-                    .filter(|&&x| x)
-                    .count()
-                    .min(b.iter().filter(|&&x| x).count());
+        let on: Vec<Vec<bool>> = masks.iter().map(|m| coverage(m).1).collect();
+        for i in 0..on.len() {
+            for j in i + 1..on.len() {
+                let count = |v: &[bool]| v.iter().filter(|&&x| x).count();
+                let both = on[i].iter().zip(&on[j]).filter(|(x, y)| **x && **y).count();
+                let smaller = count(&on[i]).min(count(&on[j]));
                 let frac = both as f64 / smaller.max(1) as f64;
                 if frac > MAX_OVERLAP_FRACTION {
                     return Err(Error::file(
@@ -174,6 +181,6 @@ pub fn load_scene(files: &SceneFiles, size: u32, allow_overlap: bool) -> Result<
     Ok(Scene {
         files: files.clone(),
         image: fit_rgb(&img, size),
-        masks: raw_masks.iter().map(|m| fit_mask(m, size)).collect(),
+        masks,
     })
 }

@@ -28,6 +28,78 @@ pub const LORA_TARGETS: [&str; 8] = [
     "to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj",
 ];
 
+/// Checks the header of every `.safetensors` file in the component folders of the model folder
+/// `dir` (`unet/`, `vae/`, `text_encoder/`, …): a header length and a JSON header that fit in the
+/// file, and tensor data that ends exactly where the file does. Only the headers are read, so a
+/// corrupt or truncated download is refused in milliseconds, before a run is created; the error
+/// names the file.
+pub fn check_weight_headers(dir: &Path) -> Result<()> {
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    let mut folders: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    folders.sort();
+    for folder in folders {
+        let entries = std::fs::read_dir(&folder).map_err(|e| Error::io(&folder, e))?;
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        files.sort();
+        for file in files {
+            check_header(&file)?;
+        }
+    }
+    Ok(())
+}
+
+/// One file of [`check_weight_headers`].
+fn check_header(path: &Path) -> Result<()> {
+    use std::io::Read;
+    let bad = |why: String| Error::file(path, format!("not a valid safetensors file: {why}"));
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let mut prefix = [0u8; 8];
+    if len < 8 {
+        return Err(bad(format!(
+            "{len} bytes, shorter than the 8-byte header length"
+        )));
+    }
+    file.read_exact(&mut prefix)
+        .map_err(|e| Error::io(path, e))?;
+    let header_len = u64::from_le_bytes(prefix);
+    if header_len > len - 8 {
+        return Err(bad(format!(
+            "the header says it is {header_len} bytes long but the file has {len} (truncated?)"
+        )));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact(&mut header)
+        .map_err(|e| Error::io(path, e))?;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+        .map_err(|e| bad(format!("its header is not a JSON table ({e})")))?;
+    let mut data_end = 0u64;
+    for (name, entry) in header.iter().filter(|(k, _)| *k != "__metadata__") {
+        let end = entry["data_offsets"][1]
+            .as_u64()
+            .ok_or_else(|| bad(format!("tensor `{name}` has no data_offsets")))?;
+        data_end = data_end.max(end);
+    }
+    let data_len = len - 8 - header_len;
+    if data_end != data_len {
+        return Err(bad(format!(
+            "its tensors need {data_end} bytes of data and the file holds {data_len}{}",
+            if data_end > data_len {
+                " (truncated)"
+            } else {
+                ""
+            }
+        )));
+    }
+    Ok(())
+}
+
 /// One LoRA adapter of a linear layer.
 #[derive(Clone, Debug)]
 pub struct LoraAdapter {
