@@ -51,9 +51,36 @@ fn resize_crop(img: &DynamicImage, size: u32, filter: FilterType) -> DynamicImag
     resized.crop_imm((nw - size) / 2, (nh - size) / 2, size, size)
 }
 
-/// An RGB image resized (short side) and centre-cropped to size×size.
-pub fn fit_rgb(img: &RgbImage, size: u32) -> RgbImage {
-    resize_crop(
+/// How an image goes to the model's square size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageFit {
+    /// Resize the short side to the size, then centre-crop (the aspect ratio is kept).
+    Crop,
+    /// Resize both sides to the size (the aspect ratio is not kept).
+    Stretch,
+}
+
+impl ImageFit {
+    /// `crop` or `stretch` (`learn.image_fit`); anything else is `None`.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "crop" => Some(ImageFit::Crop),
+            "stretch" => Some(ImageFit::Stretch),
+            _ => None,
+        }
+    }
+
+    fn apply(self, img: &DynamicImage, size: u32, filter: FilterType) -> DynamicImage {
+        match self {
+            ImageFit::Crop => resize_crop(img, size, filter),
+            ImageFit::Stretch => img.resize_exact(size, size, filter),
+        }
+    }
+}
+
+/// An RGB image brought to size×size by `fit` (Catmull-Rom).
+pub fn fit_rgb(img: &RgbImage, size: u32, fit: ImageFit) -> RgbImage {
+    fit.apply(
         &DynamicImage::ImageRgb8(img.clone()),
         size,
         FilterType::CatmullRom,
@@ -61,9 +88,9 @@ pub fn fit_rgb(img: &RgbImage, size: u32) -> RgbImage {
     .to_rgb8()
 }
 
-/// A grey mask resized (short side, bilinear: soft edges kept) and centre-cropped.
-pub fn fit_mask(mask: &GrayImage, size: u32) -> GrayImage {
-    resize_crop(
+/// A grey mask brought to size×size by `fit` (bilinear: soft edges kept).
+pub fn fit_mask(mask: &GrayImage, size: u32, fit: ImageFit) -> GrayImage {
+    fit.apply(
         &DynamicImage::ImageLuma8(mask.clone()),
         size,
         FilterType::Triangle,

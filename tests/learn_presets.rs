@@ -24,6 +24,7 @@ fn documented_paper() -> LearnConfig {
         dreambooth_lr: 2e-6,
         lr_schedule: "constant".into(),
         warmup_steps: 0,
+        warmup_from_zero: false,
         // §3.4 "AdamW, lr 5e-3, betas (0.9, 0.99), wd 1e-2, eps 1e-8"; clip 1.0 (TE:723-732).
         adam_beta1: 0.9,
         adam_beta2: 0.99,
@@ -41,6 +42,8 @@ fn documented_paper() -> LearnConfig {
         // §3.2: no init word, the mean of the vocabulary.
         init: "mean".into(),
         flip_p: 0.0,
+        // App. C.1 "resize … the shorter side is 512 pixels, center-cropped to 512x512".
+        image_fit: "crop".into(),
         // §3.4 step 1: a VAE sample, not the mean.
         vae_sample: true,
         // "prior preservation | not mentioned"; the DB penalty is the code's (off here), on the
@@ -78,8 +81,12 @@ fn official_preset_is_the_documented_code_column() {
         // "cosine_with_restarts, warmup 10 (TE:255,465-470)".
         lr_schedule: "cosine".into(),
         warmup_steps: 10,
+        // diffusers' LambdaLR: the warm-up factor is step/10, so the first step's lr is 0.
+        warmup_from_zero: true,
         // §3.1 "flip of image and masks together with p=0.5".
         flip_p: 0.5,
+        // §3.1 "Resize([512,512]) (no crop, and the aspect ratio is not kept)".
+        image_fit: "stretch".into(),
         // "DB penalty 2e-2" on down_blocks.2 / up_blocks.1; "DB only, 100 chair images,
         // weight 1.0".
         dreambooth_penalty: 0.02,
@@ -103,7 +110,47 @@ fn official_preset_is_the_documented_code_column() {
 
 #[test]
 fn learning_rate_follows_warmup_then_cosine_then_phase_b_constant() {
-    let store = scratch("lr-schedule");
+    // Computed by hand: warm-up lr·(s+1)/3 for s < 3, then lr·½(1 + cos(π(s−3)/5)) over the 5
+    // remaining phase-A steps, then phase B's constant 1e-4.
+    let want = [
+        0.003_333_333_333_333_333_5,
+        0.006_666_666_666_666_667,
+        0.01,
+        0.01,
+        0.009_045_084_971_874_737,
+        0.006_545_084_971_874_737,
+        0.003_454_915_028_125_263,
+        0.000_954_915_028_125_263_3,
+        0.0001,
+        0.0001,
+    ];
+    check_lr_schedule("lr-schedule", false, &want);
+}
+
+/// The official preset's warm-up starts from 0 as diffusers' LambdaLR does: lr·s/3 for s < 3,
+/// the same cosine after.
+#[test]
+fn a_warmup_from_zero_starts_at_lr_zero() {
+    let want = [
+        0.0,
+        0.003_333_333_333_333_333_5,
+        0.006_666_666_666_666_667,
+        0.01,
+        0.009_045_084_971_874_737,
+        0.006_545_084_971_874_737,
+        0.003_454_915_028_125_263,
+        0.000_954_915_028_125_263_3,
+        0.0001,
+        0.0001,
+    ];
+    check_lr_schedule("lr-from-zero", true, &want);
+}
+
+/// Runs a 10-step learning run (3 warm-up, 5 cosine, 2 phase-B steps) and compares its `lr`
+/// series with `want`.
+fn check_lr_schedule(name: &str, from_zero: bool, want: &[f64]) {
+    let store = scratch(name);
+    let from_zero = format!("learn.warmup_from_zero={from_zero}");
     let run = json(&mifo(
         &store,
         &[
@@ -133,6 +180,8 @@ fn learning_rate_follows_warmup_then_cosine_then_phase_b_constant() {
             "learn.dreambooth_lr=0.0001",
             "--set",
             "learn.preview=false",
+            "--set",
+            &from_zero,
         ],
     ));
     let lr: Vec<(u64, f64)> = run["metrics"]["lr"]
@@ -141,20 +190,6 @@ fn learning_rate_follows_warmup_then_cosine_then_phase_b_constant() {
         .iter()
         .map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap()))
         .collect();
-    // Computed by hand: warm-up lr·(s+1)/3 for s < 3, then lr·½(1 + cos(π(s−3)/5)) over the 5
-    // remaining phase-A steps, then phase B's constant 1e-4.
-    let want = [
-        0.003_333_333_333_333_333_5,
-        0.006_666_666_666_666_667,
-        0.01,
-        0.01,
-        0.009_045_084_971_874_737,
-        0.006_545_084_971_874_737,
-        0.003_454_915_028_125_263,
-        0.000_954_915_028_125_263_3,
-        0.0001,
-        0.0001,
-    ];
     assert_eq!(
         lr.iter().map(|p| p.0).collect::<Vec<_>>(),
         (0..10).collect::<Vec<_>>(),

@@ -16,7 +16,7 @@ fn setup() -> (StableDiffusion, learn::Scene) {
         .unwrap();
     let files = learn::scene_files(&root().join("fixtures/scenes/coffee")).unwrap();
     let size = (sd.unet.config().sample_size * sd.vae.config().factor()) as u32;
-    let scene = learn::load_scene(&files, size, false).unwrap();
+    let scene = learn::load_scene(&files, size, false, mifo::imageio::ImageFit::Crop).unwrap();
     (sd, scene)
 }
 
@@ -253,7 +253,7 @@ fn half_precision_learning_keeps_f32_masters() {
         .unwrap();
     let files = learn::scene_files(&root().join("fixtures/scenes/coffee")).unwrap();
     let size = (sd.unet.config().sample_size * sd.vae.config().factor()) as u32;
-    let scene = learn::load_scene(&files, size, false).unwrap();
+    let scene = learn::load_scene(&files, size, false, mifo::imageio::ImageFit::Crop).unwrap();
     let cfg = LearnConfig {
         reward_steps: 2,
         penalty_steps: 1,
@@ -327,4 +327,46 @@ fn the_preview_sampler_keeps_nothing_on_the_graph() {
         .generate(&ids, &uncond, Some(rows.as_tensor()), &latent, 3, 5.0)
         .unwrap();
     assert!(!img.track_op(), "the preview image is still on the graph");
+}
+
+/// `learn.image_fit`: a centre crop of a wide image cuts away an instance at its left edge
+/// (refused, naming the mask); stretching keeps it, at the left of the square.
+#[test]
+fn image_fit_crop_refuses_a_cut_instance_and_stretch_keeps_it() {
+    use mifo::imageio::ImageFit;
+    let dir = std::env::temp_dir().join(format!("mifo-learn-run-fit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (w, h) = (192u32, 96u32);
+    image::RgbImage::from_pixel(w, h, image::Rgb([120, 90, 60]))
+        .save(dir.join("img.png"))
+        .unwrap();
+    let mask = |name: &str, on: fn(u32) -> bool| {
+        let m = image::GrayImage::from_fn(w, h, |x, _| image::Luma([if on(x) { 255 } else { 0 }]));
+        let p = dir.join(name);
+        m.save(&p).unwrap();
+        p
+    };
+    let files = learn::SceneFiles::new(
+        dir.join("img.png"),
+        vec![
+            mask("left.png", |x| x < 40),
+            mask("mid.png", |x| (80..120).contains(&x)),
+        ],
+    );
+    let err = match learn::load_scene(&files, 64, false, ImageFit::Crop) {
+        Ok(_) => panic!("the crop empties left.png, yet it was accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("left.png") && err.contains("after the centre crop"),
+        "{err}"
+    );
+    let scene = learn::load_scene(&files, 64, false, ImageFit::Stretch).unwrap();
+    let left = &scene.masks[0];
+    assert_eq!(left.dimensions(), (64, 64));
+    // 40 of 192 columns → the first ~13 of 64.
+    let white = |x: u32| (0..64).all(|y| left.get_pixel(x, y)[0] >= 128);
+    assert!((0..12).all(white), "the left instance is kept");
+    assert!(!(15..64).any(white), "and only there");
+    let _ = std::fs::remove_dir_all(dir);
 }

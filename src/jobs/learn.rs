@@ -85,7 +85,7 @@ pub fn prepare(store: &Store, job: &LearnJob) -> Result<RunRecord> {
     // The model is loaded only when the run starts: refuse broken weight files now, while the
     // store is untouched.
     crate::model::weights::check_weight_headers(&job.model)?;
-    let scene = learn::load_scene(&job.files, resolution, job.allow_overlap)?;
+    let scene = learn::load_scene(&job.files, resolution, job.allow_overlap, job.config.fit())?;
     if job.config.init != "mean" {
         let words = job.config.init.split(',').count();
         if words != scene.masks.len() {
@@ -173,7 +173,12 @@ pub fn start_with_hook(
         let dtype = resolve_dtype(&job.dtype, &device)?;
         enable_precision(&job.dtype);
         let sd = StableDiffusion::load(&job.model, dtype, &device)?;
-        let scene = learn::load_scene(&job.files, model_resolution(&sd), job.allow_overlap)?;
+        let scene = learn::load_scene(
+            &job.files,
+            model_resolution(&sd),
+            job.allow_overlap,
+            job.config.fit(),
+        )?;
         Ok::<_, Error>((sd, scene))
     })();
     let (sd, scene) = match loaded {
@@ -373,7 +378,7 @@ pub fn resume_with_hook(
             .get(crate::world::WORLD_INPUT)
             .map(|h| store.blobs().path(h)),
     };
-    let scene = learn::load_scene(&files, model_resolution(&sd), true)?;
+    let scene = learn::load_scene(&files, model_resolution(&sd), true, config.fit())?;
     let checkpoint = match record.outputs.get(CHECKPOINT_OUTPUT) {
         Some(h) => Some(Checkpoint::from_bytes(&store.read_blob(h)?, &dev)?),
         None => None,

@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::imageio::ImageFit;
 
 /// The learning-stage configuration (`[learn]` in TOML, `--set learn.KEY=VALUE`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -29,6 +30,12 @@ pub struct LearnConfig {
     pub lr_schedule: String,
     /// Linear warm-up steps of phase A.
     pub warmup_steps: u64,
+    /// The warm-up starts from 0: step s of the warm-up uses lr·s/`warmup_steps`, so the first
+    /// step does not move the tokens (diffusers' scheduler, as the released code runs it).
+    /// `false` uses lr·(s + 1)/`warmup_steps`, so every step trains. Runs stored before this key
+    /// existed read `false`, which is what they ran.
+    #[serde(default)]
+    pub warmup_from_zero: bool,
     /// AdamW β₁.
     pub adam_beta1: f64,
     /// AdamW β₂.
@@ -57,6 +64,12 @@ pub struct LearnConfig {
     pub init: String,
     /// Probability of flipping image and masks horizontally each step.
     pub flip_p: f64,
+    /// How the image and masks are brought to the model's square size: `crop` (resize the
+    /// short side, centre-crop: the paper, App. C.1) or `stretch` (resize both sides, the
+    /// aspect ratio is not kept: the released code's `Resize([512, 512])`). Runs stored before
+    /// this key existed read `crop`, which is what they ran.
+    #[serde(default = "default_image_fit")]
+    pub image_fit: String,
     /// Encode the image with a VAE *sample* (as the released code) instead of the mean.
     pub vae_sample: bool,
     /// Phase B: extra penalty weight on the layers of `dreambooth_penalty_layers` (0 = off).
@@ -99,6 +112,7 @@ impl LearnConfig {
             dreambooth_lr: 2e-6,
             lr_schedule: "constant".into(),
             warmup_steps: 0,
+            warmup_from_zero: false,
             adam_beta1: 0.9,
             adam_beta2: 0.99,
             adam_eps: 1e-8,
@@ -112,6 +126,7 @@ impl LearnConfig {
             attn_layers: vec!["up_blocks.1".into(), "up_blocks.2".into()],
             init: "mean".into(),
             flip_p: 0.0,
+            image_fit: default_image_fit(),
             vae_sample: true,
             dreambooth_penalty: 0.0,
             dreambooth_penalty_layers: vec!["down_blocks.2".into(), "up_blocks.1".into()],
@@ -128,7 +143,8 @@ impl LearnConfig {
     }
 
     /// The released code's values: 200 + 400 steps, t < 500, reward 0.01 / penalty 0.02,
-    /// cosine schedule with 10 warm-up steps, flips with p 0.5, and during DreamBooth prior
+    /// cosine schedule with 10 warm-up steps from lr 0, images stretched to the model's size,
+    /// flips with p 0.5, and during DreamBooth prior
     /// preservation (100 class images of "a photo of a chair", weight 1) plus the extra 0.02
     /// penalty on the 16² layers.
     pub fn official() -> Self {
@@ -138,7 +154,9 @@ impl LearnConfig {
             t_max_attn: 499,
             lr_schedule: "cosine".into(),
             warmup_steps: 10,
+            warmup_from_zero: true,
             flip_p: 0.5,
+            image_fit: "stretch".into(),
             dreambooth_penalty: 0.02,
             prior_preservation: true,
             ..Self::paper()
@@ -199,6 +217,9 @@ impl LearnConfig {
         {
             return bad("lr", "learning rates must be positive");
         }
+        if !["crop", "stretch"].contains(&self.image_fit.as_str()) {
+            return bad("image_fit", "expected crop or stretch");
+        }
         if !(0.0..=1.0).contains(&self.flip_p) {
             return bad("flip_p", "must be in [0, 1]");
         }
@@ -217,4 +238,17 @@ impl LearnConfig {
         }
         Ok(())
     }
+}
+
+impl LearnConfig {
+    /// `image_fit` as the image layer's [`ImageFit`] (`crop` for a value [`Self::validate`]
+    /// would refuse).
+    pub fn fit(&self) -> ImageFit {
+        ImageFit::parse(&self.image_fit).unwrap_or(ImageFit::Crop)
+    }
+}
+
+/// `crop`: the value of `image_fit` for runs stored before the key existed.
+fn default_image_fit() -> String {
+    "crop".into()
 }

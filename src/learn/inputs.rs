@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use image::{GrayImage, RgbImage};
 
 use crate::error::{Error, Result};
-use crate::imageio::{fit_mask, fit_rgb, mask_channel, read_image};
+use crate::imageio::{fit_mask, fit_rgb, mask_channel, read_image, ImageFit};
 
 /// Most instances one run can learn.
 pub const MAX_MASKS: usize = 8;
@@ -100,8 +100,14 @@ fn coverage(mask: &GrayImage) -> (f64, Vec<bool>) {
     (n as f64 / on.len().max(1) as f64, on)
 }
 
-/// Reads and checks the image and masks, then fits them to `size`×`size`.
-pub fn load_scene(files: &SceneFiles, size: u32, allow_overlap: bool) -> Result<Scene> {
+/// Reads and checks the image and masks, then brings them to `size`×`size` by `fit`; mask
+/// coverage and overlap are judged after that.
+pub fn load_scene(
+    files: &SceneFiles,
+    size: u32,
+    allow_overlap: bool,
+    fit: ImageFit,
+) -> Result<Scene> {
     if files.masks.is_empty() {
         return Err(Error::Input("give at least one --mask".into()));
     }
@@ -134,7 +140,7 @@ pub fn load_scene(files: &SceneFiles, size: u32, allow_overlap: bool) -> Result<
         }
         // Coverage and overlap are judged on what the model will see: the mask after the
         // image's resize and centre crop, which can cut an instance near the border away.
-        let fitted = fit_mask(&m, size);
+        let fitted = fit_mask(&m, size, fit);
         let (frac, _) = coverage(&fitted);
         if frac < MIN_MASK_FRACTION {
             let (before, _) = coverage(&m);
@@ -145,8 +151,15 @@ pub fn load_scene(files: &SceneFiles, size: u32, allow_overlap: bool) -> Result<
                     MIN_MASK_FRACTION * 100.0
                 )
             } else {
+                let (how, hint) = match fit {
+                    ImageFit::Crop => (
+                        format!("the centre crop to {size}x{size}"),
+                        "; learn.image_fit=stretch keeps the whole image",
+                    ),
+                    ImageFit::Stretch => (format!("resizing to {size}x{size}"), ""),
+                };
                 format!(
-                    "mask is empty after the centre crop to {size}x{size}: {:.2}% of pixels are white there (need at least {:.1}%; {:.2}% before the crop)",
+                    "mask is empty after {how}: {:.2}% of pixels are white there (need at least {:.1}%; {:.2}% before{hint})",
                     frac * 100.0,
                     MIN_MASK_FRACTION * 100.0,
                     before * 100.0
@@ -180,7 +193,7 @@ pub fn load_scene(files: &SceneFiles, size: u32, allow_overlap: bool) -> Result<
     }
     Ok(Scene {
         files: files.clone(),
-        image: fit_rgb(&img, size),
+        image: fit_rgb(&img, size, fit),
         masks,
     })
 }

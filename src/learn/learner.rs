@@ -171,7 +171,8 @@ fn trainable_models<'a>(
 fn phase_a_lr(cfg: &LearnConfig, step: u64) -> f64 {
     let total = cfg.embedding_steps().max(1);
     if step < cfg.warmup_steps {
-        return cfg.lr * (step + 1) as f64 / cfg.warmup_steps as f64;
+        let done = if cfg.warmup_from_zero { step } else { step + 1 };
+        return cfg.lr * done as f64 / cfg.warmup_steps as f64;
     }
     match cfg.lr_schedule.as_str() {
         "cosine" => {
