@@ -50,6 +50,7 @@ fn documented_paper() -> LearnConfig {
         // 16² layers down_blocks.2 and up_blocks.1 (TE:776).
         dreambooth_penalty: 0.0,
         dreambooth_penalty_layers: vec!["down_blocks.2".into(), "up_blocks.1".into()],
+        dreambooth_gate_on_class: false,
         prior_preservation: false,
         class_prompt: "a photo of a chair".into(),
         class_images: 100,
@@ -90,6 +91,9 @@ fn official_preset_is_the_documented_code_column() {
         // "DB penalty 2e-2" on down_blocks.2 / up_blocks.1; "DB only, 100 chair images,
         // weight 1.0".
         dreambooth_penalty: 0.02,
+        // "The penalty is gated by `timesteps[0] < 500`, and timesteps[0] is the class
+        // sample's t" (§3.5).
+        dreambooth_gate_on_class: true,
         prior_preservation: true,
         class_prompt: "a photo of a chair".into(),
         class_images: 100,
@@ -202,4 +206,81 @@ fn check_lr_schedule(name: &str, from_zero: bool, want: &[f64]) {
         );
     }
     let _ = std::fs::remove_dir_all(store);
+}
+
+/// The official preset gates phase B's penalty on the class sample's timestep (the released
+/// code's `timesteps[0]`), the paper preset on the instance's: in each phase-B step the
+/// attention loss is there exactly when the gating timestep is ≤ `t_max_attn`.
+#[test]
+fn dreambooth_penalty_gate_follows_the_presets_timestep() {
+    for (on_class, name) in [(true, "gate-class"), (false, "gate-instance")] {
+        let store = scratch(name);
+        let gate = format!("learn.dreambooth_gate_on_class={on_class}");
+        let run = json(&mifo(
+            &store,
+            &[
+                "learn",
+                "--scene",
+                "fixtures/scenes/coffee",
+                "--model",
+                "fixtures/tiny-sd21",
+                "--preset",
+                "official",
+                "--seed",
+                "3",
+                "--json",
+                "--set",
+                "learn.reward_steps=1",
+                "--set",
+                "learn.penalty_steps=1",
+                "--set",
+                "learn.warmup_steps=0",
+                "--set",
+                "learn.dreambooth=lora",
+                "--set",
+                "learn.dreambooth_steps=8",
+                "--set",
+                "learn.class_images=1",
+                "--set",
+                "learn.class_image_steps=2",
+                "--set",
+                "learn.preview=false",
+                "--set",
+                &gate,
+            ],
+        ));
+        let series = |name: &str| -> Vec<(u64, f64)> {
+            run["metrics"][name]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap()))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let (t, t_class, attn) = (series("t"), series("t_class"), series("loss/attn"));
+        assert_eq!(
+            t_class.iter().map(|p| p.0).collect::<Vec<_>>(),
+            (2..10).collect::<Vec<_>>(),
+            "a class timestep per phase-B step"
+        );
+        let mut disagree = 0;
+        for &(step, tc) in &t_class {
+            let ti = t.iter().find(|p| p.0 == step).unwrap().1;
+            let gate = if on_class { tc } else { ti };
+            let has_attn = attn.iter().any(|p| p.0 == step);
+            assert_eq!(
+                has_attn,
+                gate <= 499.0,
+                "step {step}: t {ti}, t_class {tc}, attention loss {has_attn}"
+            );
+            disagree += usize::from((ti <= 499.0) != (tc <= 499.0));
+        }
+        assert!(
+            disagree > 0,
+            "no step tells the two gates apart: {t:?} {t_class:?}"
+        );
+        let _ = std::fs::remove_dir_all(store);
+    }
 }

@@ -76,6 +76,12 @@ pub struct LearnConfig {
     pub dreambooth_penalty: f64,
     /// Phase B penalty layers (module-path prefixes; 16² down and up blocks in the official code).
     pub dreambooth_penalty_layers: Vec<String>,
+    /// Phase B with prior preservation: the penalty's `t_max_attn` gate reads the *class*
+    /// sample's timestep, as the released code does (`timesteps[0]` of a batch whose first item
+    /// is the class image); `false` gates on the instance's own timestep. Runs stored before
+    /// this key existed read `false`, which is what they ran.
+    #[serde(default)]
+    pub dreambooth_gate_on_class: bool,
     /// Phase B: DreamBooth prior preservation (each step also trains on a class image generated
     /// by the base model from `class_prompt`; the released code does this with chairs).
     pub prior_preservation: bool,
@@ -130,6 +136,7 @@ impl LearnConfig {
             vae_sample: true,
             dreambooth_penalty: 0.0,
             dreambooth_penalty_layers: vec!["down_blocks.2".into(), "up_blocks.1".into()],
+            dreambooth_gate_on_class: false,
             prior_preservation: false,
             class_prompt: "a photo of a chair".into(),
             class_images: 100,
@@ -158,6 +165,7 @@ impl LearnConfig {
             flip_p: 0.5,
             image_fit: "stretch".into(),
             dreambooth_penalty: 0.02,
+            dreambooth_gate_on_class: true,
             prior_preservation: true,
             ..Self::paper()
         }

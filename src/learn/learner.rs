@@ -338,6 +338,8 @@ struct Objective {
     attention: AttentionTerms,
     /// The prior-preservation loss, unweighted (phase B with prior preservation).
     prior: Option<Tensor>,
+    /// The class sample's timestep (phase B with prior preservation).
+    class_t: Option<usize>,
 }
 
 /// Whether the module path `path` lies under one of `prefixes`.
@@ -716,7 +718,14 @@ impl<'a> Learner<'a> {
             ),
             None => None,
         };
-        let attention = self.attention_terms(phase, draw, &forward.attention, &sel_masks)?;
+        // The timestep that gates the attention loss: the instance's, or in phase B with
+        // `dreambooth_gate_on_class` the class sample's (the released code reads timesteps[0]).
+        let gate_t = match (phase, class_sample) {
+            (Phase::DreamBooth, Some(c)) if cfg.dreambooth_gate_on_class => c.t,
+            _ => draw.t,
+        };
+        let attention =
+            self.attention_terms(phase, draw, gate_t, &forward.attention, &sel_masks)?;
         let mut total = match &attention.loss {
             Some(a) => (&rec + a)?,
             None => rec.clone(),
@@ -729,23 +738,26 @@ impl<'a> Learner<'a> {
             rec,
             attention,
             prior,
+            class_t: class_sample.map(|c| c.t),
         })
     }
 
     /// λ_attn · L_attn of Eq. 3 over the recorded layers, for Λ's masks `sel_masks` [J, H, W]:
     /// phase A.1 (reward, Eq. 1) Σ_j Σ_l ‖α·M_j^l − A_j^l‖², phase A.2 (penalty, Eq. 2)
     /// Σ_j Σ_l ‖(1 − M_j^l) ⊙ A_j^l‖², each squared norm taken as a mean over pixels, on the
-    /// loss layers only and only while t ≤ `t_max_attn`. Also measures each token's leak.
+    /// loss layers only and only while the gating timestep `gate_t` ≤ `t_max_attn`. Also
+    /// measures each token's leak.
     fn attention_terms(
         &self,
         phase: Phase,
         draw: &Draw,
+        gate_t: usize,
         attention: &ColumnRecorder,
         sel_masks: &Tensor,
     ) -> Result<AttentionTerms> {
         let cfg = self.cfg;
         let loss_layers = self.loss_layers(phase);
-        let attn_active = draw.t as u64 <= cfg.t_max_attn;
+        let attn_active = gate_t as u64 <= cfg.t_max_attn;
         let (weight, use_reward) = match phase {
             Phase::Reward => (cfg.lambda_reward, true),
             Phase::Penalty => (cfg.lambda_penalty, false),
@@ -845,6 +857,9 @@ impl<'a> Learner<'a> {
         sink.metric("lr", step, lr)?;
         sink.metric("phase", step, phase as u8 as f64)?;
         sink.metric("t", step, draw.t as f64)?;
+        if let Some(t_class) = objective.class_t {
+            sink.metric("t_class", step, t_class as f64)?;
+        }
         if !total_v.is_finite() {
             return Err(Error::Input(format!(
                 "loss became {total_v} at step {step} (lower learn.lr?)"
