@@ -155,17 +155,11 @@ fn a_warmup_from_zero_starts_at_lr_zero() {
 fn check_lr_schedule(name: &str, from_zero: bool, want: &[f64]) {
     let store = scratch(name);
     let from_zero = format!("learn.warmup_from_zero={from_zero}");
-    let run = json(&mifo(
+    let run = learn_coffee(
         &store,
         &[
-            "learn",
-            "--scene",
-            "fixtures/scenes/coffee",
-            "--model",
-            "fixtures/tiny-sd21",
             "--seed",
             "5",
-            "--json",
             "--set",
             "learn.lr=0.01",
             "--set",
@@ -187,13 +181,8 @@ fn check_lr_schedule(name: &str, from_zero: bool, want: &[f64]) {
             "--set",
             &from_zero,
         ],
-    ));
-    let lr: Vec<(u64, f64)> = run["metrics"]["lr"]
-        .as_array()
-        .expect("an lr series")
-        .iter()
-        .map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap()))
-        .collect();
+    );
+    let lr = series(&run, "lr");
     assert_eq!(
         lr.iter().map(|p| p.0).collect::<Vec<_>>(),
         (0..10).collect::<Vec<_>>(),
@@ -216,19 +205,13 @@ fn dreambooth_penalty_gate_follows_the_presets_timestep() {
     for (on_class, name) in [(true, "gate-class"), (false, "gate-instance")] {
         let store = scratch(name);
         let gate = format!("learn.dreambooth_gate_on_class={on_class}");
-        let run = json(&mifo(
+        let run = learn_coffee(
             &store,
             &[
-                "learn",
-                "--scene",
-                "fixtures/scenes/coffee",
-                "--model",
-                "fixtures/tiny-sd21",
                 "--preset",
                 "official",
                 "--seed",
                 "3",
-                "--json",
                 "--set",
                 "learn.reward_steps=1",
                 "--set",
@@ -248,18 +231,12 @@ fn dreambooth_penalty_gate_follows_the_presets_timestep() {
                 "--set",
                 &gate,
             ],
-        ));
-        let series = |name: &str| -> Vec<(u64, f64)> {
-            run["metrics"][name]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap()))
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
-        let (t, t_class, attn) = (series("t"), series("t_class"), series("loss/attn"));
+        );
+        let (t, t_class, attn) = (
+            series(&run, "t"),
+            series(&run, "t_class"),
+            series(&run, "loss/attn"),
+        );
         assert_eq!(
             t_class.iter().map(|p| p.0).collect::<Vec<_>>(),
             (2..10).collect::<Vec<_>>(),
@@ -283,4 +260,30 @@ fn dreambooth_penalty_gate_follows_the_presets_timestep() {
         );
         let _ = std::fs::remove_dir_all(store);
     }
+}
+
+/// `mifo learn` on the coffee scene with the tiny model, `--json`, plus `args`; the record.
+fn learn_coffee(store: &std::path::Path, args: &[&str]) -> serde_json::Value {
+    let mut all = vec![
+        "learn",
+        "--scene",
+        "fixtures/scenes/coffee",
+        "--model",
+        "fixtures/tiny-sd21",
+        "--json",
+    ];
+    all.extend_from_slice(args);
+    json(&mifo(store, &all))
+}
+
+/// A metric series of a run record as (step, value) points (empty when absent).
+fn series(run: &serde_json::Value, name: &str) -> Vec<(u64, f64)> {
+    run["metrics"][name]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap()))
+                .collect()
+        })
+        .unwrap_or_default()
 }
