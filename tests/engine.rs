@@ -557,6 +557,20 @@ fn record_of(c: &mut Client, run: &str) -> (String, Vec<String>, Vec<String>, us
     )
 }
 
+/// Runs `mifo --store STORE engine stop ARGS…`, which must succeed; its stderr.
+fn engine_stop(store: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mifo"))
+        .arg("--store")
+        .arg(store)
+        .args(["engine", "stop"])
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}");
+    stderr
+}
+
 /// `mifo engine stop`: the running step finishes and checkpoints, the run is `interrupted`
 /// (resumable), the queued run is cancelled, and the engine exits.
 #[test]
@@ -566,18 +580,7 @@ fn graceful_stop_checkpoints_the_running_run_and_cancels_the_queue() {
     let mut c = Client::connect(&store).unwrap();
     let (running, queued) = long_run_and_a_queued_one(&mut c, 2000, 2);
     drop(c);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mifo"))
-        .arg("--store")
-        .arg(&store)
-        .args(["engine", "stop"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stderr).contains("after the current step"));
+    assert!(engine_stop(&store, &[]).contains("after the current step"));
     let status = engine
         .exited_within(30)
         .unwrap_or_else(|| panic!("engine still running after stop: {}", engine.log()));
@@ -613,18 +616,7 @@ fn forced_stop_exits_at_once_and_a_restart_cancels_the_queue() {
     let mut c = Client::connect(&store).unwrap();
     let (running, queued) = long_run_and_a_queued_one(&mut c, 2000, 2);
     drop(c);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mifo"))
-        .arg("--store")
-        .arg(&store)
-        .args(["engine", "stop", "--force"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stderr).contains("stopping now"));
+    assert!(engine_stop(&store, &["--force"]).contains("stopping now"));
     let status = engine
         .exited_within(5)
         .unwrap_or_else(|| panic!("engine still running after a forced stop: {}", engine.log()));

@@ -3,40 +3,13 @@
 //! `runs show` / `runs diff`, the refusals (missing or wrong model folders) leaving the store as
 //! it was, the editability suite under a tag and the mean tables.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod cli_support;
 
+use std::path::Path;
+use std::process::Output;
+
+use cli_support::{json, mifo, ok};
 use serde_json::Value;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
-}
-
-fn mifo(store: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mifo"))
-        .current_dir(root())
-        .env("MIFO_ENGINE_IDLE", "5")
-        .env_remove("MIFO_CLIP")
-        .env_remove("MIFO_DINO")
-        .arg("--store")
-        .arg(store)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn json(out: &Output) -> Value {
-    serde_json::from_str(&ok(out)).unwrap()
-}
 
 fn err_line(out: &Output) -> String {
     assert!(

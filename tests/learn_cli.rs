@@ -2,31 +2,20 @@
 //! finished spec, resume after kill -9 giving the uninterrupted result, and one-line validation
 //! errors that leave the store untouched.
 
+mod cli_support;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
+use cli_support::{copy_dir, mifo, root};
 use image::{GrayImage, Luma, Rgb, RgbImage};
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
-}
 
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("mifo-learn-cli-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-fn mifo(store: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mifo"))
-        .env("MIFO_ENGINE_IDLE", "3")
-        .arg("--store")
-        .arg(store)
-        .args(args)
-        .output()
-        .unwrap()
 }
 
 const SHORT: [&str; 10] = [
@@ -523,18 +512,4 @@ fn allow_overlap_accepts_overlapping_masks() {
     assert!(rec["inputs"]["mask1"].is_string(), "{}", rec["inputs"]);
     assert_ne!(rec["inputs"]["mask0"], rec["inputs"]["mask1"]);
     let _ = std::fs::remove_dir_all(d);
-}
-
-/// Copies a folder tree (files and subfolders).
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).unwrap();
-        }
-    }
 }

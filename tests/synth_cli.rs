@@ -1,33 +1,12 @@
 //! `mifo synth` end to end through the engine and the store: from a stored learning run, on a
 //! plain model, and the one-line refusals.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod cli_support;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
-}
+use std::path::PathBuf;
+use std::process::Output;
 
-fn mifo(store: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mifo"))
-        .current_dir(root())
-        .env("MIFO_ENGINE_IDLE", "3")
-        .env_remove("MIFO_MODEL")
-        .arg("--store")
-        .arg(store)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn json(out: &Output) -> serde_json::Value {
-    assert!(
-        out.status.success(),
-        "failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
+use cli_support::{copy_dir, json, mifo, root};
 
 fn err_line(out: &Output) -> String {
     assert!(
@@ -46,19 +25,6 @@ const BOXES: [&str; 4] = [
     "--box",
     "<v1>=0.5,0.5,1.0,1.0",
 ];
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
 
 #[test]
 fn synthesis_from_a_stored_learning_run() {

@@ -82,6 +82,24 @@ pub enum SynthBase {
     Paper,
 }
 
+impl SynthBase {
+    /// The synthesis configuration the bench rows start from.
+    fn config(self) -> crate::synth::SynthConfig {
+        match self {
+            SynthBase::World => world::synth_config(),
+            SynthBase::Paper => crate::synth::SynthConfig::default(),
+        }
+    }
+
+    /// `world` / `paper`, as on the command line.
+    fn name(self) -> &'static str {
+        match self {
+            SynthBase::World => "world",
+            SynthBase::Paper => "paper",
+        }
+    }
+}
+
 /// Arguments of `mifo world score`.
 #[derive(Args, Debug)]
 pub struct ScoreArgs {
@@ -385,11 +403,7 @@ fn bench(args: BenchArgs, store: &Path) -> anyhow::Result<()> {
     if args.scenes == 0 || args.seeds == 0 {
         bail!("--scenes and --seeds must be at least 1");
     }
-    let base = match args.synthesis {
-        SynthBase::World => world::synth_config(),
-        SynthBase::Paper => crate::synth::SynthConfig::default(),
-    };
-    let all_rows = rows(&base);
+    let all_rows = rows(&args.synthesis.config());
     let chosen: Vec<_> = if args.rows.is_empty() {
         all_rows.clone()
     } else {
@@ -529,10 +543,7 @@ fn bench(args: BenchArgs, store: &Path) -> anyhow::Result<()> {
                 "seeds": args.seeds,
                 "model": model,
                 "tag": args.tag,
-                "synthesis": match args.synthesis {
-                    SynthBase::World => "world",
-                    SynthBase::Paper => "paper",
-                },
+                "synthesis": args.synthesis.name(),
                 "rows": rows,
             }))?
         );

@@ -36,8 +36,9 @@ pub const SCENE_FILE: &str = crate::learn::inputs::SCENE_DESCRIPTION_FILE;
 pub const SCENE_FILE_VERSION: u32 = 1;
 
 /// The `paper` synthesis preset mapped to the world model (`fixtures/world-sd`: 64 px images,
-/// 8×8 latents), as `mifo demo` and `mifo world bench` use it; [`WORLD_SYNTH_SETS`] are the
-/// same changes as `--set` arguments.
+/// 8×8 latents), as `mifo demo` and `mifo world bench` use it (the same as `mifo synth --set
+/// 'synth.loss_layers=["up_blocks.1","up_blocks.2"]' --set 'synth.cluster_layers=["up_blocks.2"]'
+/// --set synth.step_size_start=2 --set synth.step_size_end=0.5`).
 ///
 /// * Layers. On SD (64×64 latents) the box loss and the leak read the mid block (8²) and the
 ///   first decoder level (16²), and mask refinement clusters the 16² maps. The world model's
@@ -46,9 +47,9 @@ pub const SCENE_FILE_VERSION: u32 = 1;
 ///   decoder levels and refinement clusters the 8² maps (the finest, as 16² is on SD's 64²).
 /// * Step size. β of the latent optimisation goes 2 → 0.5 instead of 8 → 2: the gradient on an
 ///   8×8 latent is far larger per element than on 64×64, and with the paper's β one sample in
-///   four came out as noise on the demo scene (seed 1, which is not a bench scene) while 2 →
-///   0.5 spoiled none and kept both instances in the most samples of a grid over β (1 → 0.25,
-///   2 → 0.5, 2 → 2, 4 → 1, 8 → 2).
+///   four came out as noise on the demo scene (seed 1, which is not a bench scene), while with
+///   2 → 0.5 (and 2 → 2) both instances kept their colour and shape in 4 of 4 samples — the best
+///   of a grid over β (1 → 0.25, 2 → 0.5, 2 → 2, 4 → 1, 8 → 2).
 pub fn synth_config() -> SynthConfig {
     SynthConfig {
         loss_layers: vec!["up_blocks.1".into(), "up_blocks.2".into()],
@@ -58,14 +59,6 @@ pub fn synth_config() -> SynthConfig {
         ..SynthConfig::default()
     }
 }
-
-/// [`synth_config`]'s changes to the `paper` preset, as `mifo synth --set` arguments.
-pub const WORLD_SYNTH_SETS: [&str; 4] = [
-    r#"synth.loss_layers=["up_blocks.1","up_blocks.2"]"#,
-    r#"synth.cluster_layers=["up_blocks.2"]"#,
-    "synth.step_size_start=2",
-    "synth.step_size_end=0.5",
-];
 
 /// `scene.json`: what a world scene holds, object `i` being mask `i` and token `<vi>`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

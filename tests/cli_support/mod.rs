@@ -65,3 +65,17 @@ pub fn err_line(out: &Output) -> String {
     assert!(!err.contains("panicked"), "{err}");
     err.trim().lines().next().unwrap_or("").to_string()
 }
+
+/// Copies a folder tree (files and subfolders), e.g. a fixture model to break or edit.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
