@@ -215,13 +215,32 @@ fn set_overrides() {
     );
     let e = set(&["synth.steps=many"]).unwrap_err().to_string();
     assert!(e.contains("expected an integer"), "{e}");
-    // Presets differ only in the α schedule.
+    // Presets differ only in the α schedule and the loss form.
     let official = SynthConfig::preset("official").unwrap();
     let mut keys = mifo::config::changed_keys(&base, &official);
     keys.sort();
     assert_eq!(
         keys,
-        vec!["alpha_final", "alpha_max", "alpha_min", "alpha_step_base"]
+        vec![
+            "alpha_final",
+            "alpha_max",
+            "alpha_min",
+            "alpha_step_base",
+            "loss_form"
+        ]
+    );
+    assert_eq!(
+        (base.loss_form.as_str(), official.loss_form.as_str()),
+        ("paper", "official")
+    );
+    let e = set(&["synth.loss_form=squared"])
+        .unwrap()
+        .check()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("synth.loss_form") && e.contains("official or paper"),
+        "{e}"
     );
     assert_eq!(SynthConfig::preset("paper").unwrap(), base);
     // JSON round trip; keys missing from an older record take their defaults.
@@ -236,6 +255,8 @@ fn set_overrides() {
         SynthConfig {
             steps: 7,
             box_control: false,
+            // Records from before the key ran the released code's form.
+            loss_form: "official".into(),
             ..SynthConfig::default()
         }
     );

@@ -49,11 +49,16 @@ pub struct BenchArgs {
     /// Samples (seeds) per synthesis run.
     #[arg(long, default_value_t = 4)]
     pub seeds: usize,
-    /// Rows to run, comma-separated (default: all): mifo, reward-only, box-control-off,
-    /// sa-control-off, ca-control-off, out-of-box-off, alpha-decay-off, latent-opt-off,
-    /// refine-off.
+    /// Rows to run, comma-separated (default: all): mifo, reward-only, bounded-attention,
+    /// plain, box-control-off, sa-control-off, ca-control-off, out-of-box-off,
+    /// alpha-decay-off, latent-opt-off, refine-off.
     #[arg(long, value_delimiter = ',')]
     pub rows: Vec<String>,
+    /// Synthesis methods to compare, comma-separated: mifo, bounded-attention, plain (each
+    /// draws MIFO's learned tokens; `synth.method`). Adds their rows to --rows; alone, runs
+    /// just those rows.
+    #[arg(long, value_delimiter = ',')]
+    pub methods: Vec<String>,
     /// The model folder [env: MIFO_MODEL; default: the bundled fixtures/world-sd].
     #[arg(long)]
     pub model: Option<PathBuf>,
@@ -68,6 +73,12 @@ pub struct BenchArgs {
     /// 0.5) or `paper` (the preset as it is on SD). Give each its own --tag.
     #[arg(long, value_enum, default_value_t = SynthBase::World)]
     pub synthesis: SynthBase,
+    /// Override one key of every row (repeatable): `synth.KEY=VALUE` changes the synthesis
+    /// base before each row's own change, `learn.KEY=VALUE` both learning variants (a
+    /// `learn.penalty_steps` given here also reaches reward-only). Give each variant its own
+    /// --tag.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
     /// Print one JSON document instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -398,16 +409,44 @@ fn tag_run(client: &mut Client, id: &str, tag: &str) -> anyhow::Result<()> {
 fn bench(args: BenchArgs, store: &Path) -> anyhow::Result<()> {
     use crate::jobs::learn::LearnJob;
     use crate::jobs::synth::SynthJob;
-    use crate::world::bench::{learn_variants, rows, scene, Layout, LAYOUTS, TARGETS};
+    use crate::world::bench::{learn_variants, rows, scene, Layout, LAYOUTS, METHOD_ROWS, TARGETS};
 
     if args.scenes == 0 || args.seeds == 0 {
         bail!("--scenes and --seeds must be at least 1");
     }
-    let all_rows = rows(&args.synthesis.config());
-    let chosen: Vec<_> = if args.rows.is_empty() {
+    let overrides = args
+        .sets
+        .iter()
+        .map(|s| crate::config::parse_override(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    crate::config::check_sections(&overrides, &["learn", "synth"])?;
+    let base = crate::config::apply_overrides(&args.synthesis.config(), "synth", &overrides)?;
+    base.check()?;
+    for variant in learn_variants() {
+        crate::config::apply_overrides(&variant.config, "learn", &overrides)?.validate()?;
+    }
+    let all_rows = rows(&base);
+    if let Some(m) = args
+        .methods
+        .iter()
+        .find(|m| !METHOD_ROWS.contains(&m.as_str()))
+    {
+        bail!(
+            "--methods: unknown synthesis method `{m}` (one of {})",
+            METHOD_ROWS.join(", ")
+        );
+    }
+    let mut wanted: Vec<String> = args.rows.clone();
+    wanted.extend(
+        args.methods
+            .iter()
+            .filter(|m| !args.rows.contains(m))
+            .cloned(),
+    );
+    let chosen: Vec<_> = if wanted.is_empty() {
         all_rows.clone()
     } else {
-        args.rows
+        wanted
             .iter()
             .map(|name| {
                 all_rows
@@ -456,12 +495,14 @@ fn bench(args: BenchArgs, store: &Path) -> anyhow::Result<()> {
                 spec.seed,
                 file.caption
             );
+            let config = crate::config::apply_overrides(&variant.config, "learn", &overrides)?;
+            config.validate()?;
             let job = LearnJob {
                 model: model.clone(),
                 files: crate::learn::scene_files(&dir)?,
                 scene_dir: Some(dir.clone()),
                 preset: "paper".into(),
-                config: variant.config.clone(),
+                config,
                 seed: spec.seed,
                 device: args.device.clone(),
                 dtype: "f32".into(),
@@ -544,6 +585,7 @@ fn bench(args: BenchArgs, store: &Path) -> anyhow::Result<()> {
                 "model": model,
                 "tag": args.tag,
                 "synthesis": args.synthesis.name(),
+                "sets": args.sets,
                 "rows": rows,
             }))?
         );
@@ -561,6 +603,9 @@ fn bench(args: BenchArgs, store: &Path) -> anyhow::Result<()> {
         model.display(),
         started.elapsed().as_secs_f64()
     );
+    if !args.sets.is_empty() {
+        println!("with --set {}", args.sets.join(" --set "));
+    }
     print!("{}", render_tag_table(&table));
     println!("{TARGETS}");
     Ok(())

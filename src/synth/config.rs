@@ -30,6 +30,9 @@ pub struct SynthConfig {
     /// DDIM eta; only 0 (deterministic DDIM) is supported.
     pub eta: f64,
 
+    /// The synthesis method (`mifo`, `bounded-attention` or `plain`, see [`SynthMethod`]).
+    /// Records stored before the key existed ran `mifo`.
+    pub method: String,
     /// Master switch: `false` is plain Stable Diffusion (no attention masks, no latent
     /// optimisation, no refinement; the attention is at most observed for the metrics).
     pub box_control: bool,
@@ -46,6 +49,10 @@ pub struct SynthConfig {
     /// Replace the boxes by self-attention cluster masks from step `guided_steps` on.
     pub refine: bool,
 
+    /// The box loss's form (`official` or `paper`, see [`LossForm`]). Records stored before
+    /// the key existed ran the `official` form and read it back.
+    #[serde(default = "default_loss_form")]
+    pub loss_form: String,
     /// Most gradient iterations per guided step (5).
     pub gd_iters: usize,
     /// Stop the iterations of a step once loss/(batch·subjects) of the previous iteration is
@@ -117,6 +124,7 @@ impl Default for SynthConfig {
             guidance_scale: 7.5,
             steps_offset: 0,
             eta: 0.0,
+            method: "mifo".into(),
             box_control: true,
             sa_control: true,
             ca_control: true,
@@ -124,6 +132,7 @@ impl Default for SynthConfig {
             alpha_decay: true,
             latent_opt: true,
             refine: true,
+            loss_form: "paper".into(),
             gd_iters: 5,
             loss_threshold: 0.2,
             step_size_start: 8.0,
@@ -156,8 +165,9 @@ impl Default for SynthConfig {
 pub const PRESETS: &[&str] = &["paper", "official"];
 
 impl SynthConfig {
-    /// A named preset: `paper` (the default: α 0.5 / 0.2 / 0.1, u = step + 1) or `official`
-    /// (the released code's α 0.4 / 0.1 / 0.01 indexed by the step, u = step).
+    /// A named preset: `paper` (the default: α 0.5 / 0.2 / 0.1, u = step + 1, the paper's loss
+    /// form) or `official` (the released code's α 0.4 / 0.1 / 0.01 indexed by the step, u = step,
+    /// and its loss form).
     pub fn preset(name: &str) -> Result<Self> {
         match name {
             "paper" => Ok(Self::default()),
@@ -166,6 +176,7 @@ impl SynthConfig {
                 alpha_min: 0.1,
                 alpha_final: 0.01,
                 alpha_step_base: 0,
+                loss_form: "official".into(),
                 ..Self::default()
             }),
             other => Err(Error::Input(format!(
@@ -173,6 +184,34 @@ impl SynthConfig {
                 PRESETS.join(" or ")
             ))),
         }
+    }
+
+    /// `method` as a [`SynthMethod`] (`mifo` for a value [`Self::check`] would refuse).
+    pub fn synth_method(&self) -> SynthMethod {
+        SynthMethod::parse(&self.method).unwrap_or(SynthMethod::Mifo)
+    }
+
+    /// The configuration the sampler runs: the keys as given for `mifo`; for
+    /// `bounded-attention` no out-of-box penalty (α = 0; the hook also uses its loss ratio);
+    /// for `plain` no box control and no attention metrics, so the UNet runs without a hook.
+    pub fn effective(&self) -> SynthConfig {
+        match self.synth_method() {
+            SynthMethod::Mifo => self.clone(),
+            SynthMethod::BoundedAttention => SynthConfig {
+                out_of_box: false,
+                ..self.clone()
+            },
+            SynthMethod::Plain => SynthConfig {
+                box_control: false,
+                attn_metrics: false,
+                ..self.clone()
+            },
+        }
+    }
+
+    /// `loss_form` as a [`LossForm`] (`paper` for a value [`Self::check`] would refuse).
+    pub fn form(&self) -> LossForm {
+        LossForm::parse(&self.loss_form).unwrap_or(LossForm::Paper)
     }
 
     /// Checks values that serde cannot (ranges, supported features).
@@ -186,6 +225,12 @@ impl SynthConfig {
         }
         if !self.guidance_scale.is_finite() {
             return bad("guidance_scale", "must be a finite number");
+        }
+        if SynthMethod::parse(&self.method).is_none() {
+            return bad("method", "expected mifo, bounded-attention or plain");
+        }
+        if LossForm::parse(&self.loss_form).is_none() {
+            return bad("loss_form", "expected official or paper");
         }
         if self.refine_every == 0 {
             return bad("refine_every", "must be at least 1");
@@ -261,6 +306,60 @@ impl SynthConfig {
         let n = self.guided_steps.max(1) as f64;
         self.step_size_start + (self.step_size_end - self.step_size_start) / n * step as f64
     }
+}
+
+/// The form of the latent optimisation's box loss (`synth.loss_form`;
+/// `docs/mifo-impl-notes.md` §4.4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LossForm {
+    /// The released code: FG and BG are sums of head-summed probabilities, BG over the pixels
+    /// in no box, and z moves along −∇ of the summed terms (λ_CA·Σ_i CA_i + λ_SA·Σ_i SA_i).
+    Official,
+    /// The paper's equations: FG and BG are squared L2 norms of the head-mean maps (Eqs. 6–7),
+    /// BG over the complement (1 − M_i) of the subject's own box, and z moves along −∇ Σ_i L_i²
+    /// (Eq. 15) with L_i = λ_CA·CA_i + λ_SA·SA_i.
+    Paper,
+}
+
+impl LossForm {
+    /// `official` or `paper`; anything else is `None`.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "official" => Some(Self::Official),
+            "paper" => Some(Self::Paper),
+            _ => None,
+        }
+    }
+}
+
+/// The synthesis method (`synth.method`; `docs/mifo-impl-notes.md` §4.4a).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SynthMethod {
+    /// MIFO's precise synthesis: box control with the reward and out-of-box penalty.
+    Mifo,
+    /// Bounded Attention (Dahary et al. 2024, `omer11a/bounded-attention`): the same masks,
+    /// latent optimisation and refinement, with its loss (1 − FG/(FG + S·BG))² per subject
+    /// (S = number of boxes; FG, BG as in the released MIFO code) and no out-of-box penalty.
+    BoundedAttention,
+    /// Stable Diffusion with the prompt alone: no masks, no optimisation, no hook.
+    Plain,
+}
+
+impl SynthMethod {
+    /// `mifo`, `bounded-attention` or `plain`; anything else is `None`.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "mifo" => Some(Self::Mifo),
+            "bounded-attention" => Some(Self::BoundedAttention),
+            "plain" => Some(Self::Plain),
+            _ => None,
+        }
+    }
+}
+
+/// `official`: the form of runs stored before `synth.loss_form` existed.
+fn default_loss_form() -> String {
+    "official".into()
 }
 
 #[cfg(test)]

@@ -39,6 +39,10 @@
 //! background pixels (pixels in no box). SA: FG = Σ_heads Σ_{q∈box_s} Σ_{k∈box_s} A, BG = the same
 //! over background queries. FG and BG are averaged over the layers of each kind, and
 //! term = (1 − FG/(FG + BG))² + α·log(1 + BG); L = λ_CA·Σ_s term_CA + λ_SA·Σ_s term_SA.
+//! That is the released code's form (`synth.loss_form = official`). The paper's form
+//! (`paper`, Eqs. 6–7 and 15) takes squared L2 norms of the head-mean map instead of sums,
+//! BG over every pixel outside the subject's own box (1 − M_s, other boxes included), and
+//! L = Σ_s (λ_CA·term_CA,s + λ_SA·term_SA,s)².
 //!
 //! # Leak
 //! `leak/<subject>` at a step: for each cross-attention layer of `loss_layers` in the normal
@@ -59,7 +63,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 
 use super::boxes::{box_mask, resize_mask, BoxSpec};
-use super::config::SynthConfig;
+use super::config::{LossForm, SynthConfig, SynthMethod};
 use crate::error::{Error, Result};
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::{AttentionHook, AttnCall, AttnKind};
@@ -600,15 +604,34 @@ impl<'a> ControlHook<'a> {
         Ok((rows, keys))
     }
 
-    /// FG [S] and BG [S] of one layer (on the autograd graph), from probs [1, heads, n, k].
+    /// FG [S] and BG [S] of one layer (on the autograd graph), from probs [1, heads, n, k], in
+    /// the config's [`LossForm`]: `official` sums head-summed probabilities, BG over the pixels in
+    /// no box; `paper` sums squares of the head-mean map, BG over every pixel outside the
+    /// subject's own box.
     fn loss_values(&self, call: &AttnCall, probs: &Tensor) -> Result<(Tensor, Tensor)> {
         let s = self.subjects();
-        let a = probs.sum(1)?.squeeze(0)?; // [n, k], summed over heads
-        let (rows, keys) = self.loss_selectors(call, a.dtype())?;
-        let per_row = rows.matmul(&a)?; // [S+1, k]
-        let fg = (per_row.narrow(0, 0, s)? * &keys)?.sum(1)?;
-        let bg_row = per_row.narrow(0, s, 1)?.broadcast_as(keys.shape())?;
-        let bg = (bg_row * &keys)?.sum(1)?;
+        let (rows, keys) = self.loss_selectors(call, probs.dtype())?;
+        let form = match self.config.synth_method() {
+            SynthMethod::BoundedAttention => LossForm::Official,
+            _ => self.config.form(),
+        };
+        let (fg, bg) = match form {
+            LossForm::Official => {
+                let a = probs.sum(1)?.squeeze(0)?; // [n, k], summed over heads
+                let per_row = rows.matmul(&a)?; // [S+1, k]
+                let fg = (per_row.narrow(0, 0, s)? * &keys)?.sum(1)?;
+                let bg_row = per_row.narrow(0, s, 1)?.broadcast_as(keys.shape())?;
+                (fg, (bg_row * &keys)?.sum(1)?)
+            }
+            LossForm::Paper => {
+                let a2 = probs.mean(1)?.squeeze(0)?.sqr()?; // [n, k], head-mean, squared
+                let inside = rows.narrow(0, 0, s)?.matmul(&a2)?; // [S, k]
+                let all = a2.sum_keepdim(0)?.broadcast_as(inside.shape())?; // [S, k]
+                let fg = (&inside * &keys)?.sum(1)?;
+                let bg = ((all - inside)? * &keys)?.sum(1)?;
+                (fg, bg)
+            }
+        };
         let dt = loss_dtype(probs.dtype());
         Ok((fg.to_dtype(dt)?, bg.to_dtype(dt)?))
     }
@@ -619,8 +642,13 @@ impl<'a> ControlHook<'a> {
     }
 
     /// The latent-optimisation loss of the current guidance pass with penalty weight `alpha`
-    /// (a scalar tensor on the graph; f32, or f64 for f64 models).
+    /// (a scalar tensor on the graph; f32, or f64 for f64 models): with L_i = λ_CA·CA_i +
+    /// λ_SA·SA_i per subject, Σ_i L_i in the `official` form and Σ_i L_i² (Eq. 15) in `paper`.
     pub fn loss(&self, alpha: f64) -> Result<Tensor> {
+        // Per subject [S]: (1 − FG/(FG + w·BG))² + α·log(1 + BG), FG and BG averaged over
+        // layers; w = 1, or the number of boxes S for Bounded Attention (which has no penalty).
+        let bounded = self.config.synth_method() == SynthMethod::BoundedAttention;
+        let bg_weight = if bounded { self.subjects() as f64 } else { 1.0 };
         let term = |terms: &[(Tensor, Tensor)]| -> Result<Option<Tensor>> {
             if terms.is_empty() {
                 return Ok(None);
@@ -629,10 +657,13 @@ impl<'a> ControlHook<'a> {
                 .mean(0)?;
             let bg = Tensor::stack(&terms.iter().map(|t| t.1.clone()).collect::<Vec<_>>(), 0)?
                 .mean(0)?;
-            let ratio = (&fg / ((&fg + &bg)? + 1e-12)?)?;
+            let ratio = (&fg / ((&fg + (&bg * bg_weight)?)? + 1e-12)?)?;
             let reward = ratio.affine(-1.0, 1.0)?.sqr()?;
+            if bounded {
+                return Ok(Some(reward));
+            }
             let penalty = (bg + 1.0)?.log()?;
-            Ok(Some((reward + (penalty * alpha)?)?.sum_all()?))
+            Ok(Some((reward + (penalty * alpha)?)?))
         };
         let dt = self
             .ca_terms
@@ -640,14 +671,18 @@ impl<'a> ControlHook<'a> {
             .chain(&self.sa_terms)
             .next()
             .map_or(DType::F32, |t| t.0.dtype());
-        let mut total = Tensor::zeros((), dt, &self.device)?;
+        let mut per_subject = Tensor::zeros(self.subjects(), dt, &self.device)?;
         if let Some(ca) = term(&self.ca_terms)? {
-            total = (total + (ca * self.config.lambda_ca)?)?;
+            per_subject = (per_subject + (ca * self.config.lambda_ca)?)?;
         }
         if let Some(sa) = term(&self.sa_terms)? {
-            total = (total + (sa * self.config.lambda_sa)?)?;
+            per_subject = (per_subject + (sa * self.config.lambda_sa)?)?;
         }
-        Ok(total)
+        Ok(match self.config.form() {
+            _ if bounded => per_subject.sum_all()?,
+            LossForm::Official => per_subject.sum_all()?,
+            LossForm::Paper => per_subject.sqr()?.sum_all()?,
+        })
     }
 
     fn record_normal(&mut self, call: &AttnCall, probs: &Tensor) -> Result<()> {
@@ -935,19 +970,9 @@ mod tests {
     /// and BG summed over heads, the subject's box (or the background) rows and its key columns.
     #[test]
     fn box_loss_matches_a_hand_computation() {
-        let (plan, boxes) = two_cell_plan();
-        let config = SynthConfig::default();
-        let mut hook = ControlHook::new(&config, &plan, &boxes, &Device::Cpu, DType::F32);
-        hook.begin(Pass::Guidance);
         let (ca, sa) = (map(1), map(4));
-        let ca_path = "mid_block.attentions.0.transformer_blocks.0.attn2";
-        let sa_path = "mid_block.attentions.0.transformer_blocks.0.attn1";
-        hook.probs(&call(AttnKind::CrossAttn, ca_path, 1), &tensor(&ca, 0))
-            .unwrap();
-        hook.probs(&call(AttnKind::SelfAttn, sa_path, 1), &tensor(&sa, 0))
-            .unwrap();
         let alpha = 0.3;
-        let got = hook.loss(alpha).unwrap().to_scalar::<f32>().unwrap() as f64;
+        let got = loss_of("official", &ca, &sa, alpha);
 
         // Cells: 0 top-left (<v0>'s box), 1 top-right (<v1>'s), 2 and 3 background.
         let a = |m: &[[[f64; 4]; 4]], p: usize, k: usize| m[0][p][k] + m[1][p][k];
@@ -962,6 +987,96 @@ mod tests {
             a(&ca, 2, 2) + a(&ca, 2, 3) + a(&ca, 3, 2) + a(&ca, 3, 3),
         );
         // Self-attention keys: the subject's own box cell.
+        let sa_v0 = term(a(&sa, 0, 0), a(&sa, 2, 0) + a(&sa, 3, 0));
+        let sa_v1 = term(a(&sa, 1, 1), a(&sa, 2, 1) + a(&sa, 3, 1));
+        let want = 1.5 * (ca_v0 + ca_v1) + 0.5 * (sa_v0 + sa_v1);
+        assert!(
+            (got - want).abs() < 1e-5 * want,
+            "loss {got}, by hand {want}"
+        );
+    }
+
+    /// The box loss of one cross- and one self-attention layer in `form` on the given maps.
+    fn loss_of(form: &str, ca: &[[[f64; 4]; 4]], sa: &[[[f64; 4]; 4]], alpha: f64) -> f64 {
+        let (plan, boxes) = two_cell_plan();
+        let config = SynthConfig {
+            loss_form: form.into(),
+            ..SynthConfig::default()
+        };
+        let mut hook = ControlHook::new(&config, &plan, &boxes, &Device::Cpu, DType::F32);
+        hook.begin(Pass::Guidance);
+        let ca_path = "mid_block.attentions.0.transformer_blocks.0.attn2";
+        let sa_path = "mid_block.attentions.0.transformer_blocks.0.attn1";
+        hook.probs(&call(AttnKind::CrossAttn, ca_path, 1), &tensor(ca, 0))
+            .unwrap();
+        hook.probs(&call(AttnKind::SelfAttn, sa_path, 1), &tensor(sa, 0))
+            .unwrap();
+        hook.loss(alpha).unwrap().to_scalar::<f32>().unwrap() as f64
+    }
+
+    /// The paper's form (Eqs. 6–7, 15) by hand: FG and BG are sums of squares of the head-mean
+    /// map, BG over every cell outside the subject's own box (the other subject's cell
+    /// included), and the loss is Σ_s (1.5·CA_s + 0.5·SA_s)².
+    #[test]
+    fn paper_box_loss_matches_a_hand_computation() {
+        let (ca, sa) = (map(1), map(4));
+        let alpha = 0.3;
+        let got = loss_of("paper", &ca, &sa, alpha);
+        let a2 =
+            |m: &[[[f64; 4]; 4]], p: usize, k: usize| ((m[0][p][k] + m[1][p][k]) / 2.0).powi(2);
+        let term = |fg: f64, bg: f64| (1.0 - fg / (fg + bg)).powi(2) + alpha * (1.0 + bg).ln();
+        // Cells: 0 <v0>'s box, 1 <v1>'s box, 2 and 3 background; CA keys: token and EOS (3).
+        let out = |m: &[[[f64; 4]; 4]], own: usize, keys: &[usize]| -> f64 {
+            (0..4)
+                .filter(|&p| p != own)
+                .map(|p| keys.iter().map(|&k| a2(m, p, k)).sum::<f64>())
+                .sum()
+        };
+        let ca_v0 = term(a2(&ca, 0, 1) + a2(&ca, 0, 3), out(&ca, 0, &[1, 3]));
+        let ca_v1 = term(a2(&ca, 1, 2) + a2(&ca, 1, 3), out(&ca, 1, &[2, 3]));
+        let sa_v0 = term(a2(&sa, 0, 0), out(&sa, 0, &[0]));
+        let sa_v1 = term(a2(&sa, 1, 1), out(&sa, 1, &[1]));
+        let want = (1.5 * ca_v0 + 0.5 * sa_v0).powi(2) + (1.5 * ca_v1 + 0.5 * sa_v1).powi(2);
+        assert!(
+            (got - want).abs() < 1e-5 * want,
+            "loss {got}, by hand {want}"
+        );
+        // The two forms differ on these maps (the test above pins the official one).
+        assert!((loss_of("official", &ca, &sa, alpha) - got).abs() > 1e-3);
+    }
+
+    /// Bounded Attention's loss by hand: the released code's sums, the ratio FG/(FG + S·BG)
+    /// with S = 2 boxes, no out-of-box penalty (whatever α is given), summed over subjects.
+    #[test]
+    fn bounded_attention_loss_matches_a_hand_computation() {
+        let (ca, sa) = (map(1), map(4));
+        let mut config = SynthConfig {
+            method: "bounded-attention".into(),
+            ..SynthConfig::default()
+        };
+        // The sampler runs the effective config; the loss must not depend on α either way.
+        config = config.effective();
+        assert!(!config.out_of_box);
+        let (plan, boxes) = two_cell_plan();
+        let mut hook = ControlHook::new(&config, &plan, &boxes, &Device::Cpu, DType::F32);
+        hook.begin(Pass::Guidance);
+        let ca_path = "mid_block.attentions.0.transformer_blocks.0.attn2";
+        let sa_path = "mid_block.attentions.0.transformer_blocks.0.attn1";
+        hook.probs(&call(AttnKind::CrossAttn, ca_path, 1), &tensor(&ca, 0))
+            .unwrap();
+        hook.probs(&call(AttnKind::SelfAttn, sa_path, 1), &tensor(&sa, 0))
+            .unwrap();
+        let got = hook.loss(0.3).unwrap().to_scalar::<f32>().unwrap() as f64;
+        let a = |m: &[[[f64; 4]; 4]], p: usize, k: usize| m[0][p][k] + m[1][p][k];
+        let term = |fg: f64, bg: f64| (1.0 - fg / (fg + 2.0 * bg)).powi(2);
+        let ca_v0 = term(
+            a(&ca, 0, 1) + a(&ca, 0, 3),
+            a(&ca, 2, 1) + a(&ca, 2, 3) + a(&ca, 3, 1) + a(&ca, 3, 3),
+        );
+        let ca_v1 = term(
+            a(&ca, 1, 2) + a(&ca, 1, 3),
+            a(&ca, 2, 2) + a(&ca, 2, 3) + a(&ca, 3, 2) + a(&ca, 3, 3),
+        );
         let sa_v0 = term(a(&sa, 0, 0), a(&sa, 2, 0) + a(&sa, 3, 0));
         let sa_v1 = term(a(&sa, 1, 1), a(&sa, 2, 1) + a(&sa, 3, 1));
         let want = 1.5 * (ca_v0 + ca_v1) + 0.5 * (sa_v0 + sa_v1);

@@ -49,7 +49,7 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 
 pub use boxes::{parse_box, BoxSpec};
-pub use config::SynthConfig;
+pub use config::{LossForm, SynthConfig, SynthMethod};
 pub use control::{TokenPlan, STOP_WORDS};
 
 use crate::error::{Error, Result};
@@ -65,6 +65,7 @@ use control::{layer_mean, path_matches, plan_tokens, ControlHook, Pass, Regions}
 pub const OVERLAP_WARN_FRACTION: f64 = 0.5;
 
 /// Everything one synthesis run needs.
+#[derive(Clone)]
 pub struct SynthRequest<'a> {
     /// The model; its tokenizer already knows the placeholders of the learned run.
     pub sd: &'a StableDiffusion,
@@ -169,6 +170,16 @@ struct Prepared {
     warnings: Vec<String>,
 }
 
+impl SynthRequest<'_> {
+    /// The request with the configuration the sampler runs ([`SynthConfig::effective`]).
+    fn effective(&self) -> Self {
+        Self {
+            config: self.config.effective(),
+            ..self.clone()
+        }
+    }
+}
+
 fn prepare(req: &SynthRequest) -> Result<Prepared> {
     let cfg = &req.config;
     cfg.check()?;
@@ -202,10 +213,12 @@ fn prepare(req: &SynthRequest) -> Result<Prepared> {
     check_layers("cluster_layers", &cfg.cluster_layers, &blocks)?;
     let mut warnings = boxes::overlap_warnings(&req.boxes, OVERLAP_WARN_FRACTION);
     if !cfg.box_control && !req.boxes.is_empty() {
-        warnings.push(
+        warnings.push(if cfg.synth_method() == SynthMethod::Plain {
+            "synth.method=plain: the boxes are only drawn as overlays".into()
+        } else {
             "synth.box_control=false: the boxes are only used for the leak metric and the overlays"
-                .into(),
-        );
+                .into()
+        });
     }
     Ok(Prepared { plan, warnings })
 }
@@ -217,7 +230,7 @@ fn prepare(req: &SynthRequest) -> Result<Prepared> {
 /// overlapping by more than half of the smaller one). A placeholder in the prompt that no box
 /// names is fine: it is just not box-controlled.
 pub fn validate(req: &SynthRequest) -> Result<Vec<String>> {
-    Ok(prepare(req)?.warnings)
+    Ok(prepare(&req.effective())?.warnings)
 }
 
 /// The seeded initial latent [1, C, h, w] (host RNG, standard normal).
@@ -340,6 +353,7 @@ fn optimise_latent(
 /// Runs the synthesis (see the module docs for the step order, metrics and artifacts).
 pub fn run(req: &SynthRequest, sink: &mut dyn RunSink) -> Result<SynthReport> {
     let started = Instant::now();
+    let req = &req.effective();
     let Prepared { plan, warnings } = prepare(req)?;
     for w in &warnings {
         sink.log(&format!("warning: {w}"))?;

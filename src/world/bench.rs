@@ -10,7 +10,9 @@
 //!   stood) and `moved` (both in new places side by side), boxes the size of each instance's own
 //!   box — each one run of `--seeds` samples, for every row: `mifo` (the `paper` preset mapped
 //!   to the world model, [`super::synth_config`]), `reward-only` (the same synthesis of the
-//!   reward-only tokens), and one row per synthesis ablation switch turned off.
+//!   reward-only tokens), one row per other synthesis method on MIFO's tokens
+//!   (`bounded-attention`, `plain`: `synth.method`), and one row per synthesis ablation switch
+//!   turned off.
 
 use serde::Serialize;
 
@@ -76,6 +78,9 @@ pub struct Row {
     pub config: SynthConfig,
 }
 
+/// Names of the rows that are synthesis methods (`mifo world bench --methods`).
+pub const METHOD_ROWS: &[&str] = &["mifo", "bounded-attention", "plain"];
+
 /// Every row, MIFO first, each starting from `base` (the world mapping of the paper preset,
 /// [`super::synth_config`], unless the bench is asked for the unmapped preset).
 pub fn rows(base: &SynthConfig) -> Vec<Row> {
@@ -103,6 +108,10 @@ pub fn rows(base: &SynthConfig) -> Vec<Row> {
             change: "learn.penalty_steps=0",
             config: paper.clone(),
         },
+        off("bounded-attention", "synth.method=bounded-attention", |c| {
+            c.method = "bounded-attention".into()
+        }),
+        off("plain", "synth.method=plain", |c| c.method = "plain".into()),
         off("box-control-off", "synth.box_control=false", |c| {
             c.box_control = false
         }),

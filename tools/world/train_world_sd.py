@@ -26,6 +26,19 @@ its colour word's and its shape word's attention mass that falls on the object's
 (`labels.u8`, area-averaged to the layer's size) is pushed up: L_loc = mean(1 - share), added
 with weight `--loc-weight`. Empty captions (the CFG dropout) have no such term.
 
+Box-mask grounding (`--box-mask-p`, stage 3): MIFO's synthesis steers a layout by masking
+attention inside boxes (box control: a subject's words visible only inside its box, stop words
+hidden, EOS hidden from the background, and self-attention kept within each box and the
+background). A big Stable Diffusion follows such masks because content enters the image
+through the words' cross-attention; the tiny model, even localised, forms objects from the
+prompt's pooled content (EOS and padding) and the early noise, wherever they happen to grow
+(measured: with two boxes on plain words, the unbiased attention of the boxed words ended
+~100 % outside the boxes, and the objects with it). With probability `--box-mask-p` a training
+sample is denoised under exactly those masks, built from its objects' bounding boxes (each side
+pushed out by 0-2 px at random, rounded to each layer's grid as mifo rounds boxes), so the model
+learns what a large one knows: content goes where its words are allowed. The other samples
+train as before (localisation term included), so plain prompts keep their quality.
+
 The result is saved with StableDiffusionPipeline.save_pretrained (DDIM scheduler as SD 2.1
 ships it, the SD 2.1 CLIP tokenizer files of fixtures/tiny-sd21/tokenizer), f32 safetensors.
 Requires torch, diffusers and transformers (CPU is enough; see fixtures/world-sd/README.md for
@@ -113,13 +126,127 @@ class CaptureCrossAttention:
         return out / attn.rescale_output_factor
 
 
-def capture_cross_attention(unet, store):
-    from diffusers.models.attention_processor import AttnProcessor2_0
+class MaskedSelfAttention:
+    """attn1 processor: diffusers' AttnProcessor arithmetic with an additive mask per batch
+    item, `store["sa"][res]` ([B, n, n], 0 or -inf-like) when present."""
 
+    def __init__(self, store):
+        self.store = store
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        b, n, _ = hidden_states.shape
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        key = attn.head_to_batch_dim(attn.to_k(hidden_states))
+        value = attn.head_to_batch_dim(attn.to_v(hidden_states))
+        bias = self.store.get("sa", {}).get(n)
+        if bias is not None:
+            bias = bias.repeat_interleave(attn.heads, 0)
+        probs = attn.get_attention_scores(query, key, bias)
+        out = attn.batch_to_head_dim(torch.bmm(probs, value))
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+
+class CaptureCrossAttention:
+    """attn2 processor: diffusers' AttnProcessor arithmetic (explicit softmax) that applies the
+    box-control mask `store["ca"][n]` ([B, n, 77]) when present and keeps the head-mean
+    probabilities [B, queries, keys] while `store["on"]` is set."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        assert hidden_states.ndim == 3 and attn.group_norm is None and attn.spatial_norm is None
+        b, n, _ = hidden_states.shape
+        ctx = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        key = attn.head_to_batch_dim(attn.to_k(ctx))
+        value = attn.head_to_batch_dim(attn.to_v(ctx))
+        bias = self.store.get("ca", {}).get(n)
+        if bias is not None:
+            bias = bias.repeat_interleave(attn.heads, 0)
+        probs = attn.get_attention_scores(query, key, bias)
+        if self.store["on"]:
+            self.store["maps"].append(probs.view(b, attn.heads, n, -1).mean(1))
+        out = attn.batch_to_head_dim(torch.bmm(probs, value))
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+
+def capture_cross_attention(unet, store):
     procs = {}
     for name in unet.attn_processors:
-        procs[name] = CaptureCrossAttention(store) if ".attn2." in name else AttnProcessor2_0()
+        procs[name] = CaptureCrossAttention(store) if ".attn2." in name else MaskedSelfAttention(store)
     unet.set_attn_processor(procs)
+
+
+def object_boxes(labels):
+    """[N, 2, 4] pixel boxes (x0, y0, x1, y1; end exclusive) of objects 1 and 2; -1 where absent."""
+    out = np.full((labels.shape[0], 2, 4), -1, dtype=np.int64)
+    idx = np.arange(labels.shape[-1])
+    for k in range(2):
+        m = labels == k + 1
+        rows, cols = m.any(2), m.any(1)
+        present = rows.any(1)
+        big = labels.shape[-1] + 1
+        out[present, k, 0] = np.where(cols, idx, big).min(1)[present]
+        out[present, k, 1] = np.where(rows, idx, big).min(1)[present]
+        out[present, k, 2] = np.where(cols, idx, -1).max(1)[present] + 1
+        out[present, k, 3] = np.where(rows, idx, -1).max(1)[present] + 1
+    return out
+
+
+def box_regions(boxes, size, res):
+    """[B, 2, res*res] bool: each box on a res x res grid, its edges rounded half-even as mifo's
+    `box_mask` rounds them; absent boxes (-1) are empty."""
+    b = boxes.shape[0]
+    out = np.zeros((b, 2, res, res), dtype=bool)
+    edges = np.round(boxes.astype(np.float64) / size * res).astype(np.int64)
+    for i in range(b):
+        for k in range(2):
+            if boxes[i, k, 0] < 0:
+                continue
+            x0, y0, x1, y1 = edges[i, k]
+            out[i, k, y0:y1, x0:x1] = True
+    return torch.from_numpy(out.reshape(b, 2, res * res))
+
+
+def box_control_masks(boxes, masked, cond, ids, pos, stop_ids, resolutions, size):
+    """The additive masks of mifo's box control for a batch (module doc): self-attention for the
+    `masked` items, cross-attention for the `masked & cond` items; others get zeros."""
+    neg = torch.finfo(torch.float32).min
+    sa, ca = {}, {}
+    eos = (ids == 49407).int().argmax(1)
+    stop = torch.zeros_like(ids, dtype=torch.bool)
+    for t in stop_ids:
+        stop |= ids == t
+    b, m = ids.shape
+    for res in resolutions:
+        n = res * res
+        reg = box_regions(boxes, size, res)  # [B, 2, n]
+        bg = ~reg.any(1)  # [B, n]
+        shared = torch.einsum("bkq,bkm->bqm", reg.float(), reg.float()) > 0
+        allowed = bg[:, :, None] | bg[:, None, :] | shared
+        allowed |= ~masked[:, None, None]
+        sa[n] = torch.where(allowed, 0.0, neg)
+        ca_ok = torch.ones((b, n, m), dtype=torch.bool)
+        ca_ok &= ~stop[:, None, :]
+        rows = torch.arange(b)
+        for k in range(2):
+            for w in range(2):
+                p = pos[:, k, w]
+                has = p >= 0
+                col = ca_ok[rows, :, p.clamp(min=0)]
+                ca_ok[rows, :, p.clamp(min=0)] = torch.where(has[:, None], reg[:, k], col)
+        eos_col = ca_ok[rows, :, eos]
+        ca_ok[rows, :, eos] = eos_col & ~bg
+        ca_ok |= ~(masked & cond)[:, None, None]
+        ca[n] = torch.where(ca_ok, 0.0, neg)
+    return sa, ca
 
 
 def localisation_loss(maps, labels, pos, keep):
@@ -146,7 +273,9 @@ def localisation_loss(maps, labels, pos, keep):
                 share = (att * m[:, k]).sum(1) / (att.sum(1) + 1e-8)
                 total = total + ((1 - share) * valid).sum()
                 count += int(valid.sum())
-    return total / max(count, 1)
+    if count == 0:
+        return None
+    return total / count
 
 
 def to_tensor(batch_u8):
@@ -326,6 +455,8 @@ def main():
     ap.add_argument("--drop", type=float, default=0.1, help="share of empty captions")
     ap.add_argument("--min-snr", type=float, default=5.0)
     ap.add_argument("--loc-weight", type=float, default=0.1, help="weight of the cross-attention localisation loss (0: off)")
+    ap.add_argument("--box-mask-p", type=float, default=0.0, help="share of samples denoised under box-control masks (stage 3; 0: off)")
+    ap.add_argument("--box-jitter", type=int, default=2, help="each box side pushed out by 0..this many pixels")
     ap.add_argument("--vae", help="reuse a trained VAE folder (skips stage 1)")
     ap.add_argument("--init", help="continue from a pipeline folder: its VAE (stage 1 skipped), UNet and text encoder")
     args = ap.parse_args()
@@ -360,6 +491,8 @@ def main():
     all_ids = tokenize(tok, captions)
     empty_ids = tokenize(tok, [""])[0]
     positions = word_positions(tok, all_ids)
+    boxes = object_boxes(labels) if args.box_mask_p > 0 else None
+    stop_ids = [tok.convert_tokens_to_ids(w + "</w>") for w in ("a", "of", "and")]
 
     torch.manual_seed(args.seed + 1)
     if args.init:
@@ -374,7 +507,7 @@ def main():
     n_te = sum(p.numel() for p in te.parameters())
     log(f"unet {n_unet / 1e6:.2f} M parameters, text encoder {n_te / 1e6:.2f} M (of which embeddings {49408 * args.text_hidden / 1e6:.2f} M)", logf)
     store = {"on": False, "maps": []}
-    if args.loc_weight > 0:
+    if args.loc_weight > 0 or args.box_mask_p > 0:
         capture_cross_attention(unet, store)
     ema_unet, ema_te = copy.deepcopy(unet).eval(), copy.deepcopy(te).eval()
     params = list(unet.parameters()) + list(te.parameters())
@@ -388,6 +521,9 @@ def main():
     step = 0
     run_avg = None
     loc_avg = None
+    size = images.shape[1]
+    latent = mean.shape[-1]
+    resolutions = [latent >> i for i in range(len(unet.config.block_out_channels))]
     while step < args.unet_steps and (time.time() - t0) < args.unet_minutes * 60:
         lr = lr_at(step, args.unet_steps, args.lr, args.warmup, (time.time() - t0) / (args.unet_minutes * 60))
         for g in opt.param_groups:
@@ -402,17 +538,29 @@ def main():
         t = torch.randint(0, 1000, (args.batch,))
         zt = noise_sched.add_noise(z0, noise, t)
         cond = te(ids)[0]
+        masked = torch.from_numpy(rng.random(args.batch) < args.box_mask_p)
+        if args.box_mask_p > 0:
+            bx = boxes[idx].copy()
+            grow = rng.integers(0, args.box_jitter + 1, bx.shape)
+            bx[..., :2] -= grow[..., :2]
+            bx[..., 2:] += grow[..., 2:]
+            bx = np.where(boxes[idx] < 0, -1, np.clip(bx, 0, size))
+            store["sa"], store["ca"] = box_control_masks(
+                bx, masked, ~drop, ids, positions[idx_t], stop_ids, resolutions, size)
         store["on"], store["maps"] = args.loc_weight > 0, []
         eps = unet(zt, t, encoder_hidden_states=cond).sample
         store["on"] = False
+        store.pop("sa", None)
+        store.pop("ca", None)
         w = torch.clamp(snr[t], max=args.min_snr) / snr[t]
         per = ((eps - noise) ** 2).mean(dim=(1, 2, 3))
         loss = (w * per).mean()
         loc = None
         if args.loc_weight > 0:
             lab = torch.from_numpy(labels[idx].astype(np.int64))
-            loc = localisation_loss(store["maps"], lab, positions[idx_t], ~drop)
-            loss = loss + args.loc_weight * loc
+            loc = localisation_loss(store["maps"], lab, positions[idx_t], ~drop & ~masked)
+            if loc is not None:
+                loss = loss + args.loc_weight * loc
             store["maps"] = []
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -452,6 +600,8 @@ def main():
         "final_loss_ema": run_avg,
         "loc_weight": args.loc_weight,
         "final_loc_ema": loc_avg,
+        "box_mask_p": args.box_mask_p,
+        "box_jitter": args.box_jitter,
     }
     json.dump(recipe, open(os.path.join(args.out, "recipe.json"), "w"), indent=2)
     log(f"saved {args.out}: {recipe}", logf)
