@@ -678,11 +678,11 @@ impl<'a> ControlHook<'a> {
         if let Some(sa) = term(&self.sa_terms)? {
             per_subject = (per_subject + (sa * self.config.lambda_sa)?)?;
         }
-        Ok(match self.config.form() {
-            _ if bounded => per_subject.sum_all()?,
-            LossForm::Official => per_subject.sum_all()?,
-            LossForm::Paper => per_subject.sqr()?.sum_all()?,
-        })
+        if !bounded && self.config.form() == LossForm::Paper {
+            Ok(per_subject.sqr()?.sum_all()?)
+        } else {
+            Ok(per_subject.sum_all()?)
+        }
     }
 
     fn record_normal(&mut self, call: &AttnCall, probs: &Tensor) -> Result<()> {

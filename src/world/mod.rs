@@ -49,7 +49,11 @@ pub const SCENE_FILE_VERSION: u32 = 1;
 ///   8×8 latent is far larger per element than on 64×64, and with the paper's β one sample in
 ///   four came out as noise on the demo scene (seed 1, which is not a bench scene), while with
 ///   2 → 0.5 (and 2 → 2) both instances kept their colour and shape in 4 of 4 samples — the best
-///   of a grid over β (1 → 0.25, 2 → 0.5, 2 → 2, 4 → 1, 8 → 2).
+///   of a grid over β (1 → 0.25, 2 → 0.5, 2 → 2, 4 → 1, 8 → 2). That grid ran on the model
+///   before its stage 3 and with the released code's loss form.
+/// * Loss form: the preset's (`paper`). On the stage-3 model one demo sample in four washes
+///   out with it at β 2 → 0.5, which the `official` form does not (`docs/performance.md`,
+///   "The world bench").
 pub fn synth_config() -> SynthConfig {
     SynthConfig {
         loss_layers: vec!["up_blocks.1".into(), "up_blocks.2".into()],
