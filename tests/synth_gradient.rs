@@ -37,7 +37,7 @@ fn box_loss_gradient_matches_finite_differences() {
     let cond = sd.text_encoder.forward(&ids, Some(&rows)).unwrap();
     let cfg = SynthConfig::default();
     let t = timesteps_tensor(&[700], &dev).unwrap();
-    let alpha = cfg.alpha(1);
+    let alpha = cfg.alpha_pair(1, 10);
 
     let mut hook = ControlHook::new(&cfg, &plan, &boxes, &dev, DType::F64);
     let mut loss_at = |z: &Tensor| -> Tensor {

@@ -244,6 +244,32 @@ fn synthesis_methods_do_what_their_papers_say() {
     );
 }
 
+/// The official preset's α counter runs through the whole sample: with 2 iterations per step
+/// (4 loss terms) it reaches u = 1 only at step 3 (calls 12), where the step index would have
+/// u = 3; the recorded α is the code's α(0) = 0.55 for steps 0–2 and α(1) = 0.4 for 3–4.
+#[test]
+fn the_code_alpha_counter_lags_when_iterations_are_cut() {
+    let (sd, rows) = model();
+    let cfg = SynthConfig {
+        gd_iters: 2,
+        loss_threshold: 0.0,
+        refine: false,
+        ..SynthConfig {
+            steps: STEPS,
+            guided_steps: GUIDED,
+            ..SynthConfig::preset("official").unwrap()
+        }
+    };
+    let (_, sink) = run(&request(&sd, &rows, cfg, 2, 1));
+    let alpha: Vec<f64> = sink.metrics["alpha"].iter().map(|p| p.1).collect();
+    let want = [0.55, 0.55, 0.55, 0.4, 0.4];
+    assert_eq!(alpha.len(), want.len(), "{alpha:?}");
+    for (got, want) in alpha.iter().zip(want) {
+        assert!((got - want).abs() < 1e-12, "{alpha:?}");
+    }
+    assert!(sink.metrics["gd_iters"].iter().all(|p| p.1 == 2.0));
+}
+
 #[test]
 fn same_seed_same_pixels_and_all_outputs() {
     let (sd, rows) = model();

@@ -223,6 +223,7 @@ fn set_overrides() {
         keys,
         vec![
             "alpha_final",
+            "alpha_index",
             "alpha_max",
             "alpha_min",
             "alpha_step_base",
@@ -255,8 +256,9 @@ fn set_overrides() {
         SynthConfig {
             steps: 7,
             box_control: false,
-            // Records from before the key ran the released code's form.
+            // Records from before the keys ran the released code's form, α by the step.
             loss_form: "official".into(),
+            alpha_index: "step".into(),
             ..SynthConfig::default()
         }
     );

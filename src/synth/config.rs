@@ -79,6 +79,13 @@ pub struct SynthConfig {
     /// Eq. 11 on u = 1..N; 0 (official preset) reproduces the released code, whose counter makes
     /// u equal the step index (α(0) = 0.55 there, above α_max).
     pub alpha_step_base: usize,
+    /// How α's index u advances: `step` (u = guided step + `alpha_step_base`) or `code` (the
+    /// released code's counter: u = ⌊calls/10⌋, where `calls` counts the CA and SA loss terms
+    /// evaluated by the latent optimisation so far, CA then SA in each iteration, so u lags
+    /// the step when the early stop cuts iterations; `alpha_step_base` is not used).
+    /// Records stored before the key existed ran `step`.
+    #[serde(default = "default_alpha_index")]
+    pub alpha_index: String,
     /// Prompt words of the stop-word list (see `synth::control`) that are not part of a subject
     /// are hidden from every pixel in the cross-attention (the released code's filter tokens).
     pub hide_stop_words: bool,
@@ -144,6 +151,7 @@ impl Default for SynthConfig {
             alpha_final: 0.1,
             alpha_stage1_steps: 3,
             alpha_step_base: 1,
+            alpha_index: "step".into(),
             hide_stop_words: true,
             refine_every: 5,
             clusters_per_subject: 3,
@@ -176,6 +184,7 @@ impl SynthConfig {
                 alpha_min: 0.1,
                 alpha_final: 0.01,
                 alpha_step_base: 0,
+                alpha_index: "code".into(),
                 loss_form: "official".into(),
                 ..Self::default()
             }),
@@ -229,6 +238,9 @@ impl SynthConfig {
         if SynthMethod::parse(&self.method).is_none() {
             return bad("method", "expected mifo, bounded-attention or plain");
         }
+        if !["step", "code"].contains(&self.alpha_index.as_str()) {
+            return bad("alpha_index", "expected step or code");
+        }
         if LossForm::parse(&self.loss_form).is_none() {
             return bad("loss_form", "expected official or paper");
         }
@@ -279,13 +291,30 @@ impl SynthConfig {
     /// linear α_max → α_min over u = 1..S1 (extrapolated for u = 0), then
     /// α_final + (α_min − α_final)·(1 + cos(π(u − S1)/(N − S1)))/2 up to u = N, then α_final.
     pub fn alpha(&self, step: usize) -> f64 {
+        self.alpha_at(step + self.alpha_step_base)
+    }
+
+    /// α of the CA and the SA term of a latent-optimisation iteration: both [`Self::alpha`] of
+    /// the guided step with `alpha_index = step`; with `code`, Eq. 11 at u = ⌊calls/10⌋ for CA
+    /// and ⌊(calls + 1)/10⌋ for SA, `calls` being the loss terms evaluated before this
+    /// iteration in the sample (two per iteration), as the released code's counter runs.
+    pub fn alpha_pair(&self, step: usize, calls: usize) -> (f64, f64) {
+        if self.alpha_index == "code" {
+            (self.alpha_at(calls / 10), self.alpha_at((calls + 1) / 10))
+        } else {
+            (self.alpha(step), self.alpha(step))
+        }
+    }
+
+    /// Eq. 11 at index u (with the `out_of_box` and `alpha_decay` switches).
+    fn alpha_at(&self, u: usize) -> f64 {
         if !self.out_of_box {
             return 0.0;
         }
         if !self.alpha_decay {
             return self.alpha_max;
         }
-        let u = (step + self.alpha_step_base) as f64;
+        let u = u as f64;
         let s1 = self.alpha_stage1_steps as f64;
         let n = self.guided_steps as f64;
         if u <= s1 {
@@ -357,6 +386,11 @@ impl SynthMethod {
     }
 }
 
+/// `step`: the α index of runs stored before `synth.alpha_index` existed.
+fn default_alpha_index() -> String {
+    "step".into()
+}
+
 /// `official`: the form of runs stored before `synth.loss_form` existed.
 fn default_loss_form() -> String {
     "official".into()
@@ -399,6 +433,30 @@ mod tests {
         for (i, a) in want {
             assert!(close(c.alpha(i), a), "step {i}: {} vs {a}", c.alpha(i));
         }
+    }
+
+    /// The released code's counter: two loss terms per iteration, u = ⌊calls/10⌋ for CA and
+    /// ⌊(calls + 1)/10⌋ for SA. With all 5 iterations every step u is the step; after an
+    /// early stop it lags, and at a boundary CA and SA differ.
+    #[test]
+    fn alpha_code_counter_lags_after_early_stops() {
+        let c = SynthConfig::preset("official").unwrap();
+        assert_eq!(c.alpha_index, "code");
+        // Full iterations: step i starts at calls = 10·i, so both terms use α(u = i).
+        for i in 0..15 {
+            let (ca, sa) = c.alpha_pair(i, 10 * i);
+            assert!(close(ca, c.alpha(i)) && close(sa, c.alpha(i)), "step {i}");
+        }
+        // Steps 0 and 1 stopped after 2 iterations each (8 calls): step 2 still uses u = 0.
+        assert!(close(c.alpha_pair(2, 8).0, 0.55));
+        // Its second iteration (calls 10, 11) reaches u = 1 = 0.4 for both terms.
+        assert!(close(c.alpha_pair(2, 10).0, 0.4) && close(c.alpha_pair(2, 10).1, 0.4));
+        // A boundary inside an iteration: CA at calls 19 → u 1, SA at 20 → u 2.
+        let (ca, sa) = c.alpha_pair(3, 19);
+        assert!(close(ca, 0.4) && close(sa, 0.25), "{ca} {sa}");
+        // The paper preset indexes by the step whatever the counter says.
+        let p = SynthConfig::preset("paper").unwrap();
+        assert_eq!(p.alpha_pair(4, 3), (p.alpha(4), p.alpha(4)));
     }
 
     #[test]

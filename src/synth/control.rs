@@ -641,15 +641,16 @@ impl<'a> ControlHook<'a> {
         !self.ca_terms.is_empty() || !self.sa_terms.is_empty()
     }
 
-    /// The latent-optimisation loss of the current guidance pass with penalty weight `alpha`
+    /// The latent-optimisation loss of the current guidance pass with penalty weights α of the
+    /// CA and the SA term (equal unless `synth.alpha_index = code`)
     /// (a scalar tensor on the graph; f32, or f64 for f64 models): with L_i = λ_CA·CA_i +
     /// λ_SA·SA_i per subject, Σ_i L_i in the `official` form and Σ_i L_i² (Eq. 15) in `paper`.
-    pub fn loss(&self, alpha: f64) -> Result<Tensor> {
+    pub fn loss(&self, (alpha_ca, alpha_sa): (f64, f64)) -> Result<Tensor> {
         // Per subject [S]: (1 − FG/(FG + w·BG))² + α·log(1 + BG), FG and BG averaged over
         // layers; w = 1, or the number of boxes S for Bounded Attention (which has no penalty).
         let bounded = self.config.synth_method() == SynthMethod::BoundedAttention;
         let bg_weight = if bounded { self.subjects() as f64 } else { 1.0 };
-        let term = |terms: &[(Tensor, Tensor)]| -> Result<Option<Tensor>> {
+        let term = |terms: &[(Tensor, Tensor)], alpha: f64| -> Result<Option<Tensor>> {
             if terms.is_empty() {
                 return Ok(None);
             }
@@ -672,10 +673,10 @@ impl<'a> ControlHook<'a> {
             .next()
             .map_or(DType::F32, |t| t.0.dtype());
         let mut per_subject = Tensor::zeros(self.subjects(), dt, &self.device)?;
-        if let Some(ca) = term(&self.ca_terms)? {
+        if let Some(ca) = term(&self.ca_terms, alpha_ca)? {
             per_subject = (per_subject + (ca * self.config.lambda_ca)?)?;
         }
-        if let Some(sa) = term(&self.sa_terms)? {
+        if let Some(sa) = term(&self.sa_terms, alpha_sa)? {
             per_subject = (per_subject + (sa * self.config.lambda_sa)?)?;
         }
         if !bounded && self.config.form() == LossForm::Paper {
@@ -1011,7 +1012,10 @@ mod tests {
             .unwrap();
         hook.probs(&call(AttnKind::SelfAttn, sa_path, 1), &tensor(sa, 0))
             .unwrap();
-        hook.loss(alpha).unwrap().to_scalar::<f32>().unwrap() as f64
+        hook.loss((alpha, alpha))
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64
     }
 
     /// The paper's form (Eqs. 6–7, 15) by hand: FG and BG are sums of squares of the head-mean
@@ -1066,7 +1070,7 @@ mod tests {
             .unwrap();
         hook.probs(&call(AttnKind::SelfAttn, sa_path, 1), &tensor(&sa, 0))
             .unwrap();
-        let got = hook.loss(0.3).unwrap().to_scalar::<f32>().unwrap() as f64;
+        let got = hook.loss((0.3, 0.3)).unwrap().to_scalar::<f32>().unwrap() as f64;
         let a = |m: &[[[f64; 4]; 4]], p: usize, k: usize| m[0][p][k] + m[1][p][k];
         let term = |fg: f64, bg: f64| (1.0 - fg / (fg + 2.0 * bg)).powi(2);
         let ca_v0 = term(

@@ -260,6 +260,8 @@ struct GuidedStep {
     before: f64,
     after: f64,
     iters: usize,
+    /// α of the CA term of the step's first iteration.
+    alpha: f64,
 }
 
 fn guidance_loss(
@@ -268,7 +270,7 @@ fn guidance_loss(
     z: &Tensor,
     t: &Tensor,
     cond: &Tensor,
-    alpha: f64,
+    alpha: (f64, f64),
 ) -> Result<Tensor> {
     hook.begin(Pass::Guidance);
     unet.forward_hooked(z, t, cond, Some(hook))?;
@@ -296,10 +298,14 @@ struct GuidanceInputs<'a> {
     subjects: usize,
 }
 
+/// Runs the latent optimisation of one guided step. `calls` counts the loss terms evaluated by
+/// the optimisation so far in this sample (two per iteration: CA, SA), the released code's α
+/// counter (`synth.alpha_index = code`); it is advanced here.
 fn optimise_latent(
     hook: &mut ControlHook,
     z: &Tensor,
     inputs: GuidanceInputs,
+    calls: &mut usize,
 ) -> Result<GuidedStep> {
     let GuidanceInputs {
         unet,
@@ -309,7 +315,7 @@ fn optimise_latent(
         step,
         subjects,
     } = inputs;
-    let alpha = cfg.alpha(step);
+    let first_alpha = cfg.alpha_pair(step, *calls).0;
     let beta = cfg.step_size(step);
     let norm = subjects.max(1) as f64; // batch 1 per sample
     let mut z = z.clone();
@@ -321,6 +327,8 @@ fn optimise_latent(
             break;
         }
         let var = Var::from_tensor(&z)?;
+        let alpha = cfg.alpha_pair(step, *calls);
+        *calls += 2;
         let loss = guidance_loss(unet, hook, var.as_tensor(), t, cond, alpha)?;
         let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         if !value.is_finite() {
@@ -338,7 +346,9 @@ fn optimise_latent(
         z = (var.as_tensor() - (g * beta)?)?.detach();
         iters += 1;
     }
-    let after = guidance_loss(unet, hook, &z, t, cond, alpha)?
+    // Measured with the α the next iteration would use; not counted (the released code has no
+    // such evaluation).
+    let after = guidance_loss(unet, hook, &z, t, cond, cfg.alpha_pair(step, *calls))?
         .to_dtype(DType::F64)?
         .to_scalar::<f64>()?;
     hook.begin(Pass::Normal);
@@ -346,6 +356,7 @@ fn optimise_latent(
         z,
         before: before.unwrap_or(after),
         after,
+        alpha: first_alpha,
         iters,
     })
 }
@@ -467,6 +478,8 @@ fn run_sample(
     let use_hook = cfg.box_control || cfg.attn_metrics;
     let control = cfg.box_control && subjects > 0;
     let mut z = initial_latent(sd, seed)?;
+    // Loss terms evaluated by the latent optimisation so far (the released code's α counter).
+    let mut alpha_calls = 0usize;
     let mut out = SampleReport {
         index: k,
         seed,
@@ -514,12 +527,12 @@ fn run_sample(
                 step: i,
                 subjects,
             };
-            let g = optimise_latent(&mut hook, &z, inputs)?;
+            let g = optimise_latent(&mut hook, &z, inputs, &mut alpha_calls)?;
             z = g.z;
             sink.metric("loss/box", mstep, g.before)?;
             sink.metric("loss/box_after", mstep, g.after)?;
             sink.metric("gd_iters", mstep, g.iters as f64)?;
-            sink.metric("alpha", mstep, cfg.alpha(i))?;
+            sink.metric("alpha", mstep, g.alpha)?;
             out.guided_steps += 1;
             if g.after < g.before {
                 out.guided_lowered += 1;
