@@ -79,9 +79,24 @@ pub struct BenchArgs {
     /// --tag.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub sets: Vec<String>,
+    /// How the learning runs initialise the placeholder rows: `preset` (the preset's
+    /// `learn.init`, the vocabulary mean) or `class` (both tokens from the word the two
+    /// instances share, as one starts tokens from a class noun: the shape word when they
+    /// differ in colour, the colour word when they differ in shape). Give each its own --tag.
+    #[arg(long, value_enum, default_value_t = BenchInit::Preset)]
+    pub init: BenchInit,
     /// Print one JSON document instead of the table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// How `mifo world bench --init` starts the placeholder rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchInit {
+    /// The preset's `learn.init`.
+    Preset,
+    /// The word both instances share, for both tokens.
+    Class,
 }
 
 /// What `mifo world bench --synthesis` starts from.
@@ -495,7 +510,10 @@ fn bench(args: BenchArgs, store: &Path) -> anyhow::Result<()> {
                 spec.seed,
                 file.caption
             );
-            let config = crate::config::apply_overrides(&variant.config, "learn", &overrides)?;
+            let mut config = crate::config::apply_overrides(&variant.config, "learn", &overrides)?;
+            if args.init == BenchInit::Class {
+                config.init = class_words(&file);
+            }
             config.validate()?;
             let job = LearnJob {
                 model: model.clone(),
@@ -586,6 +604,7 @@ fn bench(args: BenchArgs, store: &Path) -> anyhow::Result<()> {
                 "tag": args.tag,
                 "synthesis": args.synthesis.name(),
                 "sets": args.sets,
+                "init": format!("{:?}", args.init).to_lowercase(),
                 "rows": rows,
             }))?
         );
@@ -606,9 +625,25 @@ fn bench(args: BenchArgs, store: &Path) -> anyhow::Result<()> {
     if !args.sets.is_empty() {
         println!("with --set {}", args.sets.join(" --set "));
     }
+    if args.init == BenchInit::Class {
+        println!("tokens initialised from the word the instances share (--init class)");
+    }
     print!("{}", render_tag_table(&table));
     println!("{TARGETS}");
     Ok(())
+}
+
+/// `learn.init` for `--init class`: the attribute word the scene's objects share (the shape
+/// word when they differ in colour, else the colour word), once per object.
+fn class_words(scene: &world::SceneFile) -> String {
+    use world::Attribute;
+    let first = &scene.objects[0].object;
+    let shared = if scene.objects.iter().all(|o| o.object.shape == first.shape) {
+        first.attribute(Attribute::Shape)
+    } else {
+        first.attribute(Attribute::Colour)
+    };
+    vec![shared; scene.objects.len()].join(",")
 }
 
 /// `mifo world quality`.
@@ -654,4 +689,28 @@ fn quality(args: QualityArgs) -> anyhow::Result<()> {
     );
     print!("{}", quality::render(&report));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::world::bench::scene;
+
+    /// `--init class` starts both tokens from the attribute the instances share: the bench's
+    /// even scenes differ in colour (so the shape word), odd ones in shape (the colour word).
+    #[test]
+    fn class_words_are_the_shared_attribute() {
+        for i in 0..4 {
+            let file = world::SceneFile::of(&scene(i).draw().unwrap());
+            let (a, b) = (&file.objects[0].object, &file.objects[1].object);
+            let want = if i % 2 == 0 {
+                assert_eq!(a.shape, b.shape);
+                a.shape.word()
+            } else {
+                assert_eq!(a.colour, b.colour);
+                a.colour.word()
+            };
+            assert_eq!(class_words(&file), format!("{want},{want}"), "scene {i}");
+        }
+    }
 }
