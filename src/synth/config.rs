@@ -174,8 +174,8 @@ pub const PRESETS: &[&str] = &["paper", "official"];
 
 impl SynthConfig {
     /// A named preset: `paper` (the default: α 0.5 / 0.2 / 0.1, u = step + 1, the paper's loss
-    /// form) or `official` (the released code's α 0.4 / 0.1 / 0.01 indexed by the step, u = step,
-    /// and its loss form).
+    /// form) or `official` (the released code's α 0.4 / 0.1 / 0.01 indexed by its counter of
+    /// loss terms, `alpha_index = code`, and its loss form).
     pub fn preset(name: &str) -> Result<Self> {
         match name {
             "paper" => Ok(Self::default()),
