@@ -999,12 +999,22 @@ mod tests {
 
     /// The box loss of one cross- and one self-attention layer in `form` on the given maps.
     fn loss_of(form: &str, ca: &[[[f64; 4]; 4]], sa: &[[[f64; 4]; 4]], alpha: f64) -> f64 {
-        let (plan, boxes) = two_cell_plan();
         let config = SynthConfig {
             loss_form: form.into(),
             ..SynthConfig::default()
         };
-        let mut hook = ControlHook::new(&config, &plan, &boxes, &Device::Cpu, DType::F32);
+        loss_with(&config, ca, sa, alpha)
+    }
+
+    /// The box loss of one cross- and one self-attention layer under `config` on the given maps.
+    fn loss_with(
+        config: &SynthConfig,
+        ca: &[[[f64; 4]; 4]],
+        sa: &[[[f64; 4]; 4]],
+        alpha: f64,
+    ) -> f64 {
+        let (plan, boxes) = two_cell_plan();
+        let mut hook = ControlHook::new(config, &plan, &boxes, &Device::Cpu, DType::F32);
         hook.begin(Pass::Guidance);
         let ca_path = "mid_block.attentions.0.transformer_blocks.0.attn2";
         let sa_path = "mid_block.attentions.0.transformer_blocks.0.attn1";
@@ -1061,16 +1071,7 @@ mod tests {
         // The sampler runs the effective config; the loss must not depend on α either way.
         config = config.effective();
         assert!(!config.out_of_box);
-        let (plan, boxes) = two_cell_plan();
-        let mut hook = ControlHook::new(&config, &plan, &boxes, &Device::Cpu, DType::F32);
-        hook.begin(Pass::Guidance);
-        let ca_path = "mid_block.attentions.0.transformer_blocks.0.attn2";
-        let sa_path = "mid_block.attentions.0.transformer_blocks.0.attn1";
-        hook.probs(&call(AttnKind::CrossAttn, ca_path, 1), &tensor(&ca, 0))
-            .unwrap();
-        hook.probs(&call(AttnKind::SelfAttn, sa_path, 1), &tensor(&sa, 0))
-            .unwrap();
-        let got = hook.loss((0.3, 0.3)).unwrap().to_scalar::<f32>().unwrap() as f64;
+        let got = loss_with(&config, &ca, &sa, 0.3);
         let a = |m: &[[[f64; 4]; 4]], p: usize, k: usize| m[0][p][k] + m[1][p][k];
         let term = |fg: f64, bg: f64| (1.0 - fg / (fg + 2.0 * bg)).powi(2);
         let ca_v0 = term(

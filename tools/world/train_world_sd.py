@@ -102,73 +102,29 @@ def word_positions(tok, all_ids):
     return torch.from_numpy(pos)
 
 
-class CaptureCrossAttention:
-    """attn2 processor: diffusers' AttnProcessor arithmetic (explicit softmax) that also keeps
-    the head-mean probabilities [B, queries, keys] while `store["on"]` is set."""
+class StoreAttention:
+    """attn1/attn2 processor: diffusers' AttnProcessor arithmetic (explicit softmax) with an
+    additive box-control mask per batch item when the store holds one for this layer's size
+    (`store["sa"][n]` [B, n, n] for self-attention, `store["ca"][n]` [B, n, 77] for
+    cross-attention; 0 or the dtype's minimum), and, for cross-attention, the head-mean
+    probabilities [B, queries, keys] kept in `store["maps"]` while `store["on"]` is set."""
 
-    def __init__(self, store):
+    def __init__(self, store, cross):
         self.store = store
+        self.cross = cross
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         assert hidden_states.ndim == 3 and attn.group_norm is None and attn.spatial_norm is None
         b, n, _ = hidden_states.shape
-        ctx = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        ctx = encoder_hidden_states if self.cross else hidden_states
         query = attn.head_to_batch_dim(attn.to_q(hidden_states))
         key = attn.head_to_batch_dim(attn.to_k(ctx))
         value = attn.head_to_batch_dim(attn.to_v(ctx))
-        probs = attn.get_attention_scores(query, key, attention_mask)
-        if self.store["on"]:
-            self.store["maps"].append(probs.view(b, attn.heads, n, -1).mean(1))
-        out = attn.batch_to_head_dim(torch.bmm(probs, value))
-        out = attn.to_out[1](attn.to_out[0](out))
-        if attn.residual_connection:
-            out = out + hidden_states
-        return out / attn.rescale_output_factor
-
-
-class MaskedSelfAttention:
-    """attn1 processor: diffusers' AttnProcessor arithmetic with an additive mask per batch
-    item, `store["sa"][res]` ([B, n, n], 0 or -inf-like) when present."""
-
-    def __init__(self, store):
-        self.store = store
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        b, n, _ = hidden_states.shape
-        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
-        key = attn.head_to_batch_dim(attn.to_k(hidden_states))
-        value = attn.head_to_batch_dim(attn.to_v(hidden_states))
-        bias = self.store.get("sa", {}).get(n)
+        bias = self.store.get("ca" if self.cross else "sa", {}).get(n)
         if bias is not None:
             bias = bias.repeat_interleave(attn.heads, 0)
         probs = attn.get_attention_scores(query, key, bias)
-        out = attn.batch_to_head_dim(torch.bmm(probs, value))
-        out = attn.to_out[1](attn.to_out[0](out))
-        if attn.residual_connection:
-            out = out + hidden_states
-        return out / attn.rescale_output_factor
-
-
-class CaptureCrossAttention:
-    """attn2 processor: diffusers' AttnProcessor arithmetic (explicit softmax) that applies the
-    box-control mask `store["ca"][n]` ([B, n, 77]) when present and keeps the head-mean
-    probabilities [B, queries, keys] while `store["on"]` is set."""
-
-    def __init__(self, store):
-        self.store = store
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        assert hidden_states.ndim == 3 and attn.group_norm is None and attn.spatial_norm is None
-        b, n, _ = hidden_states.shape
-        ctx = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
-        key = attn.head_to_batch_dim(attn.to_k(ctx))
-        value = attn.head_to_batch_dim(attn.to_v(ctx))
-        bias = self.store.get("ca", {}).get(n)
-        if bias is not None:
-            bias = bias.repeat_interleave(attn.heads, 0)
-        probs = attn.get_attention_scores(query, key, bias)
-        if self.store["on"]:
+        if self.cross and self.store["on"]:
             self.store["maps"].append(probs.view(b, attn.heads, n, -1).mean(1))
         out = attn.batch_to_head_dim(torch.bmm(probs, value))
         out = attn.to_out[1](attn.to_out[0](out))
@@ -178,10 +134,7 @@ class CaptureCrossAttention:
 
 
 def capture_cross_attention(unet, store):
-    procs = {}
-    for name in unet.attn_processors:
-        procs[name] = CaptureCrossAttention(store) if ".attn2." in name else MaskedSelfAttention(store)
-    unet.set_attn_processor(procs)
+    unet.set_attn_processor({name: StoreAttention(store, ".attn2." in name) for name in unet.attn_processors})
 
 
 def object_boxes(labels):
