@@ -51,7 +51,8 @@ pub struct BenchArgs {
     pub seeds: usize,
     /// Rows to run, comma-separated (default: all): mifo, reward-only, bounded-attention,
     /// plain, box-control-off, sa-control-off, ca-control-off, out-of-box-off,
-    /// alpha-decay-off, latent-opt-off, refine-off.
+    /// alpha-decay-off, latent-opt-off, refine-off, and `words` (no learning: the plain model
+    /// draws the scene's caption with the boxes on its words, the ceiling for the tokens).
     #[arg(long, value_delimiter = ',')]
     pub rows: Vec<String>,
     /// Synthesis methods to compare, comma-separated: mifo, bounded-attention, plain (each
@@ -324,12 +325,17 @@ fn score(args: ScoreArgs, store: &Path) -> anyhow::Result<()> {
             score_run(&mut src, run).with_context(|| format!("run {run}"))?
         };
         let metrics = verdicts.metrics();
-        let note = format!(
-            "oracle: {} sample(s), instances learned on world scene seed {} in run {}",
-            verdicts.samples.len(),
-            verdicts.scene.spec.seed,
-            verdicts.learned
-        );
+        let note = match (&verdicts.scene, &verdicts.learned) {
+            (Some(scene), Some(learned)) => format!(
+                "oracle: {} sample(s), instances learned on world scene seed {} in run {learned}",
+                verdicts.samples.len(),
+                scene.spec.seed,
+            ),
+            _ => format!(
+                "oracle: {} sample(s), world objects named by the boxes (plain model)",
+                verdicts.samples.len()
+            ),
+        };
         client.record_scores(&verdicts.run.to_string(), metrics.clone(), note)?;
         if !args.json && *explicit {
             print!("{}", report(&verdicts));
@@ -337,7 +343,7 @@ fn score(args: ScoreArgs, store: &Path) -> anyhow::Result<()> {
         stored.insert(run.clone(), metrics.iter().cloned().collect());
         results.push(serde_json::json!({
             "id": verdicts.run.to_string(),
-            "learned": verdicts.learned.to_string(),
+            "learned": verdicts.learned.as_ref().map(ToString::to_string),
             "prompt": verdicts.prompt,
             "samples": verdicts.samples,
             "metrics": metrics.into_iter().collect::<BTreeMap<_, _>>(),
@@ -424,7 +430,9 @@ fn tag_run(client: &mut Client, id: &str, tag: &str) -> anyhow::Result<()> {
 fn bench(args: BenchArgs, store: &Path) -> anyhow::Result<()> {
     use crate::jobs::learn::LearnJob;
     use crate::jobs::synth::SynthJob;
-    use crate::world::bench::{learn_variants, rows, scene, Layout, LAYOUTS, METHOD_ROWS, TARGETS};
+    use crate::world::bench::{
+        learn_variants, rows, scene, Layout, LAYOUTS, METHOD_ROWS, NO_LEARNING, TARGETS,
+    };
 
     if args.scenes == 0 || args.seeds == 0 {
         bail!("--scenes and --seeds must be at least 1");
@@ -545,11 +553,16 @@ fn bench(args: BenchArgs, store: &Path) -> anyhow::Result<()> {
                     layout.name(),
                     spec.seed
                 );
+                let words = row.learn == NO_LEARNING;
                 let job = SynthJob {
-                    from: Some(learned[row.learn].clone()),
+                    from: (!words).then(|| learned[row.learn].clone()),
                     model: model.clone(),
-                    prompt: "a photo of <v0> and <v1>".into(),
-                    boxes: Layout::boxes(layout, &file),
+                    prompt: if words {
+                        file.caption.clone()
+                    } else {
+                        "a photo of <v0> and <v1>".into()
+                    },
+                    boxes: Layout::boxes(layout, &file, words),
                     samples: args.seeds,
                     seed: 0,
                     preset: "paper".into(),

@@ -78,6 +78,14 @@ pub struct Row {
     pub config: SynthConfig,
 }
 
+/// The reference row: no learning; the plain model draws the scene's caption with the boxes on
+/// its noun phrases, the same synthesis as `mifo`. What the tokens would reach if they were the
+/// words themselves.
+pub const WORDS_ROW: &str = "words";
+
+/// [`Row::learn`] of the [`WORDS_ROW`]: no learning variant.
+pub const NO_LEARNING: &str = "none";
+
 /// Names of the rows that are synthesis methods (`mifo world bench --methods`).
 pub const METHOD_ROWS: &[&str] = &["mifo", "bounded-attention", "plain"];
 
@@ -131,6 +139,12 @@ pub fn rows(base: &SynthConfig) -> Vec<Row> {
             c.latent_opt = false
         }),
         off("refine-off", "synth.refine=false", |c| c.refine = false),
+        Row {
+            name: WORDS_ROW,
+            learn: NO_LEARNING,
+            change: "the scene's caption, boxes on its words",
+            config: paper,
+        },
     ]
 }
 
@@ -158,8 +172,9 @@ impl Layout {
         }
     }
 
-    /// The `--box` arguments for a two-object scene.
-    pub fn boxes(self, scene: &SceneFile) -> Vec<String> {
+    /// The `--box` arguments for a two-object scene: on the placeholders `<v0>`, `<v1>`, or with
+    /// `words` on the objects' own noun phrases (`red circle`), for the [`WORDS_ROW`].
+    pub fn boxes(self, scene: &SceneFile, words: bool) -> Vec<String> {
         let fmt = |r: [f32; 4]| format!("{:.4},{:.4},{:.4},{:.4}", r[0], r[1], r[2], r[3]);
         let (a, b) = (
             scene.objects[0].box_fractions,
@@ -170,9 +185,17 @@ impl Layout {
             Layout::Swapped => (centre(b), centre(a)),
             Layout::Moved => ([0.26, 0.5], [0.74, 0.5]),
         };
+        let subject = |k: usize| {
+            let o = &scene.objects[k];
+            if words {
+                o.object.noun_phrase()
+            } else {
+                o.token.clone()
+            }
+        };
         vec![
-            format!("<v0>={}", fmt(recentred(a, to_a))),
-            format!("<v1>={}", fmt(recentred(b, to_b))),
+            format!("{}={}", subject(0), fmt(recentred(a, to_a))),
+            format!("{}={}", subject(1), fmt(recentred(b, to_b))),
         ]
     }
 }
