@@ -143,7 +143,7 @@ fn n_slots_run_n_runs_at_once_and_a_freed_slot_is_reused() {
             assert!(device == "cpu:0" || device == "cpu:1", "{device}");
             assert_eq!(
                 holder(&st, device),
-                [run.clone()],
+                std::slice::from_ref(run),
                 "the pool names its holder"
             );
         }
