@@ -33,7 +33,8 @@ pub struct LearnJob {
     pub config: LearnConfig,
     /// Seed.
     pub seed: u64,
-    /// `cpu`, `cuda`, `cuda:N`.
+    /// `auto` (the engine's pool chooses a free device), `cpu`, `cuda`, `cuda:N`; the runner
+    /// sets the device the run got before it starts.
     pub device: String,
     /// `f32`, `f16`, `bf16`.
     pub dtype: String,

@@ -39,7 +39,7 @@ pub struct SynthJob {
     pub preset: String,
     /// Resolved config.
     pub config: SynthConfig,
-    /// Device.
+    /// Device, as for [`super::learn::LearnJob::device`].
     pub device: String,
     /// Dtype.
     pub dtype: String,
