@@ -111,8 +111,9 @@ pub enum RunsCommand {
         /// the folder the run used, while it still holds that model.
         #[arg(long)]
         model: Option<PathBuf>,
-        /// Device: cpu, cuda or cuda:N.
-        #[arg(long, default_value = "cpu")]
+        /// Device: auto (a free device of the engine's pool), cpu, cuda or cuda:N. Default:
+        /// auto in a CUDA build, cpu otherwise.
+        #[arg(long, default_value = crate::jobs::pool::default_device())]
         device: String,
         /// Print the finished run's record as one JSON document.
         #[arg(long)]

@@ -66,8 +66,9 @@ pub struct BenchArgs {
     /// Tag prefix: runs are tagged `PREFIX/ROW` (learning runs `PREFIX/learn-VARIANT`).
     #[arg(long, default_value = "world-bench")]
     pub tag: String,
-    /// Device: cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
+    /// Device: auto (a free device of the engine's pool: its GPUs), cpu, cuda or cuda:N (the
+    /// run waits for that one). Default: auto in a CUDA build, cpu otherwise.
+    #[arg(long, default_value = crate::jobs::pool::default_device())]
     pub device: String,
     /// The synthesis configuration the rows start from: `world` (the `paper` preset mapped to
     /// the world model's 8×8 latents: loss layers at 4² and 8², refinement at 8², step size 2 →
