@@ -108,7 +108,7 @@ pub fn run(
         preset: "paper".into(),
         config: LearnConfig {
             checkpoint_every: 200,
-            ..LearnConfig::paper()
+            ..crate::world::learn_config()
         },
         seed: 7,
         device: "cpu".into(),

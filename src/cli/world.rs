@@ -71,10 +71,16 @@ pub struct BenchArgs {
     #[arg(long, default_value = crate::jobs::pool::default_device())]
     pub device: String,
     /// The synthesis configuration the rows start from: `world` (the `paper` preset mapped to
-    /// the world model's 8×8 latents: loss layers at 4² and 8², refinement at 8², step size 2 →
-    /// 0.5) or `paper` (the preset as it is on SD). Give each its own --tag.
+    /// the world model's 8×8 latents: loss layers at 4² and 8², refinement at 8², step size 4 →
+    /// 1 with backtracking, 25 guided steps) or `paper` (the preset as it is on SD). Give each
+    /// its own --tag.
     #[arg(long, value_enum, default_value_t = SynthBase::World)]
     pub synthesis: SynthBase,
+    /// The learning configuration both learning variants start from: `world` (the `paper`
+    /// preset with the attention loss weighted 0.1 instead of 0.01 in both phases) or `paper`
+    /// (the preset as it is on SD). Give each its own --tag.
+    #[arg(long, value_enum, default_value_t = LearnBase::World)]
+    pub learning: LearnBase,
     /// Override one key of every row (repeatable): `synth.KEY=VALUE` changes the synthesis
     /// base before each row's own change, `learn.KEY=VALUE` both learning variants (a
     /// `learn.penalty_steps` given here also reaches reward-only). Give each variant its own
@@ -124,6 +130,33 @@ impl SynthBase {
         match self {
             SynthBase::World => "world",
             SynthBase::Paper => "paper",
+        }
+    }
+}
+
+/// Which learning configuration the bench's learning variants start from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LearnBase {
+    /// The paper preset mapped to the world model (`world::learn_config`).
+    World,
+    /// The paper preset unchanged.
+    Paper,
+}
+
+impl LearnBase {
+    /// The learning configuration the variants start from.
+    fn config(self) -> crate::learn::LearnConfig {
+        match self {
+            LearnBase::World => world::learn_config(),
+            LearnBase::Paper => crate::learn::LearnConfig::paper(),
+        }
+    }
+
+    /// `world` / `paper`, as on the command line.
+    fn name(self) -> &'static str {
+        match self {
+            LearnBase::World => "world",
+            LearnBase::Paper => "paper",
         }
     }
 }
@@ -446,7 +479,8 @@ fn bench(args: BenchArgs, store: &Path) -> anyhow::Result<()> {
     crate::config::check_sections(&overrides, &["learn", "synth"])?;
     let base = crate::config::apply_overrides(&args.synthesis.config(), "synth", &overrides)?;
     base.check()?;
-    for variant in learn_variants() {
+    let learn_base = args.learning.config();
+    for variant in learn_variants(&learn_base) {
         crate::config::apply_overrides(&variant.config, "learn", &overrides)?.validate()?;
     }
     let all_rows = rows(&base);
@@ -492,7 +526,7 @@ fn bench(args: BenchArgs, store: &Path) -> anyhow::Result<()> {
     let mut cache = BlobCache::default();
     // row name -> per synthesis run, its mean oracle scores
     let mut per_row: BTreeMap<&str, Vec<BTreeMap<String, f64>>> = BTreeMap::new();
-    let needed: Vec<&str> = learn_variants()
+    let needed: Vec<&str> = learn_variants(&learn_base)
         .iter()
         .map(|v| v.name)
         .filter(|v| chosen.iter().any(|r| r.learn == *v))
@@ -507,7 +541,7 @@ fn bench(args: BenchArgs, store: &Path) -> anyhow::Result<()> {
             .join(format!("scene-{}", spec.seed));
         let file = world::write_scene_folder(&drawn, &dir)?;
         let mut learned: BTreeMap<&str, String> = BTreeMap::new();
-        for variant in learn_variants()
+        for variant in learn_variants(&learn_base)
             .into_iter()
             .filter(|v| needed.contains(&v.name))
         {
@@ -617,6 +651,7 @@ fn bench(args: BenchArgs, store: &Path) -> anyhow::Result<()> {
                 "model": model,
                 "tag": args.tag,
                 "synthesis": args.synthesis.name(),
+                "learning": args.learning.name(),
                 "sets": args.sets,
                 "init": format!("{:?}", args.init).to_lowercase(),
                 "rows": rows,
@@ -625,10 +660,14 @@ fn bench(args: BenchArgs, store: &Path) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "\nmifo world bench: {} scenes × {} layouts × {} seeds per row, synthesis {}, model {} ({:.0} s)",
+        "\nmifo world bench: {} scenes × {} layouts × {} seeds per row, learning {}, synthesis {}, model {} ({:.0} s)",
         args.scenes,
         LAYOUTS.len(),
         args.seeds,
+        match args.learning {
+            LearnBase::World => "world (the paper preset mapped to the world model)",
+            LearnBase::Paper => "paper (unmapped)",
+        },
         match args.synthesis {
             SynthBase::World => "world (the paper preset mapped to the world model)",
             SynthBase::Paper => "paper (unmapped)",

@@ -47,18 +47,19 @@ pub struct LearnVariant {
     pub config: LearnConfig,
 }
 
-/// The learning configurations.
-pub fn learn_variants() -> Vec<LearnVariant> {
+/// The learning configurations, from `base` (the world mapping of the paper preset,
+/// [`super::learn_config`], unless the bench is asked for the unmapped preset).
+pub fn learn_variants(base: &LearnConfig) -> Vec<LearnVariant> {
     vec![
         LearnVariant {
             name: "mifo",
-            config: LearnConfig::paper(),
+            config: base.clone(),
         },
         LearnVariant {
             name: "reward-only",
             config: LearnConfig {
                 penalty_steps: 0,
-                ..LearnConfig::paper()
+                ..base.clone()
             },
         },
     ]
@@ -241,10 +242,13 @@ mod tests {
                 None => assert!(changed.is_empty(), "row {}: {changed:?}", row.name),
             }
         }
-        let learns: Vec<&str> = learn_variants().iter().map(|l| l.name).collect();
-        assert!(rows.iter().all(|r| learns.contains(&r.learn)));
+        let variants = learn_variants(&crate::world::learn_config());
+        let learns: Vec<&str> = variants.iter().map(|l| l.name).collect();
+        assert!(rows
+            .iter()
+            .all(|r| learns.contains(&r.learn) || (r.learn == NO_LEARNING && r.name == WORDS_ROW)));
         assert_eq!(
-            learn_variants()[1].config.penalty_steps,
+            variants[1].config.penalty_steps,
             0,
             "reward-only has no penalty phase"
         );
@@ -255,7 +259,7 @@ mod tests {
         for i in 0..6 {
             let file = SceneFile::of(&scene(i).draw().unwrap());
             for layout in LAYOUTS {
-                let b = layout.boxes(&file);
+                let b = layout.boxes(&file, false);
                 assert!(b[0].starts_with("<v0>=") && b[1].starts_with("<v1>="));
                 let parsed: Vec<crate::synth::BoxSpec> = b
                     .iter()
