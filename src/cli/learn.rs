@@ -23,10 +23,15 @@ pub struct LearnArgs {
     /// A mask per instance, in token order (white = instance; grey or RGBA first channel).
     #[arg(long)]
     pub mask: Vec<PathBuf>,
-    /// Diffusers Stable Diffusion folder [env: MIFO_MODEL]; with --resume, default: the folder
-    /// the run learned on, while it still holds that model.
+    /// The model: a diffusers Stable Diffusion folder, a single-file .safetensors checkpoint
+    /// (SD 1.x/2.x, A1111 / ComfyUI layout) or a Hugging Face repo id in the local cache
+    /// [env: MIFO_MODEL]; with --resume, default: the model the run learned on, while the store
+    /// still finds it.
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// `--revision` / `--model-config` for --model.
+    #[command(flatten)]
+    pub source: crate::cli::SourceArgs,
     /// Configuration preset: `paper` (the paper's values) or `official` (the released code's).
     #[arg(long, default_value = "paper")]
     pub preset: String,
@@ -75,12 +80,13 @@ pub fn resolve_config(args: &LearnArgs) -> anyhow::Result<LearnConfig> {
 /// (which validates the rest and queues it), then follows it unless `--detach`.
 pub fn run(args: LearnArgs, store_dir: &Path) -> anyhow::Result<()> {
     let request = if let Some(prefix) = &args.resume {
-        let known = if crate::jobs::model_named(&args.model) {
+        let flags = args.source.flags(args.model.clone());
+        let known = if flags.named() {
             None
         } else {
-            crate::cli::engine::known_model_dir(store_dir, prefix)?
+            crate::cli::engine::known_model(store_dir, prefix)?
         };
-        let model = crate::jobs::model_dir_for_run(args.model.clone(), known, prefix)?;
+        let model = crate::jobs::model_for_run(&flags, known, prefix)?;
         Request::ResumeLearn {
             run: prefix.clone(),
             model,
@@ -88,7 +94,7 @@ pub fn run(args: LearnArgs, store_dir: &Path) -> anyhow::Result<()> {
         }
     } else {
         let config = resolve_config(&args)?;
-        let model = crate::jobs::model_dir(args.model.clone())?;
+        let model = crate::jobs::model_source(&args.source.flags(args.model.clone()))?;
         let (files, scene_dir) = match (&args.scene, &args.image) {
             (Some(dir), _) => (scene_files(dir)?, Some(dir.clone())),
             (None, Some(image)) => (SceneFiles::new(image.clone(), args.mask.clone()), None),
@@ -112,7 +118,7 @@ pub fn run(args: LearnArgs, store_dir: &Path) -> anyhow::Result<()> {
             .seed
             .unwrap_or_else(|| u64::from(rand::random::<u32>()));
         let job = LearnJob {
-            model: abs(&model),
+            model,
             files,
             scene_dir: scene_dir.map(|d| abs(&d)),
             preset: args.preset.clone(),

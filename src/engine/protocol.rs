@@ -68,8 +68,8 @@ pub enum Request {
     ResumeLearn {
         /// Run id or unique prefix.
         run: String,
-        /// The model folder (its fingerprint must match the run's).
-        model: std::path::PathBuf,
+        /// The model (its fingerprint must match the run's).
+        model: crate::model::ModelSource,
         /// Device.
         device: String,
     },
@@ -246,8 +246,10 @@ pub enum Response {
         /// Its tags.
         tags: Vec<String>,
         /// The model folder the run used, where this store knows it and it still holds that
-        /// model (same fingerprint).
+        /// model (same fingerprint); for a single-file model, the file.
         model_dir: Option<std::path::PathBuf>,
+        /// The `--model-config` folder noted with a single-file model.
+        model_config: Option<std::path::PathBuf>,
     },
     /// Metric series: name → [(step, value)].
     Metrics(std::collections::BTreeMap<String, Vec<(u64, f64)>>),

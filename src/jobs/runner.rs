@@ -8,7 +8,7 @@
 //! observer, and records the end. A job that panics is recorded as failed and the worker goes on.
 
 use std::collections::VecDeque;
-use std::path::PathBuf;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -30,8 +30,8 @@ pub enum Work {
     Resume {
         /// The run.
         id: RunId,
-        /// The model folder (its fingerprint was checked against the run's).
-        model: PathBuf,
+        /// The model (its fingerprint was checked against the run's).
+        model: crate::model::ModelSource,
         /// Device.
         device: String,
     },
