@@ -193,15 +193,16 @@ def check(path, folder):
     ours = StableDiffusionPipeline.from_single_file(path, config=folder, local_files_only=True,
                                                     safety_checker=None)
     ref = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None)
-    worst = 0.0
+    worst, counts = 0.0, []
     for part in ("unet", "vae", "text_encoder"):
         a, b = getattr(ours, part).state_dict(), getattr(ref, part).state_dict()
+        counts.append(f"{len(b)} {part}")
         assert a.keys() == b.keys(), (part, sorted(a.keys() ^ b.keys())[:5])
         for k in b:
             d = (a[k].float() - b[k].float()).abs().max().item() if b[k].numel() else 0.0
             worst = max(worst, d)
             assert d == 0.0, f"{part}.{k} differs by {d}"
-    print(f"state dicts: {len(a)} text-encoder, every unet/vae/text tensor identical (max |diff| {worst})")
+    print(f"state dicts: {', '.join(counts)} tensors, all identical (max |diff| {worst})")
     g = torch.Generator().manual_seed(0)
     ucfg = ref.unet.config
     lat = torch.randn((1, ucfg.in_channels, ucfg.sample_size, ucfg.sample_size), generator=g)
