@@ -11,7 +11,7 @@ use crate::learn::{scene_files, LearnConfig, SceneFiles};
 /// Arguments of `mifo learn`.
 #[derive(Args, Debug)]
 #[command(
-    after_help = "Examples:\n  mifo learn --scene fixtures/scenes/coffee --model fixtures/tiny-sd21 --seed 7\n  mifo learn --image img.jpg --mask cup.png --mask spoon.png --model ~/sd21-base --device cuda:0\n  mifo learn --scene DIR --preset official --set learn.penalty_steps=300\n  mifo learn --resume 01HX3 --model ~/sd21-base"
+    after_help = "Examples:\n  mifo learn --scene fixtures/scenes/coffee --model fixtures/tiny-sd21 --seed 7\n  mifo learn --image img.jpg --mask cup.png --mask spoon.png --model ~/sd21-base --device cuda:0\n  mifo learn --scene DIR --preset official --set learn.penalty_steps=300\n  mifo learn --resume 01HX3 --model ~/sd21-base\n  mifo learn --scene DIR --model stabilityai/stable-diffusion-2-1-base   (a repo id from the local Hugging Face cache)\n  mifo learn --scene DIR --model v2-1_512-ema-pruned.safetensors   (a single-file checkpoint)"
 )]
 pub struct LearnArgs {
     /// A scene folder: img.png|jpg plus mask*.png (sorted by name: the first mask is <v0>).

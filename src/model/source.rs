@@ -296,7 +296,7 @@ pub fn find_in_cache(repo: &str, revision: &str) -> Result<PathBuf> {
     }
     let tried: Vec<String> = tried.iter().map(|p| p.display().to_string()).collect();
     Err(Error::Input(format!(
-        "{repo}@{revision}: not in the local Hugging Face cache (tried {}); mifo never downloads: fetch it first (e.g. `huggingface-cli download {repo}`) or pass a local folder",
+        "{repo}@{revision}: no such local path, and not in the local Hugging Face cache (tried {}); mifo never downloads: fetch it first (e.g. `huggingface-cli download {repo}`) or pass a local folder",
         tried.join(", ")
     )))
 }
