@@ -64,8 +64,8 @@ fn type_name(v: &Value) -> &'static str {
     }
 }
 
-/// Coerces `new` to the JSON type of `old`, or explains the mismatch.
-fn coerce(old: &Value, new: Value, what: &str) -> Result<Value> {
+/// Coerces `new` to the JSON type of `old`, or explains the mismatch (`flag what: …`).
+fn coerce(old: &Value, new: Value, flag: &str, what: &str) -> Result<Value> {
     let ok = match (old, &new) {
         // An integer where a float is expected is fine; a float into an integer is not.
         (Value::Number(o), Value::Number(n)) => !((o.is_i64() || o.is_u64()) && n.is_f64()),
@@ -85,7 +85,7 @@ fn coerce(old: &Value, new: Value, what: &str) -> Result<Value> {
         Ok(new)
     } else {
         Err(Error::Input(format!(
-            "--set {what}: expected {}, got {}",
+            "{flag} {what}: expected {}, got {}",
             type_name(old),
             type_name(&new)
         )))
@@ -99,6 +99,17 @@ pub fn apply_overrides<T: Serialize + DeserializeOwned>(
     section: &str,
     overrides: &[Override],
 ) -> Result<T> {
+    apply_overrides_as(config, section, overrides, "--set")
+}
+
+/// [`apply_overrides`] for overrides that came from another flag (e.g. `mifo sweep --grid`):
+/// errors name `flag` instead of `--set`.
+pub fn apply_overrides_as<T: Serialize + DeserializeOwned>(
+    config: &T,
+    section: &str,
+    overrides: &[Override],
+    flag: &str,
+) -> Result<T> {
     let mut value = serde_json::to_value(config)
         .map_err(|e| Error::Config(format!("cannot serialise the {section} config: {e}")))?;
     let map = value
@@ -111,15 +122,15 @@ pub fn apply_overrides<T: Serialize + DeserializeOwned>(
             keys.sort();
             let keys: Vec<String> = keys.iter().map(|k| format!("{section}.{k}")).collect();
             Error::Input(format!(
-                "--set {what}: unknown key `{section}.{}`; valid keys: {}",
+                "{flag} {what}: unknown key `{section}.{}`; valid keys: {}",
                 o.key,
                 keys.join(", ")
             ))
         })?;
-        let new = coerce(old, parse_literal(&o.value), &what)?;
+        let new = coerce(old, parse_literal(&o.value), flag, &what)?;
         map.insert(o.key.clone(), new);
     }
-    serde_json::from_value(value).map_err(|e| Error::Input(format!("--set ({section}): {e}")))
+    serde_json::from_value(value).map_err(|e| Error::Input(format!("{flag} ({section}): {e}")))
 }
 
 /// Rejects overrides whose section is not one of `known`.

@@ -370,3 +370,91 @@ fn image_fit_crop_refuses_a_cut_instance_and_stretch_keeps_it() {
     assert!(!(15..64).any(white), "and only there");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The L2 norm of each learned placeholder row in a run's `embeddings` output.
+fn row_norms(sink: &MemorySink) -> Vec<f32> {
+    let rows =
+        candle_core::safetensors::load_buffer(&sink.artifacts["embeddings"], &Device::Cpu).unwrap();
+    let mut names: Vec<&String> = rows.keys().collect();
+    names.sort();
+    names
+        .iter()
+        .map(|n| {
+            rows[*n]
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .sqrt()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        })
+        .collect()
+}
+
+/// `learn.max_token_norm` keeps every placeholder row inside its sphere while the same run
+/// without the bound grows past it.
+#[test]
+fn token_norm_bound_holds_the_rows() {
+    let (sd, scene) = setup();
+    let cfg = LearnConfig {
+        dreambooth_steps: 0,
+        ..short_config()
+    };
+    let free = row_norms(&run(&sd, &scene, cfg.clone(), None, None));
+    let bound = 0.5 * free.iter().cloned().fold(f32::INFINITY, f32::min) as f64;
+    assert!(bound > 0.0, "free rows {free:?}");
+    let bounded = row_norms(&run(
+        &sd,
+        &scene,
+        LearnConfig {
+            max_token_norm: bound,
+            ..cfg
+        },
+        None,
+        None,
+    ));
+    for (b, f) in bounded.iter().zip(&free) {
+        assert!(
+            (*b as f64) <= bound * (1.0 + 1e-5),
+            "bounded row norm {b} > {bound} (free {f})"
+        );
+        assert!((*f as f64) > bound * 1.5, "free row norm {f}");
+    }
+}
+
+/// `learn.subsets = all` puts every token in every step's prompt (each token's leak is recorded
+/// at every step); the paper's random subsets leave some token out of some steps.
+#[test]
+fn all_subsets_learn_every_token_every_step() {
+    let (sd, scene) = setup();
+    let cfg = LearnConfig {
+        dreambooth_steps: 0,
+        ..short_config()
+    };
+    let steps = cfg.reward_steps + cfg.penalty_steps;
+    let points = |sink: &MemorySink| -> Vec<usize> {
+        ["leak/<v0>", "leak/<v1>"]
+            .iter()
+            .map(|k| sink.metrics.get(*k).map_or(0, Vec::len))
+            .collect()
+    };
+    let all = run(
+        &sd,
+        &scene,
+        LearnConfig {
+            subsets: "all".into(),
+            ..cfg.clone()
+        },
+        None,
+        None,
+    );
+    assert_eq!(points(&all), vec![steps as usize; 2]);
+    let random = run(&sd, &scene, cfg, None, None);
+    let p = points(&random);
+    assert!(
+        p.iter().any(|&n| n < steps as usize),
+        "random subsets drew every token at every step: {p:?}"
+    );
+}

@@ -495,5 +495,22 @@ fn single_file_fingerprints_and_runs_record_the_source() {
         &["runs", "rerun", run["id"].as_str().unwrap(), "--json"],
     ));
     assert_eq!(rerun["rerun_identical"], true, "{rerun}");
+    // A sweep takes `mifo synth`'s --model-config too: its runs have the single file's
+    // fingerprint with that folder and record the source as given.
+    let mut sweep = vec!["sweep"];
+    sweep.extend(plain_synth(&file, &["--model-config", &cfg]));
+    sweep.retain(|a| *a != "--seed" && *a != "2");
+    sweep.extend(["--seeds", "3,4", "--name", "single"]);
+    let doc = json(&cli_support::mifo(&store, &sweep));
+    assert_eq!(doc["queued"], 2, "{doc}");
+    for r in doc["runs"].as_array().unwrap() {
+        assert_eq!(r["status"], "done", "{doc}");
+        let shown = json(&cli_support::mifo(
+            &store,
+            &["runs", "show", r["id"].as_str().unwrap(), "--json"],
+        ));
+        assert_eq!(shown["model_fingerprint"], with.to_hex());
+        assert_eq!(shown["model_source"], file.as_str());
+    }
     let _ = std::fs::remove_dir_all(&tmp);
 }

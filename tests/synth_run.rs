@@ -194,6 +194,47 @@ fn latent_optimisation_lowers_the_box_loss_in(form: &str) {
     assert!((alpha[4] - 0.1).abs() < 1e-12, "{alpha:?}");
 }
 
+/// With a step far too large, plain gradient steps raise the box loss; `synth.backtrack`
+/// halves the step and keeps the best latent, so no guided step ends above where it began.
+#[test]
+fn backtracking_never_ends_a_step_above_its_start() {
+    let (sd, rows) = model();
+    // The tiny model's box-loss gradients are small: steps of 1e5 and more overshoot it.
+    let beta = 1e6;
+    let cfg = |backtrack: bool| SynthConfig {
+        steps: STEPS,
+        guided_steps: GUIDED,
+        refine: false,
+        loss_threshold: 0.0,
+        step_size_start: beta,
+        step_size_end: beta,
+        backtrack,
+        ..SynthConfig::default()
+    };
+    let raised = |sink: &MemorySink| {
+        sink.metrics["loss/box"]
+            .iter()
+            .zip(&sink.metrics["loss/box_after"])
+            .filter(|(b, a)| a.1 > b.1)
+            .count()
+    };
+    let (_, fixed) = run(&request(&sd, &rows, cfg(false), 3, 1));
+    assert!(
+        raised(&fixed) > 0,
+        "a step of 1e6 should overshoot: before {:?} after {:?}",
+        fixed.metrics["loss/box"],
+        fixed.metrics["loss/box_after"]
+    );
+    let (_, backtracked) = run(&request(&sd, &rows, cfg(true), 3, 1));
+    assert_eq!(
+        raised(&backtracked),
+        0,
+        "before {:?} after {:?}",
+        backtracked.metrics["loss/box"],
+        backtracked.metrics["loss/box_after"]
+    );
+}
+
 /// `plain` is Stable Diffusion with the prompt alone: whatever the box-control keys say, it
 /// records nothing of the attention (no hook runs) and draws exactly what box control off with
 /// no attention metrics draws; `bounded-attention` optimises the latent with its own loss (no

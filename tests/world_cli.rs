@@ -274,3 +274,61 @@ fn world_scenes_are_learned_and_their_synthesis_scored_and_stored() {
     assert!(plain_after["oracle"].as_object().unwrap().is_empty());
     assert_eq!(plain_after["log"], plain["log"]);
 }
+
+/// A run of the plain model whose boxes name world objects (`red circle`) is scored against
+/// those objects (the bench's `words` row); boxes that name anything else are refused.
+#[test]
+fn plain_model_runs_are_scored_by_the_objects_their_boxes_name() {
+    let dir = scratch("world-words");
+    let store = dir.join("store");
+    let plain = |prompt: &str, boxes: &[&str]| {
+        let mut args = vec![
+            "synth",
+            "--model",
+            "fixtures/tiny-sd21",
+            "--prompt",
+            prompt,
+            "--seed",
+            "1",
+            "--samples",
+            "2",
+            "--json",
+            "--set",
+            "synth.steps=4",
+            "--set",
+            "synth.guided_steps=1",
+        ];
+        for b in boxes {
+            args.extend(["--box", b]);
+        }
+        json(&mifo(&store, &args))["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let words = plain(
+        "a photo of a red circle and a green square",
+        &["red circle=0,0,0.5,0.5", "green square=0.5,0.5,1,1"],
+    );
+    let scored = json(&mifo(&store, &["world", "score", &words, "--json"]));
+    let run = &scored["runs"][0];
+    assert!(run["learned"].is_null(), "{run}");
+    assert_eq!(run["samples"].as_array().unwrap().len(), 2);
+    for name in [
+        "oracle/identity/red circle",
+        "oracle/leak/green square",
+        "oracle/outside",
+    ] {
+        let v = run["metrics"][name].as_f64().unwrap_or(-1.0);
+        assert!((0.0..=1.0).contains(&v), "{name} = {v}: {}", run["metrics"]);
+    }
+    let text = ok(&mifo(&store, &["world", "score", &words]));
+    assert!(text.contains("the plain model (world words)"), "{text}");
+    assert!(text.contains("green square"), "{text}");
+
+    let other = plain("a photo of a dog", &["dog=0,0,0.5,0.5"]);
+    let line = err_line(&mifo(&store, &["world", "score", &other]));
+    assert!(line.contains("do not all name world objects"), "{line}");
+    let shown = json(&mifo(&store, &["runs", "show", &other, "--json"]));
+    assert!(shown["oracle"].as_object().unwrap().is_empty());
+}

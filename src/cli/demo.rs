@@ -109,7 +109,7 @@ pub fn run(
         preset: "paper".into(),
         config: LearnConfig {
             checkpoint_every: 200,
-            ..LearnConfig::paper()
+            ..crate::world::learn_config()
         },
         seed: 7,
         device: "cpu".into(),
@@ -120,7 +120,7 @@ pub fn run(
     let learned = run_job(store, Request::SubmitLearn(Box::new(learn)), "learning")?;
 
     // Swapped: each instance goes where the other stood (its box keeps the instance's size).
-    let boxes = crate::world::bench::Layout::Swapped.boxes(&file);
+    let boxes = crate::world::bench::Layout::Swapped.boxes(&file, false);
     let synth = SynthJob {
         from: Some(learned.clone()),
         model: source,

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail};
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::runs::{carry_out, format_show, Console, RunsCommand};
@@ -16,11 +16,71 @@ use crate::engine::{serve, Client, EngineOptions, EventKind, Request, Response};
 use crate::jobs::sink::SinkEvent;
 use crate::runs::{RunsReply, RunsRequest};
 
+/// The engine's devices: its GPU pool and how many runs each device holds.
+#[derive(Args, Debug, Clone)]
+pub struct PoolArgs {
+    /// The GPUs the engine's pool owns, e.g. 0,2,3 (default: every GPU that answers; none in a
+    /// build without CUDA). Runs with --device auto take a free one; a GPU that is not there is
+    /// refused.
+    #[arg(long, env = "MIFO_ENGINE_GPUS", value_name = "N,N,…")]
+    pub gpus: Option<String>,
+    /// Runs one GPU of the pool holds at once.
+    #[arg(long, env = "MIFO_ENGINE_PER_GPU", default_value_t = 1)]
+    pub per_gpu: usize,
+    /// Runs on the plain `cpu` device at once (default 1).
+    #[arg(long, env = "MIFO_ENGINE_JOBS", default_value_t = 1)]
+    pub jobs: usize,
+    /// For tests: a pool of N CPU slots named cpu:0 … cpu:N-1 in place of GPUs (the same
+    /// pool code, on machines without GPUs).
+    #[arg(long, env = "MIFO_ENGINE_CPU_SLOTS", hide = true)]
+    pub cpu_slots: Option<usize>,
+}
+
+impl PoolArgs {
+    /// The pool these flags ask for (flags checked, nothing probed yet).
+    pub fn options(&self) -> anyhow::Result<crate::jobs::pool::PoolOptions> {
+        if self.per_gpu == 0 {
+            bail!("--per-gpu 0: give at least 1");
+        }
+        if self.jobs == 0 {
+            bail!("--jobs 0: give at least 1");
+        }
+        Ok(crate::jobs::pool::PoolOptions {
+            gpus: self
+                .gpus
+                .as_deref()
+                .map(crate::jobs::pool::parse_gpus)
+                .transpose()?,
+            per_device: self.per_gpu,
+            cpu_jobs: self.jobs,
+            cpu_slots: self.cpu_slots,
+        })
+    }
+
+    /// The same flags for the `mifo engine run` that `engine start` launches.
+    fn to_args(&self) -> Vec<String> {
+        let mut v = vec![
+            "--per-gpu".to_string(),
+            self.per_gpu.to_string(),
+            "--jobs".to_string(),
+            self.jobs.to_string(),
+        ];
+        if let Some(g) = &self.gpus {
+            v.extend(["--gpus".to_string(), g.clone()]);
+        }
+        if let Some(n) = self.cpu_slots {
+            v.extend(["--cpu-slots".to_string(), n.to_string()]);
+        }
+        v
+    }
+}
+
 /// `mifo engine` subcommands.
 #[derive(Subcommand, Debug)]
 pub enum EngineCommand {
-    /// Start the engine for the store in the background (if it is not running).
-    Start,
+    /// Start the engine for the store in the background (if it is not running), with its
+    /// device pool: every GPU that answers (or --gpus), --per-gpu runs each.
+    Start(PoolArgs),
     /// Stop it: the running step finishes and checkpoints (the run becomes `interrupted`,
     /// resumable with `mifo learn --resume`); a second stop within 5 s forces.
     Stop {
@@ -28,7 +88,7 @@ pub enum EngineCommand {
         #[arg(long)]
         force: bool,
     },
-    /// Pid, uptime, queue, running job, device.
+    /// Pid, uptime, the device pool (which run holds which device), the queue.
     Status {
         /// Print one JSON object.
         #[arg(long)]
@@ -39,28 +99,44 @@ pub enum EngineCommand {
         /// Exit after this many seconds with no job and no client (0 = never).
         #[arg(long, default_value_t = 0)]
         idle_exit: u64,
-        /// Jobs run at the same time (default 1: one per device) [env: MIFO_ENGINE_JOBS].
-        #[arg(long, env = "MIFO_ENGINE_JOBS", default_value_t = 1)]
-        jobs: usize,
+        /// The device pool.
+        #[command(flatten)]
+        pool: PoolArgs,
     },
 }
 
 /// Runs `mifo engine …`.
 pub fn run(cmd: EngineCommand, store: &Path) -> anyhow::Result<()> {
     match cmd {
-        EngineCommand::Run { idle_exit, jobs } => Ok(serve(
+        EngineCommand::Run { idle_exit, pool } => Ok(serve(
             store,
             EngineOptions {
                 idle_exit: (idle_exit > 0).then(|| Duration::from_secs(idle_exit)),
-                jobs,
+                pool: pool.options()?,
             },
         )?),
-        EngineCommand::Start => {
-            let c = Client::connect(store)?;
+        EngineCommand::Start(pool) => {
+            let opts = pool.options()?;
+            if let Some(mut c) = Client::try_connect(store)? {
+                let devices = match c.request(&Request::Status)? {
+                    Response::Status(st) => pool_line(&st.pool),
+                    _ => "?".into(),
+                };
+                eprintln!(
+                    "engine already running (pid {}) for {}; its devices: {devices} (stop it to change them)",
+                    c.engine_pid,
+                    store.display(),
+                );
+                return Ok(());
+            }
+            // Refuse a pool that cannot be here, in one line, before anything starts.
+            let devices = crate::jobs::pool::DevicePool::new(&opts)?;
+            let c = Client::connect_with(store, &pool.to_args())?;
             eprintln!(
-                "engine running (pid {}) for {}",
+                "engine running (pid {}) for {}; devices: {}",
                 c.engine_pid,
-                store.display()
+                store.display(),
+                pool_line(&devices.slots())
             );
             Ok(())
         }
@@ -121,18 +197,59 @@ pub fn run(cmd: EngineCommand, store: &Path) -> anyhow::Result<()> {
                     println!("also     {run}{p} on {device}");
                 }
                 println!("workers  {}", st.workers);
+                println!("devices");
+                for d in &st.pool {
+                    let holders: Vec<String> = d
+                        .runs
+                        .iter()
+                        .map(|r| {
+                            let p = st
+                                .running_all
+                                .iter()
+                                .find(|(id, _, _)| id == r)
+                                .and_then(|(_, _, p)| p.as_ref())
+                                .map(|(s, t, ph)| format!(" ({ph} {s}/{t})"))
+                                .unwrap_or_default();
+                            format!("{r}{p}")
+                        })
+                        .collect();
+                    println!(
+                        "  {:<8} {}/{}{}  {}",
+                        d.device,
+                        d.runs.len(),
+                        d.capacity,
+                        if d.auto { " auto" } else { "     " },
+                        if holders.is_empty() {
+                            "free".to_string()
+                        } else {
+                            holders.join(", ")
+                        }
+                    );
+                }
                 println!(
                     "queue    {}",
-                    if st.queue.is_empty() {
+                    if st.waiting.is_empty() {
                         "-".into()
                     } else {
-                        st.queue.join(" ")
+                        st.waiting
+                            .iter()
+                            .map(|(r, want)| format!("{r} (waits for {want})"))
+                            .collect::<Vec<_>>()
+                            .join(" ")
                     }
                 );
             }
             Ok(())
         }
     }
+}
+
+/// `cuda:0×1 cuda:1×1 cpu×1`: the devices of a pool and their slots.
+fn pool_line(pool: &[crate::jobs::pool::DeviceSlots]) -> String {
+    pool.iter()
+        .map(|d| format!("{}×{}", d.device, d.capacity))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// The model the store noted for run `run`'s model, if it still holds that model (asks the

@@ -44,8 +44,9 @@ pub struct LearnArgs {
     /// Seed (default: a random one, printed and stored).
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Device: cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
+    /// Device: auto (a free device of the engine's pool: its GPUs), cpu, cuda or cuda:N (the
+    /// run waits for that one). Default: auto in a CUDA build, cpu otherwise.
+    #[arg(long, default_value = crate::jobs::pool::default_device())]
     pub device: String,
     /// Weight dtype: f32 (default), tf32 (f32 with TF32 matrix products), f16 or bf16; tf32 and
     /// bf16 on CUDA only.
@@ -76,6 +77,47 @@ pub fn resolve_config(args: &LearnArgs) -> anyhow::Result<LearnConfig> {
     Ok(cfg)
 }
 
+/// The job `mifo learn ARGS` submits (not a resume): config resolved and checked, model and
+/// input files found and made absolute, the seed drawn when not given.
+pub fn build_job(args: &LearnArgs) -> anyhow::Result<LearnJob> {
+    let config = resolve_config(args)?;
+    let model = crate::jobs::model_source(&args.source.flags(args.model.clone()))?;
+    let (files, scene_dir) = match (&args.scene, &args.image) {
+        (Some(dir), _) => (scene_files(dir)?, Some(dir.clone())),
+        (None, Some(image)) => (SceneFiles::new(image.clone(), args.mask.clone()), None),
+        (None, None) => {
+            anyhow::bail!("give --scene DIR, or --image IMG with one --mask per instance")
+        }
+    };
+    for p in std::iter::once(&files.image).chain(&files.masks) {
+        if !p.is_file() {
+            anyhow::bail!("{}: no such file", p.display());
+        }
+    }
+    // The engine may run in another directory: send absolute paths.
+    let abs = |p: &PathBuf| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
+    let files = SceneFiles {
+        image: abs(&files.image),
+        masks: files.masks.iter().map(abs).collect(),
+        world: files.world.as_ref().map(abs),
+    };
+    let seed = args
+        .seed
+        .unwrap_or_else(|| u64::from(rand::random::<u32>()));
+    Ok(LearnJob {
+        model,
+        files,
+        scene_dir: scene_dir.map(|d| abs(&d)),
+        preset: args.preset.clone(),
+        config,
+        seed,
+        device: args.device.clone(),
+        dtype: args.dtype.clone(),
+        allow_overlap: args.allow_overlap,
+        rerun: args.rerun,
+    })
+}
+
 /// Runs `mifo learn`: validates locally what needs no model, submits the job to the engine
 /// (which validates the rest and queues it), then follows it unless `--detach`.
 pub fn run(args: LearnArgs, store_dir: &Path) -> anyhow::Result<()> {
@@ -93,42 +135,7 @@ pub fn run(args: LearnArgs, store_dir: &Path) -> anyhow::Result<()> {
             device: args.device.clone(),
         }
     } else {
-        let config = resolve_config(&args)?;
-        let model = crate::jobs::model_source(&args.source.flags(args.model.clone()))?;
-        let (files, scene_dir) = match (&args.scene, &args.image) {
-            (Some(dir), _) => (scene_files(dir)?, Some(dir.clone())),
-            (None, Some(image)) => (SceneFiles::new(image.clone(), args.mask.clone()), None),
-            (None, None) => {
-                anyhow::bail!("give --scene DIR, or --image IMG with one --mask per instance")
-            }
-        };
-        for p in std::iter::once(&files.image).chain(&files.masks) {
-            if !p.is_file() {
-                anyhow::bail!("{}: no such file", p.display());
-            }
-        }
-        // The engine may run in another directory: send absolute paths.
-        let abs = |p: &PathBuf| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
-        let files = SceneFiles {
-            image: abs(&files.image),
-            masks: files.masks.iter().map(abs).collect(),
-            world: files.world.as_ref().map(abs),
-        };
-        let seed = args
-            .seed
-            .unwrap_or_else(|| u64::from(rand::random::<u32>()));
-        let job = LearnJob {
-            model,
-            files,
-            scene_dir: scene_dir.map(|d| abs(&d)),
-            preset: args.preset.clone(),
-            config,
-            seed,
-            device: args.device.clone(),
-            dtype: args.dtype.clone(),
-            allow_overlap: args.allow_overlap,
-            rerun: args.rerun,
-        };
+        let job = build_job(&args)?;
         if !args.json {
             eprintln!(
                 "learning {} instance(s) with preset {}, seed {}, {} steps",

@@ -7,6 +7,7 @@ pub mod eval;
 pub mod learn;
 mod model;
 pub mod runs;
+pub mod sweep;
 pub mod synth;
 pub mod world;
 
@@ -39,8 +40,9 @@ pub struct Cli {
     /// `--revision` / `--model-config` of the workbench's default model.
     #[command(flatten)]
     pub source: SourceArgs,
-    /// Default device for launches from the workbench.
-    #[arg(long, default_value = "cpu")]
+    /// Default device for launches from the workbench: auto (a free device of the engine's
+    /// pool), cpu, cuda or cuda:N. Default: auto in a CUDA build, cpu otherwise.
+    #[arg(long, default_value = crate::jobs::pool::default_device())]
     pub device: String,
     /// The subcommand; none opens the workbench (a terminal UI over the store's engine).
     #[command(subcommand)]
@@ -108,6 +110,10 @@ pub enum Command {
     Learn(Box<learn::LearnArgs>),
     /// Draw learned instances into a new scene, each in its box (paper Algorithm 2).
     Synth(Box<synth::SynthArgs>),
+    /// Grids of config values × seeds as runs (`sweep learn|synth`, all tagged with the sweep's
+    /// name; finished specs are skipped) and their table (`sweep show NAME --by METRIC`).
+    #[command(subcommand)]
+    Sweep(sweep::SweepCommand),
     /// List, inspect, compare, export and maintain stored runs.
     #[command(subcommand)]
     Runs(runs::RunsCommand),
@@ -140,6 +146,7 @@ pub fn main() -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(args, &cli.store, cli.image_protocol),
         Command::Learn(args) => learn::run(*args, &cli.store),
         Command::Synth(args) => synth::run(*args, &cli.store),
+        Command::Sweep(cmd) => sweep::run(cmd, &cli.store),
         Command::Runs(cmd) => engine::runs(cmd, &cli.store),
         Command::Model(cmd) => model::run(cmd),
         Command::Engine(cmd) => engine::run(cmd, &cli.store),

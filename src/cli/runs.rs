@@ -115,8 +115,9 @@ pub enum RunsCommand {
         /// `--revision` / `--model-config` for --model.
         #[command(flatten)]
         source: crate::cli::SourceArgs,
-        /// Device: cpu, cuda or cuda:N.
-        #[arg(long, default_value = "cpu")]
+        /// Device: auto (a free device of the engine's pool), cpu, cuda or cuda:N. Default:
+        /// auto in a CUDA build, cpu otherwise.
+        #[arg(long, default_value = crate::jobs::pool::default_device())]
         device: String,
         /// Print the finished run's record as one JSON document.
         #[arg(long)]

@@ -56,8 +56,9 @@ pub struct SynthArgs {
     /// Override one key, e.g. --set synth.steps=30 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub sets: Vec<String>,
-    /// Device: cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
+    /// Device: auto (a free device of the engine's pool: its GPUs), cpu, cuda or cuda:N (the
+    /// run waits for that one). Default: auto in a CUDA build, cpu otherwise.
+    #[arg(long, default_value = crate::jobs::pool::default_device())]
     pub device: String,
     /// Weight dtype: f32, tf32 (f32 with TF32 matrix products), f16 or bf16; tf32 and bf16 on
     /// CUDA only.
@@ -87,11 +88,30 @@ pub fn run(args: SynthArgs, store: &Path) -> anyhow::Result<()> {
     if args.suite.is_some() {
         return run_suite(args, store);
     }
+    let job = build_job(&args, store)?;
+    if !args.json {
+        eprintln!(
+            "synthesising {} sample(s), seed {}, {} steps",
+            job.samples, job.seed, job.config.steps
+        );
+    }
+    crate::cli::engine::submit_and_follow(
+        store,
+        &Request::SubmitSynth(Box::new(job)),
+        args.json,
+        args.detach,
+    )
+}
+
+/// The job `mifo synth ARGS` submits (one prompt, not a suite): config resolved and checked,
+/// boxes parsed, the model resolved (for --from, the one the store remembers unless given),
+/// the seed drawn when not given.
+pub fn build_job(args: &SynthArgs, store: &Path) -> anyhow::Result<SynthJob> {
     let prompt = args
         .prompt
         .clone()
         .ok_or_else(|| anyhow::anyhow!("--prompt is required"))?;
-    let config = resolve_config(&args)?;
+    let config = resolve_config(args)?;
     for b in &args.boxes {
         crate::synth::parse_box(b)?;
     }
@@ -109,13 +129,7 @@ pub fn run(args: SynthArgs, store: &Path) -> anyhow::Result<()> {
     let seed = args
         .seed
         .unwrap_or_else(|| u64::from(rand::random::<u32>()));
-    if !args.json {
-        eprintln!(
-            "synthesising {} sample(s), seed {seed}, {} steps",
-            args.samples, config.steps
-        );
-    }
-    let job = SynthJob {
+    Ok(SynthJob {
         from: args.from.clone(),
         model,
         prompt,
@@ -127,13 +141,7 @@ pub fn run(args: SynthArgs, store: &Path) -> anyhow::Result<()> {
         device: args.device.clone(),
         dtype: args.dtype.clone(),
         rerun: args.rerun,
-    };
-    crate::cli::engine::submit_and_follow(
-        store,
-        &Request::SubmitSynth(Box::new(job)),
-        args.json,
-        args.detach,
-    )
+    })
 }
 
 /// [`crate::jobs::model_for_run`], saying so when the model came from the store.

@@ -51,7 +51,8 @@ pub struct BenchArgs {
     pub seeds: usize,
     /// Rows to run, comma-separated (default: all): mifo, reward-only, bounded-attention,
     /// plain, box-control-off, sa-control-off, ca-control-off, out-of-box-off,
-    /// alpha-decay-off, latent-opt-off, refine-off.
+    /// alpha-decay-off, latent-opt-off, refine-off, and `words` (no learning: the plain model
+    /// draws the scene's caption with the boxes on its words, the ceiling for the tokens).
     #[arg(long, value_delimiter = ',')]
     pub rows: Vec<String>,
     /// Synthesis methods to compare, comma-separated: mifo, bounded-attention, plain (each
@@ -69,14 +70,21 @@ pub struct BenchArgs {
     /// Tag prefix: runs are tagged `PREFIX/ROW` (learning runs `PREFIX/learn-VARIANT`).
     #[arg(long, default_value = "world-bench")]
     pub tag: String,
-    /// Device: cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
+    /// Device: auto (a free device of the engine's pool: its GPUs), cpu, cuda or cuda:N (the
+    /// run waits for that one). Default: auto in a CUDA build, cpu otherwise.
+    #[arg(long, default_value = crate::jobs::pool::default_device())]
     pub device: String,
     /// The synthesis configuration the rows start from: `world` (the `paper` preset mapped to
-    /// the world model's 8×8 latents: loss layers at 4² and 8², refinement at 8², step size 2 →
-    /// 0.5) or `paper` (the preset as it is on SD). Give each its own --tag.
+    /// the world model's 8×8 latents: loss layers at 4² and 8², refinement at 8², step size 4 →
+    /// 1 with backtracking, 25 guided steps) or `paper` (the preset as it is on SD). Give each
+    /// its own --tag.
     #[arg(long, value_enum, default_value_t = SynthBase::World)]
     pub synthesis: SynthBase,
+    /// The learning configuration both learning variants start from: `world` (the `paper`
+    /// preset with the attention loss weighted 0.1 instead of 0.01 in both phases) or `paper`
+    /// (the preset as it is on SD). Give each its own --tag.
+    #[arg(long, value_enum, default_value_t = LearnBase::World)]
+    pub learning: LearnBase,
     /// Override one key of every row (repeatable): `synth.KEY=VALUE` changes the synthesis
     /// base before each row's own change, `learn.KEY=VALUE` both learning variants (a
     /// `learn.penalty_steps` given here also reaches reward-only). Give each variant its own
@@ -126,6 +134,33 @@ impl SynthBase {
         match self {
             SynthBase::World => "world",
             SynthBase::Paper => "paper",
+        }
+    }
+}
+
+/// Which learning configuration the bench's learning variants start from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LearnBase {
+    /// The paper preset mapped to the world model (`world::learn_config`).
+    World,
+    /// The paper preset unchanged.
+    Paper,
+}
+
+impl LearnBase {
+    /// The learning configuration the variants start from.
+    fn config(self) -> crate::learn::LearnConfig {
+        match self {
+            LearnBase::World => world::learn_config(),
+            LearnBase::Paper => crate::learn::LearnConfig::paper(),
+        }
+    }
+
+    /// `world` / `paper`, as on the command line.
+    fn name(self) -> &'static str {
+        match self {
+            LearnBase::World => "world",
+            LearnBase::Paper => "paper",
         }
     }
 }
@@ -332,12 +367,17 @@ fn score(args: ScoreArgs, store: &Path) -> anyhow::Result<()> {
             score_run(&mut src, run).with_context(|| format!("run {run}"))?
         };
         let metrics = verdicts.metrics();
-        let note = format!(
-            "oracle: {} sample(s), instances learned on world scene seed {} in run {}",
-            verdicts.samples.len(),
-            verdicts.scene.spec.seed,
-            verdicts.learned
-        );
+        let note = match (&verdicts.scene, &verdicts.learned) {
+            (Some(scene), Some(learned)) => format!(
+                "oracle: {} sample(s), instances learned on world scene seed {} in run {learned}",
+                verdicts.samples.len(),
+                scene.spec.seed,
+            ),
+            _ => format!(
+                "oracle: {} sample(s), world objects named by the boxes (plain model)",
+                verdicts.samples.len()
+            ),
+        };
         client.record_scores(&verdicts.run.to_string(), metrics.clone(), note)?;
         if !args.json && *explicit {
             print!("{}", report(&verdicts));
@@ -345,7 +385,7 @@ fn score(args: ScoreArgs, store: &Path) -> anyhow::Result<()> {
         stored.insert(run.clone(), metrics.iter().cloned().collect());
         results.push(serde_json::json!({
             "id": verdicts.run.to_string(),
-            "learned": verdicts.learned.to_string(),
+            "learned": verdicts.learned.as_ref().map(ToString::to_string),
             "prompt": verdicts.prompt,
             "samples": verdicts.samples,
             "metrics": metrics.into_iter().collect::<BTreeMap<_, _>>(),
@@ -440,7 +480,9 @@ fn tag_run(client: &mut Client, id: &str, tag: &str) -> anyhow::Result<()> {
 fn bench(args: BenchArgs, store: &Path) -> anyhow::Result<()> {
     use crate::jobs::learn::LearnJob;
     use crate::jobs::synth::SynthJob;
-    use crate::world::bench::{learn_variants, rows, scene, Layout, LAYOUTS, METHOD_ROWS, TARGETS};
+    use crate::world::bench::{
+        learn_variants, rows, scene, Layout, LAYOUTS, METHOD_ROWS, NO_LEARNING, TARGETS,
+    };
 
     if args.scenes == 0 || args.seeds == 0 {
         bail!("--scenes and --seeds must be at least 1");
@@ -453,7 +495,8 @@ fn bench(args: BenchArgs, store: &Path) -> anyhow::Result<()> {
     crate::config::check_sections(&overrides, &["learn", "synth"])?;
     let base = crate::config::apply_overrides(&args.synthesis.config(), "synth", &overrides)?;
     base.check()?;
-    for variant in learn_variants() {
+    let learn_base = args.learning.config();
+    for variant in learn_variants(&learn_base) {
         crate::config::apply_overrides(&variant.config, "learn", &overrides)?.validate()?;
     }
     let all_rows = rows(&base);
@@ -499,7 +542,7 @@ fn bench(args: BenchArgs, store: &Path) -> anyhow::Result<()> {
     let mut cache = BlobCache::default();
     // row name -> per synthesis run, its mean oracle scores
     let mut per_row: BTreeMap<&str, Vec<BTreeMap<String, f64>>> = BTreeMap::new();
-    let needed: Vec<&str> = learn_variants()
+    let needed: Vec<&str> = learn_variants(&learn_base)
         .iter()
         .map(|v| v.name)
         .filter(|v| chosen.iter().any(|r| r.learn == *v))
@@ -514,7 +557,7 @@ fn bench(args: BenchArgs, store: &Path) -> anyhow::Result<()> {
             .join(format!("scene-{}", spec.seed));
         let file = world::write_scene_folder(&drawn, &dir)?;
         let mut learned: BTreeMap<&str, String> = BTreeMap::new();
-        for variant in learn_variants()
+        for variant in learn_variants(&learn_base)
             .into_iter()
             .filter(|v| needed.contains(&v.name))
         {
@@ -561,11 +604,16 @@ fn bench(args: BenchArgs, store: &Path) -> anyhow::Result<()> {
                     layout.name(),
                     spec.seed
                 );
+                let words = row.learn == NO_LEARNING;
                 let job = SynthJob {
-                    from: Some(learned[row.learn].clone()),
+                    from: (!words).then(|| learned[row.learn].clone()),
                     model: model.clone(),
-                    prompt: "a photo of <v0> and <v1>".into(),
-                    boxes: Layout::boxes(layout, &file),
+                    prompt: if words {
+                        file.caption.clone()
+                    } else {
+                        "a photo of <v0> and <v1>".into()
+                    },
+                    boxes: Layout::boxes(layout, &file, words),
                     samples: args.seeds,
                     seed: 0,
                     preset: "paper".into(),
@@ -619,6 +667,7 @@ fn bench(args: BenchArgs, store: &Path) -> anyhow::Result<()> {
                 "model": model.path,
                 "tag": args.tag,
                 "synthesis": args.synthesis.name(),
+                "learning": args.learning.name(),
                 "sets": args.sets,
                 "init": format!("{:?}", args.init).to_lowercase(),
                 "rows": rows,
@@ -627,10 +676,14 @@ fn bench(args: BenchArgs, store: &Path) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "\nmifo world bench: {} scenes × {} layouts × {} seeds per row, synthesis {}, model {} ({:.0} s)",
+        "\nmifo world bench: {} scenes × {} layouts × {} seeds per row, learning {}, synthesis {}, model {} ({:.0} s)",
         args.scenes,
         LAYOUTS.len(),
         args.seeds,
+        match args.learning {
+            LearnBase::World => "world (the paper preset mapped to the world model)",
+            LearnBase::Paper => "paper (unmapped)",
+        },
         match args.synthesis {
             SynthBase::World => "world (the paper preset mapped to the world model)",
             SynthBase::Paper => "paper (unmapped)",

@@ -76,10 +76,16 @@ impl Client {
     /// Connects, starting the engine in the background (detached, logging to
     /// `<store>/engine.log`) when none answers.
     pub fn connect(store_dir: &Path) -> Result<Client> {
+        Self::connect_with(store_dir, &[])
+    }
+
+    /// [`Self::connect`], giving an engine it starts the extra `mifo engine run` arguments
+    /// `engine_args` (e.g. `--gpus 0,2`).
+    pub fn connect_with(store_dir: &Path, engine_args: &[String]) -> Result<Client> {
         if let Some(c) = Self::try_connect(store_dir)? {
             return Ok(c);
         }
-        start_background(store_dir)?;
+        start_background(store_dir, engine_args)?;
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if let Some(c) = Self::try_connect(store_dir)? {
@@ -190,9 +196,10 @@ impl Iterator for Events {
     }
 }
 
-/// Starts `mifo engine run` for `store_dir` as a detached background process (own session, so
-/// a lost SSH connection or Ctrl-C does not reach it), logging to `<store>/engine.log`.
-pub fn start_background(store_dir: &Path) -> Result<()> {
+/// Starts `mifo engine run` for `store_dir` (with the extra arguments `args`) as a detached
+/// background process (own session, so a lost SSH connection or Ctrl-C does not reach it),
+/// logging to `<store>/engine.log`.
+pub fn start_background(store_dir: &Path, args: &[String]) -> Result<()> {
     std::fs::create_dir_all(store_dir).map_err(|e| Error::io(store_dir, e))?;
     let log_path: PathBuf = store_dir.join("engine.log");
     let log = std::fs::OpenOptions::new()
@@ -207,6 +214,7 @@ pub fn start_background(store_dir: &Path) -> Result<()> {
         .arg(store_dir)
         .args(["engine", "run", "--idle-exit"])
         .arg(std::env::var("MIFO_ENGINE_IDLE").unwrap_or_else(|_| "600".into()))
+        .args(args)
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log2);

@@ -10,7 +10,7 @@ use crate::jobs::sink::SinkEvent;
 use crate::runs::{RunsReply, RunsRequest};
 
 /// Bumped whenever a message changes shape.
-pub const PROTOCOL_VERSION: u32 = 10;
+pub const PROTOCOL_VERSION: u32 = 12;
 /// Largest frame accepted (a `runs show --json` of a long run is well below this).
 pub const MAX_FRAME: usize = 64 << 20;
 
@@ -64,6 +64,23 @@ pub enum Request {
     SubmitLearn(Box<LearnJob>),
     /// Validate and queue a synthesis run.
     SubmitSynth(Box<crate::jobs::synth::SynthJob>),
+    /// Check every run of a sweep, then record and queue those whose spec has not run (nothing
+    /// when one fails its check); every run of the sweep, skipped or not, gets the tag `name`.
+    /// Answered with [`Response::Sweep`].
+    SubmitSweep {
+        /// The sweep's name: the tag of its runs.
+        name: String,
+        /// One entry per combination.
+        entries: Vec<crate::jobs::sweep::SweepEntry>,
+    },
+    /// The table of sweep `name` (its varied keys against the final metrics of `by`, best
+    /// first); answered with [`Response::SweepTable`].
+    SweepTable {
+        /// The sweep's name (a tag).
+        name: String,
+        /// `METRIC`, `METRIC:min` or `METRIC:max`, in sort order.
+        by: Vec<String>,
+    },
     /// Queue the continuation of an interrupted learning run.
     ResumeLearn {
         /// Run id or unique prefix.
@@ -182,8 +199,12 @@ pub struct EngineStatus {
     pub device: Option<String>,
     /// Every running job.
     pub running_all: Vec<RunningJob>,
-    /// How many jobs may run at once.
+    /// How many jobs may run at once (the slots of the device pool).
     pub workers: usize,
+    /// The device pool: each device, its slots and the runs holding them.
+    pub pool: Vec<crate::jobs::pool::DeviceSlots>,
+    /// Queued runs with the device each waits for (`auto` or a device name), oldest first.
+    pub waiting: Vec<(String, String)>,
     /// Protocol version.
     pub version: u32,
 }
@@ -265,6 +286,10 @@ pub enum Response {
         /// Its id.
         run: String,
     },
+    /// What became of each combination of a [`Request::SubmitSweep`], in order.
+    Sweep(Vec<crate::jobs::sweep::SweepItem>),
+    /// The answer to a [`Request::SweepTable`].
+    SweepTable(crate::jobs::sweep::SweepTable),
     /// Request done.
     Ok,
     /// A streamed event (after `Subscribe`).

@@ -16,7 +16,9 @@ use super::protocol::{
 use super::socket_path;
 use crate::error::{Error, Result};
 use crate::jobs::learn as learn_job;
+use crate::jobs::pool::{DevicePool, PoolOptions};
 use crate::jobs::runner::{Cancelled, Runner, RunnerEvent, Work};
+use crate::jobs::sweep::{Planned, SweepEntry, SweepItem};
 use crate::store::{RunId, RunOutcome, Store};
 
 /// How the engine behaves.
@@ -24,9 +26,9 @@ use crate::store::{RunId, RunOutcome, Store};
 pub struct EngineOptions {
     /// Exit after this long with no job and no client (auto-started engines); `None` = never.
     pub idle_exit: Option<Duration>,
-    /// Jobs run at the same time (0 is taken as 1). One per device is the sane default: two
-    /// jobs on one GPU compete for its memory.
-    pub jobs: usize,
+    /// The devices its runs may use and how many runs each holds at once (one per device is
+    /// the sane default: two jobs on one GPU compete for its memory).
+    pub pool: PoolOptions,
 }
 
 struct Subscriber {
@@ -36,7 +38,7 @@ struct Subscriber {
 
 struct Shared {
     store: Store,
-    /// The queue and its workers (at most `EngineOptions::jobs` jobs at once).
+    /// The queue, the device pool and one worker per slot of the pool.
     runner: Runner,
     subscribers: Mutex<Vec<Subscriber>>,
     first_stop: Mutex<Option<Instant>>,
@@ -75,18 +77,14 @@ impl Shared {
     }
 
     fn status(&self, store_dir: &Path) -> EngineStatus {
-        let running = self.runner.running();
+        let snap = self.runner.snapshot();
+        let running = &snap.running;
         let first = running.first();
         EngineStatus {
             pid: std::process::id(),
             uptime_s: self.started.elapsed().as_secs_f64(),
             store: store_dir.display().to_string(),
-            queue: self
-                .runner
-                .queued()
-                .iter()
-                .map(ToString::to_string)
-                .collect(),
+            queue: snap.waiting.iter().map(|(id, _)| id.to_string()).collect(),
             running: first.map(|c| c.id.to_string()),
             progress: first.and_then(|c| c.progress.clone()),
             device: first.map(|c| c.device.clone()),
@@ -95,6 +93,12 @@ impl Shared {
                 .map(|c| (c.id.to_string(), c.device.clone(), c.progress.clone()))
                 .collect(),
             workers: self.runner.workers(),
+            pool: snap.slots,
+            waiting: snap
+                .waiting
+                .into_iter()
+                .map(|(id, want)| (id.to_string(), want))
+                .collect(),
             version: PROTOCOL_VERSION,
         }
     }
@@ -144,6 +148,9 @@ fn my_uid() -> u32 {
 
 /// Runs the engine on `store_dir` until it is stopped (or idle past `idle_exit`).
 pub fn serve(store_dir: &Path, opts: EngineOptions) -> Result<()> {
+    // A pool that cannot be (`--gpus 7` on a 2-GPU machine) refuses to start before the store
+    // is touched.
+    let pool = DevicePool::new(&opts.pool)?;
     let store = Store::create(store_dir)?;
     let _ = std::fs::set_permissions(store_dir, std::fs::Permissions::from_mode(0o700));
     let stale = store.mark_stale_running_interrupted()?;
@@ -180,9 +187,14 @@ pub fn serve(store_dir: &Path, opts: EngineOptions) -> Result<()> {
         .set_nonblocking(true)
         .map_err(|e| Error::io(&sock, e))?;
     eprintln!(
-        "engine: pid {} serving {} (protocol {PROTOCOL_VERSION})",
+        "engine: pid {} serving {} (protocol {PROTOCOL_VERSION}), devices {}",
         std::process::id(),
-        store_dir.display()
+        store_dir.display(),
+        pool.slots()
+            .iter()
+            .map(|d| format!("{}×{}", d.device, d.capacity))
+            .collect::<Vec<_>>()
+            .join(" ")
     );
 
     // The runner reports to the engine that holds it (no job is queued before both exist).
@@ -190,7 +202,7 @@ pub fn serve(store_dir: &Path, opts: EngineOptions) -> Result<()> {
         let engine = engine.clone();
         let runner = Runner::start(
             store.clone(),
-            opts.jobs,
+            pool,
             Arc::new(move |run: &RunId, event: RunnerEvent| {
                 if let Some(shared) = engine.upgrade() {
                     shared.on_runner_event(run, event);
@@ -401,55 +413,45 @@ fn handle_client(
                 shared.store.remove_run(&id)?;
                 Ok(Response::Ok)
             }),
-            Request::SubmitLearn(job) => {
-                if shared.runner.is_stopping() {
-                    Response::Error("the engine is stopping; try again in a moment".into())
-                } else {
-                    match learn_job::prepare(&shared.store, &job) {
-                        Ok(rec) => {
-                            shared.runner.submit(Work::Learn(rec.id.clone(), job));
-                            shared.publish_status(&rec.id);
-                            Response::Queued {
-                                run: rec.id.to_string(),
-                                warnings: Vec::new(),
-                            }
-                        }
-                        Err(Error::AlreadyRan { run }) => Response::AlreadyRan { run },
-                        Err(e) => Response::Error(e.to_string()),
-                    }
-                }
-            }
-            Request::SubmitSynth(job) => {
-                if shared.runner.is_stopping() {
-                    Response::Error("the engine is stopping; try again in a moment".into())
-                } else {
-                    match crate::jobs::synth::prepare(&shared.store, &job) {
-                        Ok((rec, warnings)) => {
-                            shared.runner.submit(Work::Synth(rec.id.clone(), job));
-                            shared.publish_status(&rec.id);
-                            Response::Queued {
-                                run: rec.id.to_string(),
-                                warnings,
-                            }
-                        }
-                        Err(Error::AlreadyRan { run }) => Response::AlreadyRan { run },
-                        Err(e) => Response::Error(e.to_string()),
-                    }
-                }
-            }
+            Request::SubmitLearn(job) => submit_one(
+                shared,
+                SweepEntry {
+                    label: String::new(),
+                    job: crate::jobs::sweep::SweepJob::Learn(job),
+                },
+            ),
+            Request::SubmitSynth(job) => submit_one(
+                shared,
+                SweepEntry {
+                    label: String::new(),
+                    job: crate::jobs::sweep::SweepJob::Synth(job),
+                },
+            ),
+            Request::SubmitSweep { name, entries } => submit_sweep(shared, &name, entries),
+            Request::SweepTable { name, by } => data(|| {
+                Ok(Response::SweepTable(crate::jobs::sweep::table(
+                    &shared.store,
+                    &name,
+                    &by,
+                )?))
+            }),
             Request::ResumeLearn { run, model, device } => {
-                match learn_job::check_resumable(&shared.store, &run, &model) {
-                    Ok(id) => {
-                        shared.runner.submit(Work::Resume {
-                            id: id.clone(),
-                            model,
-                            device,
-                        });
-                        Response::Queued {
-                            run: id.to_string(),
-                            warnings: Vec::new(),
-                        }
-                    }
+                let checked = shared
+                    .runner
+                    .check_device(&device)
+                    .and_then(|_| learn_job::check_resumable(&shared.store, &run, &model));
+                match checked.and_then(|id| {
+                    shared.runner.submit(Work::Resume {
+                        id: id.clone(),
+                        model,
+                        device,
+                    })?;
+                    Ok(id)
+                }) {
+                    Ok(id) => Response::Queued {
+                        run: id.to_string(),
+                        warnings: Vec::new(),
+                    },
                     Err(e) => Response::Error(e.to_string()),
                 }
             }
@@ -490,6 +492,91 @@ fn handle_client(
         write_frame(&mut writer, &reply)?;
     }
     Ok(())
+}
+
+/// Checks a learning or synthesis job against the pool and the store, records it as queued and
+/// queues it (a spec that already finished is [`Response::AlreadyRan`]).
+fn submit_one(shared: &Arc<Shared>, entry: SweepEntry) -> Response {
+    if shared.runner.is_stopping() {
+        return Response::Error("the engine is stopping; try again in a moment".into());
+    }
+    let checked = shared
+        .runner
+        .check_device(entry.job.device())
+        .and_then(|(_, device)| entry.job.check(&shared.store, &device));
+    let checked = match checked {
+        Ok(c) => c,
+        Err(Error::AlreadyRan { run }) => return Response::AlreadyRan { run },
+        Err(e) => return Response::Error(e.to_string()),
+    };
+    match queue_checked(shared, &checked, entry) {
+        Ok(id) => Response::Queued {
+            run: id.to_string(),
+            warnings: checked.warnings,
+        },
+        Err(e) => Response::Error(e.to_string()),
+    }
+}
+
+/// Records a checked job and queues it.
+fn queue_checked(
+    shared: &Arc<Shared>,
+    checked: &crate::jobs::Checked,
+    entry: SweepEntry,
+) -> Result<RunId> {
+    let rec = crate::jobs::record(&shared.store, checked)?;
+    if let Err(e) = shared.runner.submit(entry.job.into_work(rec.id.clone())) {
+        // Checked against the same pool a moment ago; should it fail, the run must not stay
+        // queued for ever.
+        let _ = shared
+            .store
+            .finish_run(&rec.id, RunOutcome::Failed(e.to_string()));
+        return Err(e);
+    }
+    shared.publish_status(&rec.id);
+    Ok(rec.id)
+}
+
+/// Plans a sweep (every combination checked, nothing written when one fails), then records and
+/// queues the combinations that have not run and tags every run of the sweep with `name`.
+fn submit_sweep(shared: &Arc<Shared>, name: &str, entries: Vec<SweepEntry>) -> Response {
+    if shared.runner.is_stopping() {
+        return Response::Error("the engine is stopping; try again in a moment".into());
+    }
+    if let Err(e) = crate::store::validate_tag(name) {
+        return Response::Error(format!("--name {name}: {e}"));
+    }
+    let check_device = |d: &str| shared.runner.check_device(d).map(|(_, check)| check);
+    let planned = match crate::jobs::sweep::plan(&shared.store, &entries, &check_device) {
+        Ok(p) => p,
+        Err(e) => return Response::Error(e.to_string()),
+    };
+    let mut items = Vec::with_capacity(planned.len());
+    for (plan, entry) in planned.into_iter().zip(entries) {
+        let item = match plan {
+            Planned::Skip(item) => item,
+            Planned::Queue(checked) => match queue_checked(shared, &checked, entry) {
+                Ok(id) => SweepItem::Queued(id.to_string()),
+                Err(e) => {
+                    let done = items.iter().filter_map(SweepItem::run).count();
+                    return Response::Error(format!(
+                        "{e} (after {done} runs of the sweep were queued or skipped, tagged {name})"
+                    ));
+                }
+            },
+        };
+        if let Some(run) = item.run() {
+            let tagged = shared
+                .store
+                .resolve(run)
+                .and_then(|id| shared.store.add_tag(&id, name));
+            if let Err(e) = tagged {
+                return Response::Error(format!("tagging run {run} with {name}: {e}"));
+            }
+        }
+        items.push(item);
+    }
+    Response::Sweep(items)
 }
 
 fn cancel(shared: &Arc<Shared>, run: &str) -> Response {

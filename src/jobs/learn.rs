@@ -35,7 +35,8 @@ pub struct LearnJob {
     pub config: LearnConfig,
     /// Seed.
     pub seed: u64,
-    /// `cpu`, `cuda`, `cuda:N`.
+    /// `auto` (the engine's pool chooses a free device), `cpu`, `cuda`, `cuda:N`; the runner
+    /// sets the device the run got before it starts.
     pub device: String,
     /// `f32`, `f16`, `bf16`.
     pub dtype: String,
@@ -73,6 +74,13 @@ fn spec_config(preset: &str, dtype: &str, cfg: &LearnConfig) -> Result<serde_jso
 /// Validates the job (config, device, model configs, scene) and records it as a queued run.
 /// Nothing is written to the store when validation fails.
 pub fn prepare(store: &Store, job: &LearnJob) -> Result<RunRecord> {
+    super::record(store, &check(store, job)?)
+}
+
+/// Validates the job (config, device, model configs, scene) and computes its spec, writing
+/// nothing; [`super::record`] stores it. A spec that already finished is an
+/// [`Error::AlreadyRan`] unless `job.rerun`.
+pub fn check(store: &Store, job: &LearnJob) -> Result<super::Checked> {
     job.config.validate()?;
     LearnConfig::preset(&job.preset)?;
     let device = parse_device(&job.device)?;
@@ -134,14 +142,11 @@ pub fn prepare(store: &Store, job: &LearnJob) -> Result<RunRecord> {
         code_version: code_version(),
     };
     let rerun_of = super::rerun_of(store, &spec, job.rerun)?;
-    store.put_blob_file(&job.files.image)?;
-    for m in job.files.masks.iter().chain(&job.files.world) {
-        store.put_blob_file(m)?;
-    }
     let defaults = LearnConfig::preset(&job.preset)?;
-    let record = store.create_run(
-        &spec,
-        NewRun {
+    Ok(super::Checked {
+        spec_hash: spec.spec_hash()?,
+        spec,
+        new_run: NewRun {
             scene: Some(super::scene_label(
                 &job.files.image,
                 job.scene_dir.as_deref(),
@@ -150,9 +155,14 @@ pub fn prepare(store: &Store, job: &LearnJob) -> Result<RunRecord> {
             rerun_of,
             model_source: Some(job.model.given.clone()),
         },
-    )?;
-    super::remember_model(store, &spec.model_fingerprint, &job.model)?;
-    Ok(record)
+        files: std::iter::once(&job.files.image)
+            .chain(&job.files.masks)
+            .chain(&job.files.world)
+            .cloned()
+            .collect(),
+        model: job.model.clone(),
+        warnings: Vec::new(),
+    })
 }
 
 /// Starts the queued run `id` (made by [`prepare`] from `job`) and runs it to the end.

@@ -2,8 +2,10 @@
 //! and the [`runner`] whose workers execute them for the engine.
 
 pub mod learn;
+pub mod pool;
 pub mod runner;
 pub mod sink;
+pub mod sweep;
 pub mod synth;
 
 use std::path::{Path, PathBuf};
@@ -138,4 +140,33 @@ pub fn rerun_of(
         (Some(r), true) => Ok(Some(r.id.clone())),
         (None, _) => Ok(None),
     }
+}
+
+/// A job that passed every check ([`learn::check`], [`synth::check`]) with the spec it will be
+/// stored under; [`record`] writes it. Nothing is in the store yet.
+#[derive(Clone, Debug)]
+pub struct Checked {
+    /// The run's spec.
+    pub spec: crate::store::RunSpec,
+    /// Its hash (the store's identity of the run).
+    pub spec_hash: crate::store::SpecHash,
+    /// Listing facts of the new record.
+    pub new_run: crate::store::NewRun,
+    /// Input files to put into the store as blobs first.
+    pub files: Vec<PathBuf>,
+    /// The model, remembered for the model's fingerprint ([`remember_model`]).
+    pub model: ModelSource,
+    /// Validation warnings (e.g. overlapping boxes).
+    pub warnings: Vec<String>,
+}
+
+/// Records a [`Checked`] job as a `queued` run: its input blobs, the record, where its model is
+/// ([`remember_model`]).
+pub fn record(store: &crate::store::Store, checked: &Checked) -> Result<crate::store::RunRecord> {
+    for f in &checked.files {
+        store.put_blob_file(f)?;
+    }
+    let record = store.create_run(&checked.spec, checked.new_run.clone())?;
+    remember_model(store, &checked.spec.model_fingerprint, &checked.model)?;
+    Ok(record)
 }

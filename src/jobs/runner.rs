@@ -3,9 +3,12 @@
 //! store; nothing else runs jobs in the background.
 //!
 //! A run enters the queue already recorded as `queued` ([`super::learn::prepare`],
-//! [`super::synth::prepare`]) or `interrupted` (a resume). A worker takes the oldest, executes
-//! it with a [`StoreSink`](super::sink::StoreSink) that reports every event to the runner's
-//! observer, and records the end. A job that panics is recorded as failed and the worker goes on.
+//! [`super::synth::prepare`]) or `interrupted` (a resume). A worker takes the oldest run whose
+//! device has a free slot in the runner's [`DevicePool`] (a run naming a busy device waits for
+//! it; runs behind it may start elsewhere), executes it on that device with a
+//! [`StoreSink`](super::sink::StoreSink) that reports every event to the runner's observer,
+//! records the end and frees the slot, whatever the end (done, failed, cancelled, a panic). A
+//! job that panics is recorded as failed and the worker goes on. There is one worker per slot.
 
 use std::collections::VecDeque;
 
@@ -15,6 +18,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::learn::{self as learn_job, LearnJob, RunOptions};
+use super::pool::{DevicePool, DeviceSlots};
 use super::sink::{Observer, SinkEvent};
 use super::synth::SynthJob;
 use crate::error::{Error, Result};
@@ -45,12 +49,37 @@ impl Work {
         }
     }
 
-    /// The device it runs on.
+    /// The device it asked for (`auto`, or a device of the pool).
     pub fn device(&self) -> &str {
         match self {
             Work::Learn(_, j) => &j.device,
             Work::Synth(_, j) => &j.device,
             Work::Resume { device, .. } => device,
+        }
+    }
+
+    /// The same work on `device` (the slot the pool gave it).
+    fn on_device(&self, device: &str) -> Work {
+        match self {
+            Work::Learn(id, j) => Work::Learn(
+                id.clone(),
+                Box::new(LearnJob {
+                    device: device.to_string(),
+                    ..(**j).clone()
+                }),
+            ),
+            Work::Synth(id, j) => Work::Synth(
+                id.clone(),
+                Box::new(SynthJob {
+                    device: device.to_string(),
+                    ..(**j).clone()
+                }),
+            ),
+            Work::Resume { id, model, .. } => Work::Resume {
+                id: id.clone(),
+                model: model.clone(),
+                device: device.to_string(),
+            },
         }
     }
 }
@@ -74,10 +103,21 @@ pub type RunnerObserver = Arc<dyn Fn(&RunId, RunnerEvent) + Send + Sync>;
 pub struct RunningJob {
     /// The run.
     pub id: RunId,
-    /// Its device.
+    /// The device it holds (a slot of the pool).
     pub device: String,
     /// Its last progress report: (step, total, phase).
     pub progress: Option<(u64, u64, String)>,
+}
+
+/// What [`Runner::snapshot`] returns.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunnerSnapshot {
+    /// The running jobs, in the order they started.
+    pub running: Vec<RunningJob>,
+    /// The pool's devices and their holders.
+    pub slots: Vec<DeviceSlots>,
+    /// Queued runs with the device each waits for, oldest first.
+    pub waiting: Vec<(RunId, String)>,
 }
 
 /// What [`Runner::cancel`] did.
@@ -94,9 +134,21 @@ struct Current {
     cancel: Arc<AtomicBool>,
 }
 
+/// A queued run and the device it waits for ([`DevicePool::resolve`]d: `auto` or a name).
+struct Queued {
+    work: Work,
+    want: String,
+}
+
+/// The queue and the pool under one lock, so that taking a run and its slot is one step.
+struct Sched {
+    queue: VecDeque<Queued>,
+    pool: DevicePool,
+}
+
 struct Inner {
     store: Store,
-    queue: Mutex<VecDeque<Work>>,
+    sched: Mutex<Sched>,
     wake: Condvar,
     current: Mutex<Vec<Current>>,
     shutdown: Arc<AtomicBool>,
@@ -116,11 +168,15 @@ pub struct Runner {
 }
 
 impl Runner {
-    /// Starts `workers` worker threads (0 is taken as 1) on `store`, reporting to `observer`.
-    pub fn start(store: Store, workers: usize, observer: RunnerObserver) -> Runner {
+    /// Starts one worker thread per slot of `pool` on `store`, reporting to `observer`.
+    pub fn start(store: Store, pool: DevicePool, observer: RunnerObserver) -> Runner {
+        let workers = pool.capacity();
         let inner = Arc::new(Inner {
             store,
-            queue: Mutex::new(VecDeque::new()),
+            sched: Mutex::new(Sched {
+                queue: VecDeque::new(),
+                pool,
+            }),
             wake: Condvar::new(),
             current: Mutex::new(Vec::new()),
             shutdown: Arc::new(AtomicBool::new(false)),
@@ -145,10 +201,58 @@ impl Runner {
         self.worker_count
     }
 
-    /// Queues `work` behind the jobs already waiting.
-    pub fn submit(&self, work: Work) {
-        lock(&self.inner.queue).push_back(work);
+    /// What a run asking for `device` waits for in this runner's pool (see
+    /// [`DevicePool::resolve`]), and the device to validate its job on before it is recorded
+    /// ([`DevicePool::validation_device`]).
+    pub fn check_device(&self, device: &str) -> Result<(String, String)> {
+        let sched = lock(&self.inner.sched);
+        let want = sched.pool.resolve(device)?;
+        let check = sched.pool.validation_device(&want);
+        Ok((want, check))
+    }
+
+    /// Queues `work` behind the jobs already waiting; refused when its device is not in the
+    /// pool (check first with [`Self::check_device`]).
+    pub fn submit(&self, work: Work) -> Result<()> {
+        let mut sched = lock(&self.inner.sched);
+        let want = sched.pool.resolve(work.device())?;
+        sched.queue.push_back(Queued { work, want });
+        drop(sched);
         self.inner.wake.notify_all();
+        Ok(())
+    }
+
+    /// The pool's devices and the runs holding them.
+    pub fn slots(&self) -> Vec<DeviceSlots> {
+        lock(&self.inner.sched).pool.slots()
+    }
+
+    /// One consistent view: the running jobs, the pool's devices with their holders, and the
+    /// queued runs with the device each waits for.
+    pub fn snapshot(&self) -> RunnerSnapshot {
+        let sched = lock(&self.inner.sched);
+        let running = lock(&self.inner.current)
+            .iter()
+            .map(|c| c.job.clone())
+            .collect();
+        RunnerSnapshot {
+            running,
+            slots: sched.pool.slots(),
+            waiting: sched
+                .queue
+                .iter()
+                .map(|q| (q.work.id().clone(), q.want.clone()))
+                .collect(),
+        }
+    }
+
+    /// The queued runs with the device each waits for (`auto` or a name), oldest first.
+    pub fn waiting(&self) -> Vec<(RunId, String)> {
+        lock(&self.inner.sched)
+            .queue
+            .iter()
+            .map(|q| (q.work.id().clone(), q.want.clone()))
+            .collect()
     }
 
     /// Cancels run `id`: a running one stops at its next step, a queued one leaves the queue
@@ -158,12 +262,12 @@ impl Runner {
             c.cancel.store(true, Ordering::SeqCst);
             return Ok(Cancelled::Stopping);
         }
-        let mut queue = lock(&self.inner.queue);
-        let Some(pos) = queue.iter().position(|w| w.id() == id) else {
+        let mut sched = lock(&self.inner.sched);
+        let Some(pos) = sched.queue.iter().position(|q| q.work.id() == id) else {
             return Err(Error::Input(format!("run {id} is not queued or running")));
         };
-        queue.remove(pos);
-        drop(queue);
+        sched.queue.remove(pos);
+        drop(sched);
         // (A queued run takes no log lines: the store keeps them for running runs only.)
         self.inner.store.finish_run(id, RunOutcome::Cancelled)?;
         eprintln!("engine: run {id} cancelled before it started");
@@ -172,9 +276,10 @@ impl Runner {
 
     /// The queued runs, oldest first.
     pub fn queued(&self) -> Vec<RunId> {
-        lock(&self.inner.queue)
+        lock(&self.inner.sched)
+            .queue
             .iter()
-            .map(|w| w.id().clone())
+            .map(|q| q.work.id().clone())
             .collect()
     }
 
@@ -188,13 +293,19 @@ impl Runner {
 
     /// Whether run `id` is queued or running.
     pub fn is_pending(&self, id: &RunId) -> bool {
-        lock(&self.inner.current).iter().any(|c| &c.job.id == id)
-            || lock(&self.inner.queue).iter().any(|w| w.id() == id)
+        // One lock at a time (a worker takes the queue's lock, then `current`'s).
+        let running = lock(&self.inner.current).iter().any(|c| &c.job.id == id);
+        running
+            || lock(&self.inner.sched)
+                .queue
+                .iter()
+                .any(|q| q.work.id() == id)
     }
 
     /// Whether any job is queued or running.
     pub fn is_busy(&self) -> bool {
-        !lock(&self.inner.current).is_empty() || !lock(&self.inner.queue).is_empty()
+        let running = !lock(&self.inner.current).is_empty();
+        running || !lock(&self.inner.sched).queue.is_empty()
     }
 
     /// Whether any job is running.
@@ -228,7 +339,12 @@ impl Runner {
         }
         // The store keeps log lines of running runs only, so the reason goes to the engine's
         // own log (stderr).
-        for work in lock(&self.inner.queue).drain(..) {
+        let queued: Vec<Work> = lock(&self.inner.sched)
+            .queue
+            .drain(..)
+            .map(|q| q.work)
+            .collect();
+        for work in queued {
             match self
                 .inner
                 .store
@@ -244,36 +360,44 @@ impl Runner {
     }
 }
 
-/// Takes the oldest job, or `None` once the runner is stopping.
-fn next_work(inner: &Inner) -> Option<Work> {
-    let mut queue = lock(&inner.queue);
+/// Takes the oldest job that can have a slot of its device now, with that slot (the device's
+/// name), or `None` once the runner is stopping. The job is in `current` before the lock is
+/// released, so that it is never in neither list.
+fn next_work(inner: &Inner) -> Option<(Work, String, Arc<AtomicBool>)> {
+    let mut sched = lock(&inner.sched);
     loop {
         if inner.shutdown.load(Ordering::SeqCst) {
             return None;
         }
-        if let Some(work) = queue.pop_front() {
-            return Some(work);
+        let Sched { queue, pool } = &mut *sched;
+        let taken = queue.iter().enumerate().find_map(|(i, q)| {
+            pool.try_acquire(&q.want, q.work.id())
+                .map(|device| (i, device))
+        });
+        if let Some(queued) = taken.and_then(|(i, device)| Some((queue.remove(i)?, device))) {
+            let (queued, device) = queued;
+            let cancel = Arc::new(AtomicBool::new(false));
+            lock(&inner.current).push(Current {
+                job: RunningJob {
+                    id: queued.work.id().clone(),
+                    device: device.clone(),
+                    progress: None,
+                },
+                cancel: cancel.clone(),
+            });
+            return Some((queued.work.on_device(&device), device, cancel));
         }
-        queue = inner
+        sched = inner
             .wake
-            .wait_timeout(queue, Duration::from_millis(200))
+            .wait_timeout(sched, Duration::from_millis(200))
             .map(|(g, _)| g)
             .unwrap_or_else(|p| p.into_inner().0);
     }
 }
 
 fn worker_loop(inner: &Arc<Inner>) {
-    while let Some(work) = next_work(inner) {
+    while let Some((work, device, cancel)) = next_work(inner) {
         let id = work.id().clone();
-        let cancel = Arc::new(AtomicBool::new(false));
-        lock(&inner.current).push(Current {
-            job: RunningJob {
-                id: id.clone(),
-                device: work.device().to_string(),
-                progress: None,
-            },
-            cancel: cancel.clone(),
-        });
         let observer: Observer = {
             let inner = inner.clone();
             Arc::new(move |run: &RunId, ev: SinkEvent| {
@@ -295,7 +419,7 @@ fn worker_loop(inner: &Arc<Inner>) {
             observer: Some(observer),
             progress_lines: true,
         };
-        eprintln!("engine: starting run {id}");
+        eprintln!("engine: starting run {id} on {device}");
         let started = || (inner.observer)(&id, RunnerEvent::Started);
         let store = &inner.store;
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &work {
@@ -320,7 +444,13 @@ fn worker_loop(inner: &Arc<Inner>) {
                 );
             }
         }
-        lock(&inner.current).retain(|c| c.job.id != id);
+        // Whatever the end, the slot is free again before anyone hears of it.
+        {
+            let mut sched = lock(&inner.sched);
+            sched.pool.release(&device, &id);
+            lock(&inner.current).retain(|c| c.job.id != id);
+        }
+        inner.wake.notify_all();
         (inner.observer)(&id, RunnerEvent::Ended);
     }
 }

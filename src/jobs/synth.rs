@@ -37,7 +37,7 @@ pub struct SynthJob {
     pub preset: String,
     /// Resolved config.
     pub config: SynthConfig,
-    /// Device.
+    /// Device, as for [`super::learn::LearnJob::device`].
     pub device: String,
     /// Dtype.
     pub dtype: String,
@@ -154,6 +154,14 @@ fn request<'a>(
 
 /// Validates and records a queued synthesis run; returns it and the validation warnings.
 pub fn prepare(store: &Store, job: &SynthJob) -> Result<(RunRecord, Vec<String>)> {
+    let checked = check(store, job)?;
+    Ok((super::record(store, &checked)?, checked.warnings))
+}
+
+/// Validates a synthesis job (loading the model on its device to check the prompt and boxes)
+/// and computes its spec, writing nothing; [`super::record`] stores it. A spec that already
+/// finished is an [`Error::AlreadyRan`] unless `job.rerun`.
+pub fn check(store: &Store, job: &SynthJob) -> Result<super::Checked> {
     if job.samples == 0 {
         return Err(Error::Input("--samples must be at least 1".into()));
     }
@@ -187,9 +195,9 @@ pub fn prepare(store: &Store, job: &SynthJob) -> Result<(RunRecord, Vec<String>)
             )
         })
         .collect();
-    let record = store.create_run(
-        &spec,
-        NewRun {
+    Ok(super::Checked {
+        spec_hash: spec.spec_hash()?,
+        new_run: NewRun {
             scene: learned
                 .as_ref()
                 .and_then(|l| l.scene.clone())
@@ -198,9 +206,11 @@ pub fn prepare(store: &Store, job: &SynthJob) -> Result<(RunRecord, Vec<String>)
             rerun_of,
             model_source: Some(job.model.given.clone()),
         },
-    )?;
-    super::remember_model(store, &spec.model_fingerprint, &job.model)?;
-    Ok((record, warnings))
+        spec,
+        files: Vec::new(),
+        model: job.model.clone(),
+        warnings,
+    })
 }
 
 /// Adds a PNG text chunk (prompt, boxes, seed, spec hash) to every `sample_K.png`; the run id

@@ -64,6 +64,17 @@ pub struct LearnConfig {
     pub init: String,
     /// Probability of flipping image and masks horizontally each step.
     pub flip_p: f64,
+    /// Largest L2 norm a placeholder row may reach: after each update a longer row is scaled
+    /// back onto this sphere (0 = no bound, the paper and the released code). Runs stored
+    /// before this key existed read 0, which is what they ran.
+    #[serde(default)]
+    pub max_token_norm: f64,
+    /// Which instances each step learns: `random` (a random non-empty subset Λ, its tokens in
+    /// the prompt and its masks' union in the loss: the paper's joint sampling, App. C.5) or
+    /// `all` (every instance every step). Runs stored before this key existed read `random`,
+    /// which is what they ran.
+    #[serde(default = "default_subsets")]
+    pub subsets: String,
     /// How the image and masks are brought to the model's square size: `crop` (resize the
     /// short side, centre-crop: the paper, App. C.1) or `stretch` (resize both sides, the
     /// aspect ratio is not kept: the released code's `Resize([512, 512])`). Runs stored before
@@ -133,6 +144,8 @@ impl LearnConfig {
             init: "mean".into(),
             flip_p: 0.0,
             image_fit: default_image_fit(),
+            subsets: default_subsets(),
+            max_token_norm: 0.0,
             vae_sample: true,
             dreambooth_penalty: 0.0,
             dreambooth_penalty_layers: vec!["down_blocks.2".into(), "up_blocks.1".into()],
@@ -225,6 +238,15 @@ impl LearnConfig {
         {
             return bad("lr", "learning rates must be positive");
         }
+        if !(self.max_token_norm >= 0.0 && self.max_token_norm.is_finite()) {
+            return bad(
+                "max_token_norm",
+                "expected a finite number ≥ 0 (0 = no bound)",
+            );
+        }
+        if !["random", "all"].contains(&self.subsets.as_str()) {
+            return bad("subsets", "expected random or all");
+        }
         if !["crop", "stretch"].contains(&self.image_fit.as_str()) {
             return bad("image_fit", "expected crop or stretch");
         }
@@ -254,6 +276,11 @@ impl LearnConfig {
     pub fn fit(&self) -> ImageFit {
         ImageFit::parse(&self.image_fit).unwrap_or(ImageFit::Crop)
     }
+}
+
+/// `random`: the value of `subsets` for runs stored before the key existed.
+fn default_subsets() -> String {
+    "random".into()
 }
 
 /// `crop`: the value of `image_fit` for runs stored before the key existed.

@@ -544,8 +544,12 @@ impl<'a> Learner<'a> {
     fn draw(&mut self, step: u64) -> Result<Draw> {
         let n = self.token_names.len();
         let mut rng = step_rng(self.seed, step);
-        let k = rng.random_range(1..=n);
-        let subset: Vec<usize> = rand::seq::index::sample(&mut rng, n, k).into_vec();
+        let subset: Vec<usize> = if self.cfg.subsets == "all" {
+            (0..n).collect()
+        } else {
+            let k = rng.random_range(1..=n);
+            rand::seq::index::sample(&mut rng, n, k).into_vec()
+        };
         let flipped = rng.random::<f64>() < self.cfg.flip_p;
         let t = rng.random_range(0..self.sd.scheduler.config().train_steps);
         let (ids, positions) = self.prompt(&subset)?;
@@ -821,7 +825,20 @@ impl<'a> Learner<'a> {
         } else {
             1.0
         };
-        self.opt.update(&grads, lr, scale)
+        self.opt.update(&grads, lr, scale)?;
+        if self.cfg.max_token_norm > 0.0 {
+            self.bound_rows(self.cfg.max_token_norm)?;
+        }
+        Ok(())
+    }
+
+    /// Scales every placeholder row longer than `max_norm` back to that length.
+    fn bound_rows(&self, max_norm: f64) -> Result<()> {
+        let rows = self.rows.as_tensor();
+        let norms = rows.sqr()?.sum_keepdim(1)?.sqrt()?;
+        let factor = (norms.affine(1.0 / max_norm, 0.0)?.maximum(1.0)?).recip()?;
+        self.rows.set(&rows.broadcast_mul(&factor)?)?;
+        Ok(())
     }
 
     /// Reports the step (losses, leak per token, lr, phase, t, progress), fails on a

@@ -39,10 +39,20 @@ use candle_core::{DType, Device};
 
 use crate::error::{Error, Result};
 
-/// Parses `cpu`, `cuda`, or `cuda:N`.
+/// Parses `cpu`, `cpu:N` (slot N of the engine's CPU test pool: the same CPU), `cuda`, or
+/// `cuda:N`. `auto` is the engine's to resolve (its device pool), never a device here.
 pub fn parse_device(spec: &str) -> Result<Device> {
     match spec {
         "cpu" => Ok(Device::Cpu),
+        s if s.starts_with("cpu:") => match s["cpu:".len()..].parse::<usize>() {
+            Ok(_) => Ok(Device::Cpu),
+            Err(_) => Err(Error::Input(format!(
+                "--device {s}: expected cpu:N with N a number"
+            ))),
+        },
+        "auto" => Err(Error::Input(
+            "--device auto: only the engine's device pool resolves auto; name a device here (cpu, cuda:N)".into(),
+        )),
         s if s == "cuda" || s.starts_with("cuda:") => {
             let ordinal = match s.strip_prefix("cuda:") {
                 Some(n) => n.parse::<usize>().map_err(|_| {

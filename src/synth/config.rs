@@ -63,6 +63,13 @@ pub struct SynthConfig {
     /// Step size the linear schedule heads for: β_i = start + (end − start)/guided_steps·i, so
     /// with 15 guided steps the last one uses 2.4, as in the released code (2).
     pub step_size_end: f64,
+    /// When an iteration of the latent optimisation raised the box loss, go back to the latent
+    /// before it and retry with half the step, and end each guided step on the latent with the
+    /// lowest loss seen. Neither the paper nor the released code does this (`false` in both
+    /// presets); on small latents a full step can throw the sample off the model's images.
+    /// Records stored before the key existed read `false`, which is what they ran.
+    #[serde(default)]
+    pub backtrack: bool,
     /// Weight of the cross-attention loss term (1.5).
     pub lambda_ca: f64,
     /// Weight of the self-attention loss term (0.5).
@@ -144,6 +151,7 @@ impl Default for SynthConfig {
             loss_threshold: 0.2,
             step_size_start: 8.0,
             step_size_end: 2.0,
+            backtrack: false,
             lambda_ca: 1.5,
             lambda_sa: 0.5,
             alpha_max: 0.5,

@@ -322,6 +322,10 @@ fn optimise_latent(
     let mut before = None;
     let mut prev_norm = f64::INFINITY;
     let mut iters = 0;
+    // With `backtrack`: the last latent whose loss was measured, that loss, its gradient, and
+    // the step scale (halved on each rejected iteration).
+    let mut accepted: Option<(Tensor, f64, Tensor)> = None;
+    let mut scale = 1.0;
     for _ in 0..cfg.gd_iters {
         if prev_norm < cfg.loss_threshold {
             break;
@@ -336,6 +340,16 @@ fn optimise_latent(
                 "latent optimisation: the box loss is {value} at step {step}"
             )));
         }
+        if cfg.backtrack {
+            if let Some((z0, v0, g0)) = &accepted {
+                if value > *v0 {
+                    hook.begin(Pass::Guidance); // drop the rejected latent's graph
+                    scale *= 0.5;
+                    z = (z0 - (g0 * (beta * scale))?)?.detach();
+                    continue;
+                }
+            }
+        }
         before.get_or_insert(value);
         prev_norm = value / norm;
         let grads = loss.backward()?;
@@ -343,14 +357,21 @@ fn optimise_latent(
         let g = grads.get(var.as_tensor()).ok_or_else(|| {
             Error::Input("latent optimisation: the loss does not depend on the latent".into())
         })?;
-        z = (var.as_tensor() - (g * beta)?)?.detach();
+        z = (var.as_tensor() - (g * (beta * scale))?)?.detach();
+        if cfg.backtrack {
+            accepted = Some((var.as_tensor().detach(), value, g.detach()));
+        }
         iters += 1;
     }
     // Measured with the α the next iteration would use; not counted (the released code has no
     // such evaluation).
-    let after = guidance_loss(unet, hook, &z, t, cond, cfg.alpha_pair(step, *calls))?
+    let mut after = guidance_loss(unet, hook, &z, t, cond, cfg.alpha_pair(step, *calls))?
         .to_dtype(DType::F64)?
         .to_scalar::<f64>()?;
+    if let Some((z0, v0, _)) = accepted.filter(|(_, v0, _)| after > *v0) {
+        z = z0;
+        after = v0;
+    }
     hook.begin(Pass::Normal);
     Ok(GuidedStep {
         z,

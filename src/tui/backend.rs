@@ -233,7 +233,7 @@ pub struct LearnLaunch {
     pub sets: Vec<String>,
     /// Seed.
     pub seed: u64,
-    /// `cpu`, `cuda`, `cuda:N`.
+    /// `auto` (the engine's pool chooses), `cpu`, `cuda`, `cuda:N`.
     pub device: String,
     /// `f32`, `f16`, `bf16`.
     pub dtype: String,

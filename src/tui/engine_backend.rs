@@ -146,13 +146,34 @@ impl EngineBackend {
 }
 
 fn progress(st: &crate::engine::EngineStatus, id: &RunId) -> Option<RunProgress> {
-    match (&st.running, &st.progress) {
-        (Some(r), Some((step, total, phase))) if r == id.as_str() => Some(RunProgress {
+    st.running_all
+        .iter()
+        .find(|(r, _, _)| r == id.as_str())
+        .and_then(|(_, _, p)| p.as_ref())
+        .map(|(step, total, phase)| RunProgress {
             step: *step,
             total: *total,
             phase: Some(phase.clone()),
-        }),
-        _ => None,
+        })
+}
+
+/// The device a run holds (running), waits for (queued: `auto` or a name, shown `→NAME`) or
+/// ran on (its record), else `fallback`.
+fn device_of(
+    st: &crate::engine::EngineStatus,
+    id: &RunId,
+    record: Option<&crate::store::RunRecord>,
+    fallback: &str,
+) -> String {
+    if let Some((_, d, _)) = st.running_all.iter().find(|(r, _, _)| r == id.as_str()) {
+        return d.clone();
+    }
+    if let Some((_, want)) = st.waiting.iter().find(|(r, _)| r == id.as_str()) {
+        return format!("→{want}");
+    }
+    match record {
+        Some(r) if !r.device.is_empty() => r.device.clone(),
+        _ => fallback.to_string(),
     }
 }
 
@@ -401,7 +422,7 @@ impl Backend for EngineBackend {
                     run: Some(s.run.clone()),
                     state,
                     progress: progress(&st, &s.run),
-                    device: s.device.clone(),
+                    device: device_of(&st, &s.run, rec, &s.device),
                     queued_ms: s.queued_ms,
                     started_ms: rec.and_then(|r| r.started_ms),
                     finished_ms: rec.and_then(|r| r.finished_ms),
@@ -411,8 +432,9 @@ impl Backend for EngineBackend {
         // Runs other clients queued: shown too, with job numbers past ours.
         let ours: Vec<String> = subs.iter().map(|s| s.run.to_string()).collect();
         let others = st
-            .running
+            .running_all
             .iter()
+            .map(|(r, _, _)| r)
             .chain(st.queue.iter())
             .filter(|r| !ours.contains(r));
         for (i, r) in others.enumerate() {
@@ -425,14 +447,14 @@ impl Backend for EngineBackend {
                     rec.map(|r| r.kind.as_str()).unwrap_or("run"),
                     rec.and_then(|r| r.scene.clone()).unwrap_or_default()
                 ),
-                state: if st.running.as_deref() == Some(r.as_str()) {
+                state: if st.running_all.iter().any(|(x, _, _)| x == r) {
                     JobState::Running
                 } else {
                     JobState::Queued
                 },
                 progress: progress(&st, &id),
+                device: device_of(&st, &id, rec, ""),
                 run: Some(id),
-                device: st.device.clone().unwrap_or_default(),
                 queued_ms: rec.map(|r| r.created_ms).unwrap_or_default(),
                 started_ms: rec.and_then(|r| r.started_ms),
                 finished_ms: None,

@@ -47,18 +47,19 @@ pub struct LearnVariant {
     pub config: LearnConfig,
 }
 
-/// The learning configurations.
-pub fn learn_variants() -> Vec<LearnVariant> {
+/// The learning configurations, from `base` (the world mapping of the paper preset,
+/// [`super::learn_config`], unless the bench is asked for the unmapped preset).
+pub fn learn_variants(base: &LearnConfig) -> Vec<LearnVariant> {
     vec![
         LearnVariant {
             name: "mifo",
-            config: LearnConfig::paper(),
+            config: base.clone(),
         },
         LearnVariant {
             name: "reward-only",
             config: LearnConfig {
                 penalty_steps: 0,
-                ..LearnConfig::paper()
+                ..base.clone()
             },
         },
     ]
@@ -77,6 +78,14 @@ pub struct Row {
     #[serde(skip)]
     pub config: SynthConfig,
 }
+
+/// The reference row: no learning; the plain model draws the scene's caption with the boxes on
+/// its noun phrases, the same synthesis as `mifo`. What the tokens would reach if they were the
+/// words themselves.
+pub const WORDS_ROW: &str = "words";
+
+/// [`Row::learn`] of the [`WORDS_ROW`]: no learning variant.
+pub const NO_LEARNING: &str = "none";
 
 /// Names of the rows that are synthesis methods (`mifo world bench --methods`).
 pub const METHOD_ROWS: &[&str] = &["mifo", "bounded-attention", "plain"];
@@ -131,6 +140,12 @@ pub fn rows(base: &SynthConfig) -> Vec<Row> {
             c.latent_opt = false
         }),
         off("refine-off", "synth.refine=false", |c| c.refine = false),
+        Row {
+            name: WORDS_ROW,
+            learn: NO_LEARNING,
+            change: "the scene's caption, boxes on its words",
+            config: paper,
+        },
     ]
 }
 
@@ -158,8 +173,9 @@ impl Layout {
         }
     }
 
-    /// The `--box` arguments for a two-object scene.
-    pub fn boxes(self, scene: &SceneFile) -> Vec<String> {
+    /// The `--box` arguments for a two-object scene: on the placeholders `<v0>`, `<v1>`, or with
+    /// `words` on the objects' own noun phrases (`red circle`), for the [`WORDS_ROW`].
+    pub fn boxes(self, scene: &SceneFile, words: bool) -> Vec<String> {
         let fmt = |r: [f32; 4]| format!("{:.4},{:.4},{:.4},{:.4}", r[0], r[1], r[2], r[3]);
         let (a, b) = (
             scene.objects[0].box_fractions,
@@ -170,9 +186,17 @@ impl Layout {
             Layout::Swapped => (centre(b), centre(a)),
             Layout::Moved => ([0.26, 0.5], [0.74, 0.5]),
         };
+        let subject = |k: usize| {
+            let o = &scene.objects[k];
+            if words {
+                o.object.noun_phrase()
+            } else {
+                o.token.clone()
+            }
+        };
         vec![
-            format!("<v0>={}", fmt(recentred(a, to_a))),
-            format!("<v1>={}", fmt(recentred(b, to_b))),
+            format!("{}={}", subject(0), fmt(recentred(a, to_a))),
+            format!("{}={}", subject(1), fmt(recentred(b, to_b))),
         ]
     }
 }
@@ -218,11 +242,13 @@ mod tests {
                 None => assert!(changed.is_empty(), "row {}: {changed:?}", row.name),
             }
         }
-        let learns: Vec<&str> = learn_variants().iter().map(|l| l.name).collect();
-        assert!(rows.iter().all(|r| learns.contains(&r.learn)));
+        let variants = learn_variants(&crate::world::learn_config());
+        let learns: Vec<&str> = variants.iter().map(|l| l.name).collect();
+        assert!(rows
+            .iter()
+            .all(|r| learns.contains(&r.learn) || (r.learn == NO_LEARNING && r.name == WORDS_ROW)));
         assert_eq!(
-            learn_variants()[1].config.penalty_steps,
-            0,
+            variants[1].config.penalty_steps, 0,
             "reward-only has no penalty phase"
         );
     }
@@ -232,7 +258,7 @@ mod tests {
         for i in 0..6 {
             let file = SceneFile::of(&scene(i).draw().unwrap());
             for layout in LAYOUTS {
-                let b = layout.boxes(&file);
+                let b = layout.boxes(&file, false);
                 assert!(b[0].starts_with("<v0>=") && b[1].starts_with("<v1>="));
                 let parsed: Vec<crate::synth::BoxSpec> = b
                     .iter()

@@ -23,6 +23,7 @@ pub use scene::{
 };
 
 use crate::error::{Error, Result};
+use crate::learn::LearnConfig;
 use crate::synth::SynthConfig;
 
 /// Prefix of the oracle's scores stored with a run (`oracle/identity/<v0>`, …).
@@ -38,29 +39,53 @@ pub const SCENE_FILE_VERSION: u32 = 1;
 /// The `paper` synthesis preset mapped to the world model (`fixtures/world-sd`: 64 px images,
 /// 8×8 latents), as `mifo demo` and `mifo world bench` use it (the same as `mifo synth --set
 /// 'synth.loss_layers=["up_blocks.1","up_blocks.2"]' --set 'synth.cluster_layers=["up_blocks.2"]'
-/// --set synth.step_size_start=2 --set synth.step_size_end=0.5`).
+/// --set synth.step_size_start=4 --set synth.step_size_end=1 --set synth.guided_steps=25 --set
+/// synth.backtrack=true`).
 ///
 /// * Layers. On SD (64×64 latents) the box loss and the leak read the mid block (8²) and the
 ///   first decoder level (16²), and mask refinement clusters the 16² maps. The world model's
 ///   decoder has cross-attention at 4² (`up_blocks.1`) and 8² (`up_blocks.2`) only, and its mid
 ///   block is 2×2, where a 20-pixel box can round to no cell at all. So the loss reads both
 ///   decoder levels and refinement clusters the 8² maps (the finest, as 16² is on SD's 64²).
-/// * Step size. β of the latent optimisation goes 2 → 0.5 instead of 8 → 2: the gradient on an
-///   8×8 latent is far larger per element than on 64×64, and with the paper's β one sample in
-///   four came out as noise on the demo scene (seed 1, which is not a bench scene), while with
-///   2 → 0.5 (and 2 → 2) both instances kept their colour and shape in 4 of 4 samples — the best
-///   of a grid over β (1 → 0.25, 2 → 0.5, 2 → 2, 4 → 1, 8 → 2). That grid ran on the model
-///   before its stage 3 and with the released code's loss form.
-/// * Loss form: the preset's (`paper`). On the stage-3 model one demo sample in four washes
-///   out with it at β 2 → 0.5, which the `official` form does not (`docs/performance.md`,
-///   "The world bench").
+/// * Step size, guided steps, backtracking. Measured with the bench's `words` row (the plain
+///   model drawing each scene's own words under the same synthesis: 6 scenes × 2 layouts × 4
+///   seeds, oracle identity / leak / outside): β 2 → 0.5 (this mapping before) 62.5 / 17.1 /
+///   40.1 %; 1 → 0.25 76.0 / 16.0 / 45.3; 4 → 1 54.2 / 14.7 / 33.0: a larger step holds the
+///   boxes better but throws more samples off the model's images (a pale, washed-out picture,
+///   where one iteration overshot and the sample never came back). `synth.backtrack` undoes such
+///   iterations: 4 → 1 with it 60.4 / 12.7 / 33.7, and with 25 guided steps of 50 instead of 15
+///   65.6 / 13.4 / 31.1, the best on all three of those that keep `outside` low. On SD the
+///   gradient of a 64×64 latent is far smaller per element, and the paper's 8 → 2 is right
+///   there.
+/// * Loss form: the preset's (`paper`).
 pub fn synth_config() -> SynthConfig {
     SynthConfig {
         loss_layers: vec!["up_blocks.1".into(), "up_blocks.2".into()],
         cluster_layers: vec!["up_blocks.2".into()],
-        step_size_start: 2.0,
-        step_size_end: 0.5,
+        step_size_start: 4.0,
+        step_size_end: 1.0,
+        guided_steps: 25,
+        backtrack: true,
         ..SynthConfig::default()
+    }
+}
+
+/// The `paper` learning preset mapped to the world model, as `mifo demo` and `mifo world
+/// bench` use it: the attention loss weighs 0.1 in both phases instead of 0.01 (`--set
+/// learn.lambda_reward=0.1 --set learn.lambda_penalty=0.1`).
+///
+/// On the world model the paper's 0.01 leaves the learned tokens' cross-attention where the
+/// reconstruction puts it: the attention term is 1e-4 of a total near 0.02, and the share of
+/// each token's attention outside its mask stays at 30–45 % through both phases — no better
+/// than the colour words themselves (37 % and 29 % on the demo scene). With 0.1 the bench
+/// (6 scenes × 2 layouts × 4 seeds, the synthesis mapping of the time) went from identity /
+/// leak / outside 39.6 / 41.7 / 51.3 % to 42.7 / 34.0 / 43.4 %; 1.0 drives the penalty phase to
+/// the easy minimum (attention low everywhere) and the leak rises again.
+pub fn learn_config() -> LearnConfig {
+    LearnConfig {
+        lambda_reward: 0.1,
+        lambda_penalty: 0.1,
+        ..LearnConfig::paper()
     }
 }
 

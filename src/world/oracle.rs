@@ -26,7 +26,7 @@
 
 use image::RgbImage;
 
-use super::scene::{Colour, Shape, WorldObject, BACKGROUND, COLOURS, SHAPES};
+use super::scene::{Colour, Shape, BACKGROUND, COLOURS, SHAPES};
 
 /// RGB distance within which a pixel is background.
 pub const BACKGROUND_RADIUS: f32 = 50.0;
@@ -250,16 +250,16 @@ fn blend_towards(p: [f32; 3], own: [f32; 3], other: [f32; 3]) -> f32 {
     }
 }
 
-/// Scores subject `instance` (one of `instances`, the learned objects) in the region
-/// `box_mask` (`y * width + x`, true inside the box) of `image`.
+/// Scores subject `instance` (one of `instances`, the learned objects' shapes and colours) in
+/// the region `box_mask` (`y * width + x`, true inside the box) of `image`.
 pub fn judge(
     image: &RgbImage,
     reading: &Reading,
-    instances: &[WorldObject],
+    instances: &[(Shape, Colour)],
     instance: usize,
     box_mask: &[bool],
 ) -> SubjectVerdict {
-    let me = instances[instance];
+    let (my_shape, my_colour) = instances[instance];
     let (w, h) = reading.dimensions();
     assert_eq!(
         box_mask.len(),
@@ -278,20 +278,20 @@ pub fn judge(
         .filter(|(_, n)| *n > 0)
         .max_by_key(|(_, n)| *n)
         .map(|(o, _)| o);
-    let colour = present && main.is_some_and(|o| o.colour == me.colour);
-    let shape = present && main.is_some_and(|o| o.shape == me.shape);
+    let colour = present && main.is_some_and(|o| o.colour == my_colour);
+    let shape = present && main.is_some_and(|o| o.shape == my_shape);
 
-    let own = rgbf(me.colour.rgb());
+    let own = rgbf(my_colour.rgb());
     let mut leak = 0.0f64;
-    for (j, other) in instances.iter().enumerate() {
-        if j == instance || (other.colour == me.colour && other.shape == me.shape) {
+    for (j, &(other_shape, other_colour)) in instances.iter().enumerate() {
+        if j == instance || (other_colour == my_colour && other_shape == my_shape) {
             continue;
         }
-        let l = if other.colour != me.colour {
+        let l = if other_colour != my_colour {
             if foreground.is_empty() {
                 0.0
             } else {
-                let to = rgbf(other.colour.rgb());
+                let to = rgbf(other_colour.rgb());
                 let sum: f64 = foreground
                     .iter()
                     .map(|&i| {
@@ -301,7 +301,7 @@ pub fn judge(
                     .sum();
                 sum / foreground.len() as f64
             }
-        } else if present && main.is_some_and(|o| o.shape == other.shape) {
+        } else if present && main.is_some_and(|o| o.shape == other_shape) {
             1.0
         } else {
             0.0
@@ -313,7 +313,7 @@ pub fn judge(
     for o in reading
         .objects
         .iter()
-        .filter(|o| o.colour == me.colour && o.shape == me.shape)
+        .filter(|o| o.colour == my_colour && o.shape == my_shape)
     {
         mine += o.pixels.len();
         out += o.pixels.iter().filter(|&&i| !box_mask[i]).count();
@@ -480,7 +480,7 @@ pub fn score_lines(scores: &std::collections::BTreeMap<String, f64>) -> Vec<Stri
 mod tests {
     use super::*;
     use crate::synth::boxes::box_mask;
-    use crate::world::scene::{Attribute, SceneSpec};
+    use crate::world::scene::{Attribute, SceneSpec, WorldObject};
 
     fn boxes_of(scene: &crate::world::WorldScene) -> Vec<Vec<bool>> {
         let s = scene.spec.size as usize;
@@ -491,6 +491,10 @@ mod tests {
             .collect()
     }
 
+    fn kinds(objects: &[WorldObject]) -> Vec<(Shape, Colour)> {
+        objects.iter().map(WorldObject::kind).collect()
+    }
+
     fn verdicts(
         image: &RgbImage,
         objects: &[WorldObject],
@@ -498,7 +502,7 @@ mod tests {
     ) -> Vec<SubjectVerdict> {
         let reading = Reading::of(image);
         (0..objects.len())
-            .map(|k| judge(image, &reading, objects, k, &boxes[k]))
+            .map(|k| judge(image, &reading, &kinds(objects), k, &boxes[k]))
             .collect()
     }
 
@@ -652,7 +656,13 @@ mod tests {
             }
         }
         let reading = Reading::of(&img);
-        let v = judge(&img, &reading, &scene.objects, 0, &box_mask(&rect, 64, 64));
+        let v = judge(
+            &img,
+            &reading,
+            &kinds(&scene.objects),
+            0,
+            &box_mask(&rect, 64, 64),
+        );
         assert!(!v.present && !v.identity());
         assert_eq!(v.outside, 1.0);
     }

@@ -218,6 +218,11 @@ impl WorldObject {
         }
     }
 
+    /// Its shape and colour: what the oracle judges.
+    pub fn kind(&self) -> (Shape, Colour) {
+        (self.shape, self.colour)
+    }
+
     /// "red circle".
     pub fn noun_phrase(&self) -> String {
         format!("{} {}", self.colour.word(), self.shape.word())

@@ -1,12 +1,14 @@
 //! Scoring a stored synthesis run with the oracle: its samples, its boxes, and the attributes of
 //! the instances its learning run learned from a world scene (`scene.json` kept as the learning
-//! run's `world` input).
+//! run's `world` input) — or, for a run drawn by the plain model, the world objects its boxes
+//! name (`red circle`): the ceiling that the scene's own words reach.
 
 use std::collections::BTreeMap;
 
 use serde::Serialize;
 
 use super::oracle::{judge, Reading, SubjectScores, SubjectVerdict};
+use super::scene::{Colour, Shape};
 use super::{SceneFile, ORACLE_PREFIX, WORLD_INPUT};
 use crate::error::{Error, Result};
 use crate::eval::run::RunSource;
@@ -18,12 +20,15 @@ use crate::synth::boxes::box_mask;
 pub struct RunVerdicts {
     /// The synthesis run.
     pub run: RunId,
-    /// The learning run behind it.
-    pub learned: RunId,
+    /// The learning run behind it (`None`: drawn by the plain model, its boxes naming world
+    /// objects, `red circle`).
+    pub learned: Option<RunId>,
     /// The run's prompt.
     pub prompt: String,
-    /// The world scene the instances were learned from.
-    pub scene: SceneFile,
+    /// The world scene the instances were learned from (`None` as for `learned`).
+    pub scene: Option<SceneFile>,
+    /// Per boxed subject, the shape and colour the oracle expects in its box.
+    pub kinds: BTreeMap<String, (Shape, Colour)>,
     /// Per sample (`sample_K.png`), the verdict on each boxed placeholder, in box order.
     pub samples: Vec<Vec<(String, SubjectVerdict)>>,
     /// Per placeholder, the sums over the samples (see [`SubjectScores::means`]).
@@ -85,13 +90,6 @@ pub fn score_run(src: &mut dyn RunSource, run: &str) -> Result<RunVerdicts> {
             record.status
         )));
     }
-    let parent = spec.parent.as_ref().ok_or_else(|| {
-        Error::Input(format!(
-            "run {id}: synthesised from a plain model, not from instances learned on a world scene"
-        ))
-    })?;
-    let (learned, scene) = learned_scene(src, parent.as_str())?;
-    let instances = scene.world_objects();
     let prompt = spec
         .config
         .get("prompt")
@@ -99,27 +97,57 @@ pub fn score_run(src: &mut dyn RunSource, run: &str) -> Result<RunVerdicts> {
         .unwrap_or_default()
         .to_string();
     let boxes = crate::synth::boxes::stored_boxes(&spec.config)?;
-    let subjects: Vec<(String, usize, [f32; 4])> = boxes
+    // (subject, its index among the instances, its box)
+    let (learned, scene, instances, subjects): (_, _, Vec<(Shape, Colour)>, Vec<_>) = match spec
+        .parent
+        .as_ref()
+    {
+        Some(parent) => {
+            let (learned, scene) = learned_scene(src, parent.as_str())?;
+            let subjects: Vec<(String, usize, [f32; 4])> = boxes
+                .iter()
+                .filter_map(|b| {
+                    scene
+                        .objects
+                        .iter()
+                        .position(|o| o.token == b.subject)
+                        .map(|k| (b.subject.clone(), k, b.rect))
+                })
+                .collect();
+            if subjects.is_empty() {
+                return Err(Error::Input(format!(
+                    "run {id}: no box holds a learned placeholder ({}), nothing to score",
+                    scene
+                        .objects
+                        .iter()
+                        .map(|o| o.token.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+            let instances = scene.objects.iter().map(|o| o.object.kind()).collect();
+            (Some(learned), Some(scene), instances, subjects)
+        }
+        None => {
+            let kinds: Option<Vec<(Shape, Colour)>> =
+                boxes.iter().map(|b| noun_phrase_kind(&b.subject)).collect();
+            let kinds = kinds.filter(|k| !k.is_empty()).ok_or_else(|| {
+                    Error::Input(format!(
+                        "run {id}: synthesised from a plain model, not from instances learned on a world scene, and its boxes do not all name world objects (`red circle`)"
+                    ))
+                })?;
+            let subjects = boxes
+                .iter()
+                .enumerate()
+                .map(|(k, b)| (b.subject.clone(), k, b.rect))
+                .collect();
+            (None, None, kinds, subjects)
+        }
+    };
+    let kinds = subjects
         .iter()
-        .filter_map(|b| {
-            scene
-                .objects
-                .iter()
-                .position(|o| o.token == b.subject)
-                .map(|k| (b.subject.clone(), k, b.rect))
-        })
+        .map(|(s, k, _)| (s.clone(), instances[*k]))
         .collect();
-    if subjects.is_empty() {
-        return Err(Error::Input(format!(
-            "run {id}: no box holds a learned placeholder ({}), nothing to score",
-            scene
-                .objects
-                .iter()
-                .map(|o| o.token.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )));
-    }
     let mut samples = Vec::new();
     let mut sums: BTreeMap<String, SubjectScores> = BTreeMap::new();
     for k in 0.. {
@@ -146,9 +174,22 @@ pub fn score_run(src: &mut dyn RunSource, run: &str) -> Result<RunVerdicts> {
         learned,
         prompt,
         scene,
+        kinds,
         samples,
         subjects: sums,
     })
+}
+
+/// The world object a box subject names (`red circle`, `a red circle`), if it names one.
+pub fn noun_phrase_kind(subject: &str) -> Option<(Shape, Colour)> {
+    let words: Vec<&str> = subject
+        .split_whitespace()
+        .filter(|w| !w.eq_ignore_ascii_case("a"))
+        .collect();
+    match words.as_slice() {
+        [colour, shape] => Some((shape.parse().ok()?, colour.parse().ok()?)),
+        _ => None,
+    }
 }
 
 /// The mean, over runs, of each run's headline scores (`oracle/identity`, … — the means over
@@ -175,7 +216,10 @@ pub fn report(v: &RunVerdicts) -> String {
     let mut out = format!(
         "run {}  from {}  \"{}\"  {} sample(s)\n",
         v.run,
-        v.learned,
+        v.learned.as_ref().map_or(
+            "the plain model (world words)".to_string(),
+            ToString::to_string
+        ),
         v.prompt,
         v.samples.len()
     );
@@ -201,11 +245,9 @@ pub fn report(v: &RunVerdicts) -> String {
     let mut all = SubjectScores::default();
     for (token, sums) in &v.subjects {
         let what = v
-            .scene
-            .objects
-            .iter()
-            .find(|o| &o.token == token)
-            .map(|o| o.object.noun_phrase())
+            .kinds
+            .get(token)
+            .map(|(shape, colour)| format!("{colour} {shape}"))
             .unwrap_or_default();
         let m = sums.means();
         out += &line(token, &what, &m);

@@ -8,17 +8,30 @@ use std::sync::mpsc::Receiver;
 use std::time::Duration;
 
 use mifo::engine::{serve, Client, EngineOptions};
+use mifo::jobs::pool::PoolOptions;
 
 /// Starts an engine with `jobs` workers on `store` (created if needed) in a thread and returns
 /// once it answers. It exits after 30 s with no job and no client.
 pub fn serve_in_thread(store: &Path, jobs: usize) {
+    serve_pool_in_thread(
+        store,
+        PoolOptions {
+            cpu_jobs: jobs,
+            ..PoolOptions::default()
+        },
+    )
+}
+
+/// Starts an engine with the device pool `pool` on `store` (created if needed) in a thread and
+/// returns once it answers. It exits after 30 s with no job and no client.
+pub fn serve_pool_in_thread(store: &Path, pool: PoolOptions) {
     let dir = store.to_path_buf();
     std::thread::spawn(move || {
         serve(
             &dir,
             EngineOptions {
                 idle_exit: Some(Duration::from_secs(30)),
-                jobs,
+                pool,
             },
         )
         .unwrap()
@@ -53,7 +66,7 @@ pub fn serve_with_idle_exit(store: &Path, idle: Duration) -> Receiver<bool> {
             &dir,
             EngineOptions {
                 idle_exit: Some(idle),
-                jobs: 1,
+                pool: PoolOptions::default(),
             },
         );
         let _ = done_tx.send(r.is_ok());

@@ -1,4 +1,5 @@
-//! Jobs: queued and running launches with progress gauges, device, and cancel.
+//! Jobs: queued and running launches with progress gauges, the device each run holds (or `→`
+//! the one it waits for), and cancel.
 
 use ratatui::buffer::Buffer;
 use ratatui::layout::{Constraint, Rect};
@@ -170,7 +171,7 @@ pub fn render(app: &mut App, area: Rect, buf: &mut Buffer) {
         Constraint::Length(9),
         Constraint::Fill(2),
         Constraint::Length(12),
-        Constraint::Length(7),
+        Constraint::Length(8),
         Constraint::Length(8),
         Constraint::Fill(3),
     ];

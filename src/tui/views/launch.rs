@@ -341,7 +341,7 @@ impl LaunchForm {
                 if self.device.text().trim().is_empty() {
                     check
                         .errors
-                        .push((Field::Device, "cpu, cuda or cuda:N".into()));
+                        .push((Field::Device, "auto, cpu, cuda or cuda:N".into()));
                 }
             }
             FormMode::Rerun { base: None, .. } => {
