@@ -177,6 +177,7 @@ fn fill(dir: &Path, runs: usize) {
             scene: Some(format!("scene{}", i % 17)),
             config_deltas: vec![("learn.lr".into(), lr.to_string())],
             rerun_of: None,
+            model_source: None,
         };
         let record = store.create_run(&spec, new).expect("create");
         store

@@ -10,7 +10,6 @@
 //! `tools/bench_diffusers.py` prints the same rows for diffusers/PyTorch.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -19,15 +18,16 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::learn::{LearnConfig, LearnRequest, Scene, SceneFiles};
-use crate::model::{ModelShape, StableDiffusion};
+use crate::model::{ModelShape, ModelSource, StableDiffusion};
 use crate::sink::{Progress, RunSink};
 use crate::synth::{BoxSpec, SynthConfig, SynthRequest};
 
 /// What to time.
 #[derive(Clone, Debug)]
 pub struct BenchOptions {
-    /// The diffusers folder (its weights, or with `shape` only its tokenizer and scheduler).
-    pub model: PathBuf,
+    /// The model (its weights, or with `shape` only the tokenizer and scheduler of its diffusers
+    /// folder).
+    pub model: ModelSource,
     /// Time these component shapes with seeded random weights instead of the folder's weights.
     pub shape: Option<ModelShape>,
     /// Where to run.
@@ -388,14 +388,19 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&BenchRow)) -> Result<B
             if let Some(size) = opts.size {
                 shape.unet.sample_size = size as usize / shape.vae.factor();
             }
-            StableDiffusion::synthetic(&opts.model, &shape, 0, opts.dtype, dev)?
+            if opts.model.is_single_file() {
+                return Err(Error::Input(
+                    "--shape takes its tokenizer and scheduler from a diffusers folder: --model cannot be a single-file checkpoint".into(),
+                ));
+            }
+            StableDiffusion::synthetic(&opts.model.path, &shape, 0, opts.dtype, dev)?
         }
         None if opts.size.is_some() => {
             return Err(Error::Input(
                 "--size applies to --shape only (a model folder runs at its own resolution)".into(),
             ))
         }
-        None => StableDiffusion::load(&opts.model, opts.dtype, dev)?,
+        None => StableDiffusion::load_source(&opts.model, opts.dtype, dev, Vec::new())?,
     };
     let factor = sd.vae.config().factor();
     let size = (sd.unet.config().sample_size * factor) as u32;
@@ -680,9 +685,12 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&BenchRow)) -> Result<B
             Some(s) => format!(
                 "{} (random weights; tokenizer from {})",
                 s.name,
-                opts.model.display()
+                opts.model.path.display()
             ),
-            None => opts.model.display().to_string(),
+            None if opts.model.kind == crate::model::SourceKind::Folder => {
+                opts.model.path.display().to_string()
+            }
+            None => opts.model.describe(),
         },
         device: match dev.location() {
             candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),

@@ -169,6 +169,8 @@ pub struct RunShow {
     pub logs: Vec<String>,
     /// The model folder the store knows for the run's model, while it still holds that model.
     pub model_dir: Option<PathBuf>,
+    /// The `--model-config` folder noted with a single-file model.
+    pub model_config: Option<PathBuf>,
     /// Size in bytes of each output's blob file; `None` when the file is missing.
     pub output_sizes: BTreeMap<String, Option<u64>>,
 }
@@ -302,6 +304,7 @@ pub fn show(store: &Store, id: &RunId) -> Result<RunShow, RunsError> {
         tags: store.tags(id)?,
         logs: store.logs(id)?,
         model_dir: store.model_dir_for(&spec.model_fingerprint)?,
+        model_config: store.model_config_for(&spec.model_fingerprint)?,
         output_sizes,
         spec,
         record,

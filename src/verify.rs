@@ -20,6 +20,7 @@ use crate::learn::losses;
 use crate::model::attention::{AttentionHook, AttnCall, AttnKind};
 use crate::model::loader::StableDiffusion;
 use crate::model::nn::{resize_bilinear, resize_nearest_hw};
+use crate::model::source::ModelSource;
 
 /// Largest allowed `max |ours − ref| / max |ref|` for forward tensors (fp32).
 pub const FORWARD_TOLERANCE: f64 = 1e-4;
@@ -229,8 +230,13 @@ fn layer_of(name: &str, prefix: &str) -> String {
 
 /// Runs every check the reference supports against the model in `model_dir`.
 pub fn verify(model_dir: &Path, reference: &Path, device: &Device) -> Result<Vec<Check>> {
+    verify_source(&ModelSource::folder(model_dir), reference, device)
+}
+
+/// [`verify`] for any model source (a cache snapshot, a single-file checkpoint).
+pub fn verify_source(model: &ModelSource, reference: &Path, device: &Device) -> Result<Vec<Check>> {
     let r = Reference::load(reference)?;
-    let sd = StableDiffusion::load(model_dir, DType::F32, device)?;
+    let sd = StableDiffusion::load_source(model, DType::F32, device, Vec::new())?;
     let mut out = Vec::new();
     let fwd = FORWARD_TOLERANCE;
     let grd = GRADIENT_TOLERANCE;

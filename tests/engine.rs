@@ -32,7 +32,7 @@ fn job(steps: u64, seed: u64) -> LearnJob {
         ..LearnConfig::paper()
     };
     LearnJob {
-        model: root().join("fixtures/tiny-sd21"),
+        model: mifo::model::ModelSource::folder(root().join("fixtures/tiny-sd21")),
         files: scene_files(&root().join("fixtures/scenes/coffee")).unwrap(),
         scene_dir: None,
         preset: "paper".into(),

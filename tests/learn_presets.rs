@@ -42,6 +42,10 @@ fn documented_paper() -> LearnConfig {
         // §3.2: no init word, the mean of the vocabulary.
         init: "mean".into(),
         flip_p: 0.0,
+        // §3.3a: no bound on the placeholder rows (not in the paper or the code).
+        max_token_norm: 0.0,
+        // §3.3 / App. C.5: a random non-empty subset of the instances each step.
+        subsets: "random".into(),
         // App. C.1 "resize … the shorter side is 512 pixels, center-cropped to 512x512".
         image_fit: "crop".into(),
         // §3.4 step 1: a VAE sample, not the mean.

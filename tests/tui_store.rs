@@ -88,6 +88,7 @@ fn fill_store(dir: &Path, n: usize) -> Vec<RunId> {
                         format!("{}", 0.001 + (i % 7) as f64 * 1e-4),
                     )],
                     rerun_of: None,
+                    model_source: None,
                 },
             )
             .unwrap();

@@ -21,10 +21,14 @@ Examples:
   mifo bench --shape sd21-base --device cuda --iters 5 # SD 2.1-base at 512 on a GPU
   python tools/bench_diffusers.py               # the same rows with diffusers/PyTorch")]
 pub struct BenchArgs {
-    /// Diffusers folder to time [default: the bundled fixtures/tiny-sd21]; with --shape only
-    /// its tokenizer and scheduler are used.
+    /// The model to time: a diffusers folder, a single-file checkpoint or a cached repo id
+    /// [default: the bundled fixtures/tiny-sd21]; with --shape only the folder's tokenizer and
+    /// scheduler are used.
     #[arg(long, env = "MIFO_MODEL")]
     pub model: Option<PathBuf>,
+    /// `--revision` / `--model-config` for --model.
+    #[command(flatten)]
+    pub source: crate::cli::SourceArgs,
     /// Time a known architecture with seeded random weights instead of the folder's weights:
     /// `sd21-base` (Stable Diffusion 2.1-base: 865M-parameter UNet, OpenCLIP-H text encoder).
     #[arg(long)]
@@ -60,9 +64,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let device = parse_device(&args.device)?;
     let dtype = resolve_dtype(&args.dtype, &device)?;
     enable_precision(&args.dtype);
-    let model = match args.model {
-        Some(m) => m,
-        None => super::demo::fixtures_dir(None, "tiny-sd21")?.join("tiny-sd21"),
+    let model = match args.model.clone() {
+        Some(m) => crate::jobs::model_source(&args.source.flags(Some(m)))?,
+        None => crate::model::ModelSource::folder(
+            super::demo::fixtures_dir(None, "tiny-sd21")?.join("tiny-sd21"),
+        ),
     };
     let shape = match args.shape.as_deref() {
         None => None,

@@ -101,8 +101,9 @@ pub fn run(
         "then draws them with their places swapped, and the oracle reads back what it drew.\n"
     );
 
+    let source = crate::model::ModelSource::folder(&model);
     let learn = LearnJob {
-        model: model.clone(),
+        model: source.clone(),
         files: scene_files(&scene_dir)?,
         scene_dir: Some(scene_dir.clone()),
         preset: "paper".into(),
@@ -122,7 +123,7 @@ pub fn run(
     let boxes = crate::world::bench::Layout::Swapped.boxes(&file, false);
     let synth = SynthJob {
         from: Some(learned.clone()),
-        model,
+        model: source,
         prompt: "a photo of <v0> and <v1>".into(),
         boxes,
         samples: 4,
@@ -180,7 +181,7 @@ pub fn run(
     );
     if !args.no_tui && std::io::IsTerminal::is_terminal(&std::io::stdout()) {
         eprintln!("\nOpening the workbench (q quits; the runs stay in the store)…");
-        return super::workbench(store, None, "cpu", image_mode);
+        return super::workbench(store, crate::jobs::ModelFlags::default(), "cpu", image_mode);
     }
     Ok(())
 }

@@ -2,7 +2,7 @@
 //! learning run go through the engine.
 
 use std::io::{IsTerminal, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -252,10 +252,10 @@ fn pool_line(pool: &[crate::jobs::pool::DeviceSlots]) -> String {
         .join(" ")
 }
 
-/// The model folder the store noted for run `run`'s model, if it still holds that model (asks
-/// the engine, starting one if none runs).
-pub fn known_model_dir(store: &Path, run: &str) -> anyhow::Result<Option<PathBuf>> {
-    Ok(Client::connect(store)?.stored_run(run)?.model_dir)
+/// The model the store noted for run `run`'s model, if it still holds that model (asks the
+/// engine, starting one if none runs).
+pub fn known_model(store: &Path, run: &str) -> anyhow::Result<Option<crate::model::ModelSource>> {
+    Ok(Client::connect(store)?.stored_run(run)?.known_model())
 }
 
 fn expect_ok(r: Response) -> anyhow::Result<()> {
@@ -280,18 +280,17 @@ pub fn runs(cmd: RunsCommand, store: &Path) -> anyhow::Result<()> {
         sets,
         seed,
         model,
+        source,
         device,
         json,
         detach,
     } = cmd
     {
         let mut c = Client::connect(store)?;
-        let crate::engine::StoredRun {
-            record,
-            spec,
-            model_dir,
-        } = c.stored_run(&run)?;
-        let model = crate::jobs::model_dir_for_run(model, model_dir, &run)?;
+        let stored = c.stored_run(&run)?;
+        let known = stored.known_model();
+        let crate::engine::StoredRun { record, spec, .. } = stored;
+        let model = crate::jobs::model_for_run(&source.flags(model), known, &run)?;
         let request = match record.kind {
             crate::store::RunKind::Learn => {
                 let root = std::fs::canonicalize(store).unwrap_or_else(|_| store.to_path_buf());

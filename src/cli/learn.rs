@@ -11,7 +11,7 @@ use crate::learn::{scene_files, LearnConfig, SceneFiles};
 /// Arguments of `mifo learn`.
 #[derive(Args, Debug)]
 #[command(
-    after_help = "Examples:\n  mifo learn --scene fixtures/scenes/coffee --model fixtures/tiny-sd21 --seed 7\n  mifo learn --image img.jpg --mask cup.png --mask spoon.png --model ~/sd21-base --device cuda:0\n  mifo learn --scene DIR --preset official --set learn.penalty_steps=300\n  mifo learn --resume 01HX3 --model ~/sd21-base"
+    after_help = "Examples:\n  mifo learn --scene fixtures/scenes/coffee --model fixtures/tiny-sd21 --seed 7\n  mifo learn --image img.jpg --mask cup.png --mask spoon.png --model ~/sd21-base --device cuda:0\n  mifo learn --scene DIR --preset official --set learn.penalty_steps=300\n  mifo learn --resume 01HX3 --model ~/sd21-base\n  mifo learn --scene DIR --model stabilityai/stable-diffusion-2-1-base   (a repo id from the local Hugging Face cache)\n  mifo learn --scene DIR --model v2-1_512-ema-pruned.safetensors   (a single-file checkpoint)"
 )]
 pub struct LearnArgs {
     /// A scene folder: img.png|jpg plus mask*.png (sorted by name: the first mask is <v0>).
@@ -23,10 +23,15 @@ pub struct LearnArgs {
     /// A mask per instance, in token order (white = instance; grey or RGBA first channel).
     #[arg(long)]
     pub mask: Vec<PathBuf>,
-    /// Diffusers Stable Diffusion folder [env: MIFO_MODEL]; with --resume, default: the folder
-    /// the run learned on, while it still holds that model.
+    /// The model: a diffusers Stable Diffusion folder, a single-file .safetensors checkpoint
+    /// (SD 1.x/2.x, A1111 / ComfyUI layout) or a Hugging Face repo id in the local cache
+    /// [env: MIFO_MODEL]; with --resume, default: the model the run learned on, while the store
+    /// still finds it.
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// `--revision` / `--model-config` for --model.
+    #[command(flatten)]
+    pub source: crate::cli::SourceArgs,
     /// Configuration preset: `paper` (the paper's values) or `official` (the released code's).
     #[arg(long, default_value = "paper")]
     pub preset: String,
@@ -76,7 +81,7 @@ pub fn resolve_config(args: &LearnArgs) -> anyhow::Result<LearnConfig> {
 /// input files found and made absolute, the seed drawn when not given.
 pub fn build_job(args: &LearnArgs) -> anyhow::Result<LearnJob> {
     let config = resolve_config(args)?;
-    let model = crate::jobs::model_dir(args.model.clone())?;
+    let model = crate::jobs::model_source(&args.source.flags(args.model.clone()))?;
     let (files, scene_dir) = match (&args.scene, &args.image) {
         (Some(dir), _) => (scene_files(dir)?, Some(dir.clone())),
         (None, Some(image)) => (SceneFiles::new(image.clone(), args.mask.clone()), None),
@@ -100,7 +105,7 @@ pub fn build_job(args: &LearnArgs) -> anyhow::Result<LearnJob> {
         .seed
         .unwrap_or_else(|| u64::from(rand::random::<u32>()));
     Ok(LearnJob {
-        model: abs(&model),
+        model,
         files,
         scene_dir: scene_dir.map(|d| abs(&d)),
         preset: args.preset.clone(),
@@ -117,12 +122,13 @@ pub fn build_job(args: &LearnArgs) -> anyhow::Result<LearnJob> {
 /// (which validates the rest and queues it), then follows it unless `--detach`.
 pub fn run(args: LearnArgs, store_dir: &Path) -> anyhow::Result<()> {
     let request = if let Some(prefix) = &args.resume {
-        let known = if crate::jobs::model_named(&args.model) {
+        let flags = args.source.flags(args.model.clone());
+        let known = if flags.named() {
             None
         } else {
-            crate::cli::engine::known_model_dir(store_dir, prefix)?
+            crate::cli::engine::known_model(store_dir, prefix)?
         };
-        let model = crate::jobs::model_dir_for_run(args.model.clone(), known, prefix)?;
+        let model = crate::jobs::model_for_run(&flags, known, prefix)?;
         Request::ResumeLearn {
             run: prefix.clone(),
             model,

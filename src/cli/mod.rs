@@ -13,7 +13,7 @@ pub mod world;
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 /// mifo: learn several object instances from one image (one mask each) and draw them into new
 /// scenes, each in its own box, with Stable Diffusion (MIFO, candle).
@@ -33,9 +33,13 @@ pub struct Cli {
     /// that `mifo demo` opens: `mifo --image-protocol halfblocks demo`).
     #[arg(long, default_value = "auto", value_parser = parse_image_mode)]
     pub image_protocol: crate::tui::images::ImageMode,
-    /// Default model folder for launches from the workbench [env: MIFO_MODEL].
+    /// Default model for launches from the workbench: a diffusers folder, a single-file
+    /// .safetensors checkpoint, or a Hugging Face repo id in the local cache [env: MIFO_MODEL].
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// `--revision` / `--model-config` of the workbench's default model.
+    #[command(flatten)]
+    pub source: SourceArgs,
     /// Default device for launches from the workbench: auto (a free device of the engine's
     /// pool), cpu, cuda or cuda:N. Default: auto in a CUDA build, cpu otherwise.
     #[arg(long, default_value = crate::jobs::pool::default_device())]
@@ -45,21 +49,52 @@ pub struct Cli {
     pub command: Option<Command>,
 }
 
+/// `--revision` and `--model-config`: how `--model` is read when it is a Hugging Face repo id or a
+/// single-file checkpoint (flattened next to every `--model`).
+#[derive(Args, Debug, Clone, Default)]
+pub struct SourceArgs {
+    /// With a Hugging Face repo id as --model: the branch, tag or commit hash to take from the
+    /// local cache (never downloaded) [default: main].
+    #[arg(long, value_name = "REV")]
+    pub revision: Option<String>,
+    /// With a single-file .safetensors checkpoint as --model: a diffusers folder (or a repo id
+    /// in the local cache) whose configs and tokenizer go with its weights [default: configs
+    /// inferred from the checkpoint's keys, mifo's bundled CLIP tokenizer].
+    #[arg(long, value_name = "DIR")]
+    pub model_config: Option<PathBuf>,
+}
+
+impl SourceArgs {
+    /// These flags with `--model`.
+    pub fn flags(&self, model: Option<PathBuf>) -> crate::jobs::ModelFlags {
+        crate::jobs::ModelFlags {
+            model,
+            revision: self.revision.clone(),
+            config: self.model_config.clone(),
+        }
+    }
+}
+
 fn parse_image_mode(s: &str) -> Result<crate::tui::images::ImageMode, String> {
     s.parse()
 }
 
 /// Opens the workbench on the store's engine (starting the engine if needed); the default model
-/// folder is `model`, else `$MIFO_MODEL`.
+/// is `model`, else `$MIFO_MODEL`, resolved now (a repo id or a single file too).
 pub fn workbench(
     store: &std::path::Path,
-    model: Option<PathBuf>,
+    model: crate::jobs::ModelFlags,
     device: &str,
     mode: crate::tui::images::ImageMode,
 ) -> anyhow::Result<()> {
+    let model = if model.named() {
+        Some(crate::jobs::model_source(&model)?)
+    } else {
+        None
+    };
     crate::tui::run(crate::tui::TuiOptions {
         store: store.to_path_buf(),
-        model: model.or_else(|| std::env::var_os("MIFO_MODEL").map(PathBuf::from)),
+        model,
         device: device.to_string(),
         image_protocol: mode,
     })
@@ -104,7 +139,8 @@ pub enum Command {
 pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let Some(command) = cli.command else {
-        return workbench(&cli.store, cli.model, &cli.device, cli.image_protocol);
+        let model = cli.source.flags(cli.model);
+        return workbench(&cli.store, model, &cli.device, cli.image_protocol);
     };
     match command {
         Command::Demo(args) => demo::run(args, &cli.store, cli.image_protocol),

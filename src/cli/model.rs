@@ -18,8 +18,12 @@ pub enum ModelCommand {
     /// parameter counts, and the attention layers a hook can address (execution index,
     /// self/cross, module path, feature-map size) for one UNet forward at the given size.
     Info {
-        /// A diffusers Stable Diffusion folder.
+        /// The model: a diffusers Stable Diffusion folder, a single-file .safetensors checkpoint
+        /// (SD 1.x/2.x, A1111 / ComfyUI layout) or a Hugging Face repo id in the local cache.
         model_dir: PathBuf,
+        /// `--revision` / `--model-config` for the model.
+        #[command(flatten)]
+        source: crate::cli::SourceArgs,
         /// Device: cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: String,
@@ -38,9 +42,13 @@ pub enum ModelCommand {
     /// diffusers/transformers and compare every output tensor (one line per tensor; exit 1 on
     /// any FAIL). Tolerances: max |err| / max |ref| ≤ 1e-4 forward, ≤ 1e-3 gradients.
     Verify {
-        /// A diffusers Stable Diffusion folder (model_index.json, tokenizer/, text_encoder/,
-        /// unet/, vae/, scheduler/).
+        /// The model: a diffusers Stable Diffusion folder (model_index.json, tokenizer/,
+        /// text_encoder/, unet/, vae/, scheduler/), a single-file .safetensors checkpoint or a
+        /// Hugging Face repo id in the local cache.
         model_dir: PathBuf,
+        /// `--revision` / `--model-config` for the model.
+        #[command(flatten)]
+        source: crate::cli::SourceArgs,
         /// The reference tensors (`reference.safetensors`; `reference.json` must sit beside it).
         reference: PathBuf,
         /// Device: cpu, cuda or cuda:N.
@@ -61,13 +69,18 @@ pub fn run(cmd: ModelCommand) -> anyhow::Result<()> {
     match cmd {
         ModelCommand::Info {
             model_dir,
+            source,
             device,
             dtype,
             size,
             json,
-        } => info(&model_dir, &device, &dtype, size, json),
+        } => {
+            let model = crate::jobs::model_source(&source.flags(Some(model_dir)))?;
+            info(&model, &device, &dtype, size, json)
+        }
         ModelCommand::Verify {
             model_dir,
+            source,
             reference,
             device,
             tf32,
@@ -78,7 +91,8 @@ pub fn run(cmd: ModelCommand) -> anyhow::Result<()> {
                 anyhow::bail!("--tf32: TF32 is a mode of NVIDIA GPUs; use it with --device cuda");
             }
             enable_precision(if tf32 { "tf32" } else { "f32" });
-            let checks = verify::verify(&model_dir, &reference, &device)?;
+            let model = crate::jobs::model_source(&source.flags(Some(model_dir)))?;
+            let checks = verify::verify_source(&model, &reference, &device)?;
             let failed = checks.iter().filter(|c| !c.ok).count();
             if json {
                 let rows: Vec<_> = checks
@@ -91,10 +105,13 @@ pub fn run(cmd: ModelCommand) -> anyhow::Result<()> {
                         })
                     })
                     .collect();
-                let doc =
-                    serde_json::json!({"checks": rows, "failed": failed, "total": checks.len()});
+                let doc = serde_json::json!({
+                    "source": source_json(&model), "checks": rows, "failed": failed,
+                    "total": checks.len(),
+                });
                 println!("{}", serde_json::to_string_pretty(&doc)?);
             } else {
+                println!("model: {}", model.describe());
                 let width = checks.iter().map(|c| c.name.len()).max().unwrap_or(10);
                 println!(
                     "{:<width$}  {:<18}  {:>10}  {:>10}  result",
@@ -131,6 +148,13 @@ pub fn run(cmd: ModelCommand) -> anyhow::Result<()> {
     }
 }
 
+/// The source as `model info --json` / `model verify --json` give it.
+fn source_json(model: &crate::model::ModelSource) -> serde_json::Value {
+    serde_json::json!({
+        "kind": model.kind, "given": model.given, "path": model.path, "config": model.config,
+    })
+}
+
 fn finite(v: f64) -> Option<f64> {
     v.is_finite().then_some(v)
 }
@@ -157,7 +181,7 @@ impl AttentionHook for ListCalls {
 }
 
 fn info(
-    model_dir: &std::path::Path,
+    model: &crate::model::ModelSource,
     device: &str,
     dtype_spec: &str,
     size: Option<usize>,
@@ -167,7 +191,7 @@ fn info(
     let dtype = resolve_dtype(dtype_spec, &device)?;
     enable_precision(dtype_spec);
     let start = std::time::Instant::now();
-    let sd = StableDiffusion::load(model_dir, dtype, &device)?;
+    let sd = StableDiffusion::load_source(model, dtype, &device, Vec::new())?;
     let load_s = start.elapsed().as_secs_f64();
     let f = sd.vae.config().factor();
     let size = size.unwrap_or(sd.unet.config().sample_size * f);
@@ -188,7 +212,9 @@ fn info(
     let sched = sd.scheduler.config();
     if json {
         let doc = serde_json::json!({
-            "model": model_dir,
+            "model": model.path,
+            "source": source_json(model),
+            "layout": sd.layout,
             "text_encoder": {"layers": te.num_layers, "hidden": te.hidden_size, "heads": te.num_heads,
                               "activation": format!("{:?}", te.activation), "vocab": te.vocab_size},
             "tokenizer": {"pad_id": sd.tokenizer.pad_id(), "max_len": sd.tokenizer.max_len()},
@@ -207,7 +233,9 @@ fn info(
         println!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(());
     }
-    println!("model        {}", model_dir.display());
+    println!("model        {}", model.path.display());
+    println!("source       {}", model.describe());
+    println!("layout       {}", sd.layout);
     println!(
         "text encoder {} layers, hidden {}, {} heads, {:?}, vocab {} (pad id {}, {} tokens)",
         te.num_layers,

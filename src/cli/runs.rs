@@ -107,10 +107,14 @@ pub enum RunsCommand {
         /// A new seed.
         #[arg(long)]
         seed: Option<u64>,
-        /// The model folder (its fingerprint must match the run's) [env: MIFO_MODEL]; default:
-        /// the folder the run used, while it still holds that model.
+        /// The model (its fingerprint must match the run's): a diffusers folder, a single-file
+        /// checkpoint or a cached repo id [env: MIFO_MODEL]; default: the one the run used,
+        /// while it still holds that model.
         #[arg(long)]
         model: Option<PathBuf>,
+        /// `--revision` / `--model-config` for --model.
+        #[command(flatten)]
+        source: crate::cli::SourceArgs,
         /// Device: auto (a free device of the engine's pool), cpu, cuda or cuda:N. Default:
         /// auto in a CUDA build, cpu otherwise.
         #[arg(long, default_value = crate::jobs::pool::default_device())]
@@ -555,6 +559,7 @@ pub fn format_show(show: &RunShow, json: bool, out: &mut dyn Write) -> anyhow::R
         tags,
         logs,
         model_dir,
+        model_config,
         output_sizes,
     } = show;
     let now = now_ms();
@@ -579,6 +584,8 @@ pub fn format_show(show: &RunShow, json: bool, out: &mut dyn Write) -> anyhow::R
             "parent": spec.parent.as_ref().map(ToString::to_string),
             "model_fingerprint": spec.model_fingerprint.to_hex(),
             "model_dir": model_dir,
+            "model_config": model_config,
+            "model_source": record.model_source,
             "code_version": spec.code_version,
             "metrics": metrics_json,
             "eval": metrics
@@ -654,6 +661,9 @@ pub fn format_show(show: &RunShow, json: bool, out: &mut dyn Write) -> anyhow::R
             "model      {}  (no folder known)",
             spec.model_fingerprint
         )?,
+    }
+    if let Some(given) = &record.model_source {
+        writeln!(out, "source     {given}")?;
     }
     writeln!(out, "code       {}", spec.code_version)?;
     writeln!(out, "created    {}", format_utc(record.created_ms))?;

@@ -17,10 +17,14 @@ pub struct SynthArgs {
     /// The finished learning run (id or unique prefix) whose tokens <v0>, <v1>, … to use.
     #[arg(long)]
     pub from: Option<String>,
-    /// Diffusers model folder [env: MIFO_MODEL]. With --from it must be the one the run learned
-    /// on, and may be left out: the store remembers that folder (while it still holds the model).
+    /// The model: a diffusers folder, a single-file .safetensors checkpoint or a Hugging Face
+    /// repo id in the local cache [env: MIFO_MODEL]. With --from it must hold the weights the
+    /// run learned on, and may be left out: the store remembers where they were.
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// `--revision` / `--model-config` for --model.
+    #[command(flatten)]
+    pub source: crate::cli::SourceArgs,
     /// The prompt; name each boxed subject in it (`<v0>`, or a word like `dog`).
     #[arg(long, required_unless_present = "suite", conflicts_with = "suite")]
     pub prompt: Option<String>,
@@ -100,7 +104,7 @@ pub fn run(args: SynthArgs, store: &Path) -> anyhow::Result<()> {
 }
 
 /// The job `mifo synth ARGS` submits (one prompt, not a suite): config resolved and checked,
-/// boxes parsed, the model folder found (for --from, the one the store remembers unless given),
+/// boxes parsed, the model resolved (for --from, the one the store remembers unless given),
 /// the seed drawn when not given.
 pub fn build_job(args: &SynthArgs, store: &Path) -> anyhow::Result<SynthJob> {
     let prompt = args
@@ -114,12 +118,13 @@ pub fn build_job(args: &SynthArgs, store: &Path) -> anyhow::Result<SynthJob> {
     if args.from.is_some() && !store.join("db").is_dir() {
         anyhow::bail!("--from: {} holds no runs yet", store.display());
     }
+    let flags = args.source.flags(args.model.clone());
     let model = match &args.from {
-        Some(from) if !crate::jobs::model_named(&args.model) => {
-            let known = crate::cli::engine::known_model_dir(store, from)?;
-            learned_model(args.model.clone(), known, from, args.json)?
+        Some(from) if !flags.named() => {
+            let known = crate::cli::engine::known_model(store, from)?;
+            learned_model(&flags, known, from, args.json)?
         }
-        _ => given_model(args)?,
+        _ => crate::jobs::model_source(&flags)?,
     };
     let seed = args
         .seed
@@ -139,28 +144,22 @@ pub fn build_job(args: &SynthArgs, store: &Path) -> anyhow::Result<SynthJob> {
     })
 }
 
-/// `--model` or `$MIFO_MODEL`, made absolute.
-fn given_model(args: &SynthArgs) -> anyhow::Result<PathBuf> {
-    let model = crate::jobs::model_dir(args.model.clone())?;
-    Ok(std::fs::canonicalize(&model).unwrap_or(model))
-}
-
-/// [`crate::jobs::model_dir_for_run`], saying so when the folder came from the store.
+/// [`crate::jobs::model_for_run`], saying so when the model came from the store.
 fn learned_model(
-    flag: Option<PathBuf>,
-    known: Option<PathBuf>,
+    flags: &crate::jobs::ModelFlags,
+    known: Option<crate::model::ModelSource>,
     from: &str,
     quiet: bool,
-) -> anyhow::Result<PathBuf> {
-    let from_store = !crate::jobs::model_named(&flag);
-    let dir = crate::jobs::model_dir_for_run(flag, known, from)?;
+) -> anyhow::Result<crate::model::ModelSource> {
+    let from_store = !flags.named();
+    let model = crate::jobs::model_for_run(flags, known, from)?;
     if from_store && !quiet {
         eprintln!(
-            "model: {} (the folder run {from} learned on)",
-            dir.display()
+            "model: {} (the model run {from} learned on)",
+            model.path.display()
         );
     }
-    Ok(dir)
+    Ok(model)
 }
 
 /// `mifo synth --suite NAME --from RUN`: one synthesis run per prompt of the suite (see
@@ -187,14 +186,17 @@ fn run_suite(args: SynthArgs, store: &Path) -> anyhow::Result<()> {
         bail!("--from: {} holds no runs yet", store.display());
     }
     let mut client = Client::connect(store)?;
-    let crate::engine::StoredRun {
-        record,
-        spec,
-        model_dir,
-    } = client
+    let stored = client
         .stored_run(&from)
         .map_err(|e| anyhow!("--from {from}: {e}"))?;
-    let model = learned_model(args.model.clone(), model_dir, &from, args.json)?;
+    let known = stored.known_model();
+    let crate::engine::StoredRun { record, spec, .. } = stored;
+    let model = learned_model(
+        &args.source.flags(args.model.clone()),
+        known,
+        &from,
+        args.json,
+    )?;
     if record.kind != crate::store::RunKind::Learn || record.status != crate::store::RunStatus::Done
     {
         bail!(

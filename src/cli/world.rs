@@ -60,9 +60,13 @@ pub struct BenchArgs {
     /// just those rows.
     #[arg(long, value_delimiter = ',')]
     pub methods: Vec<String>,
-    /// The model folder [env: MIFO_MODEL; default: the bundled fixtures/world-sd].
+    /// The model: a diffusers folder, a single-file checkpoint or a cached repo id [env:
+    /// MIFO_MODEL; default: the bundled fixtures/world-sd].
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// `--revision` / `--model-config` for --model.
+    #[command(flatten)]
+    pub source: crate::cli::SourceArgs,
     /// Tag prefix: runs are tagged `PREFIX/ROW` (learning runs `PREFIX/learn-VARIANT`).
     #[arg(long, default_value = "world-bench")]
     pub tag: String,
@@ -178,9 +182,13 @@ pub struct ScoreArgs {
 /// Arguments of `mifo world quality`.
 #[derive(Args, Debug)]
 pub struct QualityArgs {
-    /// The model folder [env: MIFO_MODEL; default: the bundled fixtures/world-sd].
+    /// The model: a diffusers folder, a single-file checkpoint or a cached repo id [env:
+    /// MIFO_MODEL; default: the bundled fixtures/world-sd].
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// `--revision` / `--model-config` for --model.
+    #[command(flatten)]
+    pub source: crate::cli::SourceArgs,
     /// Images in all, half with one-object and half with two-object prompts.
     #[arg(long, default_value_t = 64)]
     pub images: usize,
@@ -431,20 +439,28 @@ pub fn render_tag_table(rows: &[(String, usize, BTreeMap<String, f64>)]) -> Stri
     out
 }
 
-/// The model folder of a world command: `--model`, `$MIFO_MODEL`, or the bundled world model.
-fn world_model(flag: Option<PathBuf>) -> anyhow::Result<PathBuf> {
-    let dir = match flag.or_else(|| std::env::var_os("MIFO_MODEL").map(PathBuf::from)) {
-        Some(m) => m,
-        None => bundled_world_model()
-            .ok_or_else(|| anyhow!("no model: pass --model DIR or set MIFO_MODEL"))?,
-    };
-    if !dir.join("model_index.json").is_file() {
-        bail!(
-            "{}: not a diffusers model folder (no model_index.json)",
-            dir.display()
-        );
+/// The model of a world command: `--model`, `$MIFO_MODEL` (any source
+/// [`crate::jobs::model_source`] reads), or the bundled world model.
+fn world_model(
+    flag: Option<PathBuf>,
+    source: &crate::cli::SourceArgs,
+) -> anyhow::Result<crate::model::ModelSource> {
+    let flags = source.flags(flag);
+    if flags.named() {
+        let model = crate::jobs::model_source(&flags)?;
+        if !model.is_single_file() && !model.path.join("model_index.json").is_file() {
+            bail!(
+                "{}: not a diffusers model folder (no model_index.json)",
+                model.path.display()
+            );
+        }
+        return Ok(model);
     }
-    Ok(std::fs::canonicalize(&dir).unwrap_or(dir))
+    let dir = bundled_world_model()
+        .ok_or_else(|| anyhow!("no model: pass --model DIR or set MIFO_MODEL"))?;
+    Ok(crate::model::ModelSource::folder(
+        std::fs::canonicalize(&dir).unwrap_or(dir),
+    ))
 }
 
 /// Tags run `id` with `tag` through the engine.
@@ -519,7 +535,7 @@ fn bench(args: BenchArgs, store: &Path) -> anyhow::Result<()> {
             .collect::<anyhow::Result<_>>()?
     };
     crate::store::validate_tag(&format!("{}/learn-reward-only", args.tag))?;
-    let model = world_model(args.model.clone())?;
+    let model = world_model(args.model.clone(), &args.source)?;
     let started = std::time::Instant::now();
     std::fs::create_dir_all(store)?;
     let mut client = Client::connect(store)?;
@@ -648,7 +664,7 @@ fn bench(args: BenchArgs, store: &Path) -> anyhow::Result<()> {
             serde_json::to_string_pretty(&serde_json::json!({
                 "scenes": args.scenes,
                 "seeds": args.seeds,
-                "model": model,
+                "model": model.path,
                 "tag": args.tag,
                 "synthesis": args.synthesis.name(),
                 "learning": args.learning.name(),
@@ -672,7 +688,7 @@ fn bench(args: BenchArgs, store: &Path) -> anyhow::Result<()> {
             SynthBase::World => "world (the paper preset mapped to the world model)",
             SynthBase::Paper => "paper (unmapped)",
         },
-        model.display(),
+        model.path.display(),
         started.elapsed().as_secs_f64()
     );
     if !args.sets.is_empty() {
@@ -707,10 +723,15 @@ fn quality(args: QualityArgs) -> anyhow::Result<()> {
     if args.steps == 0 {
         bail!("--steps 0: DDIM needs at least one step");
     }
-    let model = world_model(args.model.clone())?;
+    let model = world_model(args.model.clone(), &args.source)?;
     let device = crate::model::parse_device(&args.device)?;
     let started = std::time::Instant::now();
-    let sd = crate::model::StableDiffusion::load(&model, candle_core::DType::F32, &device)?;
+    let sd = crate::model::StableDiffusion::load_source(
+        &model,
+        candle_core::DType::F32,
+        &device,
+        Vec::new(),
+    )?;
     let options = QualityOptions {
         images: args.images,
         steps: args.steps,
@@ -732,7 +753,7 @@ fn quality(args: QualityArgs) -> anyhow::Result<()> {
     eprintln!();
     println!(
         "{}: {} images, DDIM {}, CFG {}, seeds {}..{} ({:.0} s)",
-        model.display(),
+        model.path.display(),
         args.images,
         args.steps,
         args.guidance,

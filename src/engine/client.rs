@@ -32,8 +32,20 @@ pub struct StoredRun {
     pub record: crate::store::RunRecord,
     /// Its spec.
     pub spec: crate::store::RunSpec,
-    /// The model folder the store noted for its model, while it still holds that model.
+    /// The model folder (or single file) the store noted for its model, while it still holds
+    /// that model.
     pub model_dir: Option<PathBuf>,
+    /// The `--model-config` folder noted with a single-file model.
+    pub model_config: Option<PathBuf>,
+}
+
+impl StoredRun {
+    /// The model the store knows for this run, as a source for a new job.
+    pub fn known_model(&self) -> Option<crate::model::ModelSource> {
+        self.model_dir
+            .clone()
+            .map(|dir| crate::model::ModelSource::local(dir, self.model_config.clone()))
+    }
 }
 
 impl Client {
@@ -106,6 +118,7 @@ impl Client {
                 record,
                 spec_json,
                 model_dir,
+                model_config,
                 ..
             } => {
                 let spec_json = spec_json.map_err(Error::Input)?;
@@ -115,6 +128,7 @@ impl Client {
                     record: *record,
                     spec,
                     model_dir,
+                    model_config,
                 })
             }
             Response::Error(e) => Err(Error::Input(e)),

@@ -10,7 +10,7 @@ use crate::jobs::sink::SinkEvent;
 use crate::runs::{RunsReply, RunsRequest};
 
 /// Bumped whenever a message changes shape.
-pub const PROTOCOL_VERSION: u32 = 11;
+pub const PROTOCOL_VERSION: u32 = 12;
 /// Largest frame accepted (a `runs show --json` of a long run is well below this).
 pub const MAX_FRAME: usize = 64 << 20;
 
@@ -85,8 +85,8 @@ pub enum Request {
     ResumeLearn {
         /// Run id or unique prefix.
         run: String,
-        /// The model folder (its fingerprint must match the run's).
-        model: std::path::PathBuf,
+        /// The model (its fingerprint must match the run's).
+        model: crate::model::ModelSource,
         /// Device.
         device: String,
     },
@@ -267,8 +267,10 @@ pub enum Response {
         /// Its tags.
         tags: Vec<String>,
         /// The model folder the run used, where this store knows it and it still holds that
-        /// model (same fingerprint).
+        /// model (same fingerprint); for a single-file model, the file.
         model_dir: Option<std::path::PathBuf>,
+        /// The `--model-config` folder noted with a single-file model.
+        model_config: Option<std::path::PathBuf>,
     },
     /// Metric series: name → [(step, value)].
     Metrics(std::collections::BTreeMap<String, Vec<(u64, f64)>>),

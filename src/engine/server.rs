@@ -363,9 +363,12 @@ fn handle_client(
                 let id = shared.store.resolve(&run)?;
                 let record = shared.store.get_run(&id)?;
                 let spec = shared.store.spec(&record.spec_hash);
-                let model_dir = match &spec {
-                    Ok(s) => shared.store.model_dir_for(&s.model_fingerprint)?,
-                    Err(_) => None,
+                let (model_dir, model_config) = match &spec {
+                    Ok(s) => (
+                        shared.store.model_dir_for(&s.model_fingerprint)?,
+                        shared.store.model_config_for(&s.model_fingerprint)?,
+                    ),
+                    Err(_) => (None, None),
                 };
                 let spec_json = spec
                     .map_err(|e| e.to_string())
@@ -376,6 +379,7 @@ fn handle_client(
                     record: Box::new(record),
                     spec_json,
                     model_dir,
+                    model_config,
                 })
             }),
             Request::Metrics { run } => data(|| {

@@ -12,7 +12,9 @@ use candle_core::DType;
 use super::sink::{Observer, StoreSink, CHECKPOINT_OUTPUT};
 use crate::error::{Error, Result};
 use crate::learn::{self, Checkpoint, LearnConfig, LearnRequest, SceneFiles};
-use crate::model::{dtype_name, enable_precision, parse_device, resolve_dtype, StableDiffusion};
+use crate::model::{
+    dtype_name, enable_precision, parse_device, resolve_dtype, ModelSource, StableDiffusion,
+};
 use crate::store::{
     code_version, host_name, NewRun, RunId, RunKind, RunOutcome, RunRecord, RunSpec, RunStatus,
     Store,
@@ -21,8 +23,8 @@ use crate::store::{
 /// Everything that defines a learning run, as the user asked for it.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct LearnJob {
-    /// Diffusers model folder.
-    pub model: PathBuf,
+    /// The model: a diffusers folder, a cache snapshot named by a repo id, or a single file.
+    pub model: ModelSource,
     /// Image and masks.
     pub files: SceneFiles,
     /// The scene folder, when given (for listings).
@@ -89,10 +91,9 @@ pub fn check(store: &Store, job: &LearnJob) -> Result<super::Checked> {
             job.dtype, job.config.dreambooth_lr
         )));
     }
-    let resolution = crate::model::loader::resolution(&job.model)?;
-    // The model is loaded only when the run starts: refuse broken weight files now, while the
-    // store is untouched.
-    crate::model::weights::check_weight_headers(&job.model)?;
+    // The model is loaded only when the run starts: refuse broken weight files (and a single
+    // file of an unknown layout) now, while the store is untouched.
+    let resolution = crate::model::loader::check_source(&job.model)?;
     let scene = learn::load_scene(&job.files, resolution, job.allow_overlap, job.config.fit())?;
     if job.config.init != "mean" {
         let words = job.config.init.split(',').count();
@@ -137,7 +138,7 @@ pub fn check(store: &Store, job: &LearnJob) -> Result<super::Checked> {
         seed: job.seed,
         inputs,
         parent: None,
-        model_fingerprint: store.model_fingerprint(&job.model)?,
+        model_fingerprint: super::fingerprint(store, &job.model)?,
         code_version: code_version(),
     };
     let rerun_of = super::rerun_of(store, &spec, job.rerun)?;
@@ -152,6 +153,7 @@ pub fn check(store: &Store, job: &LearnJob) -> Result<super::Checked> {
             )),
             config_deltas: config_deltas(&defaults, &job.config),
             rerun_of,
+            model_source: Some(job.model.given.clone()),
         },
         files: std::iter::once(&job.files.image)
             .chain(&job.files.masks)
@@ -182,7 +184,7 @@ pub fn start_with_hook(
         let device = parse_device(&job.device)?;
         let dtype = resolve_dtype(&job.dtype, &device)?;
         enable_precision(&job.dtype);
-        let sd = StableDiffusion::load(&job.model, dtype, &device)?;
+        let sd = StableDiffusion::load_source(&job.model, dtype, &device, Vec::new())?;
         let scene = learn::load_scene(
             &job.files,
             model_resolution(&sd),
@@ -233,8 +235,8 @@ pub fn config_deltas(defaults: &LearnConfig, cfg: &LearnConfig) -> Vec<(String, 
 
 /// A learning run with its model and scene loaded, ready for [`execute`].
 struct LoadedRun<'a> {
-    /// The model folder (for the log line and the class-image cache's fingerprint).
-    model: &'a Path,
+    /// The model (for the log line and the class-image cache's fingerprint).
+    model: &'a ModelSource,
     sd: &'a StableDiffusion,
     scene: &'a learn::Scene,
     config: LearnConfig,
@@ -271,7 +273,7 @@ fn execute(store: &Store, id: &RunId, run: LoadedRun, opts: &RunOptions) -> Resu
     sink.log(&format!(
         "learn {} instances, model {}, seed {seed}",
         scene.masks.len(),
-        model.display()
+        super::model_label(model)
     ))?;
     let class_images = if needs_class {
         cached_class_images(store, sd, model, &class_key)?
@@ -310,7 +312,7 @@ fn execute(store: &Store, id: &RunId, run: LoadedRun, opts: &RunOptions) -> Resu
 
 /// Checks that `prefix` names an interrupted learning run and that `model` holds the weights
 /// it started with; returns its id.
-pub fn check_resumable(store: &Store, prefix: &str, model: &Path) -> Result<RunId> {
+pub fn check_resumable(store: &Store, prefix: &str, model: &ModelSource) -> Result<RunId> {
     let id = store.resolve(prefix)?;
     let record = store.get_run(&id)?;
     if record.kind != RunKind::Learn {
@@ -326,9 +328,9 @@ pub fn check_resumable(store: &Store, prefix: &str, model: &Path) -> Result<RunI
         )));
     }
     let spec = store.spec(&record.spec_hash)?;
-    if store.model_fingerprint(model)? != spec.model_fingerprint {
+    if super::fingerprint(store, model)? != spec.model_fingerprint {
         return Err(Error::file(
-            model,
+            &model.path,
             format!("these are not the weights run {id} started with (fingerprint differs)"),
         ));
     }
@@ -340,7 +342,7 @@ pub fn check_resumable(store: &Store, prefix: &str, model: &Path) -> Result<RunI
 pub fn resume(
     store: &Store,
     id: &RunId,
-    model: &Path,
+    model: &ModelSource,
     device: &str,
     opts: &RunOptions,
 ) -> Result<RunRecord> {
@@ -351,7 +353,7 @@ pub fn resume(
 pub fn resume_with_hook(
     store: &Store,
     id: &RunId,
-    model: &Path,
+    model: &ModelSource,
     device: &str,
     opts: &RunOptions,
     on_started: &dyn Fn(),
@@ -370,7 +372,7 @@ pub fn resume_with_hook(
     let dev = parse_device(device)?;
     let dtype: DType = resolve_dtype(&dtype_name, &dev)?;
     enable_precision(&dtype_name);
-    let sd = StableDiffusion::load(model, dtype, &dev)?;
+    let sd = StableDiffusion::load_source(model, dtype, &dev, Vec::new())?;
     let blob = |name: &str| -> Result<PathBuf> {
         let h = spec.inputs.get(name).ok_or_else(|| {
             Error::Input(format!("run {id}: input `{name}` missing from its spec"))
@@ -413,10 +415,10 @@ pub fn resume_with_hook(
 fn cached_class_images(
     store: &Store,
     sd: &StableDiffusion,
-    model: &Path,
+    model: &ModelSource,
     (prompt, steps, count): &(String, u64, u64),
 ) -> Result<Vec<image::RgbImage>> {
-    let fingerprint = store.model_fingerprint(model)?;
+    let fingerprint = super::fingerprint(store, model)?;
     let mut found: BTreeMap<usize, crate::store::BlobHash> = BTreeMap::new();
     for record in store.runs() {
         let record = record?;
@@ -485,7 +487,7 @@ pub fn stored_config(spec: &RunSpec) -> Result<(String, String, LearnConfig)> {
 pub fn job_from_spec(
     spec: &RunSpec,
     blobs: &crate::store::BlobStore,
-    model: PathBuf,
+    model: ModelSource,
     device: &str,
     sets: &[String],
     seed: Option<u64>,

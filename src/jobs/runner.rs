@@ -11,7 +11,7 @@
 //! job that panics is recorded as failed and the worker goes on. There is one worker per slot.
 
 use std::collections::VecDeque;
-use std::path::PathBuf;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -34,8 +34,8 @@ pub enum Work {
     Resume {
         /// The run.
         id: RunId,
-        /// The model folder (its fingerprint was checked against the run's).
-        model: PathBuf,
+        /// The model (its fingerprint was checked against the run's).
+        model: crate::model::ModelSource,
         /// Device.
         device: String,
     },

@@ -2,7 +2,6 @@
 //! run it draws from) and records it as queued; [`start`] runs it.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
 
@@ -10,7 +9,7 @@ use super::learn::RunOptions;
 use super::sink::StoreSink;
 use crate::error::{Error, Result};
 use crate::learn::tokenizer_with_placeholders;
-use crate::model::{enable_precision, parse_device, resolve_dtype, StableDiffusion};
+use crate::model::{enable_precision, parse_device, resolve_dtype, ModelSource, StableDiffusion};
 use crate::sink::{Progress, RunSink};
 use crate::store::{
     add_png_text_chunks, code_version, host_name, NewRun, RunId, RunKind, RunOutcome, RunRecord,
@@ -24,9 +23,8 @@ pub struct SynthJob {
     /// The finished learning run whose tokens (and phase-B weights) to use; `None` for a plain
     /// model with ordinary words as subjects.
     pub from: Option<String>,
-    /// Diffusers model folder (for `from`, the one the learning run used: its fingerprint is
-    /// checked).
-    pub model: PathBuf,
+    /// The model (for `from`, the one the learning run used: its fingerprint is checked).
+    pub model: ModelSource,
     /// Prompt, e.g. `a photo of <v0> and <v1> on the beach`.
     pub prompt: String,
     /// Boxes as typed: `<v0>=x0,y0,x1,y1`.
@@ -58,7 +56,7 @@ struct Learned {
 fn load_learned(
     store: &Store,
     prefix: &str,
-    model: &Path,
+    model: &ModelSource,
     device: &candle_core::Device,
 ) -> Result<Learned> {
     let id = store.resolve(prefix)?;
@@ -71,9 +69,9 @@ fn load_learned(
         )));
     }
     let spec = store.spec(&rec.spec_hash)?;
-    if store.model_fingerprint(model)? != spec.model_fingerprint {
+    if super::fingerprint(store, model)? != spec.model_fingerprint {
         return Err(Error::file(
-            model,
+            &model.path,
             format!("not the model run {id} learned on (fingerprint differs); pass its --model"),
         ));
     }
@@ -130,7 +128,7 @@ fn build(
         .as_ref()
         .map(|l| l.overrides.clone())
         .unwrap_or_default();
-    let mut sd = StableDiffusion::load_with(&job.model, dtype, &device, overrides)?;
+    let mut sd = StableDiffusion::load_source(&job.model, dtype, &device, overrides)?;
     if let Some(l) = &learned {
         sd.tokenizer = tokenizer_with_placeholders(&sd.tokenizer, l.rows.dim(0)?)?.0;
     }
@@ -183,7 +181,7 @@ pub fn check(store: &Store, job: &SynthJob) -> Result<super::Checked> {
         seed: job.seed,
         inputs: BTreeMap::new(),
         parent: learned.as_ref().map(|l| l.id.clone()),
-        model_fingerprint: store.model_fingerprint(&job.model)?,
+        model_fingerprint: super::fingerprint(store, &job.model)?,
         code_version: code_version(),
     };
     let rerun_of = super::rerun_of(store, &spec, job.rerun)?;
@@ -206,6 +204,7 @@ pub fn check(store: &Store, job: &SynthJob) -> Result<super::Checked> {
                 .or_else(|| Some(job.prompt.clone())),
             config_deltas: deltas,
             rerun_of,
+            model_source: Some(job.model.given.clone()),
         },
         spec,
         files: Vec::new(),
@@ -311,7 +310,7 @@ pub fn start(
 /// with `sets` applied; its seed or `seed`) on `model` / `device`.
 pub fn job_from_spec(
     spec: &RunSpec,
-    model: PathBuf,
+    model: ModelSource,
     device: &str,
     sets: &[String],
     seed: Option<u64>,

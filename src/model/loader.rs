@@ -8,6 +8,8 @@ use candle_core::{DType, Device, Tensor};
 use super::clip::{ClipConfig, ClipTextModel};
 use super::config::ConfigJson;
 use super::ddim::{Ddim, DdimConfig};
+use super::single_file::{Part, Plan};
+use super::source::ModelSource;
 use super::tokenizer::ClipTokenizer;
 use super::unet::{UNet, UNetConfig};
 use super::vae::{Vae, VaeConfig};
@@ -52,13 +54,26 @@ pub trait Component: Sized {
     ) -> Result<(Self, Rc<WeightFile>)> {
         let config = ConfigJson::read(&dir.join("config.json"))?;
         let file = find_weights(dir, Self::WEIGHTS_STEM)?;
-        let mut weights = WeightFile::load(&file, dtype, device)?;
+        let weights = WeightFile::load(&file, dtype, device)?;
+        Self::load_weights(&config, weights, dtype, device, options)
+    }
+
+    /// Builds the component from a config and weights already in memory (a single-file
+    /// checkpoint's part, mapped to diffusers names), with `options` applied as
+    /// [`Component::load_dir`] does.
+    fn load_weights(
+        config: &ConfigJson,
+        mut weights: WeightFile,
+        dtype: DType,
+        device: &Device,
+        options: LoadOptions,
+    ) -> Result<(Self, Rc<WeightFile>)> {
         weights.insert_all(options.overrides);
         weights.set_trainable(options.trainable);
         weights.set_lora(options.lora);
         let weights = Rc::new(weights);
         Ok((
-            Self::from_parts(&config, weights.clone(), dtype, device)?,
+            Self::from_parts(config, weights.clone(), dtype, device)?,
             weights,
         ))
     }
@@ -157,10 +172,30 @@ pub fn resolution(root: &Path) -> Result<u32> {
     Ok((unet.sample_size * vae.factor()) as u32)
 }
 
+/// The image resolution of a model source (see [`resolution`]), after checking the headers of
+/// its weight files (a single file is also recognised and its every key mapped): what a run's
+/// preparation needs before the store is touched, without reading any weights.
+pub fn check_source(source: &ModelSource) -> Result<u32> {
+    if source.is_single_file() {
+        let plan = Plan::inspect(&source.path, source.config.as_deref())?;
+        let unet = UNetConfig::from_json(&plan.unet)?;
+        let vae = VaeConfig::from_json(&plan.vae)?;
+        return Ok((unet.sample_size * vae.factor()) as u32);
+    }
+    let resolution = resolution(&source.path)?;
+    super::weights::check_weight_headers(&source.path)?;
+    Ok(resolution)
+}
+
 /// All components of a Stable Diffusion pipeline.
 pub struct StableDiffusion {
-    /// The folder it came from.
+    /// The folder it came from (for a single file: the file).
     pub root: PathBuf,
+    /// The source it was loaded from, as the user named it.
+    pub source: ModelSource,
+    /// How its parts were read: `diffusers folder`, or a single file's family and where its
+    /// configs and tokenizer came from.
+    pub layout: String,
     /// CLIP tokenizer.
     pub tokenizer: ClipTokenizer,
     /// CLIP text encoder.
@@ -188,6 +223,61 @@ impl StableDiffusion {
         Self::load_with(root, dtype, device, Vec::new())
     }
 
+    /// Loads a model from any [`ModelSource`]: a diffusers folder (a cache snapshot is one) or a
+    /// single-file checkpoint, with `overrides` as in [`StableDiffusion::load_with`].
+    pub fn load_source(
+        source: &ModelSource,
+        dtype: DType,
+        device: &Device,
+        overrides: Vec<(String, Tensor)>,
+    ) -> Result<Self> {
+        if !source.is_single_file() {
+            let mut sd = Self::load_with(&source.path, dtype, device, overrides)?;
+            sd.source = source.clone();
+            return Ok(sd);
+        }
+        let path = &source.path;
+        let plan = Plan::inspect(path, source.config.as_deref())?;
+        let tokenizer = plan.tokenizer()?;
+        let mut parts = plan.load(dtype, device)?;
+        let mut take = |part: Part| {
+            WeightFile::from_tensors(path.clone(), parts.remove(&part).unwrap_or_default())
+        };
+        let (unet_file, vae_file, te_file) =
+            (take(Part::Unet), take(Part::Vae), take(Part::TextEncoder));
+        let (text_encoder, text_encoder_weights) = ClipTextModel::load_weights(
+            &plan.text_encoder,
+            te_file,
+            dtype,
+            device,
+            pick(&overrides, "text_encoder.", dtype, device)?,
+        )?;
+        let (unet, unet_weights) = UNet::load_weights(
+            &plan.unet,
+            unet_file,
+            dtype,
+            device,
+            pick(&overrides, "unet.", dtype, device)?,
+        )?;
+        let (vae, _) =
+            Vae::load_weights(&plan.vae, vae_file, dtype, device, LoadOptions::default())?;
+        let scheduler = Ddim::new(DdimConfig::from_json(&plan.scheduler)?)?;
+        Ok(Self {
+            root: path.clone(),
+            source: source.clone(),
+            layout: plan.describe(),
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            scheduler,
+            device: device.clone(),
+            dtype,
+            unet_weights,
+            text_encoder_weights,
+        })
+    }
+
     /// Like [`StableDiffusion::load`], with tensors named `unet.<name>` / `text_encoder.<name>`
     /// replacing or adding weights (fine-tuned weights, LoRA adapters) over the folder's.
     pub fn load_with(
@@ -196,17 +286,7 @@ impl StableDiffusion {
         device: &Device,
         overrides: Vec<(String, Tensor)>,
     ) -> Result<Self> {
-        let pick = |prefix: &str| -> Result<LoadOptions> {
-            overrides
-                .iter()
-                .filter_map(|(k, v)| k.strip_prefix(prefix).map(|n| (n.to_string(), v)))
-                .map(|(k, v)| Ok((k, v.to_dtype(dtype)?.to_device(device)?)))
-                .collect::<Result<_>>()
-                .map(|overrides| LoadOptions {
-                    overrides,
-                    ..LoadOptions::default()
-                })
-        };
+        let pick = |prefix: &str| pick(&overrides, prefix, dtype, device);
         if !root.is_dir() {
             return Err(Error::file(root, "model folder does not exist"));
         }
@@ -235,6 +315,8 @@ impl StableDiffusion {
         let scheduler = Ddim::new(DdimConfig::load_dir(&component(root, "scheduler")?)?)?;
         Ok(Self {
             root: root.to_path_buf(),
+            source: ModelSource::folder(root),
+            layout: "diffusers folder".into(),
             tokenizer,
             text_encoder,
             unet,
@@ -280,6 +362,8 @@ impl StableDiffusion {
         ));
         Ok(Self {
             root: root.to_path_buf(),
+            source: ModelSource::folder(root),
+            layout: format!("{} shapes, random weights", shape.name),
             tokenizer,
             text_encoder: ClipTextModel::load(
                 shape.text_encoder.clone(),
@@ -295,6 +379,25 @@ impl StableDiffusion {
             text_encoder_weights,
         })
     }
+}
+
+/// The overrides named `<prefix><name>` as load options for one component, in its dtype and
+/// on its device.
+fn pick(
+    overrides: &[(String, Tensor)],
+    prefix: &str,
+    dtype: DType,
+    device: &Device,
+) -> Result<LoadOptions> {
+    overrides
+        .iter()
+        .filter_map(|(k, v)| k.strip_prefix(prefix).map(|n| (n.to_string(), v)))
+        .map(|(k, v)| Ok((k, v.to_dtype(dtype)?.to_device(device)?)))
+        .collect::<Result<_>>()
+        .map(|overrides| LoadOptions {
+            overrides,
+            ..LoadOptions::default()
+        })
 }
 
 /// The component configs of a pipeline, without weights.

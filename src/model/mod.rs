@@ -18,6 +18,8 @@ pub mod hooks;
 pub mod loader;
 pub mod nn;
 pub mod sample;
+pub mod single_file;
+pub mod source;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;
@@ -27,6 +29,7 @@ pub use attention::{AttentionHook, AttnCall, AttnKind};
 pub use clip::ClipTextModel;
 pub use ddim::Ddim;
 pub use loader::{Component, LoadOptions, ModelShape, StableDiffusion};
+pub use source::{ModelSource, SourceKind};
 pub use unet::UNet;
 pub use vae::Vae;
 

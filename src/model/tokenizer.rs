@@ -184,6 +184,32 @@ impl ClipTokenizer {
         Self::build(model, config, &dir.join("tokenizer_config.json"))
     }
 
+    /// The CLIP BPE vocabulary and merges that Stable Diffusion 1.x and 2.x ship (49408
+    /// tokens, 48894 merges; bundled in mifo's `fixtures/tiny-sd21/tokenizer/`, taken from the
+    /// `open_clip_torch` wheel, and compiled into the binary), framed as their
+    /// `tokenizer_config.json` files do (`<|startoftext|>`, `<|endoftext|>`, 77 positions) with
+    /// `pad` as the pad token (`<|endoftext|>` for SD 1.x, `!` for SD 2.x). The tokenizer of a
+    /// single-file checkpoint read without `--model-config`.
+    pub fn bundled(pad: &str) -> Result<Self> {
+        const VOCAB: &str = include_str!("../../fixtures/tiny-sd21/tokenizer/vocab.json");
+        const MERGES: &str = include_str!("../../fixtures/tiny-sd21/tokenizer/merges.txt");
+        let path = Path::new("<bundled CLIP vocabulary>");
+        let config = parse_config(
+            &serde_json::json!({
+                "bos_token": DEFAULT_BOS, "eos_token": DEFAULT_EOS, "unk_token": DEFAULT_EOS,
+                "pad_token": pad, "model_max_length": DEFAULT_MAX_LEN,
+            }),
+            path,
+        )?;
+        let model = LoadedModel {
+            vocab: parse_vocab_json(VOCAB, path)?,
+            merges: parse_merges_txt(MERGES, path)?,
+            added: Vec::new(),
+            path: path.to_path_buf(),
+        };
+        Self::build(model, config, path)
+    }
+
     fn build(model: LoadedModel, config: Config, config_path: &Path) -> Result<Self> {
         let LoadedModel {
             vocab,
@@ -669,7 +695,10 @@ fn read_json(path: &Path) -> Result<Value> {
 }
 
 fn read_config(path: &Path) -> Result<Config> {
-    let json = read_json(path)?;
+    parse_config(&read_json(path)?, path)
+}
+
+fn parse_config(json: &Value, path: &Path) -> Result<Config> {
     let obj = json
         .as_object()
         .ok_or_else(|| Error::file(path, "expected a JSON object"))?;
@@ -773,7 +802,12 @@ fn dense_vocab(map: &serde_json::Map<String, Value>, path: &Path) -> Result<Vec<
 }
 
 fn read_vocab_json(path: &Path) -> Result<Vec<String>> {
-    let json = read_json(path)?;
+    parse_vocab_json(&read_text(path)?, path)
+}
+
+fn parse_vocab_json(text: &str, path: &Path) -> Result<Vec<String>> {
+    let json: Value = serde_json::from_str(text)
+        .map_err(|e| Error::file(path, format!("not valid JSON: {e}")))?;
     let map = json
         .as_object()
         .ok_or_else(|| Error::file(path, "expected a JSON object of token → id"))?;
@@ -781,7 +815,10 @@ fn read_vocab_json(path: &Path) -> Result<Vec<String>> {
 }
 
 fn read_merges_txt(path: &Path) -> Result<Vec<(String, String)>> {
-    let text = read_text(path)?;
+    parse_merges_txt(&read_text(path)?, path)
+}
+
+fn parse_merges_txt(text: &str, path: &Path) -> Result<Vec<(String, String)>> {
     let mut merges = Vec::new();
     for (n, line) in text.lines().enumerate() {
         let line = line.trim_end_matches('\r');

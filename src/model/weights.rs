@@ -56,6 +56,13 @@ pub fn check_weight_headers(dir: &Path) -> Result<()> {
 
 /// One file of [`check_weight_headers`].
 fn check_header(path: &Path) -> Result<()> {
+    read_header(path).map(|_| ())
+}
+
+/// The JSON header of the safetensors file `path` (tensor name → dtype, shape, data offsets),
+/// after the checks of [`check_weight_headers`]: refused in one line naming the file when it is
+/// truncated or malformed. Only the header is read.
+pub(crate) fn read_header(path: &Path) -> Result<serde_json::Map<String, serde_json::Value>> {
     use std::io::Read;
     let bad = |why: String| Error::file(path, format!("not a valid safetensors file: {why}"));
     let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
@@ -97,7 +104,7 @@ fn check_header(path: &Path) -> Result<()> {
             }
         )));
     }
-    Ok(())
+    Ok(header)
 }
 
 /// One LoRA adapter of a linear layer.

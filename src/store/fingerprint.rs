@@ -8,6 +8,21 @@
 //! [`MODEL_FILE_EXTENSIONS`], at any depth, skipping names that start with `.`. Hashing multi-GB
 //! weights takes seconds, so each file's content hash is cached in the store's `meta` tree keyed by
 //! its absolute path and validated by size and modification time.
+//!
+//! A Hugging Face cache snapshot is a folder whose files are symlinks into `blobs/`: the links
+//! are followed and the names are the snapshot's, so a snapshot has the fingerprint of the same
+//! files in a plain folder. A single-file checkpoint is the identity of its bytes, plus the
+//! configs and tokenizer files (not weights) of the `--model-config` folder when one is given,
+//! since they decide how the weights are used:
+//!
+//! ```text
+//! fingerprint = blake3("mifo-model-fingerprint/single-file/1\n" ++ blake3(checkpoint) as hex ++ "\n"
+//!                      ++ for each config file of --model-config (as above, minus weight files):
+//!                         "config/" ++ relative path ++ "\n" ++ blake3(content) as hex ++ "\n")
+//! ```
+//! A single file converted from a folder therefore does not share the folder's fingerprint:
+//! the bytes differ (layout, names, fused tensors), and proving the tensors equal would mean
+//! reading and mapping every weight on each launch instead of hashing files once.
 
 use std::fs;
 use std::io;
@@ -33,6 +48,9 @@ pub const MODEL_FILE_EXTENSIONS: &[&str] = &[
 ];
 
 const FINGERPRINT_PREFIX: &[u8] = b"mifo-model-fingerprint/1\n";
+const SINGLE_FILE_PREFIX: &[u8] = b"mifo-model-fingerprint/single-file/1\n";
+/// Weight files, left out of a `--model-config` folder's share of a single file's fingerprint.
+const WEIGHT_EXTENSIONS: &[&str] = &["safetensors", "bin", "ckpt", "pt", "pth"];
 /// Key prefix of file-hash cache entries in the `meta` tree.
 pub(crate) const CACHE_KEY_PREFIX: &[u8] = b"fingerprint-cache/";
 
@@ -113,6 +131,44 @@ pub(crate) fn fingerprint_dir(dir: &Path, cache: Option<&sled::Tree>) -> StoreRe
         hasher.update(b"\n");
         hasher.update(hash.to_hex().as_bytes());
         hasher.update(b"\n");
+    }
+    Ok(Digest::from(hasher.finalize()))
+}
+
+/// Fingerprints a model source: a folder ([`fingerprint_dir`]; `config` must be `None`), or a
+/// single checkpoint file with the configs of its `--model-config` folder `config`.
+pub(crate) fn fingerprint_model(
+    path: &Path,
+    config: Option<&Path>,
+    cache: Option<&sled::Tree>,
+) -> StoreResult<Digest> {
+    let meta = fs::metadata(path).map_err(|e| StoreError::io(path, e))?;
+    if meta.is_dir() {
+        return fingerprint_dir(path, cache);
+    }
+    let hash = |p: &Path| match cache {
+        Some(tree) => cached_hash(tree, p),
+        None => hash_file(p),
+    };
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(SINGLE_FILE_PREFIX);
+    hasher.update(hash(path)?.to_hex().as_bytes());
+    hasher.update(b"\n");
+    if let Some(dir) = config {
+        for (rel, file) in model_files(dir)? {
+            let ext = Path::new(&rel)
+                .extension()
+                .map(|e| e.to_string_lossy().to_ascii_lowercase())
+                .unwrap_or_default();
+            if WEIGHT_EXTENSIONS.contains(&ext.as_str()) {
+                continue;
+            }
+            hasher.update(b"config/");
+            hasher.update(rel.as_bytes());
+            hasher.update(b"\n");
+            hasher.update(hash(&file)?.to_hex().as_bytes());
+            hasher.update(b"\n");
+        }
     }
     Ok(Digest::from(hasher.finalize()))
 }

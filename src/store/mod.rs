@@ -15,7 +15,8 @@
 //!     logs     run id ++ u64 BE line number  -> log line (UTF-8)
 //!     tags     run id ++ tag                 -> empty
 //!     meta     "schema_version"              -> u32 BE; fingerprint cache entries;
-//!              "model-dir/" ++ fingerprint hex -> the model folder last used with it
+//!              "model-dir/" ++ fingerprint hex -> the model folder (or single file) last used with it
+//!              "model-config/" ++ fingerprint hex -> a single file's --model-config folder
 //! <store>/blobs/<2 hex>/<64 hex>   content-addressed blob files (see `blobs`)
 //! <store>/blobs/tmp/               blobs being written
 //! ```
@@ -59,7 +60,7 @@ pub use ids::{normalize_run_prefix, BlobHash, Digest, RunId, SpecHash, RUN_ID_LE
 pub use logs::MAX_LOG_LINE;
 pub use maintenance::{CheckReport, GcReport, Problem, RemoveReport};
 pub use metrics::{Point, CHUNK_POINTS};
-pub use model_dirs::model_fingerprint;
+pub use model_dirs::{model_fingerprint, model_fingerprint_with};
 pub use png::{add_png_text_chunks, png_text_chunks};
 pub use record::{RunRecord, RunStatus, SeriesSummary, MAX_RECORD_BYTES};
 pub use scores::{is_score, SCORE_PREFIXES};
@@ -105,6 +106,8 @@ pub struct NewRun {
     pub config_deltas: Vec<(String, String)>,
     /// The earlier run with the same spec that this run repeats (`--rerun`).
     pub rerun_of: Option<RunId>,
+    /// The model source as the user gave it (see [`RunRecord::model_source`]).
+    pub model_source: Option<String>,
 }
 
 /// How a running run ended.
@@ -398,6 +401,7 @@ impl Store {
             error: None,
             rerun_of: new.rerun_of,
             rerun_identical: None,
+            model_source: new.model_source,
         };
         {
             let _guard = lock(&self.inner.record_lock);

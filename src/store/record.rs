@@ -4,6 +4,10 @@
 //! config, varint integers) with a decode limit of `MAX_RECORD_BYTES` (1 MiB), so a corrupt length field
 //! fails cleanly instead of allocating. bincode is not self-describing: adding a field means a new
 //! format byte and a decoder for the old one.
+//!
+//! Formats: 1 is the record without [`RunRecord::model_source`]; 2 (written now) appends that
+//! field. The new field is last and optional, and bincode encodes `None` as one 0 byte, so a
+//! format-1 body decodes as a format-2 body followed by that byte.
 
 use std::collections::BTreeMap;
 
@@ -14,7 +18,9 @@ use super::ids::{BlobHash, RunId, SpecHash};
 use super::spec::RunKind;
 
 /// The format byte in front of every encoded record.
-pub const RECORD_FORMAT: u8 = 1;
+pub const RECORD_FORMAT: u8 = 2;
+/// The format before [`RunRecord::model_source`] existed; still read.
+const RECORD_FORMAT_V1: u8 = 1;
 /// Largest encoded record the store writes or reads.
 pub const MAX_RECORD_BYTES: usize = 1 << 20;
 
@@ -160,6 +166,11 @@ pub struct RunRecord {
     /// For a finished re-run: whether every output came out bit-identical (same names, same blob
     /// hashes) to the outputs of [`Self::rerun_of`]. `None` until then, or when that run is gone.
     pub rerun_identical: Option<bool>,
+    /// The model source as the user gave it (`--model`: a folder, a single file, or a Hugging
+    /// Face repo id with its revision); the spec holds only the weights' fingerprint. `None`
+    /// for records written before mifo recorded it.
+    #[serde(default)]
+    pub model_source: Option<String>,
 }
 
 impl RunRecord {
@@ -199,12 +210,23 @@ impl RunRecord {
         let (&format, body) = bytes
             .split_first()
             .ok_or_else(|| StoreError::corrupt(what, "empty record"))?;
-        if format != RECORD_FORMAT {
-            return Err(StoreError::corrupt(
-                what,
-                format!("unknown record format {format} (this mifo reads {RECORD_FORMAT})"),
-            ));
-        }
+        let upgraded;
+        let body = match format {
+            RECORD_FORMAT => body,
+            RECORD_FORMAT_V1 => {
+                // The missing last field, `model_source: None`.
+                upgraded = [body, &[0u8]].concat();
+                &upgraded[..]
+            }
+            _ => {
+                return Err(StoreError::corrupt(
+                    what,
+                    format!(
+                        "unknown record format {format} (this mifo reads {RECORD_FORMAT_V1} and {RECORD_FORMAT})"
+                    ),
+                ))
+            }
+        };
         if bytes.len() > MAX_RECORD_BYTES {
             return Err(StoreError::corrupt(
                 what,
@@ -233,4 +255,50 @@ impl RunRecord {
 /// bincode 2 standard config with the record limit: the decoder refuses any length past it.
 pub(crate) fn bincode_config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<MAX_RECORD_BYTES>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(model_source: Option<String>) -> RunRecord {
+        RunRecord {
+            id: "01m8c5s5mwfsx10c".parse().unwrap(),
+            spec_hash: SpecHash::of(b"spec"),
+            kind: RunKind::Learn,
+            parent: None,
+            status: RunStatus::Done,
+            created_ms: 1,
+            started_ms: Some(2),
+            finished_ms: Some(3),
+            host: "h".into(),
+            device: "cpu".into(),
+            pid: Some(4),
+            scene: Some("coffee".into()),
+            config_deltas: vec![("learn.lr".into(), "1".into())],
+            outputs: BTreeMap::new(),
+            summary: BTreeMap::new(),
+            error: None,
+            rerun_of: None,
+            rerun_identical: Some(true),
+            model_source,
+        }
+    }
+
+    #[test]
+    fn the_model_source_round_trips_and_format_1_records_still_read() {
+        let with = record(Some("stabilityai/stable-diffusion-2-1-base@main".into()));
+        let bytes = with.encode().unwrap();
+        assert_eq!(bytes[0], RECORD_FORMAT);
+        assert_eq!(RunRecord::decode(&bytes, "run").unwrap(), with);
+        // A format-1 record is the format-2 body without the trailing `None` byte.
+        let without = record(None);
+        let mut old = without.encode().unwrap();
+        assert_eq!(old.pop(), Some(0));
+        old[0] = RECORD_FORMAT_V1;
+        assert_eq!(RunRecord::decode(&old, "run").unwrap(), without);
+        old[0] = 9;
+        let err = RunRecord::decode(&old, "run").unwrap_err().to_string();
+        assert!(err.contains("unknown record format 9"), "{err}");
+    }
 }

@@ -343,7 +343,7 @@ pub fn stored_learn_config(spec: &RunSpec) -> Result<(String, String, LearnConfi
 pub fn synth_job(
     l: &SynthLaunch,
     spec: &RunSpec,
-    model: PathBuf,
+    model: crate::model::ModelSource,
     device: &str,
 ) -> Result<SynthJob> {
     let (_, dtype, _) = crate::jobs::learn::stored_config(spec)?;

@@ -15,6 +15,7 @@ use super::backend::{
 use crate::engine::{Client, Request, Response};
 use crate::jobs::learn::LearnJob;
 use crate::learn::{scene_files, SceneFiles};
+use crate::model::ModelSource;
 use crate::store::{now_ms, BlobHash, BlobStore, RunId, RunKind, RunSpec, RunStatus};
 
 /// A job this client submitted (the engine itself knows runs, not job numbers).
@@ -29,7 +30,7 @@ struct Submitted {
 /// The workbench backend that talks to the store's engine.
 pub struct EngineBackend {
     store_dir: PathBuf,
-    model: Option<PathBuf>,
+    model: Option<ModelSource>,
     device: String,
     submitted: Mutex<Vec<Submitted>>,
 }
@@ -51,6 +52,16 @@ impl EngineBackend {
     /// default model folder for launches (the caller resolves `--model` / `$MIFO_MODEL`),
     /// `device` the default device.
     pub fn connect(store_dir: PathBuf, model: Option<PathBuf>, device: &str) -> Result<Self> {
+        Self::connect_source(store_dir, model.map(ModelSource::folder), device)
+    }
+
+    /// [`EngineBackend::connect`] with the default model already resolved (a repo id or a
+    /// single file too).
+    pub fn connect_source(
+        store_dir: PathBuf,
+        model: Option<ModelSource>,
+        device: &str,
+    ) -> Result<Self> {
         Client::connect(&store_dir)?;
         Ok(Self {
             store_dir,
@@ -71,14 +82,21 @@ impl EngineBackend {
         }
     }
 
-    fn model_dir(&self, model: Option<PathBuf>) -> Result<PathBuf> {
-        let dir = model.or_else(|| self.model.clone()).ok_or_else(|| {
+    /// The model of a launch: the form's (a folder, a single file or a cached repo id), else
+    /// the workbench's default.
+    fn model_dir(&self, model: Option<PathBuf>) -> Result<ModelSource> {
+        if let Some(given) = model {
+            return Ok(crate::jobs::model_source(&crate::jobs::ModelFlags::model(
+                Some(given),
+            ))?);
+        }
+        let model = self.model.clone().ok_or_else(|| {
             anyhow!("no model folder: start the workbench with --model DIR or set MIFO_MODEL")
         })?;
-        if !dir.is_dir() {
-            bail!("{}: model folder does not exist", dir.display());
+        if !model.path.exists() {
+            bail!("{}: model folder does not exist", model.path.display());
         }
-        Ok(std::fs::canonicalize(&dir).unwrap_or(dir))
+        Ok(model.canonical())
     }
 
     fn submit(&self, req: Request, label: String, device: String) -> Result<JobId> {
@@ -98,14 +116,18 @@ impl EngineBackend {
         Ok(job)
     }
 
-    /// A run's record and spec, and the model folder the store knows for it.
-    fn spec_of(&self, id: &RunId) -> Result<(crate::store::RunRecord, RunSpec, Option<PathBuf>)> {
+    /// A run's record and spec, and the model the store knows for it.
+    fn spec_of(
+        &self,
+        id: &RunId,
+    ) -> Result<(crate::store::RunRecord, RunSpec, Option<ModelSource>)> {
         let stored = Client::connect(&self.store_dir)?.stored_run(id.as_str())?;
-        Ok((stored.record, stored.spec, stored.model_dir))
+        let known = stored.known_model();
+        Ok((stored.record, stored.spec, known))
     }
 
-    /// The workbench's model folder, else `known` (the one the store noted for a run's model).
-    fn model_for_run(&self, known: Option<PathBuf>, id: &RunId) -> Result<PathBuf> {
+    /// The workbench's model, else `known` (the one the store noted for a run's model).
+    fn model_for_run(&self, known: Option<ModelSource>, id: &RunId) -> Result<ModelSource> {
         match (&self.model, known) {
             (None, Some(dir)) => Ok(dir),
             (None, None) => bail!(
@@ -160,7 +182,7 @@ impl Backend for EngineBackend {
         BackendInfo {
             name: format!("engine {}", self.store_dir.display()),
             jobs_survive_quit: true,
-            default_model: self.model.clone(),
+            default_model: self.model.as_ref().map(|m| PathBuf::from(&m.given)),
             default_device: self.device.clone(),
         }
     }

@@ -53,8 +53,8 @@ use worker::{perform, DecodeJob, Outcome};
 pub struct TuiOptions {
     /// The run store folder.
     pub store: PathBuf,
-    /// Default model folder for launches (the CLI passes `--model`, else `$MIFO_MODEL`).
-    pub model: Option<PathBuf>,
+    /// Default model for launches (the CLI resolves `--model`, else `$MIFO_MODEL`).
+    pub model: Option<crate::model::ModelSource>,
     /// Default device for launches.
     pub device: String,
     /// `--image-protocol`.
@@ -79,7 +79,7 @@ pub fn run(opts: TuiOptions) -> Result<()> {
     if !std::io::stdout().is_terminal() {
         bail!("the workbench needs a terminal (for scripts use `mifo runs ls`)");
     }
-    let backend = EngineBackend::connect(opts.store, opts.model, &opts.device)?;
+    let backend = EngineBackend::connect_source(opts.store, opts.model, &opts.device)?;
     run_with(Box::new(backend), opts.image_protocol, started)
 }
 

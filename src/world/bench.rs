@@ -248,8 +248,7 @@ mod tests {
             .iter()
             .all(|r| learns.contains(&r.learn) || (r.learn == NO_LEARNING && r.name == WORDS_ROW)));
         assert_eq!(
-            variants[1].config.penalty_steps,
-            0,
+            variants[1].config.penalty_steps, 0,
             "reward-only has no penalty phase"
         );
     }

@@ -37,6 +37,7 @@ pub fn finished_run(
                 scene: Some("two-cats".into()),
                 config_deltas: vec![("learn.lr".into(), "0.0005".into())],
                 rerun_of,
+                model_source: None,
             },
         )
         .expect("create");
