@@ -77,17 +77,11 @@ fn fake_cache(hub: &Path) -> PathBuf {
     snapshot
 }
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+/// Asserts that `ours` equals `other` to 1e-6 in absolute terms (the library's parity
+/// comparison, [`mifo::verify::compare`]).
+fn assert_same(what: &str, ours: &Tensor, other: &Tensor) {
+    let check = mifo::verify::compare(what, ours, other, f64::INFINITY);
+    assert!(check.max_abs <= 1e-6, "{check:?}");
 }
 
 const PLAIN_BOXES: [&str; 4] = ["--box", "cat=0,0.4,0.5,1", "--box", "dog=0.5,0.4,1,1"];
@@ -256,16 +250,16 @@ fn assert_same_model(source: &ModelSource) {
         a.text_encoder.forward(&ids, None).unwrap(),
         b.text_encoder.forward(&ids, None).unwrap(),
     );
-    assert!(max_diff(&ta, &tb) <= 1e-6, "text {}", max_diff(&ta, &tb));
+    assert_same("text", &ta, &tb);
     let lat = Tensor::randn(0f32, 1.0, (1, 4, 16, 16), &dev).unwrap();
     let t = Tensor::new(&[500f32], &dev).unwrap();
     let (ua, ub) = (
         a.unet.forward_hooked(&lat, &t, &ta, None).unwrap(),
         b.unet.forward_hooked(&lat, &t, &ta, None).unwrap(),
     );
-    assert!(max_diff(&ua, &ub) <= 1e-6, "unet {}", max_diff(&ua, &ub));
+    assert_same("unet", &ua, &ub);
     let (da, db) = (a.vae.decode(&lat).unwrap(), b.vae.decode(&lat).unwrap());
-    assert!(max_diff(&da, &db) <= 1e-6, "vae {}", max_diff(&da, &db));
+    assert_same("vae", &da, &db);
     assert_eq!(a.scheduler.config(), b.scheduler.config());
 }
 

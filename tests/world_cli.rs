@@ -147,14 +147,23 @@ fn learn_args<'a>(scene: &'a str, seed: &'a str) -> Vec<&'a str> {
 }
 
 fn synth(store: &Path, from: &str, boxes: &[String], seed: &str) -> serde_json::Value {
+    synth_with(store, Some(from), "a photo of <v0> and <v1>", boxes, seed)
+}
+
+/// Two samples of `prompt` on the tiny model, from learning run `from` or the plain model.
+fn synth_with(
+    store: &Path,
+    from: Option<&str>,
+    prompt: &str,
+    boxes: &[String],
+    seed: &str,
+) -> serde_json::Value {
     let mut args = vec![
         "synth",
-        "--from",
-        from,
         "--model",
         "fixtures/tiny-sd21",
         "--prompt",
-        "a photo of <v0> and <v1>",
+        prompt,
         "--seed",
         seed,
         "--samples",
@@ -165,6 +174,9 @@ fn synth(store: &Path, from: &str, boxes: &[String], seed: &str) -> serde_json::
         "--set",
         "synth.guided_steps=1",
     ];
+    if let Some(from) = from {
+        args.extend(["--from", from]);
+    }
     for b in boxes {
         args.extend(["--box", b.as_str()]);
     }
@@ -282,26 +294,8 @@ fn plain_model_runs_are_scored_by_the_objects_their_boxes_name() {
     let dir = scratch("world-words");
     let store = dir.join("store");
     let plain = |prompt: &str, boxes: &[&str]| {
-        let mut args = vec![
-            "synth",
-            "--model",
-            "fixtures/tiny-sd21",
-            "--prompt",
-            prompt,
-            "--seed",
-            "1",
-            "--samples",
-            "2",
-            "--json",
-            "--set",
-            "synth.steps=4",
-            "--set",
-            "synth.guided_steps=1",
-        ];
-        for b in boxes {
-            args.extend(["--box", b]);
-        }
-        json(&mifo(&store, &args))["id"]
+        let boxes: Vec<String> = boxes.iter().map(|b| b.to_string()).collect();
+        synth_with(&store, None, prompt, &boxes, "1")["id"]
             .as_str()
             .unwrap()
             .to_string()

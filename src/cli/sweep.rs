@@ -122,6 +122,29 @@ fn combination_error(i: usize, n: usize, c: &Combination, e: impl std::fmt::Disp
     format!("--grid: combination {} of {n} ({}): {e}", i + 1, c.label())
 }
 
+/// One entry per combination: `base_config` with the combination's values in `section`, checked
+/// by `check` (a failure names the combination), made into a job by `job` with its seed.
+fn entries<C: serde::Serialize + serde::de::DeserializeOwned>(
+    base_config: &C,
+    section: &str,
+    combos: &[Combination],
+    check: impl Fn(&C) -> crate::Result<()>,
+    job: impl Fn(C, u64) -> SweepJob,
+) -> anyhow::Result<Vec<SweepEntry>> {
+    combos
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let config = apply(base_config, section, c)?;
+            check(&config).map_err(|e| anyhow!(combination_error(i, combos.len(), c, e)))?;
+            Ok(SweepEntry {
+                label: c.label(),
+                job: job(config, c.seed),
+            })
+        })
+        .collect()
+}
+
 fn learn(args: SweepLearnArgs, store: &Path) -> anyhow::Result<()> {
     let SweepLearnArgs { sweep, learn } = args;
     if learn.resume.is_some() {
@@ -131,22 +154,19 @@ fn learn(args: SweepLearnArgs, store: &Path) -> anyhow::Result<()> {
     let base_config = super::learn::resolve_config(&learn)?;
     check_grid(&base_config, "learn", &grids)?;
     let base = super::learn::build_job(&learn)?;
-    let combos = combinations(&grids, &seeds)?;
-    let mut entries = Vec::with_capacity(combos.len());
-    for (i, c) in combos.iter().enumerate() {
-        let config = apply(&base_config, "learn", c)?;
-        config
-            .validate()
-            .map_err(|e| anyhow!(combination_error(i, combos.len(), c, e)))?;
-        entries.push(SweepEntry {
-            label: c.label(),
-            job: SweepJob::Learn(Box::new(crate::jobs::learn::LearnJob {
+    let entries = entries(
+        &base_config,
+        "learn",
+        &combinations(&grids, &seeds)?,
+        crate::learn::LearnConfig::validate,
+        |config, seed| {
+            SweepJob::Learn(Box::new(crate::jobs::learn::LearnJob {
                 config,
-                seed: c.seed,
+                seed,
                 ..base.clone()
-            })),
-        });
-    }
+            }))
+        },
+    )?;
     submit(
         store,
         "learn",
@@ -168,22 +188,19 @@ fn synth(args: SweepSynthArgs, store: &Path) -> anyhow::Result<()> {
     let base_config = super::synth::resolve_config(&synth)?;
     check_grid(&base_config, "synth", &grids)?;
     let base = super::synth::build_job(&synth, store)?;
-    let combos = combinations(&grids, &seeds)?;
-    let mut entries = Vec::with_capacity(combos.len());
-    for (i, c) in combos.iter().enumerate() {
-        let config = apply(&base_config, "synth", c)?;
-        config
-            .check()
-            .map_err(|e| anyhow!(combination_error(i, combos.len(), c, e)))?;
-        entries.push(SweepEntry {
-            label: c.label(),
-            job: SweepJob::Synth(Box::new(crate::jobs::synth::SynthJob {
+    let entries = entries(
+        &base_config,
+        "synth",
+        &combinations(&grids, &seeds)?,
+        crate::synth::SynthConfig::check,
+        |config, seed| {
+            SweepJob::Synth(Box::new(crate::jobs::synth::SynthJob {
                 config,
-                seed: c.seed,
+                seed,
                 ..base.clone()
-            })),
-        });
-    }
+            }))
+        },
+    )?;
     submit(
         store,
         "synth",

@@ -78,13 +78,13 @@ pub struct BenchArgs {
     /// the world model's 8×8 latents: loss layers at 4² and 8², refinement at 8², step size 4 →
     /// 1 with backtracking, 25 guided steps) or `paper` (the preset as it is on SD). Give each
     /// its own --tag.
-    #[arg(long, value_enum, default_value_t = SynthBase::World)]
-    pub synthesis: SynthBase,
+    #[arg(long, value_enum, default_value_t = PresetMapping::World)]
+    pub synthesis: PresetMapping,
     /// The learning configuration both learning variants start from: `world` (the `paper`
     /// preset with the attention loss weighted 0.1 instead of 0.01 in both phases) or `paper`
     /// (the preset as it is on SD). Give each its own --tag.
-    #[arg(long, value_enum, default_value_t = LearnBase::World)]
-    pub learning: LearnBase,
+    #[arg(long, value_enum, default_value_t = PresetMapping::World)]
+    pub learning: PresetMapping,
     /// Override one key of every row (repeatable): `synth.KEY=VALUE` changes the synthesis
     /// base before each row's own change, `learn.KEY=VALUE` both learning variants (a
     /// `learn.penalty_steps` given here also reaches reward-only). Give each variant its own
@@ -111,56 +111,46 @@ pub enum BenchInit {
     Class,
 }
 
-/// What `mifo world bench --synthesis` starts from.
+/// What `mifo world bench --synthesis` and `--learning` start from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum SynthBase {
-    /// The paper preset mapped to the world model (`world::synth_config`).
+pub enum PresetMapping {
+    /// The paper preset mapped to the world model (`world::synth_config`,
+    /// `world::learn_config`).
     World,
     /// The paper preset unchanged.
     Paper,
 }
 
-impl SynthBase {
+impl PresetMapping {
     /// The synthesis configuration the bench rows start from.
-    fn config(self) -> crate::synth::SynthConfig {
+    fn synth_config(self) -> crate::synth::SynthConfig {
         match self {
-            SynthBase::World => world::synth_config(),
-            SynthBase::Paper => crate::synth::SynthConfig::default(),
+            PresetMapping::World => world::synth_config(),
+            PresetMapping::Paper => crate::synth::SynthConfig::default(),
+        }
+    }
+
+    /// The learning configuration the learning variants start from.
+    fn learn_config(self) -> crate::learn::LearnConfig {
+        match self {
+            PresetMapping::World => world::learn_config(),
+            PresetMapping::Paper => crate::learn::LearnConfig::paper(),
         }
     }
 
     /// `world` / `paper`, as on the command line.
     fn name(self) -> &'static str {
         match self {
-            SynthBase::World => "world",
-            SynthBase::Paper => "paper",
-        }
-    }
-}
-
-/// Which learning configuration the bench's learning variants start from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum LearnBase {
-    /// The paper preset mapped to the world model (`world::learn_config`).
-    World,
-    /// The paper preset unchanged.
-    Paper,
-}
-
-impl LearnBase {
-    /// The learning configuration the variants start from.
-    fn config(self) -> crate::learn::LearnConfig {
-        match self {
-            LearnBase::World => world::learn_config(),
-            LearnBase::Paper => crate::learn::LearnConfig::paper(),
+            PresetMapping::World => "world",
+            PresetMapping::Paper => "paper",
         }
     }
 
-    /// `world` / `paper`, as on the command line.
-    fn name(self) -> &'static str {
+    /// What the table's header says of it.
+    fn described(self) -> &'static str {
         match self {
-            LearnBase::World => "world",
-            LearnBase::Paper => "paper",
+            PresetMapping::World => "world (the paper preset mapped to the world model)",
+            PresetMapping::Paper => "paper (unmapped)",
         }
     }
 }
@@ -480,9 +470,7 @@ fn tag_run(client: &mut Client, id: &str, tag: &str) -> anyhow::Result<()> {
 fn bench(args: BenchArgs, store: &Path) -> anyhow::Result<()> {
     use crate::jobs::learn::LearnJob;
     use crate::jobs::synth::SynthJob;
-    use crate::world::bench::{
-        learn_variants, rows, scene, Layout, LAYOUTS, METHOD_ROWS, NO_LEARNING, TARGETS,
-    };
+    use crate::world::bench::{learn_variants, rows, scene, Layout, LAYOUTS, METHOD_ROWS, TARGETS};
 
     if args.scenes == 0 || args.seeds == 0 {
         bail!("--scenes and --seeds must be at least 1");
@@ -493,9 +481,9 @@ fn bench(args: BenchArgs, store: &Path) -> anyhow::Result<()> {
         .map(|s| crate::config::parse_override(s))
         .collect::<Result<Vec<_>, _>>()?;
     crate::config::check_sections(&overrides, &["learn", "synth"])?;
-    let base = crate::config::apply_overrides(&args.synthesis.config(), "synth", &overrides)?;
+    let base = crate::config::apply_overrides(&args.synthesis.synth_config(), "synth", &overrides)?;
     base.check()?;
-    let learn_base = args.learning.config();
+    let learn_base = args.learning.learn_config();
     for variant in learn_variants(&learn_base) {
         crate::config::apply_overrides(&variant.config, "learn", &overrides)?.validate()?;
     }
@@ -545,7 +533,7 @@ fn bench(args: BenchArgs, store: &Path) -> anyhow::Result<()> {
     let needed: Vec<&str> = learn_variants(&learn_base)
         .iter()
         .map(|v| v.name)
-        .filter(|v| chosen.iter().any(|r| r.learn == *v))
+        .filter(|v| chosen.iter().any(|r| r.learn == Some(*v)))
         .collect();
     let total = args.scenes * (needed.len() + chosen.len() * LAYOUTS.len());
     let mut done = 0usize;
@@ -604,9 +592,9 @@ fn bench(args: BenchArgs, store: &Path) -> anyhow::Result<()> {
                     layout.name(),
                     spec.seed
                 );
-                let words = row.learn == NO_LEARNING;
+                let words = row.learn.is_none();
                 let job = SynthJob {
-                    from: (!words).then(|| learned[row.learn].clone()),
+                    from: row.learn.map(|l| learned[l].clone()),
                     model: model.clone(),
                     prompt: if words {
                         file.caption.clone()
@@ -680,14 +668,8 @@ fn bench(args: BenchArgs, store: &Path) -> anyhow::Result<()> {
         args.scenes,
         LAYOUTS.len(),
         args.seeds,
-        match args.learning {
-            LearnBase::World => "world (the paper preset mapped to the world model)",
-            LearnBase::Paper => "paper (unmapped)",
-        },
-        match args.synthesis {
-            SynthBase::World => "world (the paper preset mapped to the world model)",
-            SynthBase::Paper => "paper (unmapped)",
-        },
+        args.learning.described(),
+        args.synthesis.described(),
         model.path.display(),
         started.elapsed().as_secs_f64()
     );

@@ -240,13 +240,7 @@ impl Plan {
             let view = file
                 .tensor(name)
                 .map_err(|e| Error::file(path, format!("tensor `{name}`: {e}")))?;
-            let tensor = candle_core::safetensors::Load::load(&view, &Device::Cpu)
-                .map_err(|e| Error::file(path, format!("tensor `{name}`: {e}")))?;
-            let tensor = if tensor.dtype().is_float() {
-                tensor.to_dtype(dtype)?
-            } else {
-                tensor
-            };
+            let tensor = super::weights::load_view(path, name, &view, dtype)?;
             let bad_shape = |what: &str| {
                 Error::file(
                     path,
@@ -777,9 +771,11 @@ fn inferred(
     while let Some(e) = entries.get(&format!("{v}{}.block.0.conv1.weight", vae_channels.len())) {
         vae_channels.push(e.shape[0]);
     }
-    let vae_layers = (0..)
-        .take_while(|j| entries.contains_key(&format!("{v}0.block.{j}.conv1.weight")))
-        .count();
+    // How many of key(0), key(1), … the file holds, counting from 0 until the first gap.
+    let count = |key: &dyn Fn(usize) -> String| {
+        (0..).take_while(|&n| entries.contains_key(&key(n))).count()
+    };
+    let vae_layers = count(&|j| format!("{v}0.block.{j}.conv1.weight"));
     let text = match family {
         Family::Sd1 => {
             let p = if entries.contains_key(
@@ -790,11 +786,7 @@ fn inferred(
                 "cond_stage_model.transformer."
             };
             let table = shape(&format!("{p}embeddings.token_embedding.weight"))?;
-            let layers = (0..)
-                .take_while(|n| {
-                    entries.contains_key(&format!("{p}encoder.layers.{n}.mlp.fc1.weight"))
-                })
-                .count();
+            let layers = count(&|n| format!("{p}encoder.layers.{n}.mlp.fc1.weight"));
             (
                 table[1],
                 layers,
@@ -806,11 +798,7 @@ fn inferred(
         Family::Sd2 => {
             let p = "cond_stage_model.model.";
             let table = shape(&format!("{p}token_embedding.weight"))?;
-            let blocks = (0..)
-                .take_while(|n| {
-                    entries.contains_key(&format!("{p}transformer.resblocks.{n}.mlp.c_fc.weight"))
-                })
-                .count();
+            let blocks = count(&|n| format!("{p}transformer.resblocks.{n}.mlp.c_fc.weight"));
             // SD 2.x uses the penultimate block's output: diffusers' text encoder has one
             // layer fewer than the checkpoint.
             (

@@ -129,6 +129,23 @@ pub struct WeightFile {
     frozen: Vec<String>,
 }
 
+/// Tensor `name` of the safetensors file `path` from its `view`, on the CPU, floating-point
+/// tensors converted to `dtype` (integer ones kept as they are).
+pub(crate) fn load_view(
+    path: &Path,
+    name: &str,
+    view: &safetensors::tensor::TensorView<'_>,
+    dtype: DType,
+) -> Result<Tensor> {
+    let tensor = candle_core::safetensors::Load::load(view, &Device::Cpu)
+        .map_err(|e| Error::file(path, format!("tensor `{name}`: {e}")))?;
+    Ok(if tensor.dtype().is_float() {
+        tensor.to_dtype(dtype)?
+    } else {
+        tensor
+    })
+}
+
 /// Seeded random weights made on demand (tests, benchmarks at real SD shapes).
 struct Synthetic {
     seed: u64,
@@ -145,13 +162,7 @@ impl WeightFile {
             .map_err(|e| Error::file(path, format!("not a valid safetensors file ({e})")))?;
         let mut tensors = HashMap::new();
         for (name, view) in parsed.tensors() {
-            let tensor = candle_core::safetensors::Load::load(&view, &Device::Cpu)
-                .map_err(|e| Error::file(path, format!("tensor `{name}`: {e}")))?;
-            let tensor = if tensor.dtype().is_float() {
-                tensor.to_dtype(dtype)?
-            } else {
-                tensor
-            };
+            let tensor = load_view(path, &name, &view, dtype)?;
             tensors.insert(name, tensor.to_device(device)?);
         }
         Ok(Self::from_tensors(path, tensors))

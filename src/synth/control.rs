@@ -966,6 +966,29 @@ mod tests {
         Tensor::from_vec(data, (batch_before + 1, 2, 4, 4), &Device::Cpu).unwrap()
     }
 
+    /// A box loss in the released code's sums, by hand on the maps `ca` and `sa`: `term(FG, BG)`
+    /// per subject and layer, FG and BG summed over heads, over the subject's box cell (0 for
+    /// `<v0>`, 1 for `<v1>`) or the background cells (2 and 3), and over its key columns (CA:
+    /// the subject's token and EOS; SA: its own box cell); λ_CA 1.5, λ_SA 0.5.
+    fn official_sums_by_hand(
+        ca: &[[[f64; 4]; 4]],
+        sa: &[[[f64; 4]; 4]],
+        term: impl Fn(f64, f64) -> f64,
+    ) -> f64 {
+        let a = |m: &[[[f64; 4]; 4]], p: usize, k: usize| m[0][p][k] + m[1][p][k];
+        let ca_v0 = term(
+            a(ca, 0, 1) + a(ca, 0, 3),
+            a(ca, 2, 1) + a(ca, 2, 3) + a(ca, 3, 1) + a(ca, 3, 3),
+        );
+        let ca_v1 = term(
+            a(ca, 1, 2) + a(ca, 1, 3),
+            a(ca, 2, 2) + a(ca, 2, 3) + a(ca, 3, 2) + a(ca, 3, 3),
+        );
+        let sa_v0 = term(a(sa, 0, 0), a(sa, 2, 0) + a(sa, 3, 0));
+        let sa_v1 = term(a(sa, 1, 1), a(sa, 2, 1) + a(sa, 3, 1));
+        1.5 * (ca_v0 + ca_v1) + 0.5 * (sa_v0 + sa_v1)
+    }
+
     /// The box loss of one cross- and one self-attention layer against the formula worked out
     /// by hand on the constructed maps: per subject (1 − FG/(FG + BG))² + α·log(1 + BG), with FG
     /// and BG summed over heads, the subject's box (or the background) rows and its key columns.
@@ -975,22 +998,9 @@ mod tests {
         let alpha = 0.3;
         let got = loss_of("official", &ca, &sa, alpha);
 
-        // Cells: 0 top-left (<v0>'s box), 1 top-right (<v1>'s), 2 and 3 background.
-        let a = |m: &[[[f64; 4]; 4]], p: usize, k: usize| m[0][p][k] + m[1][p][k];
-        let term = |fg: f64, bg: f64| (1.0 - fg / (fg + bg)).powi(2) + alpha * (1.0 + bg).ln();
-        // Cross-attention keys: the subject's token and EOS.
-        let ca_v0 = term(
-            a(&ca, 0, 1) + a(&ca, 0, 3),
-            a(&ca, 2, 1) + a(&ca, 2, 3) + a(&ca, 3, 1) + a(&ca, 3, 3),
-        );
-        let ca_v1 = term(
-            a(&ca, 1, 2) + a(&ca, 1, 3),
-            a(&ca, 2, 2) + a(&ca, 2, 3) + a(&ca, 3, 2) + a(&ca, 3, 3),
-        );
-        // Self-attention keys: the subject's own box cell.
-        let sa_v0 = term(a(&sa, 0, 0), a(&sa, 2, 0) + a(&sa, 3, 0));
-        let sa_v1 = term(a(&sa, 1, 1), a(&sa, 2, 1) + a(&sa, 3, 1));
-        let want = 1.5 * (ca_v0 + ca_v1) + 0.5 * (sa_v0 + sa_v1);
+        let want = official_sums_by_hand(&ca, &sa, |fg, bg| {
+            (1.0 - fg / (fg + bg)).powi(2) + alpha * (1.0 + bg).ln()
+        });
         assert!(
             (got - want).abs() < 1e-5 * want,
             "loss {got}, by hand {want}"
@@ -1072,19 +1082,7 @@ mod tests {
         config = config.effective();
         assert!(!config.out_of_box);
         let got = loss_with(&config, &ca, &sa, 0.3);
-        let a = |m: &[[[f64; 4]; 4]], p: usize, k: usize| m[0][p][k] + m[1][p][k];
-        let term = |fg: f64, bg: f64| (1.0 - fg / (fg + 2.0 * bg)).powi(2);
-        let ca_v0 = term(
-            a(&ca, 0, 1) + a(&ca, 0, 3),
-            a(&ca, 2, 1) + a(&ca, 2, 3) + a(&ca, 3, 1) + a(&ca, 3, 3),
-        );
-        let ca_v1 = term(
-            a(&ca, 1, 2) + a(&ca, 1, 3),
-            a(&ca, 2, 2) + a(&ca, 2, 3) + a(&ca, 3, 2) + a(&ca, 3, 3),
-        );
-        let sa_v0 = term(a(&sa, 0, 0), a(&sa, 2, 0) + a(&sa, 3, 0));
-        let sa_v1 = term(a(&sa, 1, 1), a(&sa, 2, 1) + a(&sa, 3, 1));
-        let want = 1.5 * (ca_v0 + ca_v1) + 0.5 * (sa_v0 + sa_v1);
+        let want = official_sums_by_hand(&ca, &sa, |fg, bg| (1.0 - fg / (fg + 2.0 * bg)).powi(2));
         assert!(
             (got - want).abs() < 1e-5 * want,
             "loss {got}, by hand {want}"

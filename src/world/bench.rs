@@ -70,8 +70,9 @@ pub fn learn_variants(base: &LearnConfig) -> Vec<LearnVariant> {
 pub struct Row {
     /// The row's name (also the last part of its runs' tag).
     pub name: &'static str,
-    /// The learning variant whose tokens it draws.
-    pub learn: &'static str,
+    /// The learning variant whose tokens it draws (`None`: it learns nothing and draws the
+    /// scene's own words, the [`WORDS_ROW`]).
+    pub learn: Option<&'static str>,
     /// The `--set` key the row changes from the paper preset (empty for none).
     pub change: &'static str,
     /// The synthesis config.
@@ -83,9 +84,6 @@ pub struct Row {
 /// its noun phrases, the same synthesis as `mifo`. What the tokens would reach if they were the
 /// words themselves.
 pub const WORDS_ROW: &str = "words";
-
-/// [`Row::learn`] of the [`WORDS_ROW`]: no learning variant.
-pub const NO_LEARNING: &str = "none";
 
 /// Names of the rows that are synthesis methods (`mifo world bench --methods`).
 pub const METHOD_ROWS: &[&str] = &["mifo", "bounded-attention", "plain"];
@@ -99,7 +97,7 @@ pub fn rows(base: &SynthConfig) -> Vec<Row> {
         f(&mut config);
         Row {
             name,
-            learn: "mifo",
+            learn: Some("mifo"),
             change,
             config,
         }
@@ -107,13 +105,13 @@ pub fn rows(base: &SynthConfig) -> Vec<Row> {
     vec![
         Row {
             name: "mifo",
-            learn: "mifo",
+            learn: Some("mifo"),
             change: "",
             config: paper.clone(),
         },
         Row {
             name: "reward-only",
-            learn: "reward-only",
+            learn: Some("reward-only"),
             change: "learn.penalty_steps=0",
             config: paper.clone(),
         },
@@ -142,7 +140,7 @@ pub fn rows(base: &SynthConfig) -> Vec<Row> {
         off("refine-off", "synth.refine=false", |c| c.refine = false),
         Row {
             name: WORDS_ROW,
-            learn: NO_LEARNING,
+            learn: None,
             change: "the scene's caption, boxes on its words",
             config: paper,
         },
@@ -246,7 +244,7 @@ mod tests {
         let learns: Vec<&str> = variants.iter().map(|l| l.name).collect();
         assert!(rows
             .iter()
-            .all(|r| learns.contains(&r.learn) || (r.learn == NO_LEARNING && r.name == WORDS_ROW)));
+            .all(|r| r.learn.map_or(r.name == WORDS_ROW, |l| learns.contains(&l))));
         assert_eq!(
             variants[1].config.penalty_steps, 0,
             "reward-only has no penalty phase"

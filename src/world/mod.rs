@@ -54,9 +54,9 @@ pub const SCENE_FILE_VERSION: u32 = 1;
 ///   boxes better but throws more samples off the model's images (a pale, washed-out picture,
 ///   where one iteration overshot and the sample never came back). `synth.backtrack` undoes such
 ///   iterations: 4 → 1 with it 60.4 / 12.7 / 33.7, and with 25 guided steps of 50 instead of 15
-///   65.6 / 13.4 / 31.1, the best on all three of those that keep `outside` low. On SD the
-///   gradient of a 64×64 latent is far smaller per element, and the paper's 8 → 2 is right
-///   there.
+///   65.6 / 13.4 / 31.1, the best on all three of those that keep `outside` low. This mapping
+///   is for the world's 8×8 latents; on SD's 64×64 the presets keep the paper's 8 → 2 without
+///   backtracking (not measured against it here).
 /// * Loss form: the preset's (`paper`).
 pub fn synth_config() -> SynthConfig {
     SynthConfig {
@@ -79,8 +79,9 @@ pub fn synth_config() -> SynthConfig {
 /// each token's attention outside its mask stays at 30–45 % through both phases — no better
 /// than the colour words themselves (37 % and 29 % on the demo scene). With 0.1 the bench
 /// (6 scenes × 2 layouts × 4 seeds, the synthesis mapping of the time) went from identity /
-/// leak / outside 39.6 / 41.7 / 51.3 % to 42.7 / 34.0 / 43.4 %; 1.0 drives the penalty phase to
-/// the easy minimum (attention low everywhere) and the leak rises again.
+/// leak / outside 39.6 / 41.7 / 51.3 % to 42.7 / 34.0 / 43.4 %. With 1.0 the learning leak fell
+/// to 0.23 in the reward phase and rose to 0.45 in the penalty phase, whose loss is also met by
+/// attention that is low everywhere.
 pub fn learn_config() -> LearnConfig {
     LearnConfig {
         lambda_reward: 0.1,
