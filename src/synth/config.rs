@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct SynthConfig {
-    /// Number of DDIM denoising steps (50: t = 980, 960, …, 0 with `steps_offset` 0).
+    /// Number of DDIM denoising steps (50: t = 981, 961, …, 1 with `steps_offset` 1).
     pub steps: usize,
     /// Steps 0..guided_steps run the latent optimisation and use the boxes as regions; mask
     /// refinement starts at this step (paper T_bound, code `num_guidance_steps` = 15). Also the
@@ -24,8 +24,11 @@ pub struct SynthConfig {
     pub guided_steps: usize,
     /// Classifier-free guidance scale with the empty prompt as the unconditional input (7.5).
     pub guidance_scale: f64,
-    /// DDIM `steps_offset` used for synthesis (0 as in MIFO, independent of the model folder's
-    /// scheduler config, which is 1 for diffusers SD).
+    /// DDIM `steps_offset` used for synthesis, independent of the model folder's scheduler
+    /// config (1 in both presets: the released code builds its scheduler without one, but
+    /// diffusers' `StableDiffusionPipeline`, which its pipeline subclasses, resets 0 to 1, so it
+    /// samples t = 981…1; `fixtures/*/synth_reference.*` records it). Records stored before
+    /// 2026-12-07 ran 0 and keep it.
     pub steps_offset: usize,
     /// DDIM eta; only 0 (deterministic DDIM) is supported.
     pub eta: f64,
@@ -136,7 +139,7 @@ impl Default for SynthConfig {
             steps: 50,
             guided_steps: 15,
             guidance_scale: 7.5,
-            steps_offset: 0,
+            steps_offset: 1,
             eta: 0.0,
             method: "mifo".into(),
             box_control: true,

@@ -22,6 +22,12 @@ use crate::model::loader::StableDiffusion;
 use crate::model::nn::{resize_bilinear, resize_nearest_hw};
 use crate::model::source::ModelSource;
 
+mod synth;
+pub use synth::verify_synth;
+
+/// The synthesis reference's file name, beside a model's `reference.safetensors`.
+pub const SYNTH_REFERENCE: &str = "synth_reference.safetensors";
+
 /// Largest allowed `max |ours − ref| / max |ref|` for forward tensors (fp32).
 pub const FORWARD_TOLERANCE: f64 = 1e-4;
 /// Largest allowed relative error for gradients.
@@ -645,6 +651,12 @@ pub fn verify_source(model: &ModelSource, reference: &Path, device: &Device) -> 
             let img = ((img / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
             cmp(&mut out, "e2e.image", &img, fwd)?;
         }
+    }
+
+    // ---- synthesis against the released MIFO code (beside the reference, when present) ----------
+    let synth = reference.with_file_name(SYNTH_REFERENCE);
+    if synth.exists() {
+        out.extend(verify_synth(&sd, &synth, dev)?);
     }
     Ok(out)
 }
