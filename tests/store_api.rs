@@ -811,6 +811,15 @@ fn model_fingerprints_cover_weights_and_configs_and_are_cached() {
     // Files that are not weights or configs do not count.
     fs::write(model.join("README.md"), b"other docs").unwrap();
     assert_eq!(model_fingerprint(&model).unwrap(), first);
+    // Nor does anything at the top level but model_index.json: the fixtures keep their parity
+    // references there, and a new reference must not make the same weights another model.
+    fs::write(model.join("reference.json"), b"{\"tensors\":{}}").unwrap();
+    fs::write(model.join("synth_reference.safetensors"), b"tensors").unwrap();
+    assert_eq!(model_fingerprint(&model).unwrap(), first);
+    fs::write(model.join("model_index.json"), b"{\"x\":1}").unwrap();
+    assert_ne!(model_fingerprint(&model).unwrap(), first);
+    fs::write(model.join("model_index.json"), b"{}").unwrap();
+    assert_eq!(model_fingerprint(&model).unwrap(), first);
     // Content counts.
     let weights = model.join("unet/diffusion_pytorch_model.safetensors");
     let mtime = fs::metadata(&weights).unwrap().modified().unwrap();

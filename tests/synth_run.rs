@@ -235,6 +235,50 @@ fn backtracking_never_ends_a_step_above_its_start() {
     );
 }
 
+/// `synth.max_step` is a trust region: with a step far too large, the unbounded optimisation
+/// throws the sample far from the one drawn without optimisation, while a tiny bound keeps every
+/// move so small that the image stays within a few grey levels of it.
+#[test]
+fn max_step_bounds_how_far_the_latent_moves() {
+    let (sd, rows) = model();
+    let cfg = |latent_opt: bool, max_step: f64| SynthConfig {
+        steps: STEPS,
+        guided_steps: GUIDED,
+        refine: false,
+        loss_threshold: 0.0,
+        step_size_start: 1e6,
+        step_size_end: 1e6,
+        latent_opt,
+        max_step,
+        ..SynthConfig::default()
+    };
+    let image = |c: SynthConfig| {
+        let (_, sink) = run(&request(&sd, &rows, c, 3, 1));
+        image::load_from_memory(&sink.artifacts["sample_0.png"])
+            .unwrap()
+            .to_rgb8()
+            .into_raw()
+    };
+    let mean_diff = |a: &[u8], b: &[u8]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (*x as f64 - *y as f64).abs())
+            .sum::<f64>()
+            / a.len() as f64
+    };
+    let still = image(cfg(false, 0.0));
+    let unbounded = mean_diff(&image(cfg(true, 0.0)), &still);
+    let bounded = mean_diff(&image(cfg(true, 1e-5)), &still);
+    assert!(
+        unbounded > 5.0,
+        "a step of 1e6 should move the sample: mean |Δ| {unbounded:.3}"
+    );
+    assert!(
+        bounded < 1.0,
+        "max_step 1e-5 should keep the sample: mean |Δ| {bounded:.3} (unbounded {unbounded:.3})"
+    );
+}
+
 /// `plain` is Stable Diffusion with the prompt alone: whatever the box-control keys say, it
 /// records nothing of the attention (no hook runs) and draws exactly what box control off with
 /// no attention metrics draws; `bounded-attention` optimises the latent with its own loss (no

@@ -75,9 +75,9 @@ pub struct BenchArgs {
     #[arg(long, default_value = crate::jobs::pool::default_device())]
     pub device: String,
     /// The synthesis configuration the rows start from: `world` (the `paper` preset mapped to
-    /// the world model's 8×8 latents: loss layers at 4² and 8², refinement at 8², step size 4 →
-    /// 1 with backtracking, 25 guided steps) or `paper` (the preset as it is on SD). Give each
-    /// its own --tag.
+    /// the world model's 8×8 latents: loss layers at 4² and 8², refinement at 8², 25 guided
+    /// steps, each move of the latent bounded at 0.2 RMS) or `paper` (the preset as it is on
+    /// SD). Give each its own --tag.
     #[arg(long, value_enum, default_value_t = PresetMapping::World)]
     pub synthesis: PresetMapping,
     /// The learning configuration both learning variants start from: `world` (the `paper`

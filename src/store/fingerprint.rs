@@ -4,8 +4,11 @@
 //! fingerprint = blake3("mifo-model-fingerprint/1\n" ++ for each file, sorted by relative path:
 //!                      relative path ("/"-separated) ++ "\n" ++ blake3(content) as hex ++ "\n")
 //! ```
-//! Files counted: every regular file (symlinks followed) whose extension is one of
-//! [`MODEL_FILE_EXTENSIONS`], at any depth, skipping names that start with `.`. Hashing multi-GB
+//! Files counted: `model_index.json` at the top level, and in the component folders below it
+//! every regular file (symlinks followed) whose extension is one of [`MODEL_FILE_EXTENSIONS`], at
+//! any depth, skipping names that start with `.`. Other top-level files are not the pipeline
+//! (the fixtures keep their parity references there: a new reference file leaves the model the
+//! same model). Hashing multi-GB
 //! weights takes seconds, so each file's content hash is cached in the store's `meta` tree keyed by
 //! its absolute path and validated by size and modification time.
 //!
@@ -47,6 +50,8 @@ pub const MODEL_FILE_EXTENSIONS: &[&str] = &[
     "model",
 ];
 
+/// The one top-level file of a diffusers folder that is part of the model.
+const TOP_LEVEL_FILE: &str = "model_index.json";
 const FINGERPRINT_PREFIX: &[u8] = b"mifo-model-fingerprint/1\n";
 const SINGLE_FILE_PREFIX: &[u8] = b"mifo-model-fingerprint/single-file/1\n";
 /// Weight files, left out of a `--model-config` folder's share of a single file's fingerprint.
@@ -81,7 +86,7 @@ fn model_files(dir: &Path) -> StoreResult<Vec<(String, PathBuf)>> {
             let meta = fs::metadata(&path).map_err(|e| StoreError::io(&path, e))?;
             if meta.is_dir() {
                 walk(&path, &rel_path, out)?;
-            } else if meta.is_file() {
+            } else if meta.is_file() && (!rel.is_empty() || name == TOP_LEVEL_FILE) {
                 let ext = Path::new(&name)
                     .extension()
                     .map(|e| e.to_string_lossy().to_ascii_lowercase())

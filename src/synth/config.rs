@@ -73,6 +73,12 @@ pub struct SynthConfig {
     /// Records stored before the key existed read `false`, which is what they ran.
     #[serde(default)]
     pub backtrack: bool,
+    /// A trust region for the latent optimisation: each iteration's move `β·∇` is scaled down
+    /// so that its root-mean-square over the latent's elements is at most this (0 = no bound,
+    /// both presets and records stored before the key existed). On small latents one full step
+    /// at the first, noisiest guided step can move the sample off the model's images.
+    #[serde(default)]
+    pub max_step: f64,
     /// Weight of the cross-attention loss term (1.5).
     pub lambda_ca: f64,
     /// Weight of the self-attention loss term (0.5).
@@ -155,6 +161,7 @@ impl Default for SynthConfig {
             step_size_start: 8.0,
             step_size_end: 2.0,
             backtrack: false,
+            max_step: 0.0,
             lambda_ca: 1.5,
             lambda_sa: 0.5,
             alpha_max: 0.5,
@@ -271,6 +278,7 @@ impl SynthConfig {
             ("loss_threshold", self.loss_threshold),
             ("step_size_start", self.step_size_start),
             ("step_size_end", self.step_size_end),
+            ("max_step", self.max_step),
             ("lambda_ca", self.lambda_ca),
             ("lambda_sa", self.lambda_sa),
             ("alpha_max", self.alpha_max),
@@ -284,6 +292,9 @@ impl SynthConfig {
             if !v.is_finite() {
                 return bad(key, "must be a finite number");
             }
+        }
+        if self.max_step < 0.0 {
+            return bad("max_step", "must be 0 (no bound) or a positive number");
         }
         for (key, list) in [
             ("loss_layers", &self.loss_layers),

@@ -298,6 +298,26 @@ struct GuidanceInputs<'a> {
     subjects: usize,
 }
 
+/// One iteration's move of the latent, `step·grad`, scaled down to a root-mean-square of
+/// `max_step` per element when it is larger and `max_step` > 0 (`synth.max_step`).
+fn latent_move(grad: &Tensor, step: f64, max_step: f64) -> Result<Tensor> {
+    let mv = (grad * step)?;
+    if max_step <= 0.0 {
+        return Ok(mv);
+    }
+    let rms = mv
+        .to_dtype(DType::F64)?
+        .sqr()?
+        .mean_all()?
+        .to_scalar::<f64>()?
+        .sqrt();
+    Ok(if rms > max_step {
+        (mv * (max_step / rms))?
+    } else {
+        mv
+    })
+}
+
 /// Runs the latent optimisation of one guided step. `calls` counts the loss terms evaluated by
 /// the optimisation so far in this sample (two per iteration: CA, SA), the released code's α
 /// counter (`synth.alpha_index = code`); it is advanced here.
@@ -345,7 +365,7 @@ fn optimise_latent(
                 if value > *v0 {
                     hook.begin(Pass::Guidance); // drop the rejected latent's graph
                     scale *= 0.5;
-                    z = (z0 - (g0 * (beta * scale))?)?.detach();
+                    z = (z0 - latent_move(g0, beta * scale, cfg.max_step)?)?.detach();
                     continue;
                 }
             }
@@ -357,7 +377,7 @@ fn optimise_latent(
         let g = grads.get(var.as_tensor()).ok_or_else(|| {
             Error::Input("latent optimisation: the loss does not depend on the latent".into())
         })?;
-        z = (var.as_tensor() - (g * (beta * scale))?)?.detach();
+        z = (var.as_tensor() - latent_move(g, beta * scale, cfg.max_step)?)?.detach();
         if cfg.backtrack {
             accepted = Some((var.as_tensor().detach(), value, g.detach()));
         }

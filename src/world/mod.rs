@@ -39,33 +39,31 @@ pub const SCENE_FILE_VERSION: u32 = 1;
 /// The `paper` synthesis preset mapped to the world model (`fixtures/world-sd`: 64 px images,
 /// 8×8 latents), as `mifo demo` and `mifo world bench` use it (the same as `mifo synth --set
 /// 'synth.loss_layers=["up_blocks.1","up_blocks.2"]' --set 'synth.cluster_layers=["up_blocks.2"]'
-/// --set synth.step_size_start=4 --set synth.step_size_end=1 --set synth.guided_steps=25 --set
-/// synth.backtrack=true`).
+/// --set synth.guided_steps=25 --set synth.max_step=0.2`).
 ///
 /// * Layers. On SD (64×64 latents) the box loss and the leak read the mid block (8²) and the
 ///   first decoder level (16²), and mask refinement clusters the 16² maps. The world model's
 ///   decoder has cross-attention at 4² (`up_blocks.1`) and 8² (`up_blocks.2`) only, and its mid
 ///   block is 2×2, where a 20-pixel box can round to no cell at all. So the loss reads both
 ///   decoder levels and refinement clusters the 8² maps (the finest, as 16² is on SD's 64²).
-/// * Step size, guided steps, backtracking. Measured with the bench's `words` row (the plain
-///   model drawing each scene's own words under the same synthesis: 6 scenes × 2 layouts × 4
-///   seeds, oracle identity / leak / outside): β 2 → 0.5 (this mapping before) 62.5 / 17.1 /
-///   40.1 %; 1 → 0.25 76.0 / 16.0 / 45.3; 4 → 1 54.2 / 14.7 / 33.0: a larger step holds the
-///   boxes better but throws more samples off the model's images (a pale, washed-out picture,
-///   where one iteration overshot and the sample never came back). `synth.backtrack` undoes such
-///   iterations: 4 → 1 with it 60.4 / 12.7 / 33.7, and with 25 guided steps of 50 instead of 15
-///   65.6 / 13.4 / 31.1, the best on all three of those that keep `outside` low. This mapping
-///   is for the world's 8×8 latents; on SD's 64×64 the presets keep the paper's 8 → 2 without
-///   backtracking (not measured against it here).
+/// * A trust region on the latent optimisation (`max_step` 0.2: no iteration moves the latent
+///   by more than 0.2 root-mean-square per element), 25 guided steps of 50, and the preset's
+///   step sizes (β 8 → 2). Measured with the bench's `words` row (the plain model drawing each
+///   scene's own words under the same synthesis: 6 scenes × 2 layouts × 4 seeds, oracle
+///   identity / leak / outside): without a bound, one full step at the first, noisiest guided
+///   step throws 8 of 48 samples off the model's images (a grey picture with a green smudge):
+///   the best unbounded setting (β 4 → 1 with `backtrack`) reached 66.7 / 13.5 / 31.8 %. With
+///   the bound no sample is lost: 0.2 with β 4 → 1 86.5 / 9.9 / 37.4, with β 8 → 2 88.5 / 7.1 /
+///   30.6 (with backtracking as well 88.5 / 9.7 / 32.2), with β 16 → 4 85.4 / 11.0 / 28.9;
+///   bounds of 0.05, 0.1, 0.3 and 0.4 were no better. The table is in `docs/performance.md`.
+///   On SD's 64×64 latents the presets keep no bound (neither the paper nor the code has one).
 /// * Loss form: the preset's (`paper`).
 pub fn synth_config() -> SynthConfig {
     SynthConfig {
         loss_layers: vec!["up_blocks.1".into(), "up_blocks.2".into()],
         cluster_layers: vec!["up_blocks.2".into()],
-        step_size_start: 4.0,
-        step_size_end: 1.0,
         guided_steps: 25,
-        backtrack: true,
+        max_step: 0.2,
         ..SynthConfig::default()
     }
 }
