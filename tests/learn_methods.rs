@@ -299,7 +299,7 @@ fn union_sampling_draws_non_empty_subsets_and_the_union_of_their_masks() {
         &[
             [[1f32, 0.0], [0.0, 0.0]],
             [[0.0, 0.5], [0.0, 0.0]],
-            [[0.0, 0.0], [0.2, 0.0]],
+            [[0.5, 0.0], [0.2, 0.0]],
         ],
         &dev,
     )
@@ -310,6 +310,7 @@ fn union_sampling_draws_non_empty_subsets_and_the_union_of_their_masks() {
         .unwrap()
         .to_vec2()
         .unwrap();
+    // The pixelwise maximum of masks 2 and 0 (their sum would be 1.5 at the top left).
     assert_eq!(u, [[1.0, 0.0], [0.2, 0.0]]);
     assert!(learn::sampling::union_mask(&masks, &[]).is_err());
 }
