@@ -390,6 +390,12 @@ fn bad_inputs_give_one_line_errors_and_store_nothing() {
     a.extend(["--preset".into(), "fancy".into()]);
     check(a, "unknown preset");
     let mut a = base(&img, &[&m_left, &m_right]);
+    a.extend(["--set".into(), "learn.method=dreambooth".into()]);
+    check(
+        a,
+        "learn.method: expected mifo, break-a-scene, ti-m or db-m",
+    );
+    let mut a = base(&img, &[&m_left, &m_right]);
     a.extend(["--dtype".into(), "f16".into()]);
     a.extend(["--set".into(), "learn.dreambooth=full".into()]);
     check(a, "learn.dreambooth=lora");
@@ -512,4 +518,55 @@ fn allow_overlap_accepts_overlapping_masks() {
     assert!(rec["inputs"]["mask1"].is_string(), "{}", rec["inputs"]);
     assert_ne!(rec["inputs"]["mask0"], rec["inputs"]["mask1"]);
     let _ = std::fs::remove_dir_all(d);
+}
+
+/// `--set learn.method=break-a-scene` runs Break-a-Scene from its own preset (recorded as the
+/// run's preset), its attention loss at every step; `mifo learn --help` names the methods.
+#[test]
+fn learn_runs_a_baseline_method_from_its_preset() {
+    std::env::set_current_dir(root()).unwrap();
+    let store = tmp("method");
+    let rec = json(&mifo(
+        &store,
+        &[
+            "learn",
+            "--scene",
+            "fixtures/scenes/coffee",
+            "--model",
+            "fixtures/tiny-sd21",
+            "--seed",
+            "7",
+            "--set",
+            "learn.method=break-a-scene",
+            "--set",
+            "learn.reward_steps=2",
+            "--set",
+            "learn.dreambooth_steps=1",
+            "--set",
+            "learn.class_images=1",
+            "--set",
+            "learn.class_image_steps=2",
+            "--set",
+            "learn.preview=false",
+            "--json",
+        ],
+    ));
+    assert_eq!(rec["status"], "done");
+    assert_eq!(rec["metrics"]["loss/attn"].as_array().unwrap().len(), 3);
+    assert!(rec["outputs"]["weights"].is_string());
+    let shown = mifo(
+        &store,
+        &["runs", "show", rec["id"].as_str().unwrap(), "--json"],
+    );
+    let shown = json(&shown);
+    let text = shown.to_string();
+    assert!(text.contains("\"preset\":\"break-a-scene\""), "{text}");
+    assert!(text.contains("\"lr\":0.0005"), "{text}");
+    let help = mifo(&store, &["learn", "--help"]);
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.contains("learn.method=mifo|break-a-scene|ti-m|db-m"),
+        "{help}"
+    );
+    let _ = std::fs::remove_dir_all(store);
 }

@@ -12,6 +12,8 @@ use mifo::learn::LearnConfig;
 /// that a changed default shows up here.
 fn documented_paper() -> LearnConfig {
     LearnConfig {
+        // MIFO itself (§3.6).
+        method: "mifo".into(),
         // "TE-phase steps | 800 (200 reward + 600 penalty)"; "DB steps | 400".
         reward_steps: 200,
         penalty_steps: 600,
@@ -114,6 +116,64 @@ fn official_preset_is_the_documented_code_column() {
         (0.9, 0.99, 0.01)
     );
     assert_eq!(o.dreambooth_steps, 400);
+}
+
+/// The baselines' presets against §3.6 (Break-a-Scene's values from `google/break-a-scene`'s
+/// `train.py`; TI-m and DB-m from the paper preset).
+#[test]
+fn baseline_presets_are_the_documented_values() {
+    let bas = LearnConfig {
+        method: "break-a-scene".into(),
+        // "--phase1_train_steps 400 … lr 5e-4"; "--phase2_train_steps 400 … lr 2e-6".
+        reward_steps: 400,
+        penalty_steps: 0,
+        lr: 5e-4,
+        dreambooth_steps: 400,
+        dreambooth_lr: 2e-6,
+        // "Constant rates, no warm-up"; "AdamW β (0.9, 0.999), ε 1e-8, weight decay 1e-2; clip 1".
+        adam_beta2: 0.999,
+        // "λ 1e-2 … at every timestep … the target is the mask itself".
+        lambda_reward: 0.01,
+        lambda_penalty: 0.0,
+        reward_alpha: 1.0,
+        t_max_attn: 999,
+        // "16² cross-attention in down_blocks.2 and up_blocks.1".
+        attn_layers: vec!["down_blocks.2".into(), "up_blocks.1".into()],
+        // "Flip p 0.5".
+        flip_p: 0.5,
+        // "Prior preservation on … "a photo at the beach", 100 class images, weight 1".
+        prior_preservation: true,
+        class_prompt: "a photo at the beach".into(),
+        class_images: 100,
+        prior_weight: 1.0,
+        ..documented_paper()
+    };
+    assert_eq!(LearnConfig::preset("break-a-scene").unwrap(), bas);
+    let ti = LearnConfig {
+        method: "ti-m".into(),
+        // "800 steps … lr 5e-3"; "dreambooth = none, every λ 0".
+        reward_steps: 800,
+        penalty_steps: 0,
+        dreambooth_steps: 0,
+        dreambooth: "none".into(),
+        lambda_reward: 0.0,
+        lambda_penalty: 0.0,
+        ..documented_paper()
+    };
+    assert_eq!(LearnConfig::preset("ti-m").unwrap(), ti);
+    assert_eq!(ti.total_steps(), 800);
+    let db = LearnConfig {
+        method: "db-m".into(),
+        // "400 steps at 2e-6, no prior preservation".
+        reward_steps: 0,
+        penalty_steps: 0,
+        lambda_reward: 0.0,
+        lambda_penalty: 0.0,
+        ..documented_paper()
+    };
+    assert_eq!(LearnConfig::preset("db-m").unwrap(), db);
+    assert_eq!(db.total_steps(), 400);
+    assert_eq!(LearnConfig::break_a_scene().total_steps(), 800);
 }
 
 #[test]

@@ -455,3 +455,47 @@ fn synth_form_edits_boxes_and_launches() {
         "{calls:?}"
     );
 }
+
+/// The launch form offers each learning method's preset, and `learn.method` in its `--set`
+/// field changes the method on top of the chosen preset (the diff and step count say so).
+#[test]
+fn launch_form_offers_the_learning_methods() {
+    let mut d = driver();
+    d.press("L");
+    let root = env!("CARGO_MANIFEST_DIR");
+    d.press(&format!(
+        "<Down>{root}/fixtures/scenes/coffee<Down>{root}/fixtures/tiny-sd21"
+    ));
+    d.press("<Down><Right><Right>"); // preset break-a-scene
+    let form = d.app.launch.as_ref().unwrap();
+    assert!(form.check.errors.is_empty(), "{:?}", form.check.errors);
+    assert!(form.check.diff.is_empty());
+    assert_eq!(form.check.steps, Some(800), "400 token + 400 weight steps");
+    d.press("<Left><Left>"); // back to paper
+    d.press("<Down><C-u>7<Down><Down><Down>learn.method=db-m");
+    let form = d.app.launch.as_ref().unwrap();
+    assert!(form.check.errors.is_empty(), "{:?}", form.check.errors);
+    assert_eq!(
+        form.check.steps,
+        Some(400),
+        "db-m runs only the paper's phase B"
+    );
+    assert!(
+        form.check
+            .diff
+            .iter()
+            .any(|(k, a, b)| k == "learn.method" && a.contains("mifo") && b.contains("db-m")),
+        "{:?}",
+        form.check.diff
+    );
+    d.press("<C-u>learn.method=nope");
+    let e = &d.app.launch.as_ref().unwrap().check.errors[0].1;
+    assert!(
+        e.contains("learn.method: expected mifo, break-a-scene, ti-m or db-m"),
+        "{e}"
+    );
+    d.press("<Up><Up><Up><Up><Right><Right><Right><Down><Down><Down><Down><C-u>learn.reward_steps=2<Enter>");
+    assert_eq!(d.app.view, View::Jobs);
+    let launches = d.backend.launches.lock().unwrap().clone();
+    assert_eq!(launches[0].preset, "ti-m");
+}

@@ -11,7 +11,7 @@ use crate::learn::{scene_files, LearnConfig, SceneFiles};
 /// Arguments of `mifo learn`.
 #[derive(Args, Debug)]
 #[command(
-    after_help = "Examples:\n  mifo learn --scene fixtures/scenes/coffee --model fixtures/tiny-sd21 --seed 7\n  mifo learn --image img.jpg --mask cup.png --mask spoon.png --model ~/sd21-base --device cuda:0\n  mifo learn --scene DIR --preset official --set learn.penalty_steps=300\n  mifo learn --resume 01HX3 --model ~/sd21-base\n  mifo learn --scene DIR --model stabilityai/stable-diffusion-2-1-base   (a repo id from the local Hugging Face cache)\n  mifo learn --scene DIR --model v2-1_512-ema-pruned.safetensors   (a single-file checkpoint)"
+    after_help = "Examples:\n  mifo learn --scene fixtures/scenes/coffee --model fixtures/tiny-sd21 --seed 7\n  mifo learn --image img.jpg --mask cup.png --mask spoon.png --model ~/sd21-base --device cuda:0\n  mifo learn --scene DIR --preset official --set learn.penalty_steps=300\n  mifo learn --scene DIR --set learn.method=break-a-scene   (a baseline: break-a-scene, ti-m or db-m, with its published values)\n  mifo learn --resume 01HX3 --model ~/sd21-base\n  mifo learn --scene DIR --model stabilityai/stable-diffusion-2-1-base   (a repo id from the local Hugging Face cache)\n  mifo learn --scene DIR --model v2-1_512-ema-pruned.safetensors   (a single-file checkpoint)"
 )]
 pub struct LearnArgs {
     /// A scene folder: img.png|jpg plus mask*.png (sorted by name: the first mask is <v0>).
@@ -32,13 +32,17 @@ pub struct LearnArgs {
     /// `--revision` / `--model-config` for --model.
     #[command(flatten)]
     pub source: crate::cli::SourceArgs,
-    /// Configuration preset: `paper` (the paper's values) or `official` (the released code's).
-    #[arg(long, default_value = "paper")]
-    pub preset: String,
+    /// Configuration preset: `paper` (the paper's values), `official` (the released code's), or
+    /// a baseline's published values: `break-a-scene`, `ti-m`, `db-m` [default: paper, or the
+    /// method's own preset when --set/--config choose learn.method].
+    #[arg(long)]
+    pub preset: Option<String>,
     /// A TOML file whose [learn] table overrides the preset.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Override one key, e.g. --set learn.penalty_steps=300 (repeatable; after --config).
+    /// learn.method=mifo|break-a-scene|ti-m|db-m chooses the method (MIFO, or the baselines
+    /// Break-a-Scene, TI-m and DB-m of the paper's Table 2).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub sets: Vec<String>,
     /// Seed (default: a random one, printed and stored).
@@ -69,18 +73,19 @@ pub struct LearnArgs {
     pub detach: bool,
 }
 
-/// Resolves the config: preset, then --config, then --set.
-pub fn resolve_config(args: &LearnArgs) -> anyhow::Result<LearnConfig> {
-    let base = LearnConfig::preset(&args.preset)?;
-    let cfg = crate::config::resolve(&base, "learn", args.config.as_deref(), &args.sets)?;
+/// Resolves the config: preset, then --config, then --set ([`LearnConfig::resolve`]); returns
+/// the preset's name with it.
+pub fn resolve_config(args: &LearnArgs) -> anyhow::Result<(String, LearnConfig)> {
+    let (preset, cfg) =
+        LearnConfig::resolve(args.preset.as_deref(), args.config.as_deref(), &args.sets)?;
     cfg.validate()?;
-    Ok(cfg)
+    Ok((preset, cfg))
 }
 
 /// The job `mifo learn ARGS` submits (not a resume): config resolved and checked, model and
 /// input files found and made absolute, the seed drawn when not given.
 pub fn build_job(args: &LearnArgs) -> anyhow::Result<LearnJob> {
-    let config = resolve_config(args)?;
+    let (preset, config) = resolve_config(args)?;
     let model = crate::jobs::model_source(&args.source.flags(args.model.clone()))?;
     let (files, scene_dir) = match (&args.scene, &args.image) {
         (Some(dir), _) => (scene_files(dir)?, Some(dir.clone())),
@@ -108,7 +113,7 @@ pub fn build_job(args: &LearnArgs) -> anyhow::Result<LearnJob> {
         model,
         files,
         scene_dir: scene_dir.map(|d| abs(&d)),
-        preset: args.preset.clone(),
+        preset,
         config,
         seed,
         device: args.device.clone(),
@@ -138,8 +143,9 @@ pub fn run(args: LearnArgs, store_dir: &Path) -> anyhow::Result<()> {
         let job = build_job(&args)?;
         if !args.json {
             eprintln!(
-                "learning {} instance(s) with preset {}, seed {}, {} steps",
+                "learning {} instance(s) with method {}, preset {}, seed {}, {} steps",
                 job.files.masks.len(),
+                job.config.method,
                 job.preset,
                 job.seed,
                 job.config.total_steps()

@@ -106,7 +106,8 @@ pub enum Command {
     /// The first thing to try: learn two similar instances of a world scene with the bundled
     /// world model, draw them swapped, print the oracle's verdict, open the workbench.
     Demo(demo::DemoArgs),
-    /// Learn one placeholder token <vK> per instance mask from one image (paper Algorithm 1).
+    /// Learn one placeholder token <vK> per instance mask from one image (paper Algorithm 1;
+    /// the baselines with --set learn.method=break-a-scene|ti-m|db-m).
     Learn(Box<learn::LearnArgs>),
     /// Draw learned instances into a new scene, each in its box (paper Algorithm 2).
     Synth(Box<synth::SynthArgs>),

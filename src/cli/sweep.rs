@@ -151,7 +151,7 @@ fn learn(args: SweepLearnArgs, store: &Path) -> anyhow::Result<()> {
         bail!("--resume: a sweep starts new runs; resume one with `mifo learn --resume RUN`");
     }
     let (grids, seeds) = grid_and_seeds(&sweep, learn.seed, "learn")?;
-    let base_config = super::learn::resolve_config(&learn)?;
+    let (_, base_config) = super::learn::resolve_config(&learn)?;
     check_grid(&base_config, "learn", &grids)?;
     let base = super::learn::build_job(&learn)?;
     let entries = entries(

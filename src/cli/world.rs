@@ -52,12 +52,14 @@ pub struct BenchArgs {
     /// Rows to run, comma-separated (default: all): mifo, reward-only, bounded-attention,
     /// plain, box-control-off, sa-control-off, ca-control-off, out-of-box-off,
     /// alpha-decay-off, latent-opt-off, refine-off, and `words` (no learning: the plain model
-    /// draws the scene's caption with the boxes on its words, the ceiling for the tokens).
+    /// draws the scene's caption with the boxes on its words, the ceiling for the tokens); the
+    /// learning-method rows break-a-scene, ti-m, db-m only when named here or in --methods.
     #[arg(long, value_delimiter = ',')]
     pub rows: Vec<String>,
-    /// Synthesis methods to compare, comma-separated: mifo, bounded-attention, plain (each
-    /// draws MIFO's learned tokens; `synth.method`). Adds their rows to --rows; alone, runs
-    /// just those rows.
+    /// Methods to compare, comma-separated: synthesis methods mifo, bounded-attention, plain
+    /// (each draws MIFO's learned tokens; `synth.method`) and learning methods break-a-scene,
+    /// ti-m, db-m (each learns every scene with its own preset, and MIFO's synthesis draws its
+    /// tokens; `learn.method`). Adds their rows to --rows; alone, runs just those rows.
     #[arg(long, value_delimiter = ',')]
     pub methods: Vec<String>,
     /// The model: a diffusers folder, a single-file checkpoint or a cached repo id [env:
@@ -80,9 +82,10 @@ pub struct BenchArgs {
     /// SD). Give each its own --tag.
     #[arg(long, value_enum, default_value_t = PresetMapping::World)]
     pub synthesis: PresetMapping,
-    /// The learning configuration both learning variants start from: `world` (the `paper`
-    /// preset with the attention loss weighted 0.1 instead of 0.01 in both phases) or `paper`
-    /// (the preset as it is on SD). Give each its own --tag.
+    /// The learning configurations: `world` (the `paper` preset with the attention loss
+    /// weighted 0.1 instead of 0.01 in both phases; Break-a-Scene's loss on the world UNet's
+    /// 4×4 down and up layers) or `paper` (the presets as they are on SD). Give each its own
+    /// --tag.
     #[arg(long, value_enum, default_value_t = PresetMapping::World)]
     pub learning: PresetMapping,
     /// Override one key of every row (repeatable): `synth.KEY=VALUE` changes the synthesis
@@ -130,11 +133,11 @@ impl PresetMapping {
         }
     }
 
-    /// The learning configuration the learning variants start from.
-    fn learn_config(self) -> crate::learn::LearnConfig {
+    /// The learning configuration of `method` the learning variants start from.
+    fn learn_config(self, method: crate::learn::LearnMethod) -> crate::learn::LearnConfig {
         match self {
-            PresetMapping::World => world::learn_config(),
-            PresetMapping::Paper => crate::learn::LearnConfig::paper(),
+            PresetMapping::World => world::method_learn_config(method),
+            PresetMapping::Paper => crate::learn::LearnConfig::method_preset(method),
         }
     }
 
@@ -470,7 +473,9 @@ fn tag_run(client: &mut Client, id: &str, tag: &str) -> anyhow::Result<()> {
 fn bench(args: BenchArgs, store: &Path) -> anyhow::Result<()> {
     use crate::jobs::learn::LearnJob;
     use crate::jobs::synth::SynthJob;
-    use crate::world::bench::{learn_variants, rows, scene, Layout, LAYOUTS, METHOD_ROWS, TARGETS};
+    use crate::world::bench::{
+        learn_variants, rows, scene, Layout, LAYOUTS, LEARN_METHOD_ROWS, METHOD_ROWS, TARGETS,
+    };
 
     if args.scenes == 0 || args.seeds == 0 {
         bail!("--scenes and --seeds must be at least 1");
@@ -483,19 +488,21 @@ fn bench(args: BenchArgs, store: &Path) -> anyhow::Result<()> {
     crate::config::check_sections(&overrides, &["learn", "synth"])?;
     let base = crate::config::apply_overrides(&args.synthesis.synth_config(), "synth", &overrides)?;
     base.check()?;
-    let learn_base = args.learning.learn_config();
-    for variant in learn_variants(&learn_base) {
+    let mapping = args.learning;
+    let config_of = move |m| mapping.learn_config(m);
+    for variant in learn_variants(&config_of) {
         crate::config::apply_overrides(&variant.config, "learn", &overrides)?.validate()?;
     }
     let all_rows = rows(&base);
     if let Some(m) = args
         .methods
         .iter()
-        .find(|m| !METHOD_ROWS.contains(&m.as_str()))
+        .find(|m| !METHOD_ROWS.contains(&m.as_str()) && !LEARN_METHOD_ROWS.contains(&m.as_str()))
     {
         bail!(
-            "--methods: unknown synthesis method `{m}` (one of {})",
-            METHOD_ROWS.join(", ")
+            "--methods: unknown method `{m}` (synthesis: {}; learning: {})",
+            METHOD_ROWS.join(", "),
+            LEARN_METHOD_ROWS.join(", ")
         );
     }
     let mut wanted: Vec<String> = args.rows.clone();
@@ -506,7 +513,11 @@ fn bench(args: BenchArgs, store: &Path) -> anyhow::Result<()> {
             .cloned(),
     );
     let chosen: Vec<_> = if wanted.is_empty() {
-        all_rows.clone()
+        all_rows
+            .iter()
+            .filter(|r| !LEARN_METHOD_ROWS.contains(&r.name))
+            .cloned()
+            .collect()
     } else {
         wanted
             .iter()
@@ -522,7 +533,7 @@ fn bench(args: BenchArgs, store: &Path) -> anyhow::Result<()> {
             })
             .collect::<anyhow::Result<_>>()?
     };
-    crate::store::validate_tag(&format!("{}/learn-reward-only", args.tag))?;
+    crate::store::validate_tag(&format!("{}/learn-break-a-scene", args.tag))?;
     let model = world_model(args.model.clone(), &args.source)?;
     let started = std::time::Instant::now();
     std::fs::create_dir_all(store)?;
@@ -530,7 +541,7 @@ fn bench(args: BenchArgs, store: &Path) -> anyhow::Result<()> {
     let mut cache = BlobCache::default();
     // row name -> per synthesis run, its mean oracle scores
     let mut per_row: BTreeMap<&str, Vec<BTreeMap<String, f64>>> = BTreeMap::new();
-    let needed: Vec<&str> = learn_variants(&learn_base)
+    let needed: Vec<&str> = learn_variants(&config_of)
         .iter()
         .map(|v| v.name)
         .filter(|v| chosen.iter().any(|r| r.learn == Some(*v)))
@@ -545,7 +556,7 @@ fn bench(args: BenchArgs, store: &Path) -> anyhow::Result<()> {
             .join(format!("scene-{}", spec.seed));
         let file = world::write_scene_folder(&drawn, &dir)?;
         let mut learned: BTreeMap<&str, String> = BTreeMap::new();
-        for variant in learn_variants(&learn_base)
+        for variant in learn_variants(&config_of)
             .into_iter()
             .filter(|v| needed.contains(&v.name))
         {
@@ -566,7 +577,7 @@ fn bench(args: BenchArgs, store: &Path) -> anyhow::Result<()> {
                 model: model.clone(),
                 files: crate::learn::scene_files(&dir)?,
                 scene_dir: Some(dir.clone()),
-                preset: "paper".into(),
+                preset: variant.preset.into(),
                 config,
                 seed: spec.seed,
                 device: args.device.clone(),

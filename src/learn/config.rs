@@ -3,13 +3,24 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::method::LearnMethod;
 use crate::error::{Error, Result};
 use crate::imageio::ImageFit;
+
+/// The presets `--preset` takes: MIFO's two (`paper`, `official`), then one per baseline
+/// method with that method's published values, named as its `learn.method`.
+pub const PRESETS: [&str; 5] = ["paper", "official", "break-a-scene", "ti-m", "db-m"];
 
 /// The learning-stage configuration (`[learn]` in TOML, `--set learn.KEY=VALUE`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LearnConfig {
+    /// The learning method: `mifo`, `break-a-scene`, `ti-m` or `db-m` (see [`LearnMethod`]):
+    /// which phases run, what each trains and which attention loss it adds. The other keys
+    /// keep their meaning; a key of a loss or phase the method does not run is not read.
+    /// Runs stored before this key existed read `mifo`, which is what they ran.
+    #[serde(default = "default_method")]
+    pub method: String,
     /// Phase A.1: embedding steps with the attention *reward* term.
     pub reward_steps: u64,
     /// Phase A.2: embedding steps with the attention *penalty* term.
@@ -120,6 +131,7 @@ impl LearnConfig {
     /// without prior preservation.
     pub fn paper() -> Self {
         Self {
+            method: default_method(),
             reward_steps: 200,
             penalty_steps: 600,
             dreambooth_steps: 400,
@@ -184,24 +196,159 @@ impl LearnConfig {
         }
     }
 
-    /// A preset by name.
+    /// Break-a-Scene as `google/break-a-scene` (`train.py` at b142cf2) runs by default: phase 1
+    /// = 400 token steps at 5e-4, phase 2 = 400 steps of tokens, UNet and text encoder at 2e-6,
+    /// constant rates, AdamW β (0.9, 0.999), ε 1e-8, weight decay 0.01, clip 1; its attention
+    /// loss with λ 0.01 at every timestep in both phases on the 16² cross-attention layers of
+    /// SD 2.1 at 512 px (`down_blocks.2`, `up_blocks.1`), the mask itself as the target (α 1);
+    /// flips with p 0.5; prior preservation with 100 images of "a photo at the beach", weight 1.
+    pub fn break_a_scene() -> Self {
+        Self {
+            method: "break-a-scene".into(),
+            reward_steps: 400,
+            penalty_steps: 0,
+            dreambooth_steps: 400,
+            dreambooth: "full".into(),
+            lr: 5e-4,
+            dreambooth_lr: 2e-6,
+            lr_schedule: "constant".into(),
+            warmup_steps: 0,
+            warmup_from_zero: false,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_eps: 1e-8,
+            weight_decay: 0.01,
+            grad_clip: 1.0,
+            lambda_rec: 1.0,
+            lambda_reward: 0.01,
+            lambda_penalty: 0.0,
+            reward_alpha: 1.0,
+            t_max_attn: 999,
+            attn_layers: vec!["down_blocks.2".into(), "up_blocks.1".into()],
+            flip_p: 0.5,
+            dreambooth_penalty: 0.0,
+            prior_preservation: true,
+            class_prompt: "a photo at the beach".into(),
+            class_images: 100,
+            class_image_steps: 50,
+            prior_weight: 1.0,
+            ..Self::paper()
+        }
+    }
+
+    /// TI-m: textual inversion of the placeholder rows with the masked loss and joint sampling,
+    /// no attention loss, no phase B: MIFO's token budget (800 steps, paper Sec. 4.1) at
+    /// textual inversion's rate 5e-3 (Gal et al. 2022, also MIFO's phase-A rate).
+    pub fn ti_m() -> Self {
+        Self {
+            method: "ti-m".into(),
+            reward_steps: 800,
+            penalty_steps: 0,
+            dreambooth_steps: 0,
+            dreambooth: "none".into(),
+            lambda_reward: 0.0,
+            lambda_penalty: 0.0,
+            dreambooth_penalty: 0.0,
+            prior_preservation: false,
+            ..Self::paper()
+        }
+    }
+
+    /// DB-m: DreamBooth with the masked loss and joint sampling, tokens, UNet and text encoder
+    /// trained together from the first step, no attention loss: the paper preset's DreamBooth
+    /// (400 steps at 2e-6, no prior preservation, paper App. B) as the whole run.
+    pub fn db_m() -> Self {
+        Self {
+            method: "db-m".into(),
+            reward_steps: 0,
+            penalty_steps: 0,
+            dreambooth_steps: 400,
+            dreambooth: "full".into(),
+            lambda_reward: 0.0,
+            lambda_penalty: 0.0,
+            dreambooth_penalty: 0.0,
+            prior_preservation: false,
+            ..Self::paper()
+        }
+    }
+
+    /// A preset by name (one of [`PRESETS`]).
     pub fn preset(name: &str) -> Result<Self> {
         match name {
             "paper" => Ok(Self::paper()),
             "official" => Ok(Self::official()),
+            "break-a-scene" => Ok(Self::break_a_scene()),
+            "ti-m" => Ok(Self::ti_m()),
+            "db-m" => Ok(Self::db_m()),
             o => Err(Error::Input(format!(
-                "--preset {o}: unknown preset (expected paper or official)"
+                "--preset {o}: unknown preset (expected paper, official, break-a-scene, ti-m or db-m)"
             ))),
         }
     }
 
-    /// Total steps of phases A and B.
+    /// Resolves a config as every front end does: the preset `preset` (by default `paper`, or,
+    /// when `--config`/`--set` choose a `learn.method` other than `mifo`, that method's own
+    /// preset, so `--set learn.method=break-a-scene` runs Break-a-Scene's published values),
+    /// then the `[learn]` table of `file`, then `sets`. Returns the preset's name with the config.
+    pub fn resolve(
+        preset: Option<&str>,
+        file: Option<&std::path::Path>,
+        sets: &[String],
+    ) -> Result<(String, Self)> {
+        let named = preset.unwrap_or("paper");
+        let cfg = crate::config::resolve(&Self::preset(named)?, "learn", file, sets)?;
+        if preset.is_none() && cfg.method != "mifo" && LearnMethod::parse(&cfg.method).is_some() {
+            let own = cfg.method.clone();
+            let cfg = crate::config::resolve(&Self::preset(&own)?, "learn", file, sets)?;
+            return Ok((own, cfg));
+        }
+        Ok((named.to_string(), cfg))
+    }
+
+    /// The preset of `method`: `paper` for MIFO, else the baseline's own.
+    pub fn method_preset(method: LearnMethod) -> Self {
+        match method {
+            LearnMethod::Mifo => Self::paper(),
+            LearnMethod::BreakAScene => Self::break_a_scene(),
+            LearnMethod::TiM => Self::ti_m(),
+            LearnMethod::DbM => Self::db_m(),
+        }
+    }
+
+    /// `method` as a [`LearnMethod`] (`mifo` for a value [`Self::validate`] would refuse).
+    pub fn learn_method(&self) -> LearnMethod {
+        LearnMethod::parse(&self.method).unwrap_or(LearnMethod::Mifo)
+    }
+
+    /// The configuration the learner runs: the keys as given, less the phases and losses the
+    /// method does not have (`ti-m`: no phase B; `db-m`: no phase A; both: every attention
+    /// weight 0).
+    pub fn effective(&self) -> Self {
+        let method = self.learn_method();
+        let mut e = self.clone();
+        if !method.has_token_phase() {
+            e.reward_steps = 0;
+            e.penalty_steps = 0;
+        }
+        if !method.has_weight_phase() {
+            e.dreambooth = "none".into();
+        }
+        if matches!(method, LearnMethod::TiM | LearnMethod::DbM) {
+            e.lambda_reward = 0.0;
+            e.lambda_penalty = 0.0;
+            e.dreambooth_penalty = 0.0;
+        }
+        e
+    }
+
+    /// Total steps of the phases the method runs (A and B for `mifo`).
     pub fn total_steps(&self) -> u64 {
-        self.embedding_steps()
-            + if self.dreambooth == "none" {
+        let e = self.effective();
+        e.embedding_steps()
+            + if e.dreambooth == "none" {
                 0
             } else {
-                self.dreambooth_steps
+                e.dreambooth_steps
             }
     }
 
@@ -213,6 +360,9 @@ impl LearnConfig {
     /// Checks value ranges and enumerations; one-line errors naming the key.
     pub fn validate(&self) -> Result<()> {
         let bad = |k: &str, m: &str| Err(Error::Input(format!("learn.{k}: {m}")));
+        let Some(method) = LearnMethod::parse(&self.method) else {
+            return bad("method", "expected mifo, break-a-scene, ti-m or db-m");
+        };
         if !["full", "lora", "none"].contains(&self.dreambooth.as_str()) {
             return bad(
                 "dreambooth",
@@ -225,11 +375,25 @@ impl LearnConfig {
         if !["constant", "cosine"].contains(&self.lr_schedule.as_str()) {
             return bad("lr_schedule", "expected constant or cosine");
         }
-        if self.embedding_steps() == 0 {
+        if method.has_token_phase() && self.embedding_steps() == 0 {
             return bad(
                 "reward_steps",
                 "reward_steps + penalty_steps must be at least 1",
             );
+        }
+        if method == LearnMethod::DbM {
+            if self.dreambooth == "none" {
+                return bad(
+                    "dreambooth",
+                    "db-m trains the weights: expected full or lora",
+                );
+            }
+            if self.dreambooth_steps == 0 {
+                return bad(
+                    "dreambooth_steps",
+                    "db-m runs only phase B: must be at least 1",
+                );
+            }
         }
         if self.lr.is_nan()
             || self.lr <= 0.0
@@ -276,6 +440,11 @@ impl LearnConfig {
     pub fn fit(&self) -> ImageFit {
         ImageFit::parse(&self.image_fit).unwrap_or(ImageFit::Crop)
     }
+}
+
+/// `mifo`: the method of runs stored before `method` existed.
+fn default_method() -> String {
+    "mifo".into()
 }
 
 /// `random`: the value of `subsets` for runs stored before the key existed.

@@ -13,7 +13,9 @@ use rand_distr::Distribution;
 use super::config::LearnConfig;
 use super::inputs::Scene;
 use super::losses;
+use super::method::{AttnLoss, LearnMethod};
 use super::optim::{AdamW, AdamWParams};
+use super::sampling::{draw_subset, union_mask};
 use super::{
     safetensors_bytes, token_name, tokenizer_with_placeholders, Checkpoint, LearnReport,
     LearnRequest, Phase,
@@ -544,12 +546,7 @@ impl<'a> Learner<'a> {
     fn draw(&mut self, step: u64) -> Result<Draw> {
         let n = self.token_names.len();
         let mut rng = step_rng(self.seed, step);
-        let subset: Vec<usize> = if self.cfg.subsets == "all" {
-            (0..n).collect()
-        } else {
-            let k = rng.random_range(1..=n);
-            rand::seq::index::sample(&mut rng, n, k).into_vec()
-        };
+        let subset = draw_subset(&mut rng, n, self.cfg.subsets == "all");
         let flipped = rng.random::<f64>() < self.cfg.flip_p;
         let t = rng.random_range(0..self.sd.scheduler.config().train_steps);
         let (ids, positions) = self.prompt(&subset)?;
@@ -641,11 +638,11 @@ impl<'a> Learner<'a> {
         }))
     }
 
-    /// The layers whose attention the loss of `phase` uses: phase A's `attn_layers`, phase B's
-    /// own penalty layers.
+    /// The layers whose attention the loss of `phase` uses: phase A's `attn_layers`, MIFO's
+    /// phase B its own penalty layers (Break-a-Scene keeps `attn_layers` in both phases).
     fn loss_layers(&self, phase: Phase) -> &'a [String] {
-        match phase {
-            Phase::DreamBooth => &self.cfg.dreambooth_penalty_layers,
+        match (self.cfg.learn_method(), phase) {
+            (LearnMethod::Mifo, Phase::DreamBooth) => &self.cfg.dreambooth_penalty_layers,
             _ => &self.cfg.attn_layers,
         }
     }
@@ -712,7 +709,8 @@ impl<'a> Learner<'a> {
         let sel_masks = masks.index_select(&sel, 0)?; // [J, H, W]
         let factor = sd.vae.config().factor();
         let (lh, lw) = (masks.dim(1)? / factor, masks.dim(2)? / factor);
-        let rec_mask = resize_nearest_hw(&sel_masks.max_keepdim(0)?, lh, lw)?.to_dtype(sd.dtype)?;
+        let rec_mask =
+            resize_nearest_hw(&union_mask(masks, &draw.subset)?, lh, lw)?.to_dtype(sd.dtype)?;
         let rec = (losses::masked_rec_loss(&eps, target, &rec_mask)? * cfg.lambda_rec)?;
         let prior = match class_sample {
             Some(c) => Some(
@@ -749,8 +747,10 @@ impl<'a> Learner<'a> {
     /// λ_attn · L_attn of Eq. 3 over the recorded layers, for Λ's masks `sel_masks` [J, H, W]:
     /// phase A.1 (reward, Eq. 1) Σ_j Σ_l ‖α·M_j^l − A_j^l‖², phase A.2 (penalty, Eq. 2)
     /// Σ_j Σ_l ‖(1 − M_j^l) ⊙ A_j^l‖², each squared norm taken as a mean over pixels, on the
-    /// loss layers only and only while the gating timestep `gate_t` ≤ `t_max_attn`. Also
-    /// measures each token's leak.
+    /// loss layers only and only while the gating timestep `gate_t` ≤ `t_max_attn`; the method
+    /// chooses the loss ([`LearnMethod::attention_loss`]: Break-a-Scene's
+    /// [`losses::bas_attn_loss`] with weight `lambda_reward` in every phase, none for TI-m and
+    /// DB-m). Also measures each token's leak.
     fn attention_terms(
         &self,
         phase: Phase,
@@ -762,12 +762,17 @@ impl<'a> Learner<'a> {
         let cfg = self.cfg;
         let loss_layers = self.loss_layers(phase);
         let attn_active = gate_t as u64 <= cfg.t_max_attn;
-        let (weight, use_reward) = match phase {
-            Phase::Reward => (cfg.lambda_reward, true),
-            Phase::Penalty => (cfg.lambda_penalty, false),
-            Phase::DreamBooth => (cfg.dreambooth_penalty, false),
+        let form = cfg.learn_method().attention_loss(phase);
+        let weight = match (form, phase) {
+            (None, _) => 0.0,
+            (Some(AttnLoss::BreakAScene), _) => cfg.lambda_reward,
+            (_, Phase::Reward) => cfg.lambda_reward,
+            (_, Phase::Penalty) => cfg.lambda_penalty,
+            (_, Phase::DreamBooth) => cfg.dreambooth_penalty,
         };
         let mut attn_sum: Option<Tensor> = None;
+        // Break-a-Scene averages its layers' maps before its loss.
+        let mut bas_maps: Vec<Tensor> = Vec::new();
         let mut leak = vec![0f64; draw.subset.len()];
         let n_leak_layers = attention
             .layers()
@@ -792,16 +797,26 @@ impl<'a> Learner<'a> {
                 }
             }
             if attn_active && weight != 0.0 && under_any(layer, loss_layers) {
-                let term = if use_reward {
-                    losses::attn_reward(&abar, &m, cfg.reward_alpha)?
-                } else {
-                    losses::attn_penalty(&abar, &m)?
+                let term = match form {
+                    Some(AttnLoss::Reward) => losses::attn_reward(&abar, &m, cfg.reward_alpha)?,
+                    Some(AttnLoss::Penalty) => losses::attn_penalty(&abar, &m)?,
+                    Some(AttnLoss::BreakAScene) | None => {
+                        bas_maps.push(abar);
+                        continue;
+                    }
                 };
                 attn_sum = Some(match attn_sum {
                     Some(s) => (s + term)?,
                     None => term,
                 });
             }
+        }
+        if !bas_maps.is_empty() {
+            attn_sum = Some(losses::bas_attn_loss(
+                &bas_maps,
+                sel_masks,
+                cfg.reward_alpha,
+            )?);
         }
         let loss = match attn_sum {
             Some(s) => Some((s * weight)?),

@@ -2,6 +2,8 @@
 //! placeholder tokens `<v0>…<vN-1>` with joint sampling, a masked reconstruction loss and the
 //! cross-attention reward (phase A.1) then penalty (phase A.2), followed by an optional
 //! DreamBooth phase (B) that fine-tunes the UNet and text encoder together with the tokens.
+//! The baselines of the paper's Table 2 run the same loop with other choices of phases, trained
+//! variables and attention loss (`learn.method`, [`LearnMethod`]).
 //!
 //! Determinism: every random draw of step `s` comes from an RNG seeded by `(seed, s)`, so a run
 //! resumed from a checkpoint (placeholder rows, optimiser moments, fine-tuned weights) continues
@@ -11,15 +13,18 @@ pub mod config;
 pub mod inputs;
 mod learner;
 pub mod losses;
+pub mod method;
 pub mod optim;
+pub mod sampling;
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 
-pub use config::LearnConfig;
+pub use config::{LearnConfig, PRESETS};
 pub use inputs::{load_scene, scene_files, Scene, SceneFiles};
+pub use method::{LearnMethod, METHOD_NAMES};
 
 use crate::error::{Error, Result};
 use crate::model::tokenizer::ClipTokenizer;
@@ -165,6 +170,11 @@ pub fn tokenizer_with_placeholders(
 /// `attn/<vK>.png`, `preview.png`, and with prior preservation `class/<i>.png`.
 pub fn run(req: LearnRequest, sink: &mut dyn RunSink) -> Result<LearnReport> {
     let started = Instant::now();
+    // The method's phases and losses: the learner reads the keys of what runs.
+    let req = LearnRequest {
+        config: req.config.effective(),
+        ..req
+    };
     let mut report = Learner::new(&req, sink)?.run(sink)?;
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)

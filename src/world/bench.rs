@@ -5,20 +5,22 @@
 //! * Scenes: `--scenes N` two-object world scenes of seeds 1000, 1001, …, even ones differing
 //!   only in colour, odd ones only in shape (the visually similar instances MIFO is about).
 //! * Learning: `mifo` = the `paper` preset; `reward-only` = the same with
-//!   `learn.penalty_steps=0`.
+//!   `learn.penalty_steps=0`; with `--methods`, one variant per baseline learning method
+//!   (`break-a-scene`, `ti-m`, `db-m`: `learn.method`, each from its own preset).
 //! * Synthesis: per learned scene, two layouts — `swapped` (each instance where the other
 //!   stood) and `moved` (both in new places side by side), boxes the size of each instance's own
 //!   box — each one run of `--seeds` samples, for every row: `mifo` (the `paper` preset mapped
 //!   to the world model, [`super::synth_config`]), `reward-only` (the same synthesis of the
 //!   reward-only tokens), one row per other synthesis method on MIFO's tokens
-//!   (`bounded-attention`, `plain`: `synth.method`), and one row per synthesis ablation switch
-//!   turned off.
+//!   (`bounded-attention`, `plain`: `synth.method`), one row per synthesis ablation switch
+//!   turned off, and, only when asked for, one row per baseline learning method (its tokens
+//!   drawn by MIFO's synthesis).
 
 use serde::Serialize;
 
 use super::scene::{Attribute, SceneSpec};
 use super::SceneFile;
-use crate::learn::LearnConfig;
+use crate::learn::{LearnConfig, LearnMethod};
 use crate::synth::SynthConfig;
 
 /// First scene seed of the bench.
@@ -41,28 +43,42 @@ pub fn scene(i: usize) -> SceneSpec {
 /// A learning configuration of the bench.
 #[derive(Clone, Debug)]
 pub struct LearnVariant {
-    /// Its name (`mifo`, `reward-only`).
+    /// Its name (`mifo`, `reward-only`, or a baseline learning method's).
     pub name: &'static str,
+    /// The preset its runs record (their config's changes are shown against it).
+    pub preset: &'static str,
     /// The config.
     pub config: LearnConfig,
 }
 
-/// The learning configurations, from `base` (the world mapping of the paper preset,
-/// [`super::learn_config`], unless the bench is asked for the unmapped preset).
-pub fn learn_variants(base: &LearnConfig) -> Vec<LearnVariant> {
-    vec![
+/// The learning configurations, each from `config_of(method)` (the world mapping,
+/// [`super::method_learn_config`], unless the bench is asked for the unmapped presets):
+/// `mifo`, `reward-only` (MIFO without the penalty phase), then each baseline method.
+pub fn learn_variants(config_of: &dyn Fn(LearnMethod) -> LearnConfig) -> Vec<LearnVariant> {
+    let base = config_of(LearnMethod::Mifo);
+    let mut variants = vec![
         LearnVariant {
             name: "mifo",
+            preset: "paper",
             config: base.clone(),
         },
         LearnVariant {
             name: "reward-only",
+            preset: "paper",
             config: LearnConfig {
                 penalty_steps: 0,
-                ..base.clone()
+                ..base
             },
         },
-    ]
+    ];
+    for method in [LearnMethod::BreakAScene, LearnMethod::TiM, LearnMethod::DbM] {
+        variants.push(LearnVariant {
+            name: method.name(),
+            preset: method.name(),
+            config: config_of(method),
+        });
+    }
+    variants
 }
 
 /// One row of the bench table: a synthesis configuration on one learning configuration.
@@ -87,6 +103,10 @@ pub const WORDS_ROW: &str = "words";
 
 /// Names of the rows that are synthesis methods (`mifo world bench --methods`).
 pub const METHOD_ROWS: &[&str] = &["mifo", "bounded-attention", "plain"];
+
+/// Names of the rows that are baseline learning methods (`mifo world bench --methods`; not in
+/// the default set of rows, as each learns every scene once more).
+pub const LEARN_METHOD_ROWS: &[&str] = &["break-a-scene", "ti-m", "db-m"];
 
 /// Every row, MIFO first, each starting from `base` (the world mapping of the paper preset,
 /// [`super::synth_config`], unless the bench is asked for the unmapped preset).
@@ -142,6 +162,24 @@ pub fn rows(base: &SynthConfig) -> Vec<Row> {
             name: WORDS_ROW,
             learn: None,
             change: "the scene's caption, boxes on its words",
+            config: paper.clone(),
+        },
+        Row {
+            name: "break-a-scene",
+            learn: Some("break-a-scene"),
+            change: "learn.method=break-a-scene",
+            config: paper.clone(),
+        },
+        Row {
+            name: "ti-m",
+            learn: Some("ti-m"),
+            change: "learn.method=ti-m",
+            config: paper.clone(),
+        },
+        Row {
+            name: "db-m",
+            learn: Some("db-m"),
+            change: "learn.method=db-m",
             config: paper,
         },
     ]
@@ -240,7 +278,7 @@ mod tests {
                 None => assert!(changed.is_empty(), "row {}: {changed:?}", row.name),
             }
         }
-        let variants = learn_variants(&crate::world::learn_config());
+        let variants = learn_variants(&crate::world::method_learn_config);
         let learns: Vec<&str> = variants.iter().map(|l| l.name).collect();
         assert!(rows
             .iter()
@@ -248,6 +286,49 @@ mod tests {
         assert_eq!(
             variants[1].config.penalty_steps, 0,
             "reward-only has no penalty phase"
+        );
+    }
+
+    /// Each learning-method row draws its own method's tokens, learned from that method's
+    /// preset; Break-a-Scene's world layers are the level its SD 2.1 layers are: the coarsest
+    /// down and up blocks with cross-attention (the middle block left out), read from each
+    /// model's `unet/config.json`.
+    #[test]
+    fn learning_method_rows_learn_with_their_method_on_the_mapped_layers() {
+        let variants = learn_variants(&crate::world::method_learn_config);
+        for name in LEARN_METHOD_ROWS {
+            let row = rows(&crate::world::synth_config())
+                .into_iter()
+                .find(|r| r.name == *name)
+                .unwrap();
+            assert_eq!(row.learn, Some(*name));
+            let v = variants.iter().find(|v| v.name == *name).unwrap();
+            assert_eq!(v.config.method, *name);
+            assert_eq!(v.preset, *name);
+            v.config.validate().unwrap();
+        }
+        let coarsest = |model: &str| -> Vec<String> {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("fixtures")
+                .join(model)
+                .join("unet/config.json");
+            let c: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+            let down = c["down_block_types"].as_array().unwrap();
+            let i = down
+                .iter()
+                .rposition(|t| t.as_str().unwrap().starts_with("CrossAttn"))
+                .unwrap();
+            let up = c["up_block_types"].as_array().unwrap();
+            let j = up.len() - 1 - i;
+            assert!(up[j].as_str().unwrap().starts_with("CrossAttn"));
+            vec![format!("down_blocks.{i}"), format!("up_blocks.{j}")]
+        };
+        let bas = crate::world::method_learn_config(LearnMethod::BreakAScene);
+        assert_eq!(bas.attn_layers, coarsest("world-sd"));
+        assert_eq!(
+            LearnConfig::break_a_scene().attn_layers,
+            coarsest("tiny-sd21")
         );
     }
 

@@ -88,6 +88,25 @@ pub fn learn_config() -> LearnConfig {
     }
 }
 
+/// A learning method's preset mapped to the world model, as `mifo world bench --methods` uses
+/// it: `mifo` is [`learn_config`]; `break-a-scene` its preset with its loss layers at the world
+/// UNet's coarsest down and up cross-attention level (`down_blocks.1`, `up_blocks.1`, 4×4), as
+/// the preset's `down_blocks.2`, `up_blocks.1` are SD 2.1's 16² level at 512 px (the middle
+/// block, which Break-a-Scene leaves out, stays out); `ti-m` and `db-m` their presets unchanged
+/// (they have no attention loss, and their steps and rates are the paper preset's).
+pub fn method_learn_config(method: crate::learn::LearnMethod) -> LearnConfig {
+    use crate::learn::LearnMethod;
+    match method {
+        LearnMethod::Mifo => learn_config(),
+        LearnMethod::BreakAScene => LearnConfig {
+            attn_layers: vec!["down_blocks.1".into(), "up_blocks.1".into()],
+            ..LearnConfig::break_a_scene()
+        },
+        LearnMethod::TiM => LearnConfig::ti_m(),
+        LearnMethod::DbM => LearnConfig::db_m(),
+    }
+}
+
 /// `scene.json`: what a world scene holds, object `i` being mask `i` and token `<vi>`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SceneFile {

@@ -22,8 +22,9 @@ use crate::tui::keymap::Cmd;
 use crate::tui::theme;
 use crate::tui::widgets::input::TextInput;
 
-/// Presets the form offers.
-pub const PRESETS: [&str; 2] = ["paper", "official"];
+/// Presets the form offers: MIFO's `paper` and `official`, then each baseline method's own
+/// (`break-a-scene`, `ti-m`, `db-m`: `learn.method` with its published values).
+pub use crate::learn::PRESETS;
 /// Dtypes the form offers.
 pub const DTYPES: [&str; 4] = ["f32", "tf32", "f16", "bf16"];
 
