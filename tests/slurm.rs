@@ -5,9 +5,9 @@
 //!
 //! A sweep through Slurm ends `done` with the same embeddings as the same sweep run by a local
 //! engine; a job cancelled with `scancel` leaves its run `cancelled`; a worker killed with
-//! SIGKILL is resubmitted and resumes from its checkpoint to the same embeddings; an engine
-//! stopped mid-sweep and started again ends every run once; bad `--executor slurm` input is
-//! refused at `engine start` with nothing queued.
+//! SIGKILL is resubmitted, and one that Slurm requeues goes on, from its checkpoint to the same
+//! embeddings; an engine stopped mid-sweep and started again ends every run once; bad
+//! `--executor slurm` input is refused at `engine start` with nothing queued.
 
 mod cli_support;
 
@@ -216,7 +216,11 @@ fn a_sweep_through_slurm_ends_done_with_the_embeddings_of_a_local_engine() {
     }
     // The sweep table reads the ingested metrics.
     let table = ok(&mifo(&slurm_store, &["sweep", "show", "grid"]));
-    assert_eq!(table.lines().filter(|l| l.contains("0.0")).count(), 4, "{table}");
+    assert_eq!(
+        table.lines().filter(|l| l.contains("0.0")).count(),
+        4,
+        "{table}"
+    );
     stop_engine(&slurm_store);
     stop_engine(&local_store);
 }
@@ -258,18 +262,21 @@ fn pid_of_worker(journal: &str) -> i32 {
 }
 
 #[test]
-fn a_killed_worker_is_resubmitted_and_resumes_to_the_same_embeddings_and_scancel_cancels() {
+fn a_killed_or_requeued_worker_resumes_to_the_same_embeddings_and_scancel_cancels() {
     require_slurm();
     let store = scratch("slurm-kill");
     start_slurm_engine(&store);
-    let steps = 30;
+    let steps = 45;
     let killed = launch(&store, steps);
     let cancelled = launch(&store, 600);
     // SIGKILL the worker after its first checkpoint.
     let text = wait_journal(&store, &killed, "checkpoint", |t| {
         t.contains("\"kind\":\"checkpoint\"")
     });
-    assert!(!text.contains("\"kind\":\"ended\""), "ended before the kill");
+    assert!(
+        !text.contains("\"kind\":\"ended\""),
+        "ended before the kill"
+    );
     let pid = pid_of_worker(&text);
     assert!(Command::new("kill")
         .args(["-9", &pid.to_string()])
@@ -284,17 +291,57 @@ fn a_killed_worker_is_resubmitted_and_resumes_to_the_same_embeddings_and_scancel
         .as_str()
         .unwrap()
         .to_string();
-    assert!(Command::new("scancel").arg(&job).status().unwrap().success());
+    assert!(Command::new("scancel")
+        .arg(&job)
+        .status()
+        .unwrap()
+        .success());
+
+    // Once the resubmitted job has checkpointed, Slurm requeues it (same job id; released at
+    // once instead of after Slurm's requeue delay): it continues from its journal's checkpoint.
+    wait_journal(&store, &killed, "checkpoint after the resubmission", |t| {
+        t.matches("\"kind\":\"started\"").count() == 2
+            && t.rsplit("\"kind\":\"started\"")
+                .next()
+                .unwrap()
+                .contains("\"kind\":\"checkpoint\"")
+    });
+    let second = show(&store, &killed)["slurm_jobs"][1]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let requeued = Command::new("scontrol")
+        .args(["requeue", &second])
+        .status()
+        .unwrap();
+    assert!(requeued.success());
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = Command::new("scontrol")
+        .args(["update", &format!("JobId={second}"), "StartTime=now"])
+        .status();
 
     let k = wait_final(&store, &killed, Duration::from_secs(300));
     assert_eq!(k["status"], "done", "{k}");
     let jobs = k["slurm_jobs"].as_array().unwrap();
-    assert_eq!(jobs.len(), 2, "killed then resubmitted: {k}");
+    assert_eq!(
+        jobs.len(),
+        2,
+        "killed then resubmitted (a requeue keeps its id): {k}"
+    );
+    let text = journal(&store, &killed);
+    assert_eq!(text.matches("\"kind\":\"started\"").count(), 3, "{text}");
     let log = k["log"].to_string();
-    assert!(log.contains("resubmitted from the last checkpoint"), "{log}");
+    assert!(
+        log.contains("resubmitted from the last checkpoint"),
+        "{log}"
+    );
     assert!(log.contains("from the checkpoint after step"), "{log}");
     // Every step's loss once, though steps after the checkpoint ran twice.
-    assert_eq!(k["summary"]["loss/total"]["count"], steps, "{}", k["summary"]);
+    assert_eq!(
+        k["summary"]["loss/total"]["count"], steps,
+        "{}",
+        k["summary"]
+    );
     let c = wait_final(&store, &cancelled, Duration::from_secs(120));
     assert_eq!(c["status"], "cancelled", "{c}");
 
@@ -323,18 +370,31 @@ fn an_engine_stopped_and_started_mid_sweep_ends_every_run_once() {
         .collect();
     assert_eq!(runs.len(), 4);
     // Stop the engine while the first run is under way: its jobs go on.
-    wait_journal(&store, &runs[0], "start", |t| t.contains("\"kind\":\"started\""));
+    wait_journal(&store, &runs[0], "start", |t| {
+        t.contains("\"kind\":\"started\"")
+    });
     let out = mifo(&store, &["engine", "stop"]);
     assert!(out.status.success());
     let t0 = Instant::now();
-    while !ok(&mifo(&store, &["engine", "status"])).contains("no engine is running") {
-        assert!(t0.elapsed() < Duration::from_secs(30), "the engine did not stop");
+    // (A status asked while the engine exits may fail: asked again.)
+    while !String::from_utf8_lossy(&mifo(&store, &["engine", "status"]).stdout)
+        .contains("no engine is running")
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the engine did not stop"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     // Started again: it follows the jobs it finds.
     start_slurm_engine(&store);
     let status = ok(&mifo(&store, &["engine", "status"]));
     assert!(status.contains("executor slurm"), "{status}");
+    let log = std::fs::read_to_string(store.join("engine.log")).unwrap();
+    assert!(
+        log.contains("again (Slurm jobs"),
+        "no run followed again:\n{log}"
+    );
     for run in &runs {
         let s = wait_final(&store, run, Duration::from_secs(300));
         assert_eq!(s["status"], "done", "{s}");
@@ -365,7 +425,14 @@ fn bad_slurm_input_is_refused_at_engine_start_with_nothing_queued() {
     // A partition Slurm does not know.
     let out = mifo(
         &store,
-        &["engine", "start", "--executor", "slurm", "--partition", "nosuchpart"],
+        &[
+            "engine",
+            "start",
+            "--executor",
+            "slurm",
+            "--partition",
+            "nosuchpart",
+        ],
     );
     let line = err_line(&out);
     assert!(

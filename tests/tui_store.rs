@@ -89,7 +89,6 @@ fn fill_store(dir: &Path, n: usize) -> Vec<RunId> {
                     )],
                     rerun_of: None,
                     model_source: None,
-                    slurm_jobs: Vec::new(),
                 },
             )
             .unwrap();

@@ -295,8 +295,7 @@ pub fn run(cmd: EngineCommand, store: &Path) -> anyhow::Result<()> {
             if let Some(slurm) = &slurm {
                 // sbatch there, its options accepted, a first tiny job able to write into
                 // the store from a compute node: checked before the engine starts.
-                std::fs::create_dir_all(store)
-                    .map_err(|e| anyhow!("{}: {e}", store.display()))?;
+                std::fs::create_dir_all(store).map_err(|e| anyhow!("{}: {e}", store.display()))?;
                 let root = store
                     .canonicalize()
                     .map_err(|e| anyhow!("{}: {e}", store.display()))?;
@@ -428,17 +427,11 @@ pub fn run(cmd: EngineCommand, store: &Path) -> anyhow::Result<()> {
                             .map(|(s, t, ph)| format!(" ({ph} {s}/{t})"))
                             .unwrap_or_default();
                         let earlier = if j.jobs.len() > 1 {
-                            format!(
-                                ", earlier jobs {}",
-                                j.jobs[..j.jobs.len() - 1].join(", ")
-                            )
+                            format!(", earlier jobs {}", j.jobs[..j.jobs.len() - 1].join(", "))
                         } else {
                             String::new()
                         };
-                        println!(
-                            "  job {:<8} {:<11} {}{p}{earlier}",
-                            j.job, j.state, j.run
-                        );
+                        println!("  job {:<8} {:<11} {}{p}{earlier}", j.job, j.state, j.run);
                     }
                 }
                 println!(

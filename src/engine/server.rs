@@ -454,6 +454,11 @@ fn handle_client(
                     )));
                 }
                 shared.store.remove_run(&id)?;
+                // The worker files of a run that went through Slurm go with it.
+                let dir = crate::jobs::journal::run_dir(shared.store.root(), &id);
+                if dir.is_dir() {
+                    std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+                }
                 Ok(Response::Ok)
             }),
             Request::SubmitLearn(job) => submit_one(

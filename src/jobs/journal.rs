@@ -117,7 +117,8 @@ fn decode_line(line: &[u8]) -> Option<Entry> {
     let text = std::str::from_utf8(line).ok()?;
     let (len, rest) = text.split_once(' ')?;
     let (sum, json) = rest.split_once(' ')?;
-    if len.parse::<usize>().ok()? != json.len() || Digest::of(json.as_bytes()).to_hex()[..16] != *sum
+    if len.parse::<usize>().ok()? != json.len()
+        || Digest::of(json.as_bytes()).to_hex()[..16] != *sum
     {
         return None;
     }

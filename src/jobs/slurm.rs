@@ -551,7 +551,9 @@ impl SlurmExecutor {
                 Ok(Ok(detached)) => detached,
                 Ok(Err(e)) => {
                     eprintln!("engine: following run {run}: {e}");
-                    let _ = inner.store.finish_run(&run, RunOutcome::Failed(e.to_string()));
+                    let _ = inner
+                        .store
+                        .finish_run(&run, RunOutcome::Failed(e.to_string()));
                     false
                 }
                 Err(_) => {
@@ -976,7 +978,12 @@ mod tests {
         };
         assert_eq!(
             o.sbatch_flags(),
-            ["--partition=gpu", "--gres=gpu:1", "--time=2:00:00", "--qos=low"]
+            [
+                "--partition=gpu",
+                "--gres=gpu:1",
+                "--time=2:00:00",
+                "--qos=low"
+            ]
         );
         assert_eq!(shell_quote("a'b"), r"'a'\''b'");
         assert!(is_active("PENDING") && is_active("REQUEUED") && is_active("COMPLETING"));

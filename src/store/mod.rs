@@ -593,7 +593,10 @@ impl Store {
             if record.status != RunStatus::Running {
                 return Err(StoreError::state(
                     id,
-                    format!("is {}; only a running run can be interrupted", record.status),
+                    format!(
+                        "is {}; only a running run can be interrupted",
+                        record.status
+                    ),
                 ));
             }
             record.status = RunStatus::Interrupted;

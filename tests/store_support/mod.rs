@@ -38,7 +38,6 @@ pub fn finished_run(
                 config_deltas: vec![("learn.lr".into(), "0.0005".into())],
                 rerun_of,
                 model_source: None,
-                slurm_jobs: Vec::new(),
             },
         )
         .expect("create");
