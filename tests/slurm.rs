@@ -269,9 +269,14 @@ fn a_killed_or_requeued_worker_resumes_to_the_same_embeddings_and_scancel_cancel
     let steps = 45;
     let killed = launch(&store, steps);
     let cancelled = launch(&store, 600);
-    // SIGKILL the worker after its first checkpoint.
-    let text = wait_journal(&store, &killed, "checkpoint", |t| {
+    // SIGKILL the worker after its first checkpoint and a step past it (which the resumed
+    // worker runs again: its loss must not be stored twice).
+    let text = wait_journal(&store, &killed, "step after a checkpoint", |t| {
         t.contains("\"kind\":\"checkpoint\"")
+            && t.rsplit("\"kind\":\"checkpoint\"")
+                .next()
+                .unwrap()
+                .contains("\"name\":\"loss/total\"")
     });
     assert!(
         !text.contains("\"kind\":\"ended\""),
@@ -315,10 +320,24 @@ fn a_killed_or_requeued_worker_resumes_to_the_same_embeddings_and_scancel_cancel
         .status()
         .unwrap();
     assert!(requeued.success());
-    std::thread::sleep(Duration::from_millis(500));
-    let _ = Command::new("scontrol")
-        .args(["update", &format!("JobId={second}"), "StartTime=now"])
-        .status();
+    // Slurm holds a requeued job for a while (reason BeginTime): release it as soon as it is
+    // pending again.
+    for _ in 0..100 {
+        let state = Command::new("squeue")
+            .args(["-h", "-j", &second, "-o", "%T %r"])
+            .output()
+            .unwrap();
+        let state = String::from_utf8_lossy(&state.stdout).trim().to_string();
+        if state.starts_with("RUNNING") || state.is_empty() {
+            break;
+        }
+        if state.starts_with("PENDING") {
+            let _ = Command::new("scontrol")
+                .args(["update", &format!("JobId={second}"), "StartTime=now"])
+                .output();
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     let k = wait_final(&store, &killed, Duration::from_secs(300));
     assert_eq!(k["status"], "done", "{k}");

@@ -820,9 +820,7 @@ fn follow_run(
         ended: false,
     };
     // After a restart: points the store already has are not ingested twice.
-    if state.offset > 0 {
-        ingest.set_floor()?;
-    }
+    ingest.set_floor()?;
     if state.jobs.is_empty() {
         // Recorded, never submitted (the engine stopped first).
         let options = inner.options.clone().unwrap_or_default();
@@ -837,6 +835,10 @@ fn follow_run(
     loop {
         let (entries, offset) = read_from(&journal, state.offset)?;
         let changed = offset != state.offset;
+        // A checkpoint saves the place at once (the store was flushed with it).
+        let checkpointed = entries
+            .iter()
+            .any(|e| matches!(e, Entry::Checkpoint { .. }));
         for entry in entries {
             ingest.entry(entry)?;
         }
@@ -845,7 +847,7 @@ fn follow_run(
             state.write(&dir)?;
             return Ok(false);
         }
-        if changed && saved_at.elapsed() >= Duration::from_secs(2) {
+        if checkpointed || (changed && saved_at.elapsed() >= Duration::from_secs(2)) {
             inner.store.flush()?;
             state.write(&dir)?;
             saved_at = Instant::now();
