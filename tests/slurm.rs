@@ -7,7 +7,8 @@
 //! engine; a job cancelled with `scancel` leaves its run `cancelled`; a worker killed with
 //! SIGKILL is resubmitted, and one that Slurm requeues goes on, from its checkpoint to the same
 //! embeddings; an engine stopped mid-sweep and started again ends every run once; bad
-//! `--executor slurm` input is refused at `engine start` with nothing queued.
+//! `--executor slurm` input (no sbatch, an unknown partition, nodes that cannot run mifo) is
+//! refused at `engine start` with nothing queued.
 
 mod cli_support;
 
@@ -475,4 +476,34 @@ fn bad_slurm_input_is_refused_at_engine_start_with_nothing_queued() {
     let st = ok(&mifo(&store, &["engine", "status"]));
     assert!(st.contains("no engine is running"), "{st}");
     assert!(!store.join("db").exists(), "the store was not created");
+
+    // The first tiny job: a compute node that cannot run mifo (here /bin/false stands for a
+    // binary or store the nodes cannot reach) is refused in one line; the real binary passes.
+    let opts = mifo::jobs::slurm::SlurmOptions::default();
+    let err = mifo::jobs::slurm::preflight(
+        &store,
+        Path::new("/bin/false"),
+        &opts,
+        Duration::from_secs(120),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("could not run /bin/false and write into") && !err.contains('\n'),
+        "{err}"
+    );
+    mifo::jobs::slurm::preflight(
+        &store,
+        Path::new(env!("CARGO_BIN_EXE_mifo")),
+        &opts,
+        Duration::from_secs(120),
+    )
+    .unwrap();
+    // The probe leaves no marker or script behind.
+    let left: Vec<_> = std::fs::read_dir(store.join("work"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.ends_with(".out"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
 }
