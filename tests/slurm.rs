@@ -8,7 +8,8 @@
 //! SIGKILL is resubmitted, and one that Slurm requeues goes on, from its checkpoint to the same
 //! embeddings; an engine stopped mid-sweep and started again ends every run once; bad
 //! `--executor slurm` input (no sbatch, an unknown partition, nodes that cannot run mifo) is
-//! refused at `engine start` with nothing queued.
+//! refused at `engine start` with nothing queued; a run whose node goes down is interrupted
+//! and resumed when the node returns (that test has the cluster to itself).
 
 mod cli_support;
 
@@ -17,6 +18,13 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use cli_support::{err_line, json, ok, root, scratch};
+
+/// The node-down test takes the cluster for itself; the others share it.
+static CLUSTER: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+fn shared_cluster() -> std::sync::RwLockReadGuard<'static, ()> {
+    CLUSTER.read().unwrap_or_else(|p| p.into_inner())
+}
 
 /// Fails (does not skip) when no Slurm answers: CI starts one.
 fn require_slurm() {
@@ -187,6 +195,7 @@ fn embeddings_by_config(store: &Path, doc: &serde_json::Value) -> Vec<((f64, f64
 #[test]
 fn a_sweep_through_slurm_ends_done_with_the_embeddings_of_a_local_engine() {
     require_slurm();
+    let _cluster = shared_cluster();
     let slurm_store = scratch("slurm-sweep");
     let local_store = scratch("slurm-sweep-local");
     start_slurm_engine(&slurm_store);
@@ -265,6 +274,7 @@ fn pid_of_worker(journal: &str) -> i32 {
 #[test]
 fn a_killed_or_requeued_worker_resumes_to_the_same_embeddings_and_scancel_cancels() {
     require_slurm();
+    let _cluster = shared_cluster();
     let store = scratch("slurm-kill");
     start_slurm_engine(&store);
     let steps = 45;
@@ -379,6 +389,7 @@ fn a_killed_or_requeued_worker_resumes_to_the_same_embeddings_and_scancel_cancel
 #[test]
 fn an_engine_stopped_and_started_mid_sweep_ends_every_run_once() {
     require_slurm();
+    let _cluster = shared_cluster();
     let store = scratch("slurm-restart");
     start_slurm_engine(&store);
     let doc = sweep(&store, &["--name", "restart", "--detach"]);
@@ -433,6 +444,7 @@ fn an_engine_stopped_and_started_mid_sweep_ends_every_run_once() {
 #[test]
 fn bad_slurm_input_is_refused_at_engine_start_with_nothing_queued() {
     require_slurm();
+    let _cluster = shared_cluster();
     let store = scratch("slurm-bad");
     // No sbatch on PATH.
     let out = mifo_env(
@@ -506,4 +518,77 @@ fn bad_slurm_input_is_refused_at_engine_start_with_nothing_queued() {
         .filter(|n| !n.ends_with(".out"))
         .collect();
     assert!(left.is_empty(), "{left:?}");
+}
+
+/// Sets the node back to service when dropped (also when the test fails).
+struct NodeBack(String);
+
+impl Drop for NodeBack {
+    fn drop(&mut self) {
+        let _ = Command::new("scontrol")
+            .args(["update", &format!("NodeName={}", self.0), "State=RESUME"])
+            .output();
+    }
+}
+
+#[test]
+fn a_run_whose_node_goes_down_is_interrupted_and_resumed_when_it_returns() {
+    require_slurm();
+    let _cluster = CLUSTER.write().unwrap_or_else(|p| p.into_inner());
+    let store = scratch("slurm-node");
+    // Without Slurm's own requeue, a job on a failed node ends NODE_FAIL.
+    let out = mifo(
+        &store,
+        &[
+            "engine",
+            "start",
+            "--executor",
+            "slurm",
+            "--sbatch-arg=--no-requeue",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let steps = 30;
+    let run = launch(&store, steps);
+    wait_journal(&store, &run, "checkpoint", |t| {
+        t.contains("\"kind\":\"checkpoint\"")
+    });
+    let node = String::from_utf8_lossy(
+        &Command::new("sinfo")
+            .args(["-h", "-o", "%N"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .trim()
+    .to_string();
+    let _back = NodeBack(node.clone());
+    let down = Command::new("scontrol")
+        .args([
+            "update",
+            &format!("NodeName={node}"),
+            "State=DOWN",
+            "Reason=mifo-test",
+        ])
+        .status()
+        .unwrap();
+    assert!(down.success());
+    // The one-node cluster returns the node to service by itself (ReturnToService=2); the
+    // resubmitted job waits for it.
+    let r = wait_final(&store, &run, Duration::from_secs(300));
+    assert_eq!(r["status"], "done", "{r}");
+    assert_eq!(r["slurm_jobs"].as_array().unwrap().len(), 2, "{r}");
+    let log = r["log"].to_string();
+    assert!(log.contains("ended NODE_FAIL"), "{log}");
+    assert!(log.contains("from the checkpoint after step"), "{log}");
+    assert_eq!(
+        r["summary"]["loss/total"]["count"], steps,
+        "{}",
+        r["summary"]
+    );
+    stop_engine(&store);
 }
