@@ -592,3 +592,61 @@ fn a_run_whose_node_goes_down_is_interrupted_and_resumed_when_it_returns() {
     );
     stop_engine(&store);
 }
+
+#[test]
+fn an_interrupted_run_without_retries_left_resumes_through_slurm_with_learn_resume() {
+    require_slurm();
+    let _cluster = shared_cluster();
+    let store = scratch("slurm-resume");
+    let out = mifo(
+        &store,
+        &[
+            "engine",
+            "start",
+            "--executor",
+            "slurm",
+            "--max-retries",
+            "0",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let steps = 30;
+    let run = launch(&store, steps);
+    let text = wait_journal(&store, &run, "checkpoint", |t| {
+        t.contains("\"kind\":\"checkpoint\"")
+    });
+    assert!(Command::new("kill")
+        .args(["-9", &pid_of_worker(&text).to_string()])
+        .status()
+        .unwrap()
+        .success());
+    // No retry left: the run stays interrupted.
+    let t0 = Instant::now();
+    let r = loop {
+        let r = show(&store, &run);
+        if r["status"] == "interrupted" {
+            break r;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(120), "{r}");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert!(r["error"].as_str().unwrap().contains("ended FAILED"), "{r}");
+    // `mifo learn --resume` sends it to Slurm again and follows it to the end.
+    let out = mifo(&store, &["learn", "--resume", &run]);
+    let text = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("done"), "{text}");
+    let r = show(&store, &run);
+    assert_eq!(r["status"], "done", "{r}");
+    assert_eq!(r["slurm_jobs"].as_array().unwrap().len(), 2, "{r}");
+    assert_eq!(
+        r["summary"]["loss/total"]["count"], steps,
+        "{}",
+        r["summary"]
+    );
+    stop_engine(&store);
+}

@@ -494,7 +494,8 @@ impl SlurmExecutor {
         let mut state = SlurmState::read(&dir)?.unwrap_or_default();
         state.retries = 0;
         state.cancel_requested = false;
-        state.write_dir_ok(&dir)?;
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        state.write(&dir)?;
         self.submit_job(WorkerJob {
             run: id.clone(),
             learn,
@@ -623,13 +624,6 @@ impl SlurmExecutor {
     /// Whether every follower has saved its place and returned (after [`Self::stop`]).
     pub fn finished(&self) -> bool {
         lock(&self.inner.followed).is_empty()
-    }
-}
-
-impl SlurmState {
-    fn write_dir_ok(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        self.write(dir)
     }
 }
 
