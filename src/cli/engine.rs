@@ -75,12 +75,164 @@ impl PoolArgs {
     }
 }
 
+/// Where the engine runs learning runs: its own devices, or a Slurm cluster (flags override
+/// the `[executor]` table of `<store>/engine.toml`).
+#[derive(Args, Debug, Clone, Default)]
+pub struct ExecutorArgs {
+    /// `local` (the engine's device pool) or `slurm` (each learning run one sbatch job running
+    /// `mifo worker` on a compute node; the store must be on a filesystem the nodes share).
+    #[arg(long, value_name = "local|slurm")]
+    pub executor: Option<String>,
+    /// Slurm partition of the jobs.
+    #[arg(long)]
+    pub partition: Option<String>,
+    /// Slurm generic resources of each job, e.g. gpu:1.
+    #[arg(long)]
+    pub gres: Option<String>,
+    /// Slurm time limit of each job, e.g. 2:00:00 (a run that hits it is resubmitted from its
+    /// last checkpoint).
+    #[arg(long)]
+    pub time: Option<String>,
+    /// Slurm account the jobs are charged to.
+    #[arg(long)]
+    pub account: Option<String>,
+    /// A further sbatch argument, passed as given (repeatable), e.g. --sbatch-arg=--qos=low.
+    #[arg(long = "sbatch-arg", value_name = "ARG", allow_hyphen_values = true)]
+    pub sbatch_args: Vec<String>,
+    /// How many times a run whose job ended early (time limit, lost node, preemption, a killed
+    /// worker) is resubmitted from its last checkpoint (default 2).
+    #[arg(long)]
+    pub max_retries: Option<u32>,
+    /// Seconds `engine start` waits for its first tiny Slurm job (which checks that a compute
+    /// node can run mifo and write into the store); 0 skips the check.
+    #[arg(long, default_value_t = 120)]
+    pub probe_timeout: u64,
+}
+
+/// The `[executor]` table of `<store>/engine.toml`.
+#[derive(serde::Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct ExecutorToml {
+    kind: Option<String>,
+    partition: Option<String>,
+    gres: Option<String>,
+    time: Option<String>,
+    account: Option<String>,
+    #[serde(default)]
+    sbatch_args: Vec<String>,
+    max_retries: Option<u32>,
+}
+
+#[derive(serde::Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct EngineToml {
+    executor: Option<ExecutorToml>,
+}
+
+/// Default of `--max-retries`.
+const DEFAULT_MAX_RETRIES: u32 = 2;
+
+impl ExecutorArgs {
+    /// The Slurm options these flags and `<store>/engine.toml` ask for (`None`: local).
+    pub fn slurm(&self, store: &Path) -> anyhow::Result<Option<crate::jobs::slurm::SlurmOptions>> {
+        let path = store.join("engine.toml");
+        let file = match std::fs::read_to_string(&path) {
+            Ok(text) => toml::from_str::<EngineToml>(&text)
+                .map_err(|e| {
+                    anyhow!(
+                        "{}: {}",
+                        path.display(),
+                        e.message().lines().next().unwrap_or("does not parse")
+                    )
+                })?
+                .executor
+                .unwrap_or_default(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => ExecutorToml::default(),
+            Err(e) => bail!("{}: {e}", path.display()),
+        };
+        let kind = self
+            .executor
+            .clone()
+            .or(file.kind.clone())
+            .unwrap_or_else(|| "local".into());
+        match kind.as_str() {
+            "local" => {
+                let slurm_flag = [&self.partition, &self.gres, &self.time, &self.account]
+                    .iter()
+                    .any(|f| f.is_some())
+                    || !self.sbatch_args.is_empty()
+                    || self.max_retries.is_some();
+                if slurm_flag && self.executor.is_some() {
+                    bail!("--partition, --gres, --time, --account, --sbatch-arg and --max-retries go with --executor slurm");
+                }
+                Ok(None)
+            }
+            "slurm" => {
+                let pick = |flag: &Option<String>, file: &Option<String>| {
+                    flag.clone().or_else(|| file.clone())
+                };
+                Ok(Some(crate::jobs::slurm::SlurmOptions {
+                    partition: pick(&self.partition, &file.partition),
+                    gres: pick(&self.gres, &file.gres),
+                    time: pick(&self.time, &file.time),
+                    account: pick(&self.account, &file.account),
+                    sbatch_args: if self.sbatch_args.is_empty() {
+                        file.sbatch_args
+                    } else {
+                        self.sbatch_args.clone()
+                    },
+                    max_retries: self
+                        .max_retries
+                        .or(file.max_retries)
+                        .unwrap_or(DEFAULT_MAX_RETRIES),
+                }))
+            }
+            other => bail!("--executor {other}: use local or slurm"),
+        }
+    }
+
+    /// The same flags for the `mifo engine run` that `engine start` launches.
+    fn to_args(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        for (flag, value) in [
+            ("--executor", &self.executor),
+            ("--partition", &self.partition),
+            ("--gres", &self.gres),
+            ("--time", &self.time),
+            ("--account", &self.account),
+        ] {
+            if let Some(value) = value {
+                v.push(format!("{flag}={value}"));
+            }
+        }
+        for a in &self.sbatch_args {
+            v.push(format!("--sbatch-arg={a}"));
+        }
+        if let Some(n) = self.max_retries {
+            v.push(format!("--max-retries={n}"));
+        }
+        v
+    }
+}
+
+/// `mifo engine start`'s flags.
+#[derive(Args, Debug, Clone)]
+pub struct StartArgs {
+    /// The device pool.
+    #[command(flatten)]
+    pub pool: PoolArgs,
+    /// Where learning runs go.
+    #[command(flatten)]
+    pub executor: ExecutorArgs,
+}
+
 /// `mifo engine` subcommands.
 #[derive(Subcommand, Debug)]
 pub enum EngineCommand {
     /// Start the engine for the store in the background (if it is not running), with its
-    /// device pool: every GPU that answers (or --gpus), --per-gpu runs each.
-    Start(PoolArgs),
+    /// device pool: every GPU that answers (or --gpus), --per-gpu runs each; or with
+    /// --executor slurm, sending each learning run to a Slurm cluster as one sbatch job.
+    Start(StartArgs),
     /// Stop it: the running step finishes and checkpoints (the run becomes `interrupted`,
     /// resumable with `mifo learn --resume`); a second stop within 5 s forces.
     Stop {
@@ -102,21 +254,30 @@ pub enum EngineCommand {
         /// The device pool.
         #[command(flatten)]
         pool: PoolArgs,
+        /// Where learning runs go.
+        #[command(flatten)]
+        executor: ExecutorArgs,
     },
 }
 
 /// Runs `mifo engine …`.
 pub fn run(cmd: EngineCommand, store: &Path) -> anyhow::Result<()> {
     match cmd {
-        EngineCommand::Run { idle_exit, pool } => Ok(serve(
+        EngineCommand::Run {
+            idle_exit,
+            pool,
+            executor,
+        } => Ok(serve(
             store,
             EngineOptions {
                 idle_exit: (idle_exit > 0).then(|| Duration::from_secs(idle_exit)),
                 pool: pool.options()?,
+                slurm: executor.slurm(store)?,
             },
         )?),
-        EngineCommand::Start(pool) => {
+        EngineCommand::Start(StartArgs { pool, executor }) => {
             let opts = pool.options()?;
+            let slurm = executor.slurm(store)?;
             if let Some(mut c) = Client::try_connect(store)? {
                 let devices = match c.request(&Request::Status)? {
                     Response::Status(st) => pool_line(&st.pool),
@@ -131,13 +292,43 @@ pub fn run(cmd: EngineCommand, store: &Path) -> anyhow::Result<()> {
             }
             // Refuse a pool that cannot be here, in one line, before anything starts.
             let devices = crate::jobs::pool::DevicePool::new(&opts)?;
-            let c = Client::connect_with(store, &pool.to_args())?;
-            eprintln!(
-                "engine running (pid {}) for {}; devices: {}",
-                c.engine_pid,
-                store.display(),
-                pool_line(&devices.slots())
-            );
+            if let Some(slurm) = &slurm {
+                // sbatch there, its options accepted, a first tiny job able to write into
+                // the store from a compute node: checked before the engine starts.
+                std::fs::create_dir_all(store).map_err(|e| anyhow!("{}: {e}", store.display()))?;
+                let root = store
+                    .canonicalize()
+                    .map_err(|e| anyhow!("{}: {e}", store.display()))?;
+                let exe = std::env::current_exe()?;
+                crate::jobs::slurm::preflight(
+                    &root,
+                    &exe,
+                    slurm,
+                    Duration::from_secs(executor.probe_timeout),
+                )?;
+            }
+            let mut args = pool.to_args();
+            args.extend(executor.to_args());
+            let c = Client::connect_with(store, &args)?;
+            match &slurm {
+                Some(s) => eprintln!(
+                    "engine running (pid {}) for {}; learning runs go to Slurm ({}), synthesis runs to devices: {}",
+                    c.engine_pid,
+                    store.display(),
+                    if s.sbatch_flags().is_empty() {
+                        "default partition".to_string()
+                    } else {
+                        s.sbatch_flags().join(" ")
+                    },
+                    pool_line(&devices.slots())
+                ),
+                None => eprintln!(
+                    "engine running (pid {}) for {}; devices: {}",
+                    c.engine_pid,
+                    store.display(),
+                    pool_line(&devices.slots())
+                ),
+            }
             Ok(())
         }
         EngineCommand::Stop { force } => {
@@ -225,6 +416,23 @@ pub fn run(cmd: EngineCommand, store: &Path) -> anyhow::Result<()> {
                             holders.join(", ")
                         }
                     );
+                }
+                println!("executor {}", st.executor);
+                if !st.slurm.is_empty() {
+                    println!("slurm");
+                    for j in &st.slurm {
+                        let p = j
+                            .progress
+                            .as_ref()
+                            .map(|(s, t, ph)| format!(" ({ph} {s}/{t})"))
+                            .unwrap_or_default();
+                        let earlier = if j.jobs.len() > 1 {
+                            format!(", earlier jobs {}", j.jobs[..j.jobs.len() - 1].join(", "))
+                        } else {
+                            String::new()
+                        };
+                        println!("  job {:<8} {:<11} {}{p}{earlier}", j.job, j.state, j.run);
+                    }
                 }
                 println!(
                     "queue    {}",

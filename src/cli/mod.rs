@@ -134,6 +134,22 @@ pub enum Command {
     /// base model (`fixtures/world-sd/`), and the oracle that scores synthesis on it.
     #[command(subcommand)]
     World(world::WorldCommand),
+    /// Run one learning run of the store on this machine without its database (what a Slurm
+    /// job of an engine started with --executor slurm runs on a compute node).
+    #[command(hide = true)]
+    Worker(WorkerArgs),
+}
+
+/// `mifo worker`'s flags.
+#[derive(clap::Args, Debug)]
+pub struct WorkerArgs {
+    /// The run (its job file is `<store>/work/<run>/job.json`).
+    #[arg(long, required_unless_present = "probe")]
+    pub run: Option<String>,
+    /// Write this host's name into FILE and exit (the engine's check that compute nodes can
+    /// run mifo and write into the store).
+    #[arg(long, value_name = "FILE")]
+    pub probe: Option<std::path::PathBuf>,
 }
 
 /// Entry point called by `main.rs`.
@@ -154,5 +170,18 @@ pub fn main() -> anyhow::Result<()> {
         Command::Eval(args) => eval::run(*args, &cli.store),
         Command::Bench(args) => bench::run(args),
         Command::World(cmd) => world::run(cmd, &cli.store),
+        Command::Worker(args) => worker(args, &cli.store),
     }
+}
+
+/// `mifo worker`: one run, or the probe.
+fn worker(args: WorkerArgs, store: &std::path::Path) -> anyhow::Result<()> {
+    if let Some(file) = args.probe {
+        return Ok(crate::jobs::worker::probe(&file)?);
+    }
+    let run = args.run.unwrap_or_default();
+    let id: crate::store::RunId = run
+        .parse()
+        .map_err(|_| anyhow::anyhow!("--run {run}: not a run id"))?;
+    Ok(crate::jobs::worker::run(store, &id)?)
 }

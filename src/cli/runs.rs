@@ -610,6 +610,7 @@ pub fn format_show(show: &RunShow, json: bool, out: &mut dyn Write) -> anyhow::R
             "duration_s": record.duration_ms(now).map(|ms| ms as f64 / 1000.0),
             "host": record.host,
             "device": record.device,
+            "slurm_jobs": record.slurm_jobs,
             "pid": record.pid,
             "scene": record.scene,
             "config_deltas": record.config_deltas.iter().cloned().collect::<BTreeMap<_, _>>(),
@@ -676,6 +677,9 @@ pub fn format_show(show: &RunShow, json: bool, out: &mut dyn Write) -> anyhow::R
             record.device,
             record.pid.map_or_else(dash, |p| p.to_string())
         )?;
+    }
+    if !record.slurm_jobs.is_empty() {
+        writeln!(out, "slurm      jobs {}", record.slurm_jobs.join(", "))?;
     }
     if let Some(finished) = record.finished_ms {
         writeln!(out, "finished   {}", format_utc(finished))?;

@@ -10,7 +10,7 @@ use crate::jobs::sink::SinkEvent;
 use crate::runs::{RunsReply, RunsRequest};
 
 /// Bumped whenever a message changes shape.
-pub const PROTOCOL_VERSION: u32 = 12;
+pub const PROTOCOL_VERSION: u32 = 13;
 /// Largest frame accepted (a `runs show --json` of a long run is well below this).
 pub const MAX_FRAME: usize = 64 << 20;
 
@@ -205,6 +205,10 @@ pub struct EngineStatus {
     pub pool: Vec<crate::jobs::pool::DeviceSlots>,
     /// Queued runs with the device each waits for (`auto` or a device name), oldest first.
     pub waiting: Vec<(String, String)>,
+    /// Where learning runs go: `local` (the pool) or `slurm`.
+    pub executor: String,
+    /// The runs followed on Slurm, with their jobs and job states.
+    pub slurm: Vec<crate::jobs::slurm::SlurmJob>,
     /// Protocol version.
     pub version: u32,
 }

@@ -18,7 +18,8 @@ use crate::error::{Error, Result};
 use crate::jobs::learn as learn_job;
 use crate::jobs::pool::{DevicePool, PoolOptions};
 use crate::jobs::runner::{Cancelled, Runner, RunnerEvent, Work};
-use crate::jobs::sweep::{Planned, SweepEntry, SweepItem};
+use crate::jobs::slurm::{SlurmExecutor, SlurmOptions};
+use crate::jobs::sweep::{Planned, SweepEntry, SweepItem, SweepJob};
 use crate::store::{RunId, RunOutcome, Store};
 
 /// How the engine behaves.
@@ -29,6 +30,9 @@ pub struct EngineOptions {
     /// The devices its runs may use and how many runs each holds at once (one per device is
     /// the sane default: two jobs on one GPU compete for its memory).
     pub pool: PoolOptions,
+    /// Run learning runs as Slurm jobs with these options (`--executor slurm`); `None` runs
+    /// them on the pool. Either way the engine follows the Slurm runs a previous engine left.
+    pub slurm: Option<SlurmOptions>,
 }
 
 struct Subscriber {
@@ -40,6 +44,8 @@ struct Shared {
     store: Store,
     /// The queue, the device pool and one worker per slot of the pool.
     runner: Runner,
+    /// The runs that go (or went) through Slurm.
+    slurm: SlurmExecutor,
     subscribers: Mutex<Vec<Subscriber>>,
     first_stop: Mutex<Option<Instant>>,
     started: Instant,
@@ -72,6 +78,16 @@ impl Shared {
         }
     }
 
+    /// Whether run `id` is queued or running, here or on Slurm.
+    fn is_pending(&self, id: &RunId) -> bool {
+        self.runner.is_pending(id) || self.slurm.is_pending(id)
+    }
+
+    /// Whether new learning runs go to Slurm.
+    fn slurm_learns(&self, job: &SweepJob) -> bool {
+        self.slurm.submits() && matches!(job, SweepJob::Learn(_))
+    }
+
     fn touch(&self) {
         *lock(&self.last_activity) = Instant::now();
     }
@@ -99,6 +115,12 @@ impl Shared {
                 .into_iter()
                 .map(|(id, want)| (id.to_string(), want))
                 .collect(),
+            executor: if self.slurm.submits() {
+                "slurm".into()
+            } else {
+                "local".into()
+            },
+            slurm: self.slurm.jobs(),
             version: PROTOCOL_VERSION,
         }
     }
@@ -153,6 +175,14 @@ pub fn serve(store_dir: &Path, opts: EngineOptions) -> Result<()> {
     let pool = DevicePool::new(&opts.pool)?;
     let store = Store::create(store_dir)?;
     let _ = std::fs::set_permissions(store_dir, std::fs::Permissions::from_mode(0o700));
+    // Runs whose Slurm jobs a previous engine submitted go on without it: this engine takes
+    // them over (they are neither stale nor cancelled below) and follows them again.
+    let left = SlurmExecutor::left_behind(&store)?;
+    for id in &left {
+        if store.get_run(id)?.status == crate::store::RunStatus::Running {
+            store.adopt_run(id)?;
+        }
+    }
     let stale = store.mark_stale_running_interrupted()?;
     for id in &stale {
         eprintln!("engine: run {id} was left running by a dead process: marked interrupted");
@@ -162,7 +192,7 @@ pub fn serve(store_dir: &Path, opts: EngineOptions) -> Result<()> {
     // engine's own log; a failed log write here used to stop the engine from starting.)
     for rec in store.runs() {
         let rec = rec?;
-        if rec.status == crate::store::RunStatus::Queued {
+        if rec.status == crate::store::RunStatus::Queued && !left.contains(&rec.id) {
             store.finish_run(&rec.id, RunOutcome::Cancelled)?;
             eprintln!(
                 "engine: run {} was queued when the last engine stopped: marked cancelled",
@@ -198,20 +228,21 @@ pub fn serve(store_dir: &Path, opts: EngineOptions) -> Result<()> {
     );
 
     // The runner reports to the engine that holds it (no job is queued before both exist).
+    let exe = std::env::current_exe().map_err(|e| Error::io(Path::new("mifo"), e))?;
     let shared = Arc::new_cyclic(|engine: &std::sync::Weak<Shared>| {
         let engine = engine.clone();
-        let runner = Runner::start(
-            store.clone(),
-            pool,
+        let observer: crate::jobs::runner::RunnerObserver =
             Arc::new(move |run: &RunId, event: RunnerEvent| {
                 if let Some(shared) = engine.upgrade() {
                     shared.on_runner_event(run, event);
                 }
-            }),
-        );
+            });
+        let runner = Runner::start(store.clone(), pool, observer.clone());
+        let slurm = SlurmExecutor::new(store.clone(), exe, opts.slurm.clone(), observer);
         Shared {
             store,
             runner,
+            slurm,
             subscribers: Mutex::new(Vec::new()),
             first_stop: Mutex::new(None),
             started: Instant::now(),
@@ -219,6 +250,14 @@ pub fn serve(store_dir: &Path, opts: EngineOptions) -> Result<()> {
             last_activity: Mutex::new(Instant::now()),
         }
     });
+    for id in &left {
+        if let Err(e) = shared.slurm.reattach(id) {
+            eprintln!("engine: run {id}: cannot follow its Slurm job again: {e}");
+        }
+    }
+    if shared.slurm.submits() {
+        eprintln!("engine: learning runs go to Slurm as `mifo worker` jobs");
+    }
     let store_dir = store_dir.to_path_buf();
     loop {
         match listener.accept() {
@@ -251,16 +290,20 @@ pub fn serve(store_dir: &Path, opts: EngineOptions) -> Result<()> {
             }
             Err(e) => eprintln!("engine: accept failed: {e}"),
         }
-        if shared.runner.is_stopping() && shared.runner.workers_finished() {
+        if shared.runner.is_stopping()
+            && shared.runner.workers_finished()
+            && shared.slurm.finished()
+        {
             break;
         }
         if let Some(idle) = opts.idle_exit {
-            let busy = shared.runner.is_busy();
+            let busy = shared.runner.is_busy() || shared.slurm.is_busy();
             let quiet = shared.clients.load(Ordering::SeqCst) == 0
                 && lock(&shared.last_activity).elapsed() >= idle;
             if !busy && quiet {
                 eprintln!("engine: idle for {idle:?}, exiting");
                 shared.runner.stop();
+                shared.slurm.stop();
             }
         }
     }
@@ -405,12 +448,17 @@ fn handle_client(
             }),
             Request::Remove { run } => data(|| {
                 let id = shared.store.resolve(&run)?;
-                if shared.runner.is_pending(&id) {
+                if shared.is_pending(&id) {
                     return Err(Error::Input(format!(
                         "run {id} is queued or running; cancel it first"
                     )));
                 }
                 shared.store.remove_run(&id)?;
+                // The worker files of a run that went through Slurm go with it.
+                let dir = crate::jobs::journal::run_dir(shared.store.root(), &id);
+                if dir.is_dir() {
+                    std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+                }
                 Ok(Response::Ok)
             }),
             Request::SubmitLearn(job) => submit_one(
@@ -435,6 +483,18 @@ fn handle_client(
                     &by,
                 )?))
             }),
+            Request::ResumeLearn { run, model, .. } if shared.slurm.submits() => {
+                match learn_job::check_resumable(&shared.store, &run, &model).and_then(|id| {
+                    shared.slurm.submit_resume(&id, model)?;
+                    Ok(id)
+                }) {
+                    Ok(id) => Response::Queued {
+                        run: id.to_string(),
+                        warnings: Vec::new(),
+                    },
+                    Err(e) => Response::Error(e.to_string()),
+                }
+            }
             Request::ResumeLearn { run, model, device } => {
                 let checked = shared
                     .runner
@@ -486,6 +546,8 @@ fn handle_client(
                 *first = Some(Instant::now());
                 eprintln!("engine: stopping after the current step");
                 shared.runner.stop();
+                // Slurm jobs go on; the next engine follows them again.
+                shared.slurm.stop();
                 Response::Ok
             }
         };
@@ -500,10 +562,8 @@ fn submit_one(shared: &Arc<Shared>, entry: SweepEntry) -> Response {
     if shared.runner.is_stopping() {
         return Response::Error("the engine is stopping; try again in a moment".into());
     }
-    let checked = shared
-        .runner
-        .check_device(entry.job.device())
-        .and_then(|(_, device)| entry.job.check(&shared.store, &device));
+    let checked = validation_device(shared, &entry.job)
+        .and_then(|device| entry.job.check(&shared.store, &device));
     let checked = match checked {
         Ok(c) => c,
         Err(Error::AlreadyRan { run }) => return Response::AlreadyRan { run },
@@ -525,7 +585,11 @@ fn queue_checked(
     entry: SweepEntry,
 ) -> Result<RunId> {
     let rec = crate::jobs::record(&shared.store, checked)?;
-    if let Err(e) = shared.runner.submit(entry.job.into_work(rec.id.clone())) {
+    let submitted = match entry.job {
+        SweepJob::Learn(job) if shared.slurm.submits() => shared.slurm.submit(&rec.id, &job),
+        job => shared.runner.submit(job.into_work(rec.id.clone())),
+    };
+    if let Err(e) = submitted {
         // Checked against the same pool a moment ago; should it fail, the run must not stay
         // queued for ever.
         let _ = shared
@@ -546,7 +610,14 @@ fn submit_sweep(shared: &Arc<Shared>, name: &str, entries: Vec<SweepEntry>) -> R
     if let Err(e) = crate::store::validate_tag(name) {
         return Response::Error(format!("--name {name}: {e}"));
     }
-    let check_device = |d: &str| shared.runner.check_device(d).map(|(_, check)| check);
+    let slurm = entries.first().is_some_and(|e| shared.slurm_learns(&e.job));
+    let check_device = |d: &str| {
+        if slurm {
+            Ok(SLURM_VALIDATION_DEVICE.to_string())
+        } else {
+            shared.runner.check_device(d).map(|(_, check)| check)
+        }
+    };
     let planned = match crate::jobs::sweep::plan(&shared.store, &entries, &check_device) {
         Ok(p) => p,
         Err(e) => return Response::Error(e.to_string()),
@@ -579,12 +650,31 @@ fn submit_sweep(shared: &Arc<Shared>, name: &str, entries: Vec<SweepEntry>) -> R
     Response::Sweep(items)
 }
 
+/// The device a job is checked on before it is recorded: one of the pool's for a job the
+/// engine runs, the CPU for one that goes to Slurm (its device is the node's).
+const SLURM_VALIDATION_DEVICE: &str = "cpu";
+
+fn validation_device(shared: &Arc<Shared>, job: &SweepJob) -> Result<String> {
+    if shared.slurm_learns(job) {
+        return Ok(SLURM_VALIDATION_DEVICE.to_string());
+    }
+    shared
+        .runner
+        .check_device(job.device())
+        .map(|(_, device)| device)
+}
+
 fn cancel(shared: &Arc<Shared>, run: &str) -> Response {
     let result = shared
         .store
         .resolve(run)
         .map_err(Error::from)
-        .and_then(|id| Ok((shared.runner.cancel(&id)?, id)));
+        .and_then(|id| {
+            if shared.slurm.cancel(&id) {
+                return Ok((Cancelled::Stopping, id));
+            }
+            Ok((shared.runner.cancel(&id)?, id))
+        });
     match result {
         Ok((Cancelled::Stopping, _)) => Response::Ok,
         Ok((Cancelled::Dequeued, id)) => {
@@ -629,7 +719,7 @@ fn stream_events(
     });
     // A run that already ended (and is not queued to resume) gets its final status at once.
     if let Some(id) = &run {
-        let pending = shared.runner.is_pending(id);
+        let pending = shared.is_pending(id);
         if let Ok(r) = shared.store.get_run(id) {
             if r.status.is_final() && !pending {
                 write_frame(
@@ -649,7 +739,10 @@ fn stream_events(
         match rx.recv_timeout(Duration::from_millis(500)) {
             Ok(ev) => write_frame(writer, &Response::Event(ev))?,
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                if shared.runner.is_stopping() && !shared.runner.is_running() {
+                if shared.runner.is_stopping()
+                    && !shared.runner.is_running()
+                    && shared.slurm.finished()
+                {
                     return Ok(());
                 }
                 // A subscriber that went away between events must not keep the engine alive.

@@ -217,7 +217,7 @@ pub fn launch(store: &Store, job: &LearnJob, opts: &RunOptions) -> Result<RunRec
     start(store, &record.id, job, opts)
 }
 
-fn model_resolution(sd: &StableDiffusion) -> u32 {
+pub(crate) fn model_resolution(sd: &StableDiffusion) -> u32 {
     (sd.unet.config().sample_size * sd.vae.config().factor()) as u32
 }
 

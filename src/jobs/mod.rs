@@ -1,12 +1,15 @@
 //! Jobs: a learning or synthesis run launched against the store (spec, inputs, record, sink),
 //! and the [`runner`] whose workers execute them for the engine.
 
+pub mod journal;
 pub mod learn;
 pub mod pool;
 pub mod runner;
 pub mod sink;
+pub mod slurm;
 pub mod sweep;
 pub mod synth;
+pub mod worker;
 
 use std::path::{Path, PathBuf};
 

@@ -402,6 +402,7 @@ impl Store {
             rerun_of: new.rerun_of,
             rerun_identical: None,
             model_source: new.model_source,
+            slurm_jobs: Vec::new(),
         };
         {
             let _guard = lock(&self.inner.record_lock);
@@ -566,6 +567,63 @@ impl Store {
             self.sync()?;
         }
         Ok(stale)
+    }
+
+    /// Takes over the `running` run `id` whose work goes on outside this process (a Slurm job
+    /// this engine follows after a restart): this handle may append its metrics and log lines
+    /// and finish it, and [`Self::mark_stale_running_interrupted`] leaves it alone.
+    pub fn adopt_run(&self, id: &RunId) -> StoreResult<()> {
+        let record = self.get_run(id)?;
+        if record.status != RunStatus::Running {
+            return Err(StoreError::state(
+                id,
+                format!("is {}; only a running run can be adopted", record.status),
+            ));
+        }
+        lock(&self.inner.owned).insert(id.clone());
+        Ok(())
+    }
+
+    /// Marks the running run `id` as `interrupted` (resumable from its last checkpoint) with
+    /// `reason`, e.g. the Slurm job it ran under hit its time limit.
+    pub fn interrupt_run(&self, id: &RunId, reason: &str) -> StoreResult<RunRecord> {
+        self.flush_metrics(id)?;
+        let summary = self.summarise_metrics(id)?;
+        let record = self.update_run(id, |record| {
+            if record.status != RunStatus::Running {
+                return Err(StoreError::state(
+                    id,
+                    format!(
+                        "is {}; only a running run can be interrupted",
+                        record.status
+                    ),
+                ));
+            }
+            record.status = RunStatus::Interrupted;
+            record.finished_ms = Some(now_ms());
+            record.summary = summary;
+            record.error = Some(reason.to_string());
+            Ok(())
+        })?;
+        lock(&self.inner.owned).remove(id);
+        lock(&self.inner.pending).remove(id);
+        lock(&self.inner.log_next).remove(id);
+        self.sync()?;
+        Ok(record)
+    }
+
+    /// Adds Slurm job `job` to the jobs run `id` ran under (once; see
+    /// [`RunRecord::slurm_jobs`]).
+    pub fn add_slurm_job(&self, id: &RunId, job: &str) -> StoreResult<RunRecord> {
+        validate_name("slurm job", job)?;
+        let record = self.update_run(id, |record| {
+            if !record.slurm_jobs.iter().any(|j| j == job) {
+                record.slurm_jobs.push(job.to_string());
+            }
+            Ok(())
+        })?;
+        self.sync()?;
+        Ok(record)
     }
 
     /// Records output `name` of running run `id` as blob `hash` (which must be in the store).

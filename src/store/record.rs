@@ -5,9 +5,10 @@
 //! fails cleanly instead of allocating. bincode is not self-describing: adding a field means a new
 //! format byte and a decoder for the old one.
 //!
-//! Formats: 1 is the record without [`RunRecord::model_source`]; 2 (written now) appends that
-//! field. The new field is last and optional, and bincode encodes `None` as one 0 byte, so a
-//! format-1 body decodes as a format-2 body followed by that byte.
+//! Formats: 1 is the record without [`RunRecord::model_source`]; 2 appends that field; 3
+//! (written now) appends [`RunRecord::slurm_jobs`]. Each new field is last, and bincode encodes
+//! `None` and an empty list as one 0 byte each, so an older body decodes as a format-3 body
+//! followed by one 0 byte per missing field.
 
 use std::collections::BTreeMap;
 
@@ -18,9 +19,11 @@ use super::ids::{BlobHash, RunId, SpecHash};
 use super::spec::RunKind;
 
 /// The format byte in front of every encoded record.
-pub const RECORD_FORMAT: u8 = 2;
+pub const RECORD_FORMAT: u8 = 3;
 /// The format before [`RunRecord::model_source`] existed; still read.
 const RECORD_FORMAT_V1: u8 = 1;
+/// The format before [`RunRecord::slurm_jobs`] existed; still read.
+const RECORD_FORMAT_V2: u8 = 2;
 /// Largest encoded record the store writes or reads.
 pub const MAX_RECORD_BYTES: usize = 1 << 20;
 
@@ -171,6 +174,10 @@ pub struct RunRecord {
     /// for records written before mifo recorded it.
     #[serde(default)]
     pub model_source: Option<String>,
+    /// The Slurm job ids the run ran under, oldest first (a run resubmitted after a timeout or
+    /// a lost node has several); empty for a run the engine ran itself.
+    #[serde(default)]
+    pub slurm_jobs: Vec<String>,
 }
 
 impl RunRecord {
@@ -214,7 +221,12 @@ impl RunRecord {
         let body = match format {
             RECORD_FORMAT => body,
             RECORD_FORMAT_V1 => {
-                // The missing last field, `model_source: None`.
+                // The missing last fields, `model_source: None` and no Slurm jobs.
+                upgraded = [body, &[0u8, 0u8]].concat();
+                &upgraded[..]
+            }
+            RECORD_FORMAT_V2 => {
+                // The missing last field: no Slurm jobs.
                 upgraded = [body, &[0u8]].concat();
                 &upgraded[..]
             }
@@ -222,7 +234,7 @@ impl RunRecord {
                 return Err(StoreError::corrupt(
                     what,
                     format!(
-                        "unknown record format {format} (this mifo reads {RECORD_FORMAT_V1} and {RECORD_FORMAT})"
+                        "unknown record format {format} (this mifo reads {RECORD_FORMAT_V1} to {RECORD_FORMAT})"
                     ),
                 ))
             }
@@ -282,6 +294,7 @@ mod tests {
             rerun_of: None,
             rerun_identical: Some(true),
             model_source,
+            slurm_jobs: Vec::new(),
         }
     }
 
@@ -291,12 +304,21 @@ mod tests {
         let bytes = with.encode().unwrap();
         assert_eq!(bytes[0], RECORD_FORMAT);
         assert_eq!(RunRecord::decode(&bytes, "run").unwrap(), with);
-        // A format-1 record is the format-2 body without the trailing `None` byte.
+        // A format-2 record is the format-3 body without the trailing empty job list, a
+        // format-1 record also without the `None` before it.
         let without = record(None);
         let mut old = without.encode().unwrap();
         assert_eq!(old.pop(), Some(0));
+        old[0] = RECORD_FORMAT_V2;
+        assert_eq!(RunRecord::decode(&old, "run").unwrap(), without);
+        assert_eq!(old.pop(), Some(0));
         old[0] = RECORD_FORMAT_V1;
         assert_eq!(RunRecord::decode(&old, "run").unwrap(), without);
+        // Slurm job ids round-trip.
+        let mut jobs = record(None);
+        jobs.slurm_jobs = vec!["12".into(), "15".into()];
+        let bytes = jobs.encode().unwrap();
+        assert_eq!(RunRecord::decode(&bytes, "run").unwrap(), jobs);
         old[0] = 9;
         let err = RunRecord::decode(&old, "run").unwrap_err().to_string();
         assert!(err.contains("unknown record format 9"), "{err}");

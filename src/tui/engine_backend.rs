@@ -150,6 +150,12 @@ fn progress(st: &crate::engine::EngineStatus, id: &RunId) -> Option<RunProgress>
         .iter()
         .find(|(r, _, _)| r == id.as_str())
         .and_then(|(_, _, p)| p.as_ref())
+        .or_else(|| {
+            st.slurm
+                .iter()
+                .find(|j| j.run == id.as_str())
+                .and_then(|j| j.progress.as_ref())
+        })
         .map(|(step, total, phase)| RunProgress {
             step: *step,
             total: *total,
@@ -157,8 +163,8 @@ fn progress(st: &crate::engine::EngineStatus, id: &RunId) -> Option<RunProgress>
         })
 }
 
-/// The device a run holds (running), waits for (queued: `auto` or a name, shown `→NAME`) or
-/// ran on (its record), else `fallback`.
+/// The device a run holds (running), waits for (queued: `auto` or a name, shown `→NAME`),
+/// its Slurm job (`slurm:41`), or the device it ran on (its record), else `fallback`.
 fn device_of(
     st: &crate::engine::EngineStatus,
     id: &RunId,
@@ -170,6 +176,9 @@ fn device_of(
     }
     if let Some((_, want)) = st.waiting.iter().find(|(r, _)| r == id.as_str()) {
         return format!("→{want}");
+    }
+    if let Some(j) = st.slurm.iter().find(|j| j.run == id.as_str()) {
+        return format!("slurm:{}", j.job);
     }
     match record {
         Some(r) if !r.device.is_empty() => r.device.clone(),
@@ -436,6 +445,7 @@ impl Backend for EngineBackend {
             .iter()
             .map(|(r, _, _)| r)
             .chain(st.queue.iter())
+            .chain(st.slurm.iter().map(|j| &j.run))
             .filter(|r| !ours.contains(r));
         for (i, r) in others.enumerate() {
             let id: RunId = r.parse()?;
@@ -447,7 +457,9 @@ impl Backend for EngineBackend {
                     rec.map(|r| r.kind.as_str()).unwrap_or("run"),
                     rec.and_then(|r| r.scene.clone()).unwrap_or_default()
                 ),
-                state: if st.running_all.iter().any(|(x, _, _)| x == r) {
+                state: if st.running_all.iter().any(|(x, _, _)| x == r)
+                    || st.slurm.iter().any(|j| &j.run == r && j.state == "RUNNING")
+                {
                     JobState::Running
                 } else {
                     JobState::Queued

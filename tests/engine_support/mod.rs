@@ -32,6 +32,7 @@ pub fn serve_pool_in_thread(store: &Path, pool: PoolOptions) {
             EngineOptions {
                 idle_exit: Some(Duration::from_secs(30)),
                 pool,
+                slurm: None,
             },
         )
         .unwrap()
@@ -67,6 +68,7 @@ pub fn serve_with_idle_exit(store: &Path, idle: Duration) -> Receiver<bool> {
             EngineOptions {
                 idle_exit: Some(idle),
                 pool: PoolOptions::default(),
+                slurm: None,
             },
         );
         let _ = done_tx.send(r.is_ok());
