@@ -49,8 +49,9 @@ pub enum ModelCommand {
         /// `--revision` / `--model-config` for the model.
         #[command(flatten)]
         source: crate::cli::SourceArgs,
-        /// The reference tensors (`reference.safetensors`; `reference.json` must sit beside it).
-        reference: PathBuf,
+        /// The reference tensors (`reference.safetensors`; `reference.json` must sit beside it);
+        /// default: `reference.safetensors` in the model folder.
+        reference: Option<PathBuf>,
         /// Device: cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: String,
@@ -92,6 +93,14 @@ pub fn run(cmd: ModelCommand) -> anyhow::Result<()> {
             }
             enable_precision(if tf32 { "tf32" } else { "f32" });
             let model = crate::jobs::model_source(&source.flags(Some(model_dir)))?;
+            let reference = match reference {
+                Some(r) => r,
+                None if model.path.is_dir() => model.path.join("reference.safetensors"),
+                None => bail!(
+                    "mifo model verify: name the reference file (the model {} is not a folder)",
+                    model.path.display()
+                ),
+            };
             let checks = verify::verify_source(&model, &reference, &device)?;
             let failed = checks.iter().filter(|c| !c.ok).count();
             if json {

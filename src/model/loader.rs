@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use super::clip::{ClipConfig, ClipTextModel};
 use super::config::ConfigJson;
 use super::ddim::{Ddim, DdimConfig};
+use super::sdxl::XlText;
 use super::single_file::{Part, Plan};
 use super::source::ModelSource;
 use super::tokenizer::ClipTokenizer;
@@ -214,6 +215,8 @@ pub struct StableDiffusion {
     pub unet_weights: Rc<WeightFile>,
     /// The text encoder's weights (shared with `text_encoder`).
     pub text_encoder_weights: Rc<WeightFile>,
+    /// SDXL's second tokenizer and text encoder (`None` for SD 1.x / 2.x).
+    pub xl: Option<XlText>,
 }
 
 impl StableDiffusion {
@@ -275,11 +278,12 @@ impl StableDiffusion {
             dtype,
             unet_weights,
             text_encoder_weights,
+            xl: None,
         })
     }
 
     /// Like [`StableDiffusion::load`], with tensors named `unet.<name>` / `text_encoder.<name>`
-    /// replacing or adding weights (fine-tuned weights, LoRA adapters) over the folder's.
+    /// (/ `text_encoder_2.<name>` for SDXL) replacing or adding weights (fine-tuned weights, LoRA adapters) over the folder's.
     pub fn load_with(
         root: &Path,
         dtype: DType,
@@ -304,8 +308,24 @@ impl StableDiffusion {
             device,
             pick("text_encoder.")?,
         )?;
-        let (unet, unet_weights) =
-            UNet::load_dir(&component(root, "unet")?, dtype, device, pick("unet.")?)?;
+        // SDXL: the second encoder, and the UNet's config checked against both encoders before
+        // its weights are read.
+        let unet_dir = component(root, "unet")?;
+        let unet_config = UNetConfig::from_json(&ConfigJson::read(&unet_dir.join("config.json"))?)?;
+        let xl = if super::sdxl::is_xl(root)? {
+            let xl = XlText::load_dir(root, dtype, device, pick("text_encoder_2.")?)?;
+            xl.check_unet(&text_encoder, &unet_config)?;
+            Some(xl)
+        } else {
+            if unet_config.text_time.is_some() {
+                return Err(Error::file(
+                    root,
+                    "the UNet takes SDXL's added conditioning but the folder has no `text_encoder_2/`",
+                ));
+            }
+            None
+        };
+        let (unet, unet_weights) = UNet::load_dir(&unet_dir, dtype, device, pick("unet.")?)?;
         let (vae, _) = Vae::load_dir(
             &component(root, "vae")?,
             dtype,
@@ -316,7 +336,11 @@ impl StableDiffusion {
         Ok(Self {
             root: root.to_path_buf(),
             source: ModelSource::folder(root),
-            layout: "diffusers folder".into(),
+            layout: if xl.is_some() {
+                "diffusers folder (SDXL)".into()
+            } else {
+                "diffusers folder".into()
+            },
             tokenizer,
             text_encoder,
             unet,
@@ -326,6 +350,7 @@ impl StableDiffusion {
             dtype,
             unet_weights,
             text_encoder_weights,
+            xl,
         })
     }
 
@@ -377,6 +402,7 @@ impl StableDiffusion {
             dtype,
             unet_weights,
             text_encoder_weights,
+            xl: None,
         })
     }
 }

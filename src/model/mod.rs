@@ -1,7 +1,7 @@
 //! Stable Diffusion in candle, with attention hooks and exact gradients.
 //!
-//! Every component is built from its own `config.json`, so SD 1.x, SD 2.x and the tiny test
-//! models load with the same code. Gradients flow through every op (see [`nn`]).
+//! Every component is built from its own `config.json`, so SD 1.x, SD 2.x, SDXL and the tiny
+//! test models load with the same code. Gradients flow through every op (see [`nn`]).
 
 pub mod attention;
 pub mod blocks;
@@ -18,6 +18,7 @@ pub mod hooks;
 pub mod loader;
 pub mod nn;
 pub mod sample;
+pub mod sdxl;
 pub mod single_file;
 pub mod source;
 pub mod tokenizer;

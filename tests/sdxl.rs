@@ -1,0 +1,224 @@
+//! SDXL: parity with diffusers on the bundled tiny SDXL pipeline (`fixtures/tiny-sdxl`, made by
+//! diffusers with seeded random weights), the checks that catch a broken model, and the
+//! refusals of inconsistent SDXL folders.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::{DType, Device};
+use mifo::model::config::ConfigJson;
+use mifo::model::unet::UNetConfig;
+use mifo::model::StableDiffusion;
+use mifo::verify;
+use serde_json::json;
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tiny-sdxl")
+}
+
+fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        let to = dst.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to);
+        } else {
+            std::fs::copy(e.path(), &to).unwrap();
+        }
+    }
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("mifo-sdxl-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    copy_dir(&fixture(), &d);
+    d
+}
+
+fn failed(checks: &[verify::Check]) -> Vec<String> {
+    checks
+        .iter()
+        .filter(|c| !c.ok)
+        .map(|c| format!("{} rel {:.3e} {:?}", c.name, c.max_rel, c.note))
+        .collect()
+}
+
+/// Every tensor of the SDXL reference that mifo can compute matches diffusers / transformers:
+/// both tokenizers, both encoders, the pooled projection, the concatenated states, the UNet with
+/// the added conditioning, its attention maps, the VAE, the gradients to both encoders'
+/// placeholder rows and to the latent, and 5 guided DDIM steps with zeros for the empty negative
+/// prompt.
+#[test]
+fn tiny_sdxl_matches_diffusers() {
+    let dir = fixture();
+    let checks = verify::verify(&dir, &dir.join("reference.safetensors"), &Device::Cpu).unwrap();
+    let bad = failed(&checks);
+    assert!(bad.is_empty(), "tensors differ from diffusers: {bad:#?}");
+    let names: Vec<&str> = checks.iter().map(|c| c.name.as_str()).collect();
+    for must in [
+        "tokens.prompt_input_ids",
+        "tokens.prompt_input_ids_2",
+        "text.penultimate_hidden_state",
+        "text_2.penultimate_hidden_state",
+        "text_2.text_embeds",
+        "text.prompt_embeds",
+        "unet.time_ids",
+        "unet.eps",
+        "attn_probs.up_blocks.0.attentions.0.transformer_blocks.1.attn2",
+        "attn_probs.up_blocks.0.attentions.0.transformer_blocks.0.attn1",
+        "vae.encoder_mean",
+        "vae.decoder_output",
+        "grad_a.token_embedding_rows",
+        "grad_a.token_embedding_rows_2",
+        "grad_b.token_embedding_rows",
+        "grad_b.token_embedding_rows_2",
+        "grad_c2.latent",
+        "e2e.step_latents",
+        "e2e.image",
+    ] {
+        assert!(names.contains(&must), "{must} was not checked");
+    }
+    assert!(checks.len() >= 59, "only {} tensors checked", checks.len());
+}
+
+/// A 1% change to the second encoder's `text_projection` must fail the pooled embedding and
+/// everything downstream of it, while the first encoder still passes: the check is not vacuous.
+#[test]
+fn a_perturbed_text_projection_is_caught() {
+    let dir = scratch("proj");
+    let file = dir.join("text_encoder_2/model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&file, &Device::Cpu).unwrap();
+    let t = tensors.get("text_projection.weight").unwrap();
+    tensors.insert("text_projection.weight".into(), (t * 1.01).unwrap());
+    candle_core::safetensors::save(&tensors, &file).unwrap();
+    let checks =
+        verify::verify(&dir, &fixture().join("reference.safetensors"), &Device::Cpu).unwrap();
+    let bad = failed(&checks);
+    for must_fail in ["text_2.text_embeds", "e2e.step_latents"] {
+        assert!(
+            bad.iter().any(|f| f.starts_with(&format!("{must_fail} "))),
+            "{must_fail} not caught: {bad:?}"
+        );
+    }
+    assert!(!bad
+        .iter()
+        .any(|f| f.starts_with("text.penultimate_hidden_state ")));
+    assert!(!bad.iter().any(|f| f.starts_with("unet.eps ")));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `mifo model verify` finds `reference.safetensors` in the folder and prints one line per
+/// tensor.
+#[test]
+fn model_verify_cli_passes_on_tiny_sdxl() {
+    let out = Command::new(env!("CARGO_BIN_EXE_mifo"))
+        .args(["model", "verify", fixture().to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!stdout.contains("FAIL"));
+    assert!(stdout.lines().filter(|l| l.ends_with(" ok")).count() >= 59);
+}
+
+fn load_err(dir: &Path) -> String {
+    match StableDiffusion::load(dir, DType::F32, &Device::Cpu) {
+        Ok(_) => panic!("{} loaded", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// SDXL folders whose parts do not fit together are refused in one line naming what is wrong.
+#[test]
+fn inconsistent_sdxl_folders_are_refused() {
+    // No second encoder: the UNet's added conditioning has nothing to read.
+    let d = scratch("no-te2");
+    std::fs::remove_dir_all(d.join("text_encoder_2")).unwrap();
+    std::fs::remove_dir_all(d.join("tokenizer_2")).unwrap();
+    let index = d.join("model_index.json");
+    let text = std::fs::read_to_string(&index).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["text_encoder_2"] = json!([null, null]);
+    v["tokenizer_2"] = json!([null, null]);
+    std::fs::write(&index, v.to_string()).unwrap();
+    let e = load_err(&d);
+    assert!(e.contains("text_encoder_2"), "{e}");
+    assert_eq!(e.lines().count(), 1, "{e}");
+    let _ = std::fs::remove_dir_all(&d);
+
+    // A cross-attention width that is not the two encoders' widths together.
+    let d = scratch("width");
+    let p = d.join("unet/config.json");
+    let cfg = std::fs::read_to_string(&p).unwrap();
+    std::fs::write(
+        &p,
+        cfg.replace("\"cross_attention_dim\": 80", "\"cross_attention_dim\": 48"),
+    )
+    .unwrap();
+    let e = load_err(&d);
+    assert!(e.contains("cross_attention_dim"), "{e}");
+    let _ = std::fs::remove_dir_all(&d);
+
+    // A second encoder without a projection.
+    let d = scratch("noproj");
+    let p = d.join("text_encoder_2/config.json");
+    let cfg = std::fs::read_to_string(&p).unwrap();
+    std::fs::write(
+        &p,
+        cfg.replace("CLIPTextModelWithProjection", "CLIPTextModel"),
+    )
+    .unwrap();
+    let e = load_err(&d);
+    assert!(e.contains("CLIPTextModelWithProjection"), "{e}");
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+fn unet_config(extra: serde_json::Value) -> mifo::Result<UNetConfig> {
+    let mut v = json!({
+        "block_out_channels": [320, 640, 1280],
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "attention_head_dim": [5, 10, 20], "cross_attention_dim": 2048,
+        "transformer_layers_per_block": [1, 2, 10], "use_linear_projection": true,
+        "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+        "projection_class_embeddings_input_dim": 2816, "sample_size": 128
+    });
+    for (k, val) in extra.as_object().unwrap() {
+        v[k] = val.clone();
+    }
+    UNetConfig::from_json(&ConfigJson::from_value("unet/config.json", v)?)
+}
+
+/// SDXL base's UNet config: per-block transformer depths (1, 2, 10), no attention in the first
+/// down block, the text-time conditioning sizes; an integer depth applies to every block; other
+/// addition types are refused rather than ignored.
+#[test]
+fn sdxl_unet_configs_parse() {
+    let c = unet_config(json!({})).unwrap();
+    assert_eq!(c.transformer_layers, vec![1, 2, 10]);
+    assert_eq!(c.down_attn, vec![false, true, true]);
+    let tt = c.text_time.as_ref().unwrap();
+    assert_eq!((tt.time_embed_dim, tt.input_dim), (256, 2816));
+    // Down: 2×2 + 2×10 blocks, mid: 10, up: 3×2 + 3×10 (reversed depths); two calls each.
+    assert_eq!(
+        c.attention_calls(),
+        2 * (2 * 2 + 2 * 10 + 10 + 3 * 10 + 3 * 2)
+    );
+    let c = unet_config(json!({"transformer_layers_per_block": 2})).unwrap();
+    assert_eq!(c.transformer_layers, vec![2, 2, 2]);
+    let e = unet_config(json!({"addition_embed_type": "image"}))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("addition_embed_type"), "{e}");
+    let e = unet_config(json!({"addition_time_embed_dim": null}))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("addition_time_embed_dim"), "{e}");
+}
