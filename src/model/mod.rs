@@ -6,6 +6,7 @@
 pub mod attention;
 pub mod blocks;
 pub mod clip;
+pub mod conditioning;
 pub mod config;
 pub(crate) mod conv;
 pub(crate) mod cpu_conv;
@@ -28,6 +29,7 @@ pub mod weights;
 
 pub use attention::{AttentionHook, AttnCall, AttnKind};
 pub use clip::ClipTextModel;
+pub use conditioning::Conditioning;
 pub use ddim::Ddim;
 pub use loader::{Component, LoadOptions, ModelShape, StableDiffusion};
 pub use source::{ModelSource, SourceKind};
