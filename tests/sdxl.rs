@@ -350,3 +350,90 @@ fn box_controlled_synthesis_runs_on_sdxl() {
     let e = synth::validate(&narrow).unwrap_err().to_string();
     assert!(e.contains("80"), "{e}");
 }
+
+/// Learning on SDXL: each placeholder has a row in both encoders (side by side, 32 + 48), both
+/// halves are trained by phase A, phase B trains LoRA adapters on the UNet and both encoders,
+/// and the attention losses use SDXL's decoder levels.
+#[test]
+fn learning_trains_both_encoders_rows_and_lora() {
+    use mifo::learn::{self, LearnConfig, LearnRequest};
+    use mifo::sink::MemorySink;
+    let sd = StableDiffusion::load(&fixture(), DType::F32, &Device::Cpu).unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let files = learn::scene_files(&root.join("fixtures/scenes/coffee")).unwrap();
+    let size = (sd.unet.config().sample_size * sd.vae.config().factor()) as u32;
+    let scene = learn::load_scene(&files, size, false, mifo::imageio::ImageFit::Crop).unwrap();
+    let config = LearnConfig {
+        reward_steps: 2,
+        penalty_steps: 2,
+        dreambooth_steps: 2,
+        dreambooth: "lora".into(),
+        t_max_attn: 1000,
+        checkpoint_every: 0,
+        preview_steps: 2,
+        init: "dog,cat".into(),
+        ..LearnConfig::paper()
+    };
+    let mut sink = MemorySink::default();
+    learn::run(
+        LearnRequest {
+            sd: &sd,
+            scene: &scene,
+            config,
+            seed: 5,
+            resume: None,
+            class_images: Vec::new(),
+            measure_only: false,
+        },
+        &mut sink,
+    )
+    .unwrap();
+    assert!(
+        sink.logs
+            .iter()
+            .any(|l| l.contains("[\"up_blocks.0\", \"up_blocks.1\"]")),
+        "{:?}",
+        sink.logs
+    );
+    for a in ["embeddings", "lora", "preview.png", "attn/<v0>.png"] {
+        assert!(sink.artifacts.contains_key(a), "{a} missing");
+    }
+    let emb =
+        candle_core::safetensors::load_buffer(&sink.artifacts["embeddings"], &Device::Cpu).unwrap();
+    let v0 = &emb["<v0>"];
+    assert_eq!(v0.dims(), &[80]);
+    // Both halves moved away from their initial word ("dog") rows.
+    let dog = sd.tokenizer.encode("dog").unwrap()[1];
+    let init = candle_core::Tensor::cat(
+        &[
+            &sd.text_encoder.token_rows(&[dog]).unwrap(),
+            &sd.xl
+                .as_ref()
+                .unwrap()
+                .text_encoder_2
+                .token_rows(&[dog])
+                .unwrap(),
+        ],
+        1,
+    )
+    .unwrap()
+    .squeeze(0)
+    .unwrap();
+    let moved = (v0 - &init).unwrap().abs().unwrap();
+    for (start, len) in [(0, 32), (32, 48)] {
+        let m = moved.narrow(0, start, len).unwrap().max(0).unwrap();
+        assert!(
+            m.to_scalar::<f32>().unwrap() > 0.0,
+            "half at {start} not trained"
+        );
+    }
+    let lora =
+        candle_core::safetensors::load_buffer(&sink.artifacts["lora"], &Device::Cpu).unwrap();
+    for prefix in ["unet.", "text_encoder.", "text_encoder_2."] {
+        assert!(
+            lora.keys().any(|k| k.starts_with(prefix)),
+            "no {prefix} adapters: {:?}",
+            lora.keys().take(5).collect::<Vec<_>>()
+        );
+    }
+}
