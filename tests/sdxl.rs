@@ -437,3 +437,96 @@ fn learning_trains_both_encoders_rows_and_lora() {
         );
     }
 }
+
+/// `mifo bench --shape sdxl-base` times SDXL base 1.0's real shapes: its configs parse through
+/// the same readers as a folder (2.6B-parameter UNet layout, both encoders, the text-time sizes).
+#[test]
+fn the_sdxl_base_shape_has_sdxl_sizes() {
+    let shape = mifo::model::ModelShape::sdxl_base().unwrap();
+    assert_eq!(shape.unet.cross_attention_dim, 768 + 1280);
+    assert_eq!(shape.unet.transformer_layers, vec![1, 2, 10]);
+    assert_eq!(shape.unet.attention_calls(), 140);
+    let te2 = shape.text_encoder_2.as_ref().unwrap();
+    assert_eq!((te2.hidden_size, te2.projection_dim), (1280, Some(1280)));
+    let tt = shape.unet.text_time.as_ref().unwrap();
+    assert_eq!(tt.input_dim, 1280 + 6 * tt.time_embed_dim);
+    assert_eq!(shape.unet.sample_size * shape.vae.factor(), 1024);
+    assert!(mifo::model::ModelShape::sd21_base()
+        .unwrap()
+        .text_encoder_2
+        .is_none());
+}
+
+/// Learning's joined placeholder row ([N, h1 + h2], cut per encoder) gets diffusers' gradients:
+/// the masked loss of the reference through SDXL's prompt encoding gives `grad_a.token_embedding_rows`
+/// in its first 32 columns and `grad_a.token_embedding_rows_2` in the other 48.
+#[test]
+fn joined_rows_get_both_encoders_gradients() {
+    use candle_core::{Tensor, Var};
+    use mifo::model::conditioning::split_rows;
+    use mifo::model::nn::resize_nearest_hw;
+    use mifo::model::sdxl;
+    let sd = StableDiffusion::load(&fixture(), DType::F32, &Device::Cpu).unwrap();
+    let r = candle_core::safetensors::load(fixture().join("reference.safetensors"), &Device::Cpu)
+        .unwrap();
+    let ids = |n: &str| r[n].to_dtype(DType::U32).unwrap();
+    let rows = Var::from_tensor(
+        &Tensor::cat(
+            &[
+                &r["text.new_token_embeddings"],
+                &r["text_2.new_token_embeddings"],
+            ],
+            1,
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let (r1, r2) = split_rows(rows.as_tensor(), 32).unwrap();
+    let xl = sd.xl.as_ref().unwrap();
+    let p = sdxl::encode_with(
+        &sd.text_encoder,
+        &xl.text_encoder_2,
+        &ids("train.input_ids"),
+        Some(&r1),
+        &ids("train.input_ids_2"),
+        Some(&r2),
+    )
+    .unwrap();
+    let eps = sd
+        .unet
+        .forward_cond(
+            &r["train.noisy_latents"],
+            &r["train.timesteps"].to_dtype(DType::F32).unwrap(),
+            &p.context,
+            Some(&p.added(&r["train.time_ids"])),
+            None,
+        )
+        .unwrap();
+    let masks = &r["masks.image"];
+    let m = Tensor::cat(
+        &[
+            &masks.max_keepdim(0).unwrap(),
+            &masks.narrow(0, 0, 1).unwrap(),
+        ],
+        0,
+    )
+    .unwrap();
+    let m = resize_nearest_hw(&m, 16, 16).unwrap();
+    let d = (&eps - &r["train.noise"])
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .broadcast_mul(&m.unsqueeze(1).unwrap())
+        .unwrap();
+    let denom = 4.0 * m.sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+    let loss = (d.sum_all().unwrap() / denom).unwrap();
+    let g = loss.backward().unwrap();
+    let g = g.get(rows.as_tensor()).unwrap();
+    for (start, len, name) in [
+        (0, 32, "grad_a.token_embedding_rows"),
+        (32, 48, "grad_a.token_embedding_rows_2"),
+    ] {
+        let c = verify::compare(name, &g.narrow(1, start, len).unwrap(), &r[name], 1e-3);
+        assert!(c.ok, "{c:?}");
+    }
+}
