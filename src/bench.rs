@@ -437,11 +437,23 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&BenchRow)) -> Result<B
     let ids = Tensor::new(sd.tokenizer.encode("a photo of a cat and a dog")?, dev)?.unsqueeze(0)?;
     if wanted("text_encode") {
         probe.reset();
-        let ms = time_op(n, dev, || sd.text_encoder.forward(&ids, None).map(|_| ()))?;
+        let ms = if sd.is_xl() {
+            let px = (size as usize, size as usize);
+            time_op(n, dev, || {
+                sd.encode_prompt("a photo of a cat and a dog", None, px)
+                    .map(|_| ())
+            })?
+        } else {
+            time_op(n, dev, || sd.text_encoder.forward(&ids, None).map(|_| ()))?
+        };
         push(
             &mut rows,
             "text_encode",
-            "text encoding (1×77, frozen)".into(),
+            if sd.is_xl() {
+                "text encoding (1×77, both encoders, frozen)".into()
+            } else {
+                "text encoding (1×77, frozen)".into()
+            },
             &ms,
             String::new(),
         );
@@ -472,12 +484,16 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&BenchRow)) -> Result<B
         );
     }
     if wanted("unet_forward") {
-        let ctx = sd.text_encoder.forward(&ids, None)?;
-        let ctx2 = Tensor::cat(&[&ctx, &ctx], 0)?;
+        let cond = sd.encode_prompt(
+            "a photo of a cat and a dog",
+            None,
+            (size as usize, size as usize),
+        )?;
+        let ctx2 = crate::model::Conditioning::cat(&cond, &cond)?;
         let x2 = Tensor::cat(&[&latent, &latent], 0)?;
         let t = Tensor::new(&[500f32], dev)?.to_dtype(opts.dtype)?;
         probe.reset();
-        let ms = time_op(n, dev, || sd.unet.forward(&x2, &t, &ctx2).map(|_| ()))?;
+        let ms = time_op(n, dev, || sd.unet_forward(&x2, &t, &ctx2, None).map(|_| ()))?;
         push(
             &mut rows,
             "unet_forward",

@@ -19,21 +19,24 @@ Examples:
   mifo bench                                    # the bundled tiny model, CPU
   mifo bench --shape sd21-base --size 256 --iters 1   # SD 2.1-base shapes on a CPU box
   mifo bench --shape sd21-base --device cuda --iters 5 # SD 2.1-base at 512 on a GPU
+  mifo bench --shape sdxl-base --device cuda --iters 3 # SDXL base 1.0 at 1024 on a GPU
   python tools/bench_diffusers.py               # the same rows with diffusers/PyTorch")]
 pub struct BenchArgs {
     /// The model to time: a diffusers folder, a single-file checkpoint or a cached repo id
-    /// [default: the bundled fixtures/tiny-sd21]; with --shape only the folder's tokenizer and
-    /// scheduler are used.
+    /// [default: the bundled fixtures/tiny-sd21, for --shape sdxl-base fixtures/tiny-sdxl]; with
+    /// --shape only the folder's tokenizers and scheduler are used.
     #[arg(long, env = "MIFO_MODEL")]
     pub model: Option<PathBuf>,
     /// `--revision` / `--model-config` for --model.
     #[command(flatten)]
     pub source: crate::cli::SourceArgs,
     /// Time a known architecture with seeded random weights instead of the folder's weights:
-    /// `sd21-base` (Stable Diffusion 2.1-base: 865M-parameter UNet, OpenCLIP-H text encoder).
+    /// `sd21-base` (Stable Diffusion 2.1-base: 865M-parameter UNet, OpenCLIP-H text encoder) or
+    /// `sdxl-base` (SDXL base 1.0: 2.6B-parameter UNet, CLIP ViT-L and OpenCLIP bigG; the
+    /// tokenizers come from the bundled fixtures/tiny-sdxl unless --model names an SDXL folder).
     #[arg(long)]
     pub shape: Option<String>,
-    /// Image side in pixels for --shape [default: 512 on CUDA; 256 on CPU, where SD-sized
+    /// Image side in pixels for --shape [default: the shape's own (512 / 1024) on CUDA; 256 on CPU, where SD-sized
     /// backward passes at 512 need more memory than a typical workstation has].
     #[arg(long)]
     pub size: Option<u32>,
@@ -64,16 +67,23 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let device = parse_device(&args.device)?;
     let dtype = resolve_dtype(&args.dtype, &device)?;
     enable_precision(&args.dtype);
-    let model = match args.model.clone() {
-        Some(m) => crate::jobs::model_source(&args.source.flags(Some(m)))?,
-        None => crate::model::ModelSource::folder(
-            super::demo::fixtures_dir(None, "tiny-sd21")?.join("tiny-sd21"),
-        ),
-    };
     let shape = match args.shape.as_deref() {
         None => None,
         Some("sd21-base") => Some(ModelShape::sd21_base()?),
-        Some(other) => anyhow::bail!("--shape {other}: unknown (known: sd21-base)"),
+        Some("sdxl-base") => Some(ModelShape::sdxl_base()?),
+        Some(other) => anyhow::bail!("--shape {other}: unknown (known: sd21-base, sdxl-base)"),
+    };
+    // An SDXL shape takes both tokenizers from the bundled tiny SDXL folder.
+    let fixture = if shape.as_ref().is_some_and(|s| s.text_encoder_2.is_some()) {
+        "tiny-sdxl"
+    } else {
+        "tiny-sd21"
+    };
+    let model = match args.model.clone() {
+        Some(m) => crate::jobs::model_source(&args.source.flags(Some(m)))?,
+        None => crate::model::ModelSource::folder(
+            super::demo::fixtures_dir(None, fixture)?.join(fixture),
+        ),
     };
     let size = match (&shape, args.size) {
         (Some(_), None) if device.is_cpu() => Some(256),

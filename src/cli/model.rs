@@ -49,8 +49,9 @@ pub enum ModelCommand {
         /// `--revision` / `--model-config` for the model.
         #[command(flatten)]
         source: crate::cli::SourceArgs,
-        /// The reference tensors (`reference.safetensors`; `reference.json` must sit beside it).
-        reference: PathBuf,
+        /// The reference tensors (`reference.safetensors`; `reference.json` must sit beside it);
+        /// default: `reference.safetensors` in the model folder.
+        reference: Option<PathBuf>,
         /// Device: cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: String,
@@ -92,6 +93,14 @@ pub fn run(cmd: ModelCommand) -> anyhow::Result<()> {
             }
             enable_precision(if tf32 { "tf32" } else { "f32" });
             let model = crate::jobs::model_source(&source.flags(Some(model_dir)))?;
+            let reference = match reference {
+                Some(r) => r,
+                None if model.path.is_dir() => model.path.join("reference.safetensors"),
+                None => bail!(
+                    "mifo model verify: name the reference file (the model {} is not a folder)",
+                    model.path.display()
+                ),
+            };
             let checks = verify::verify_source(&model, &reference, &device)?;
             let failed = checks.iter().filter(|c| !c.ok).count();
             if json {
@@ -200,13 +209,11 @@ fn info(
     }
     let uc = sd.unet.config();
     let latent = Tensor::zeros((1, uc.in_channels, size / f, size / f), dtype, &device)?;
-    let ids = Tensor::new(sd.tokenizer.encode("")?, &device)?.unsqueeze(0)?;
-    let ctx = sd.text_encoder.forward(&ids, None)?;
+    let cond = sd.encode_prompt("", None, (size, size))?;
     let mut calls = ListCalls::default();
     let t = Tensor::new(&[500f32], &device)?;
     let start = std::time::Instant::now();
-    sd.unet
-        .forward_hooked(&latent, &t, &ctx, Some(&mut calls))?;
+    sd.unet_forward(&latent, &t, &cond, Some(&mut calls))?;
     let fwd_ms = start.elapsed().as_secs_f64() * 1e3;
     let te = sd.text_encoder.config();
     let sched = sd.scheduler.config();
@@ -246,6 +253,23 @@ fn info(
         sd.tokenizer.pad_id(),
         sd.tokenizer.max_len()
     );
+    if let Some(xl) = &sd.xl {
+        let te2 = xl.text_encoder_2.config();
+        println!(
+            "text enc. 2  {} layers, hidden {}, {} heads, {:?}, projection {} (pad id {}); empty negative prompt {}",
+            te2.num_layers,
+            te2.hidden_size,
+            te2.num_heads,
+            te2.activation,
+            te2.projection_dim.unwrap_or(0),
+            xl.tokenizer_2.pad_id(),
+            if xl.force_zeros_for_empty_prompt {
+                "= zeros"
+            } else {
+                "encoded"
+            }
+        );
+    }
     println!(
         "unet         channels {:?}, heads {:?}, layers/block {:?}, cross dim {}, {} projection",
         uc.block_out_channels,

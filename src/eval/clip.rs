@@ -27,14 +27,7 @@ use crate::model::nn::{Activation, LayerNorm, Linear};
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::weights::Scope;
 
-/// Where the text tower's pooled feature is read.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Pooling {
-    /// The position of the largest id (transformers' rule for `eos_token_id == 2`).
-    LargestId,
-    /// The first position holding this id.
-    FirstId(u32),
-}
+pub use crate::model::clip::Pooling;
 
 struct Vision {
     cfg: VitConfig,
@@ -116,11 +109,7 @@ impl ClipModel {
             false,
         )?;
         let tokenizer = ClipTokenizer::from_dir(dir)?;
-        let pooling = if eos == 2 {
-            Pooling::LargestId
-        } else {
-            Pooling::FirstId(eos as u32)
-        };
+        let pooling = Pooling::for_eos(eos);
         if let Pooling::FirstId(id) = pooling {
             if tokenizer.eos_id() != id {
                 return Err(Error::file(
@@ -170,16 +159,7 @@ impl ClipModel {
     /// including the pooling position.
     pub fn token_ids(&self, text: &str) -> Result<Vec<u32>> {
         let ids = self.tokenizer.encode(text)?;
-        let pos = match self.pooling {
-            Pooling::LargestId => {
-                let max = ids.iter().copied().max().unwrap_or(0);
-                ids.iter().position(|&i| i == max).unwrap_or(0)
-            }
-            Pooling::FirstId(eos) => ids
-                .iter()
-                .position(|&i| i == eos)
-                .unwrap_or(ids.len().saturating_sub(1)),
-        };
+        let pos = self.pooling.position(&ids);
         Ok(ids[..=pos].to_vec())
     }
 

@@ -131,6 +131,9 @@ fn build(
     let mut sd = StableDiffusion::load_source(&job.model, dtype, &device, overrides)?;
     if let Some(l) = &learned {
         sd.tokenizer = tokenizer_with_placeholders(&sd.tokenizer, l.rows.dim(0)?)?.0;
+        if let Some(xl) = &mut sd.xl {
+            xl.tokenizer_2 = tokenizer_with_placeholders(&xl.tokenizer_2, l.rows.dim(0)?)?.0;
+        }
     }
     Ok((sd, learned, boxes))
 }

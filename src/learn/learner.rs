@@ -23,9 +23,11 @@ use super::{
 use crate::error::{Error, Result};
 use crate::imageio::{heat_overlay, mask_to_tensor, png_bytes, rgb_to_tensor, tensor_to_rgb};
 use crate::model::clip::ClipTextModel;
+use crate::model::conditioning::{split_rows, Conditioning};
 use crate::model::hooks::ColumnRecorder;
 use crate::model::nn::{resize_bilinear, resize_nearest_hw};
 use crate::model::sample::{seeded_normal, Sampler};
+use crate::model::sdxl;
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::UNet;
 use crate::model::weights::WeightFile;
@@ -92,6 +94,8 @@ impl SceneTensors {
 /// The models phase B trains (or phase A's frozen ones).
 struct Models<'a> {
     text_encoder: ModelRef<'a, ClipTextModel>,
+    /// SDXL's second text encoder.
+    text_encoder_2: Option<ModelRef<'a, ClipTextModel>>,
     unet: ModelRef<'a, UNet>,
     /// Trainable weights of phase B with their prefixed names (`unet.…`, `text_encoder.…`).
     trained: Vec<(String, Var)>,
@@ -100,6 +104,52 @@ struct Models<'a> {
 enum ModelRef<'a, T> {
     Base(&'a T),
     Owned(T),
+}
+
+impl Models<'_> {
+    /// The UNet's conditioning for prompt ids [B, L] (`ids_2`: SDXL's second tokenizer's) with
+    /// the placeholder `rows` ([N, hidden], for SDXL [N, h1 + h2]); SDXL's time ids are those of
+    /// an image of `size` pixels. For SD this is the text encoder's output, as before.
+    fn encode(
+        &self,
+        ids: &Tensor,
+        ids_2: Option<&Tensor>,
+        rows: Option<&Tensor>,
+        size: (usize, usize),
+    ) -> Result<Conditioning> {
+        match (&self.text_encoder_2, ids_2) {
+            (Some(te2), Some(ids_2)) => {
+                let (r1, r2) = match rows {
+                    Some(r) => {
+                        let h1 = self.text_encoder.config().hidden_size;
+                        let (a, b) = split_rows(r, h1)?;
+                        (Some(a), Some(b))
+                    }
+                    None => (None, None),
+                };
+                let p = sdxl::encode_with(
+                    &self.text_encoder,
+                    te2,
+                    ids,
+                    r1.as_ref(),
+                    ids_2,
+                    r2.as_ref(),
+                )?;
+                let time_ids = sdxl::time_ids(size, (0, 0), size, ids.dim(0)?, ids.device())?;
+                Ok(Conditioning {
+                    added: Some(p.added(&time_ids)),
+                    context: p.context,
+                })
+            }
+            (None, _) => Ok(Conditioning {
+                context: self.text_encoder.forward(ids, rows)?,
+                added: None,
+            }),
+            (Some(_), None) => Err(Error::Input(
+                "SDXL learning: the second tokenizer's ids are missing".into(),
+            )),
+        }
+    }
 }
 
 impl<T> std::ops::Deref for ModelRef<'_, T> {
@@ -151,6 +201,14 @@ fn trainable_models<'a>(
     )?;
     let te_w = derive(&sd.text_encoder_weights, "text_encoder.");
     let te = ClipTextModel::load(sd.text_encoder.config().clone(), te_w.clone(), &sd.device)?;
+    let te2 = match &sd.xl {
+        Some(xl) => {
+            let w = derive(&xl.text_encoder_2_weights, "text_encoder_2.");
+            let m = ClipTextModel::load(xl.text_encoder_2.config().clone(), w.clone(), &sd.device)?;
+            Some((m, w))
+        }
+        None => None,
+    };
     let mut trained: Vec<(String, Var)> = unet_w
         .vars()
         .into_iter()
@@ -162,8 +220,17 @@ fn trainable_models<'a>(
             .filter(|(n, _)| !n.ends_with("token_embedding.weight"))
             .map(|(n, v)| (format!("text_encoder.{n}"), v)),
     );
+    if let Some((_, w)) = &te2 {
+        trained.extend(
+            w.vars()
+                .into_iter()
+                .filter(|(n, _)| !n.ends_with("token_embedding.weight"))
+                .map(|(n, v)| (format!("text_encoder_2.{n}"), v)),
+        );
+    }
     Ok(Models {
         text_encoder: ModelRef::Owned(te),
+        text_encoder_2: te2.map(|(m, _)| ModelRef::Owned(m)),
         unet: ModelRef::Owned(unet),
         trained,
     })
@@ -189,7 +256,11 @@ fn phase_a_lr(cfg: &LearnConfig, step: u64) -> f64 {
 /// Initial placeholder rows [N, hidden] per `config.init`.
 fn init_rows(sd: &StableDiffusion, n: usize, init: &str) -> Result<Tensor> {
     if init == "mean" {
-        let mean = sd.text_encoder.mean_token_row()?;
+        let mut mean = sd.text_encoder.mean_token_row()?;
+        if let Some(xl) = &sd.xl {
+            // SDXL: each encoder's own mean, side by side.
+            mean = Tensor::cat(&[&mean, &xl.text_encoder_2.mean_token_row()?], 0)?;
+        }
         return Ok(mean.unsqueeze(0)?.repeat((n, 1))?);
     }
     let words: Vec<&str> = init.split(',').map(str::trim).collect();
@@ -209,7 +280,34 @@ fn init_rows(sd: &StableDiffusion, n: usize, init: &str) -> Result<Tensor> {
             .ok_or_else(|| Error::Input(format!("learn.init: `{w}` has no tokens")))?;
         ids.push(id);
     }
-    Ok(sd.text_encoder.token_rows(&ids)?.contiguous()?)
+    let rows = sd.text_encoder.token_rows(&ids)?;
+    Ok(match &sd.xl {
+        // SDXL: the word's row in each encoder (the tokenizers share the vocabulary), side by
+        // side.
+        Some(xl) => Tensor::cat(&[&rows, &xl.text_encoder_2.token_rows(&ids)?], 1)?,
+        None => rows,
+    }
+    .contiguous()?)
+}
+
+/// SDXL: `text` by the second tokenizer (with `placeholders` `<v0>…` added), [1, L]; `None`
+/// for SD.
+fn ids_2_of(sd: &StableDiffusion, text: &str, placeholders: usize) -> Result<Option<Tensor>> {
+    match &sd.xl {
+        Some(xl) => {
+            let tok = tokenizer_with_placeholders(&xl.tokenizer_2, placeholders)?.0;
+            Ok(Some(
+                Tensor::new(tok.encode(text)?, &sd.device)?.unsqueeze(0)?,
+            ))
+        }
+        None => Ok(None),
+    }
+}
+
+/// The image size in pixels of the model's default latent (SDXL's time ids).
+fn pixel_size(sd: &StableDiffusion) -> (usize, usize) {
+    let s = sd.unet.config().sample_size;
+    sd.image_size((s, s))
 }
 
 /// Prior-preservation data: class images (as tensors), their prompt's ids, cached latents.
@@ -217,6 +315,8 @@ struct ClassData {
     images: Vec<Tensor>,
     latents: Vec<Option<(Tensor, Tensor)>>,
     ids: Tensor,
+    /// SDXL: the class prompt's ids by the second tokenizer.
+    ids_2: Option<Tensor>,
 }
 
 /// Makes sure `count` class images exist (reusing `given`, generating the rest with the base
@@ -261,24 +361,37 @@ fn class_data(
                     dev,
                 )?
                 .to_dtype(sd.dtype)?;
-                let t = sampler.generate(
-                    &ids,
-                    uncond_ids,
-                    None,
-                    &latent,
-                    cfg.class_image_steps as usize,
-                    7.5,
-                )?;
+                let t = if sd.is_xl() {
+                    let px = sd.image_size((size, size));
+                    sampler.generate_cond(
+                        &sd.encode_prompt(&cfg.class_prompt, None, px)?,
+                        &sd.encode_negative("", None, px)?,
+                        &latent,
+                        cfg.class_image_steps as usize,
+                        7.5,
+                    )?
+                } else {
+                    sampler.generate(
+                        &ids,
+                        uncond_ids,
+                        None,
+                        &latent,
+                        cfg.class_image_steps as usize,
+                        7.5,
+                    )?
+                };
                 tensor_to_rgb(&t)?
             }
         };
         sink.artifact(&format!("class/{i}.png"), png_bytes(&img)?)?;
         images.push(rgb_to_tensor(&img, dev)?);
     }
+    let ids_2 = ids_2_of(sd, &cfg.class_prompt, 0)?;
     Ok(ClassData {
         latents: vec![None; images.len()],
         images,
         ids,
+        ids_2,
     })
 }
 
@@ -295,6 +408,8 @@ struct Draw {
     t: usize,
     /// The prompt's token ids [1, 77].
     ids: Tensor,
+    /// SDXL: the prompt's ids by the second tokenizer.
+    ids_2: Option<Tensor>,
     /// The position of each `<vj>` of Λ in the prompt.
     positions: Vec<usize>,
 }
@@ -309,6 +424,8 @@ struct ClassSample {
     target: Tensor,
     /// The class prompt's ids.
     ids: Tensor,
+    /// SDXL: by the second tokenizer.
+    ids_2: Option<Tensor>,
 }
 
 /// The UNet's prediction for a step and the attention it recorded.
@@ -360,6 +477,9 @@ fn phase_at(cfg: &LearnConfig, step: u64) -> Phase {
     }
 }
 
+/// A training prompt's ids (and SDXL's second tokenizer's) and each placeholder's position.
+type PromptIds = (Tensor, Option<Tensor>, Vec<usize>);
+
 /// One learning run in progress.
 pub(super) struct Learner<'a> {
     sd: &'a StableDiffusion,
@@ -387,7 +507,7 @@ pub(super) struct Learner<'a> {
     in_phase_b: bool,
     class: Option<ClassData>,
     /// Prompt ids and token positions per subset Λ.
-    prompt_cache: HashMap<Vec<usize>, (Tensor, Vec<usize>)>,
+    prompt_cache: HashMap<Vec<usize>, PromptIds>,
     report: LearnReport,
 }
 
@@ -444,6 +564,7 @@ impl<'a> Learner<'a> {
             opt,
             models: Models {
                 text_encoder: ModelRef::Base(&sd.text_encoder),
+                text_encoder_2: sd.xl.as_ref().map(|x| ModelRef::Base(&x.text_encoder_2)),
                 unet: ModelRef::Base(&sd.unet),
                 trained: Vec::new(),
             },
@@ -549,19 +670,20 @@ impl<'a> Learner<'a> {
         let subset = draw_subset(&mut rng, n, self.cfg.subsets == "all");
         let flipped = rng.random::<f64>() < self.cfg.flip_p;
         let t = rng.random_range(0..self.sd.scheduler.config().train_steps);
-        let (ids, positions) = self.prompt(&subset)?;
+        let (ids, ids_2, positions) = self.prompt(&subset)?;
         Ok(Draw {
             rng,
             subset,
             flipped,
             t,
             ids,
+            ids_2,
             positions,
         })
     }
 
     /// `a photo of <vj1> and <vj2> …` over `subset`: its ids and each token's position.
-    fn prompt(&mut self, subset: &[usize]) -> Result<(Tensor, Vec<usize>)> {
+    fn prompt(&mut self, subset: &[usize]) -> Result<PromptIds> {
         if let Some(v) = self.prompt_cache.get(subset) {
             return Ok(v.clone());
         }
@@ -584,9 +706,10 @@ impl<'a> Learner<'a> {
             })
             .collect::<Result<Vec<_>>>()?;
         let ids = Tensor::new(enc, &self.sd.device)?.unsqueeze(0)?;
-        self.prompt_cache
-            .insert(subset.to_vec(), (ids.clone(), positions.clone()));
-        Ok((ids, positions))
+        let ids_2 = ids_2_of(self.sd, &prompt, names.len())?;
+        let v = (ids, ids_2, positions);
+        self.prompt_cache.insert(subset.to_vec(), v.clone());
+        Ok(v)
     }
 
     /// The noisy latent z_t of the (possibly flipped) image at the drawn t, and the UNet's
@@ -635,6 +758,7 @@ impl<'a> Learner<'a> {
             t: t_cls,
             target: ctarget,
             ids: cd.ids.clone(),
+            ids_2: cd.ids_2.clone(),
         }))
     }
 
@@ -657,14 +781,18 @@ impl<'a> Learner<'a> {
         class_sample: Option<&ClassSample>,
     ) -> Result<Forward> {
         let models = &self.models;
-        let mut ehs = models
-            .text_encoder
-            .forward(&draw.ids, Some(self.rows.as_tensor()))?;
+        let size = pixel_size(self.sd);
+        let mut cond = models.encode(
+            &draw.ids,
+            draw.ids_2.as_ref(),
+            Some(self.rows.as_tensor()),
+            size,
+        )?;
         let mut zt_in = zt.clone();
         let mut t_in = vec![draw.t as f32];
         if let Some(c) = class_sample {
-            let cehs = models.text_encoder.forward(&c.ids, None)?;
-            ehs = Tensor::cat(&[&ehs, &cehs], 0)?;
+            let ccond = models.encode(&c.ids, c.ids_2.as_ref(), None, size)?;
+            cond = Conditioning::cat(&cond, &ccond)?;
             zt_in = Tensor::cat(&[zt, &c.zt], 0)?;
             t_in.push(c.t as f32);
         }
@@ -674,9 +802,13 @@ impl<'a> Learner<'a> {
         recorded.extend(self.loss_layers(phase).iter().cloned());
         let mut attention = ColumnRecorder::new(&recorded, &draw.positions);
         let tt = Tensor::new(t_in, &self.sd.device)?;
-        let eps = models
-            .unet
-            .forward_hooked(&zt_in, &tt, &ehs, Some(&mut attention))?;
+        let eps = models.unet.forward_cond(
+            &zt_in,
+            &tt,
+            &cond.context,
+            cond.added.as_ref(),
+            Some(&mut attention),
+        )?;
         Ok(Forward { eps, attention })
     }
 
@@ -954,6 +1086,17 @@ impl<'a> Learner<'a> {
         let mut meta = BTreeMap::new();
         meta.insert("format".into(), "mifo-embeddings-1".into());
         meta.insert("tokens".into(), token_names.join(","));
+        if let Some(xl) = &sd.xl {
+            // SDXL: each row is both encoders' rows side by side.
+            meta.insert(
+                "encoder_widths".into(),
+                format!(
+                    "{},{}",
+                    sd.text_encoder.config().hidden_size,
+                    xl.text_encoder_2.config().hidden_size
+                ),
+            );
+        }
         sink.artifact("embeddings", safetensors_bytes(&emb, meta)?)?;
         if !models.trained.is_empty() {
             let w: HashMap<String, Tensor> = models
@@ -997,7 +1140,8 @@ impl<'a> Learner<'a> {
         let t_map = (sd.scheduler.config().train_steps / 5).min(cfg.t_max_attn as usize);
         let noise = seeded_normal(z0.dims(), seed ^ 0x5EED, dev)?.to_dtype(z0.dtype())?;
         let zt = sd.scheduler.add_noise(&z0, &noise, &[t_map])?;
-        let ehs = models.text_encoder.forward(&ids, Some(rows.as_tensor()))?;
+        let ids_2 = ids_2_of(sd, &prompt, token_names.len())?;
+        let cond = models.encode(&ids, ids_2.as_ref(), Some(rows.as_tensor()), pixel_size(sd))?;
         let layers = if cfg.attn_layers.is_empty() {
             vec!["up_blocks".to_string()]
         } else {
@@ -1005,7 +1149,9 @@ impl<'a> Learner<'a> {
         };
         let mut rec = ColumnRecorder::new(&layers, &positions);
         let tt = Tensor::new(&[t_map as f32], dev)?;
-        models.unet.forward_hooked(&zt, &tt, &ehs, Some(&mut rec))?;
+        models
+            .unet
+            .forward_cond(&zt, &tt, &cond.context, cond.added.as_ref(), Some(&mut rec))?;
         let base = tensor_to_rgb(&((scene.images[0].get(0)? + 1.0)? / 2.0)?)?;
         for (j, name) in token_names.iter().enumerate() {
             let mut acc: Option<Tensor> = None;
@@ -1036,14 +1182,47 @@ impl<'a> Learner<'a> {
                 vae: &sd.vae,
                 scheduler: &sd.scheduler,
             };
-            let img = sampler.generate(
-                &ids,
-                uncond_ids,
-                Some(rows.as_tensor()),
-                &latent,
-                cfg.preview_steps as usize,
-                cfg.preview_guidance,
-            )?;
+            let img = if sd.is_xl() {
+                let px = pixel_size(sd);
+                let uncond = if sd
+                    .xl
+                    .as_ref()
+                    .is_some_and(|x| x.force_zeros_for_empty_prompt)
+                {
+                    let z = cond.detach();
+                    Conditioning {
+                        context: z.context.zeros_like()?,
+                        added: z
+                            .added
+                            .map(|a| -> Result<_> {
+                                Ok(crate::model::unet::AddedCond {
+                                    text_embeds: a.text_embeds.zeros_like()?,
+                                    time_ids: a.time_ids,
+                                })
+                            })
+                            .transpose()?,
+                    }
+                } else {
+                    let empty_2 = ids_2_of(sd, "", 0)?;
+                    models.encode(uncond_ids, empty_2.as_ref(), None, px)?
+                };
+                sampler.generate_cond(
+                    &cond,
+                    &uncond,
+                    &latent,
+                    cfg.preview_steps as usize,
+                    cfg.preview_guidance,
+                )?
+            } else {
+                sampler.generate(
+                    &ids,
+                    uncond_ids,
+                    Some(rows.as_tensor()),
+                    &latent,
+                    cfg.preview_steps as usize,
+                    cfg.preview_guidance,
+                )?
+            };
             sink.artifact("preview.png", png_bytes(&tensor_to_rgb(&img)?)?)?;
         }
         Ok(())

@@ -152,6 +152,38 @@ pub struct LearnReport {
     pub seconds: f64,
 }
 
+/// On SDXL, the default layer lists (written for SD 2.1, where they name its attended decoder
+/// levels at 16² and 32² latents, and the 16² encoder and decoder levels for phase B's penalty)
+/// are mapped to the same structural levels of this UNet: the first two decoder levels with
+/// attention (`up_blocks.0`, `up_blocks.1`: 32² and 64² latents at 1024 px in SDXL base) for the
+/// attention losses, the lowest-resolution encoder level with attention and the first decoder
+/// level with attention (`down_blocks.2`, `up_blocks.0`: 32²) for the penalty. Lists the user
+/// set are kept. Returns whether anything changed.
+pub fn xl_layer_defaults(config: &mut LearnConfig, unet: &crate::model::unet::UNetConfig) -> bool {
+    let defaults = LearnConfig::paper();
+    let ups: Vec<usize> = (0..unet.up_attn.len())
+        .filter(|&i| unet.up_attn[i])
+        .collect();
+    let last_down = (0..unet.down_attn.len()).rev().find(|&i| unet.down_attn[i]);
+    let mut changed = false;
+    if config.attn_layers == defaults.attn_layers && !ups.is_empty() {
+        config.attn_layers = ups
+            .iter()
+            .take(2)
+            .map(|i| format!("up_blocks.{i}"))
+            .collect();
+        changed = true;
+    }
+    if config.dreambooth_penalty_layers == defaults.dreambooth_penalty_layers {
+        if let (Some(d), Some(u)) = (last_down, ups.first()) {
+            config.dreambooth_penalty_layers =
+                vec![format!("down_blocks.{d}"), format!("up_blocks.{u}")];
+            changed = true;
+        }
+    }
+    changed
+}
+
 /// The tokenizer with `<v0>…<vN-1>` added, and their ids.
 pub fn tokenizer_with_placeholders(
     base: &ClipTokenizer,
@@ -171,10 +203,16 @@ pub fn tokenizer_with_placeholders(
 pub fn run(req: LearnRequest, sink: &mut dyn RunSink) -> Result<LearnReport> {
     let started = Instant::now();
     // The method's phases and losses: the learner reads the keys of what runs.
-    let req = LearnRequest {
+    let mut req = LearnRequest {
         config: req.config.effective(),
         ..req
     };
+    if req.sd.is_xl() && xl_layer_defaults(&mut req.config, req.sd.unet.config()) {
+        sink.log(&format!(
+            "SDXL: attention-loss layers {:?}, phase B penalty layers {:?}",
+            req.config.attn_layers, req.config.dreambooth_penalty_layers
+        ))?;
+    }
     let mut report = Learner::new(&req, sink)?.run(sink)?;
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)

@@ -4,6 +4,9 @@
 //! Ids below the base vocabulary size read the frozen table; ids `base + i` read row `i` of the
 //! placeholder tensor. The table is never copied or concatenated, and because it is a plain
 //! tensor an optimiser (and its weight decay) cannot touch it.
+//!
+//! A `CLIPTextModelWithProjection` (SDXL's second encoder) also carries `text_projection`, applied
+//! to the pooled state: the final-norm row at the end-of-text position.
 
 use std::path::Path;
 use std::rc::Rc;
@@ -35,6 +38,45 @@ pub struct ClipConfig {
     pub activation: Activation,
     /// LayerNorm epsilon.
     pub layer_norm_eps: f64,
+    /// Where the pooled state is read (from `eos_token_id`, as transformers does).
+    pub pooling: Pooling,
+    /// Width of `text_projection` for a `CLIPTextModelWithProjection` (from `projection_dim`
+    /// when `architectures` names that class), `None` for a plain `CLIPTextModel`.
+    pub projection_dim: Option<usize>,
+}
+
+/// Where a CLIP text tower's pooled feature is read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pooling {
+    /// The position of the largest id (transformers' rule for `eos_token_id == 2`).
+    LargestId,
+    /// The first position holding this id.
+    FirstId(u32),
+}
+
+impl Pooling {
+    /// The rule transformers applies for the config's `eos_token_id`.
+    pub fn for_eos(eos_token_id: u64) -> Self {
+        if eos_token_id == 2 {
+            Self::LargestId
+        } else {
+            Self::FirstId(eos_token_id as u32)
+        }
+    }
+
+    /// The pooled position in one row of ids (the last position when the id is absent).
+    pub fn position(self, ids: &[u32]) -> usize {
+        match self {
+            Self::LargestId => {
+                let max = ids.iter().copied().max().unwrap_or(0);
+                ids.iter().position(|&i| i == max).unwrap_or(0)
+            }
+            Self::FirstId(eos) => ids
+                .iter()
+                .position(|&i| i == eos)
+                .unwrap_or(ids.len().saturating_sub(1)),
+        }
+    }
 }
 
 impl ClipConfig {
@@ -48,6 +90,10 @@ impl ClipConfig {
             )
         })?;
         c.require_one_of("model_type", &[json!("clip_text_model")])?;
+        let with_projection = c
+            .str_list("architectures")
+            .map(|a| a.iter().any(|n| n == "CLIPTextModelWithProjection"))
+            .unwrap_or(false);
         let cfg = Self {
             vocab_size: c.usize_or("vocab_size", 49408)?,
             hidden_size: c.usize_or("hidden_size", 512)?,
@@ -57,6 +103,12 @@ impl ClipConfig {
             max_positions: c.usize_or("max_position_embeddings", 77)?,
             activation,
             layer_norm_eps: c.f64_or("layer_norm_eps", 1e-5)?,
+            pooling: Pooling::for_eos(c.usize_or("eos_token_id", 49407)? as u64),
+            projection_dim: if with_projection {
+                Some(c.usize_or("projection_dim", 512)?)
+            } else {
+                None
+            },
         };
         if cfg.num_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_heads) {
             return Err(Error::file(
@@ -108,7 +160,18 @@ pub struct ClipTextModel {
     positions: Tensor,
     layers: Vec<EncoderLayer>,
     final_ln: LayerNorm,
+    projection: Option<Linear>,
     device: Device,
+}
+
+/// The hidden states of a text forward that SDXL reads.
+#[derive(Clone, Debug)]
+pub struct TextStates {
+    /// The output of the second-to-last layer, before the final norm (transformers'
+    /// `hidden_states[-2]`), [B, L, hidden].
+    pub penultimate: Tensor,
+    /// The last hidden state after the final norm, [B, L, hidden].
+    pub last: Tensor,
 }
 
 impl ClipTextModel {
@@ -166,12 +229,23 @@ impl ClipTextModel {
             });
         }
         let final_ln = LayerNorm::load(&s.pp("final_layer_norm"), d, eps)?;
+        // `text_projection` sits beside `text_model`, at the file's root.
+        let projection = match config.projection_dim {
+            Some(p) => Some(Linear::load(
+                &Scope::root(weights).pp("text_projection"),
+                d,
+                p,
+                false,
+            )?),
+            None => None,
+        };
         Ok(Self {
             config,
             token_table,
             positions,
             layers,
             final_ln,
+            projection,
             device: device.clone(),
         })
     }
@@ -236,6 +310,59 @@ impl ClipTextModel {
 
     /// The transformer on token embeddings [B, L, hidden] (positions are added here).
     pub fn forward_embeds(&self, token_embeds: &Tensor) -> Result<Tensor> {
+        let (_, last) = self.run_layers(token_embeds, false)?;
+        self.final_ln.forward(&last)
+    }
+
+    /// The penultimate and the final-norm last hidden states for token ids [B, L] (`extra` as in
+    /// [`ClipTextModel::forward`]).
+    pub fn forward_states(&self, ids: &Tensor, extra: Option<&Tensor>) -> Result<TextStates> {
+        let emb = self.embed_tokens(ids, extra)?;
+        let (penultimate, last) = self.run_layers(&emb, true)?;
+        let penultimate = penultimate.ok_or_else(|| {
+            Error::Input("the text encoder has no layers: no penultimate hidden state".into())
+        })?;
+        Ok(TextStates {
+            penultimate,
+            last: self.final_ln.forward(&last)?,
+        })
+    }
+
+    /// The pooled state [B, hidden]: the row of `last` [B, L, hidden] at each row's end-of-text
+    /// position in `ids` [B, L] (the config's pooling rule).
+    pub fn pooled(&self, last: &Tensor, ids: &Tensor) -> Result<Tensor> {
+        let rows: Vec<Vec<u32>> = ids.to_dtype(DType::U32)?.to_vec2()?;
+        let picked = rows
+            .iter()
+            .enumerate()
+            .map(|(b, r)| {
+                let pos = self.config.pooling.position(r);
+                Ok(last.get(b)?.narrow(0, pos, 1)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&picked, 0)?)
+    }
+
+    /// `text_projection` of the pooled state [B, projection_dim] (SDXL's `text_embeds`); an
+    /// error for a text encoder without a projection.
+    pub fn text_embeds(&self, last: &Tensor, ids: &Tensor) -> Result<Tensor> {
+        let proj = self.projection.as_ref().ok_or_else(|| {
+            Error::Input(
+                "this text encoder has no text_projection (not a CLIPTextModelWithProjection)"
+                    .into(),
+            )
+        })?;
+        proj.forward(&self.pooled(last, ids)?)
+    }
+
+    /// Runs every layer on `token_embeds`; returns the input of the last layer when
+    /// `keep_penultimate` (and there is a layer), and the last layer's output before the final
+    /// norm.
+    fn run_layers(
+        &self,
+        token_embeds: &Tensor,
+        keep_penultimate: bool,
+    ) -> Result<(Option<Tensor>, Tensor)> {
         let (b, l, d) = token_embeds.dims3()?;
         if l > self.config.max_positions {
             return Err(Error::Input(format!(
@@ -254,7 +381,12 @@ impl ClipTextModel {
                 .transpose(1, 2)?
                 .contiguous()?)
         };
-        for layer in &self.layers {
+        let mut penultimate = None;
+        let n = self.layers.len();
+        for (i, layer) in self.layers.iter().enumerate() {
+            if keep_penultimate && i + 1 == n {
+                penultimate = Some(h.clone());
+            }
             let x = layer.ln1.forward(&h)?;
             let q = split((layer.q.forward(&x)? * scale)?)?;
             let k = split(layer.k.forward(&x)?)?;
@@ -269,7 +401,7 @@ impl ClipTextModel {
                 .forward(&self.config.activation.forward(&layer.fc1.forward(&x)?)?)?;
             h = (h + m)?;
         }
-        self.final_ln.forward(&h)
+        Ok((penultimate, h))
     }
 }
 

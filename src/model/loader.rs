@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use super::clip::{ClipConfig, ClipTextModel};
 use super::config::ConfigJson;
 use super::ddim::{Ddim, DdimConfig};
+use super::sdxl::XlText;
 use super::single_file::{Part, Plan};
 use super::source::ModelSource;
 use super::tokenizer::ClipTokenizer;
@@ -214,6 +215,8 @@ pub struct StableDiffusion {
     pub unet_weights: Rc<WeightFile>,
     /// The text encoder's weights (shared with `text_encoder`).
     pub text_encoder_weights: Rc<WeightFile>,
+    /// SDXL's second tokenizer and text encoder (`None` for SD 1.x / 2.x).
+    pub xl: Option<XlText>,
 }
 
 impl StableDiffusion {
@@ -275,11 +278,12 @@ impl StableDiffusion {
             dtype,
             unet_weights,
             text_encoder_weights,
+            xl: None,
         })
     }
 
     /// Like [`StableDiffusion::load`], with tensors named `unet.<name>` / `text_encoder.<name>`
-    /// replacing or adding weights (fine-tuned weights, LoRA adapters) over the folder's.
+    /// (/ `text_encoder_2.<name>` for SDXL) replacing or adding weights (fine-tuned weights, LoRA adapters) over the folder's.
     pub fn load_with(
         root: &Path,
         dtype: DType,
@@ -304,8 +308,24 @@ impl StableDiffusion {
             device,
             pick("text_encoder.")?,
         )?;
-        let (unet, unet_weights) =
-            UNet::load_dir(&component(root, "unet")?, dtype, device, pick("unet.")?)?;
+        // SDXL: the second encoder, and the UNet's config checked against both encoders before
+        // its weights are read.
+        let unet_dir = component(root, "unet")?;
+        let unet_config = UNetConfig::from_json(&ConfigJson::read(&unet_dir.join("config.json"))?)?;
+        let xl = if super::sdxl::is_xl(root)? {
+            let xl = XlText::load_dir(root, dtype, device, pick("text_encoder_2.")?)?;
+            xl.check_unet(&text_encoder, &unet_config)?;
+            Some(xl)
+        } else {
+            if unet_config.text_time.is_some() {
+                return Err(Error::file(
+                    root,
+                    "the UNet takes SDXL's added conditioning but the folder has no `text_encoder_2/`",
+                ));
+            }
+            None
+        };
+        let (unet, unet_weights) = UNet::load_dir(&unet_dir, dtype, device, pick("unet.")?)?;
         let (vae, _) = Vae::load_dir(
             &component(root, "vae")?,
             dtype,
@@ -316,7 +336,11 @@ impl StableDiffusion {
         Ok(Self {
             root: root.to_path_buf(),
             source: ModelSource::folder(root),
-            layout: "diffusers folder".into(),
+            layout: if xl.is_some() {
+                "diffusers folder (SDXL)".into()
+            } else {
+                "diffusers folder".into()
+            },
             tokenizer,
             text_encoder,
             unet,
@@ -326,13 +350,15 @@ impl StableDiffusion {
             dtype,
             unet_weights,
             text_encoder_weights,
+            xl,
         })
     }
 
     /// A pipeline of the given component configs with seeded random weights
     /// ([`WeightFile::synthetic`]), taking the tokenizer and scheduler from the diffusers folder
     /// `root` (they hold no weights). Shapes are all that timing needs: `mifo bench` uses it to
-    /// time Stable Diffusion 2.1-base without its 5 GB of weights.
+    /// time Stable Diffusion 2.1-base without its 5 GB of weights. A shape with a second text
+    /// encoder (SDXL) takes `tokenizer_2/` from `root` too.
     pub fn synthetic(
         root: &Path,
         shape: &ModelShape,
@@ -360,6 +386,24 @@ impl StableDiffusion {
             dtype,
             device,
         ));
+        let xl = match &shape.text_encoder_2 {
+            Some(config) => {
+                let weights = Rc::new(WeightFile::synthetic(
+                    format!("{} text_encoder_2 (random)", shape.name),
+                    seed.wrapping_add(3),
+                    dtype,
+                    device,
+                ));
+                let xl = XlText {
+                    tokenizer_2: ClipTokenizer::from_dir(&component(root, "tokenizer_2")?)?,
+                    text_encoder_2: ClipTextModel::load(config.clone(), weights.clone(), device)?,
+                    text_encoder_2_weights: weights,
+                    force_zeros_for_empty_prompt: true,
+                };
+                Some(xl)
+            }
+            None => None,
+        };
         Ok(Self {
             root: root.to_path_buf(),
             source: ModelSource::folder(root),
@@ -377,6 +421,7 @@ impl StableDiffusion {
             dtype,
             unet_weights,
             text_encoder_weights,
+            xl,
         })
     }
 }
@@ -409,6 +454,8 @@ pub struct ModelShape {
     pub unet: UNetConfig,
     /// The text encoder's config.
     pub text_encoder: ClipConfig,
+    /// SDXL's second text encoder's config (`None` for SD 1.x / 2.x).
+    pub text_encoder_2: Option<ClipConfig>,
     /// The autoencoder's config.
     pub vae: VaeConfig,
 }
@@ -455,6 +502,62 @@ impl ModelShape {
             name: "sd21-base".into(),
             unet,
             text_encoder,
+            text_encoder_2: None,
+            vae,
+        })
+    }
+
+    /// Stable Diffusion XL base 1.0 (stabilityai/stable-diffusion-xl-base-1.0): the values of its
+    /// unet/, text_encoder/, text_encoder_2/ and vae/ config.json files, read through the same
+    /// parsers as a folder on disk.
+    pub fn sdxl_base() -> Result<Self> {
+        use super::config::ConfigJson;
+        use serde_json::json;
+        let unet = UNetConfig::from_json(&ConfigJson::from_value(
+            "sdxl-base/unet/config.json",
+            json!({
+                "block_out_channels": [320, 640, 1280],
+                "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                "attention_head_dim": [5, 10, 20], "cross_attention_dim": 2048,
+                "transformer_layers_per_block": [1, 2, 10],
+                "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+                "projection_class_embeddings_input_dim": 2816,
+                "layers_per_block": 2, "norm_num_groups": 32, "use_linear_projection": true,
+                "sample_size": 128, "in_channels": 4, "out_channels": 4,
+                "flip_sin_to_cos": true, "freq_shift": 0
+            }),
+        )?)?;
+        let text_encoder = ClipConfig::from_json(&ConfigJson::from_value(
+            "sdxl-base/text_encoder/config.json",
+            json!({"architectures": ["CLIPTextModel"], "vocab_size": 49408, "hidden_size": 768,
+                   "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+                   "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+                   "model_type": "clip_text_model", "eos_token_id": 2}),
+        )?)?;
+        let text_encoder_2 = ClipConfig::from_json(&ConfigJson::from_value(
+            "sdxl-base/text_encoder_2/config.json",
+            json!({"architectures": ["CLIPTextModelWithProjection"], "vocab_size": 49408,
+                   "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
+                   "num_attention_heads": 20, "max_position_embeddings": 77,
+                   "hidden_act": "gelu", "projection_dim": 1280,
+                   "model_type": "clip_text_model", "eos_token_id": 2}),
+        )?)?;
+        let vae = VaeConfig::from_json(&ConfigJson::from_value(
+            "sdxl-base/vae/config.json",
+            json!({"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
+                   "norm_num_groups": 32, "latent_channels": 4,
+                   "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D",
+                                        "DownEncoderBlock2D", "DownEncoderBlock2D"],
+                   "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D",
+                                      "UpDecoderBlock2D", "UpDecoderBlock2D"],
+                   "scaling_factor": 0.13025}),
+        )?)?;
+        Ok(Self {
+            name: "sdxl-base".into(),
+            unet,
+            text_encoder,
+            text_encoder_2: Some(text_encoder_2),
             vae,
         })
     }

@@ -1,11 +1,12 @@
 //! Stable Diffusion in candle, with attention hooks and exact gradients.
 //!
-//! Every component is built from its own `config.json`, so SD 1.x, SD 2.x and the tiny test
-//! models load with the same code. Gradients flow through every op (see [`nn`]).
+//! Every component is built from its own `config.json`, so SD 1.x, SD 2.x, SDXL and the tiny
+//! test models load with the same code. Gradients flow through every op (see [`nn`]).
 
 pub mod attention;
 pub mod blocks;
 pub mod clip;
+pub mod conditioning;
 pub mod config;
 pub(crate) mod conv;
 pub(crate) mod cpu_conv;
@@ -18,6 +19,7 @@ pub mod hooks;
 pub mod loader;
 pub mod nn;
 pub mod sample;
+pub mod sdxl;
 pub mod single_file;
 pub mod source;
 pub mod tokenizer;
@@ -27,6 +29,7 @@ pub mod weights;
 
 pub use attention::{AttentionHook, AttnCall, AttnKind};
 pub use clip::ClipTextModel;
+pub use conditioning::Conditioning;
 pub use ddim::Ddim;
 pub use loader::{Component, LoadOptions, ModelShape, StableDiffusion};
 pub use source::{ModelSource, SourceKind};

@@ -5,6 +5,7 @@ use rand::SeedableRng;
 use rand_distr::Distribution;
 
 use super::clip::ClipTextModel;
+use super::conditioning::Conditioning;
 use super::ddim::Ddim;
 use super::unet::UNet;
 use super::vae::Vae;
@@ -46,16 +47,36 @@ impl Sampler<'_> {
     ) -> Result<Tensor> {
         let cond = self.text_encoder.forward(ids, placeholder_rows)?;
         let uncond = self.text_encoder.forward(uncond_ids, None)?;
+        let plain = |context: Tensor| Conditioning {
+            context,
+            added: None,
+        };
+        self.generate_cond(&plain(cond), &plain(uncond), latent, steps, guidance)
+    }
+
+    /// [`Sampler::generate`] from encoded prompts (SD or SDXL conditioning, see
+    /// [`StableDiffusion::encode_prompt`](super::StableDiffusion::encode_prompt)).
+    pub fn generate_cond(
+        &self,
+        cond: &Conditioning,
+        uncond: &Conditioning,
+        latent: &Tensor,
+        steps: usize,
+        guidance: f64,
+    ) -> Result<Tensor> {
         // Inference only: nothing here may stay on the autograd graph. With trainable weights
         // (the learning run's preview) every step's output would otherwise keep the whole
         // chain of earlier steps alive.
-        let ctx = Tensor::cat(&[&uncond, &cond], 0)?.detach();
+        let ctx = Conditioning::cat(uncond, cond)?.detach();
         let mut x = latent.detach();
         let dev = latent.device();
         for t in self.scheduler.timesteps(steps)? {
             let xin = Tensor::cat(&[&x, &x], 0)?;
             let tt = Tensor::new(&[t as f32], dev)?;
-            let eps = self.unet.forward(&xin, &tt, &ctx)?.detach();
+            let eps = self
+                .unet
+                .forward_cond(&xin, &tt, &ctx.context, ctx.added.as_ref(), None)?
+                .detach();
             let (eu, ec) = (eps.narrow(0, 0, 1)?, eps.narrow(0, 1, 1)?);
             let guided = (&eu + ((&ec - &eu)? * guidance)?)?;
             x = self.scheduler.step(&guided, t, &x, steps)?.prev_sample;

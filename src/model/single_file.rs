@@ -289,7 +289,7 @@ fn recognise(path: &Path, entries: &BTreeMap<String, Entry>) -> Result<Family> {
     if any("conditioner.embedders.") {
         return Err(Error::file(
             path,
-            "an SDXL checkpoint (`conditioner.embedders.*` keys): SDXL is not supported yet (issue #20 part 1)",
+            "an SDXL checkpoint (`conditioner.embedders.*` keys): single-file SDXL is not supported yet; use an SDXL diffusers folder",
         ));
     }
     let sd1 = any("cond_stage_model.transformer.");

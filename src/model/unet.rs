@@ -1,4 +1,9 @@
-//! `UNet2DConditionModel` (SD 1.x / 2.x layout) built from `unet/config.json`.
+//! `UNet2DConditionModel` (SD 1.x / 2.x and SDXL layouts) built from `unet/config.json`.
+//!
+//! SDXL's UNet (`addition_embed_type = "text_time"`) adds a second embedding to the time
+//! embedding: every time id (original size, crop corner, target size) through the same sinusoidal
+//! features as the timestep, `addition_time_embed_dim` wide each, concatenated after the pooled
+//! text embedding and sent through a two-layer SiLU MLP (`add_embedding`).
 
 use std::rc::Rc;
 
@@ -64,6 +69,55 @@ pub struct UNetConfig {
     pub center_input_sample: bool,
     /// The latent size the model was trained at (`sample_size`).
     pub sample_size: usize,
+    /// SDXL's added text-and-time conditioning (`addition_embed_type = "text_time"`).
+    pub text_time: Option<TextTimeConfig>,
+}
+
+/// The sizes of SDXL's added conditioning.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TextTimeConfig {
+    /// Width of each time id's sinusoidal features (`addition_time_embed_dim`).
+    pub time_embed_dim: usize,
+    /// Input width of `add_embedding` (`projection_class_embeddings_input_dim`): the pooled
+    /// text width plus the time ids × `time_embed_dim`.
+    pub input_dim: usize,
+}
+
+/// SDXL's added conditioning for one batch: the pooled, projected text embedding of the second
+/// text encoder and the time ids (original height and width, crop top and left, target height
+/// and width).
+#[derive(Clone, Debug)]
+pub struct AddedCond {
+    /// [B, projection_dim].
+    pub text_embeds: Tensor,
+    /// [B, 6] (any float dtype).
+    pub time_ids: Tensor,
+}
+
+impl AddedCond {
+    /// The two halves stacked along the batch (classifier-free guidance: uncond then cond).
+    pub fn cat(a: &Self, b: &Self) -> Result<Self> {
+        Ok(Self {
+            text_embeds: Tensor::cat(&[&a.text_embeds, &b.text_embeds], 0)?,
+            time_ids: Tensor::cat(&[&a.time_ids, &b.time_ids], 0)?,
+        })
+    }
+
+    /// Batch rows `start..start + len`.
+    pub fn narrow(&self, start: usize, len: usize) -> Result<Self> {
+        Ok(Self {
+            text_embeds: self.text_embeds.narrow(0, start, len)?,
+            time_ids: self.time_ids.narrow(0, start, len)?,
+        })
+    }
+
+    /// The same conditioning off the autograd graph.
+    pub fn detach(&self) -> Self {
+        Self {
+            text_embeds: self.text_embeds.detach(),
+            time_ids: self.time_ids.detach(),
+        }
+    }
 }
 
 impl UNetConfig {
@@ -72,7 +126,6 @@ impl UNetConfig {
         let bad = |msg: String| Error::file(c.path(), msg);
         // Features of other diffusers UNets that SD 1.x/2.x never use: refuse, do not ignore.
         for key in [
-            "addition_embed_type",
             "class_embed_type",
             "num_class_embeds",
             "time_cond_proj_dim",
@@ -95,6 +148,21 @@ impl UNetConfig {
         c.require_one_of("resnet_skip_time_act", &[json!(false)])?;
         c.require_one_of("mid_block_type", &[json!("UNetMidBlock2DCrossAttn")])?;
         c.require_one_of("class_embeddings_concat", &[json!(false)])?;
+        c.require_one_of("addition_embed_type", &[json!("text_time")])?;
+        let text_time = if c.str_or("addition_embed_type", "")? == "text_time" {
+            let time_embed_dim = c.usize("addition_time_embed_dim")?;
+            if time_embed_dim == 0 || time_embed_dim % 2 != 0 {
+                return Err(bad(format!(
+                    "key `addition_time_embed_dim`: {time_embed_dim} must be even and positive"
+                )));
+            }
+            Some(TextTimeConfig {
+                time_embed_dim,
+                input_dim: c.usize("projection_class_embeddings_input_dim")?,
+            })
+        } else {
+            None
+        };
 
         let boc = c.usize_list("block_out_channels")?;
         let n = boc.len();
@@ -187,6 +255,7 @@ impl UNetConfig {
             mid_block_scale: c.f64_or("mid_block_scale_factor", 1.0)?,
             center_input_sample: c.bool_or("center_input_sample", false)?,
             sample_size: c.usize_or("sample_size", 64)?,
+            text_time,
         })
     }
 
@@ -231,6 +300,7 @@ pub struct UNet {
     conv_in: Conv2d,
     time_linear_1: Linear,
     time_linear_2: Linear,
+    add_embedding: Option<(Linear, Linear)>,
     down: Vec<DownBlock>,
     mid_resnet_0: ResnetBlock,
     mid_attn: SpatialTransformer,
@@ -290,6 +360,24 @@ impl UNet {
             cfg.time_embed_dim,
             true,
         )?;
+
+        let add_embedding = match &cfg.text_time {
+            Some(tt) => Some((
+                Linear::load(
+                    &s.pp("add_embedding.linear_1"),
+                    tt.input_dim,
+                    cfg.time_embed_dim,
+                    true,
+                )?,
+                Linear::load(
+                    &s.pp("add_embedding.linear_2"),
+                    cfg.time_embed_dim,
+                    cfg.time_embed_dim,
+                    true,
+                )?,
+            )),
+            None => None,
+        };
 
         let mut down = Vec::with_capacity(n);
         let mut prev = boc[0];
@@ -391,6 +479,7 @@ impl UNet {
             conv_in,
             time_linear_1,
             time_linear_2,
+            add_embedding,
             down,
             mid_resnet_0,
             mid_attn,
@@ -410,8 +499,6 @@ impl UNet {
 
     /// Sinusoidal timestep features [B, block_out_channels[0]] in f32.
     fn time_features(&self, timesteps: &Tensor, batch: usize) -> Result<Tensor> {
-        let dim = self.config.block_out_channels[0];
-        let half = dim / 2;
         let t = timesteps.to_dtype(DType::F32)?.flatten_all()?;
         let t = match t.dim(0)? {
             1 if batch > 1 => t.broadcast_as(batch)?.contiguous()?,
@@ -422,6 +509,13 @@ impl UNet {
                 )))
             }
         };
+        self.sinusoidal(&t, self.config.block_out_channels[0])
+    }
+
+    /// diffusers' `Timesteps` features of the values `t` [N] (f32): [N, dim], with the UNet's
+    /// `flip_sin_to_cos` and `freq_shift`.
+    fn sinusoidal(&self, t: &Tensor, dim: usize) -> Result<Tensor> {
+        let half = dim / 2;
         let denom = half as f64 - self.config.freq_shift;
         let freqs: Vec<f32> = (0..half)
             .map(|i| (-(10000f64.ln()) * i as f64 / denom).exp() as f32)
@@ -440,6 +534,53 @@ impl UNet {
         Ok(emb)
     }
 
+    /// SDXL's `add_embedding` of (pooled text, time ids) for a batch of `batch`: [B, T], or an
+    /// error when the conditioning is missing, unexpected or of the wrong width.
+    fn added_embedding(&self, added: Option<&AddedCond>, batch: usize) -> Result<Option<Tensor>> {
+        let (tt, (l1, l2)) = match (&self.config.text_time, &self.add_embedding, added) {
+            (None, _, None) => return Ok(None),
+            (None, _, Some(_)) => {
+                return Err(Error::Input(
+                    "UNet: added conditioning given to a UNet without `addition_embed_type`".into(),
+                ))
+            }
+            (Some(_), _, None) | (Some(_), None, _) => {
+                return Err(Error::Input(
+                    "UNet: this SDXL UNet (`addition_embed_type = \"text_time\"`) needs the pooled text embeds and the time ids".into(),
+                ))
+            }
+            (Some(tt), Some(l), Some(_)) => (tt, l),
+        };
+        let added = added.expect("matched Some above");
+        let rows = |t: &Tensor, what: &str| -> Result<Tensor> {
+            match t.dim(0)? {
+                1 if batch > 1 => Ok(t.broadcast_as((batch, t.dim(1)?))?.contiguous()?),
+                b if b == batch => Ok(t.clone()),
+                b => Err(Error::Input(format!(
+                    "UNet: {b} rows of {what} for a batch of {batch}"
+                ))),
+            }
+        };
+        let text = rows(&added.text_embeds, "text_embeds")?;
+        let ids = rows(&added.time_ids.to_dtype(DType::F32)?, "time_ids")?;
+        let (_, n_ids) = ids.dims2()?;
+        let width = text.dim(1)? + n_ids * tt.time_embed_dim;
+        if width != tt.input_dim {
+            return Err(Error::Input(format!(
+                "UNet: text_embeds ({}) + {n_ids} time ids × {} is {width} wide, add_embedding takes {}",
+                text.dim(1)?,
+                tt.time_embed_dim,
+                tt.input_dim
+            )));
+        }
+        let time = self
+            .sinusoidal(&ids.flatten_all()?, tt.time_embed_dim)?
+            .reshape((batch, n_ids * tt.time_embed_dim))?;
+        let input =
+            Tensor::cat(&[&text, &time.to_dtype(text.dtype())?], 1)?.to_dtype(self.dtype)?;
+        Ok(Some(l2.forward(&l1.forward(&input)?.silu()?)?))
+    }
+
     /// Predicts the model output (noise for epsilon models) for latents `x` [B, C, H, W] at
     /// `timesteps` ([B] or [1], any numeric dtype) given text states `context` [B, M, D].
     pub fn forward(&self, x: &Tensor, timesteps: &Tensor, context: &Tensor) -> Result<Tensor> {
@@ -454,6 +595,19 @@ impl UNet {
         context: &Tensor,
         hook: Option<&mut dyn AttentionHook>,
     ) -> Result<Tensor> {
+        self.forward_cond(x, timesteps, context, None, hook)
+    }
+
+    /// [`UNet::forward_hooked`] with SDXL's added conditioning (required by, and only accepted
+    /// by, a UNet whose config has `addition_embed_type = "text_time"`).
+    pub fn forward_cond(
+        &self,
+        x: &Tensor,
+        timesteps: &Tensor,
+        context: &Tensor,
+        added: Option<&AddedCond>,
+        hook: Option<&mut dyn AttentionHook>,
+    ) -> Result<Tensor> {
         let mut ctx = HookCtx::new(hook);
         let (batch, ch, _, _) = x.dims4()?;
         if ch != self.config.in_channels {
@@ -466,6 +620,10 @@ impl UNet {
         let temb = self
             .time_linear_2
             .forward(&self.time_linear_1.forward(&temb)?.silu()?)?;
+        let temb = match self.added_embedding(added, batch)? {
+            Some(aug) => (temb + aug)?,
+            None => temb,
+        };
 
         let x = if self.config.center_input_sample {
             ((x * 2.0)? - 1.0)?

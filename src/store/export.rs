@@ -268,8 +268,8 @@ fn output_files_for<'a>(
             lora.rank
         ));
         notes.push(format!(
-            "{KOHYA_LORA_FILE}: kohya/A1111 LoRA (lora_unet_…/lora_te_…, alpha = rank = {}, \
-             base model {})",
+            "{KOHYA_LORA_FILE}: kohya/A1111 LoRA (lora_unet_…/lora_te_…, for SDXL lora_te1_…/\
+             lora_te2_…, alpha = rank = {}, base model {})",
             lora.rank,
             lora.base_model_version()
         ));
@@ -309,7 +309,8 @@ fn output_files_for<'a>(
     } else if let Ok(tensors) = SafeTensors::deserialize(bytes) {
         files.push((with_extension(&file, "safetensors"), Cow::Borrowed(bytes)));
         if name == EMBEDDINGS_OUTPUT {
-            for (path, contents) in export_embeddings(&tensors, p)? {
+            let widths = sdxl_encoder_widths(bytes);
+            for (path, contents) in export_embeddings(&tensors, widths, p)? {
                 files.push((path, Cow::Owned(contents)));
             }
         }
@@ -327,8 +328,43 @@ fn with_extension(file: &str, ext: &str) -> String {
     }
 }
 
+/// The two text encoders' widths `(h1, h2)` an SDXL run's `embeddings` output names in its
+/// `mifo` metadata (`encoder_widths = "h1,h2"`); `None` for SD runs.
+fn sdxl_encoder_widths(bytes: &[u8]) -> Option<(usize, usize)> {
+    let (_, meta) = SafeTensors::read_metadata(bytes).ok()?;
+    let text = meta.metadata().as_ref()?.get("mifo")?.clone();
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let (a, b) = v.get("encoder_widths")?.as_str()?.split_once(',')?;
+    Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
+}
+
+/// An SDXL token's rows `[vectors, h1 + h2]` cut into `clip_l` `[vectors, h1]` and `clip_g`
+/// `[vectors, h2]` (raw bytes, row-major).
+fn split_sdxl_rows(
+    view: &TensorView<'_>,
+    vectors: usize,
+    (h1, h2): (usize, usize),
+) -> Result<(Vec<u8>, Vec<u8>), String> {
+    let elem = view.dtype().bitsize() / 8;
+    let row = (h1 + h2) * elem;
+    let data = view.data();
+    if data.len() != vectors * row {
+        return Err(format!(
+            "holds {} bytes, expected {vectors} × ({h1} + {h2}) values",
+            data.len()
+        ));
+    }
+    let (mut l, mut g) = (Vec::new(), Vec::new());
+    for r in data.chunks_exact(row) {
+        l.extend_from_slice(&r[..h1 * elem]);
+        g.extend_from_slice(&r[h1 * elem..]);
+    }
+    Ok((l, g))
+}
+
 fn export_embeddings(
     tensors: &SafeTensors<'_>,
+    sdxl: Option<(usize, usize)>,
     p: &Provenance<'_>,
 ) -> StoreResult<Vec<(String, Vec<u8>)>> {
     let id = p.id;
@@ -346,10 +382,12 @@ fn export_embeddings(
         }
         Some(m)
     };
-    let learned =
-        safetensors::serialize(named.iter().map(|(k, v)| (k.as_str(), v)), metadata(None))
-            .map_err(|e| StoreError::corrupt(what(), e))?;
-    files.push(("learned_embeds.safetensors".to_string(), learned));
+    if sdxl.is_none() {
+        let learned =
+            safetensors::serialize(named.iter().map(|(k, v)| (k.as_str(), v)), metadata(None))
+                .map_err(|e| StoreError::corrupt(what(), e))?;
+        files.push(("learned_embeds.safetensors".to_string(), learned));
+    }
     for (token, view) in &named {
         let shape = match view.shape() {
             [dim] => vec![1, *dim],
@@ -361,10 +399,31 @@ fn export_embeddings(
                 ))
             }
         };
-        let reshaped = TensorView::new(view.dtype(), shape, view.data())
-            .map_err(|e| StoreError::corrupt(what(), e))?;
-        let bytes = safetensors::serialize([("emb_params", &reshaped)], metadata(Some(token)))
-            .map_err(|e| StoreError::corrupt(what(), e))?;
+        let bytes = match sdxl {
+            // SDXL: `clip_l` (text_encoder) and `clip_g` (text_encoder_2) in one file.
+            Some((h1, h2)) => {
+                if shape[1] != h1 + h2 {
+                    return Err(StoreError::corrupt(
+                        what(),
+                        format!("token {token} is {} wide, expected {h1} + {h2}", shape[1]),
+                    ));
+                }
+                let (l, g) = split_sdxl_rows(view, shape[0], (h1, h2))
+                    .map_err(|e| StoreError::corrupt(what(), format!("token {token} {e}")))?;
+                let lv = TensorView::new(view.dtype(), vec![shape[0], h1], &l)
+                    .map_err(|e| StoreError::corrupt(what(), e))?;
+                let gv = TensorView::new(view.dtype(), vec![shape[0], h2], &g)
+                    .map_err(|e| StoreError::corrupt(what(), e))?;
+                safetensors::serialize([("clip_g", &gv), ("clip_l", &lv)], metadata(Some(token)))
+                    .map_err(|e| StoreError::corrupt(what(), e))?
+            }
+            None => {
+                let reshaped = TensorView::new(view.dtype(), shape, view.data())
+                    .map_err(|e| StoreError::corrupt(what(), e))?;
+                safetensors::serialize([("emb_params", &reshaped)], metadata(Some(token)))
+                    .map_err(|e| StoreError::corrupt(what(), e))?
+            }
+        };
         files.push((
             format!("a1111/{}.safetensors", token_file_name(token)),
             bytes,
@@ -378,6 +437,8 @@ fn export_embeddings(
 enum LoraPart {
     Unet,
     TextEncoder,
+    /// SDXL's second text encoder.
+    TextEncoder2,
 }
 
 impl LoraPart {
@@ -386,14 +447,18 @@ impl LoraPart {
         match self {
             LoraPart::Unet => "unet",
             LoraPart::TextEncoder => "text_encoder",
+            LoraPart::TextEncoder2 => "text_encoder_2",
         }
     }
 
-    /// Module-name prefix in the kohya layout (SD 1.x/2.x: one text encoder, `lora_te`).
-    fn kohya_prefix(self) -> &'static str {
+    /// Module-name prefix in the kohya layout: SD 1.x/2.x have one text encoder (`lora_te`),
+    /// SDXL two (`lora_te1`, `lora_te2`).
+    fn kohya_prefix(self, sdxl: bool) -> &'static str {
         match self {
             LoraPart::Unet => "lora_unet",
+            LoraPart::TextEncoder if sdxl => "lora_te1",
             LoraPart::TextEncoder => "lora_te",
+            LoraPart::TextEncoder2 => "lora_te2",
         }
     }
 }
@@ -442,8 +507,19 @@ impl Lora<'_> {
         })
     }
 
-    /// kohya's `ss_base_model_version`: `sd_v1` (768), `sd_v2` (1024) or `unknown`.
+    /// Whether the LoRA adapts SDXL's second text encoder (then it is an SDXL LoRA).
+    fn is_sdxl(&self) -> bool {
+        self.modules
+            .iter()
+            .any(|m| m.part == LoraPart::TextEncoder2)
+    }
+
+    /// kohya's `ss_base_model_version`: `sdxl_base_v1-0` (two text encoders), `sd_v1` (768),
+    /// `sd_v2` (1024) or `unknown`.
     fn base_model_version(&self) -> &'static str {
+        if self.is_sdxl() {
+            return "sdxl_base_v1-0";
+        }
         match self.cross_attention_dim() {
             Some(768) => "sd_v1",
             Some(1024) => "sd_v2",
@@ -464,11 +540,13 @@ fn parse_lora<'a>(bytes: &[u8], tensors: &SafeTensors<'a>) -> Result<Lora<'a>, S
     for (key, view) in names {
         let (part, rest) = if let Some(rest) = key.strip_prefix("unet.") {
             (LoraPart::Unet, rest)
+        } else if let Some(rest) = key.strip_prefix("text_encoder_2.") {
+            (LoraPart::TextEncoder2, rest)
         } else if let Some(rest) = key.strip_prefix("text_encoder.") {
             (LoraPart::TextEncoder, rest)
         } else {
             return Err(format!(
-                "tensor `{key}` is neither `unet.…` nor `text_encoder.…`"
+                "tensor `{key}` is neither `unet.…`, `text_encoder.…` nor `text_encoder_2.…`"
             ));
         };
         let (module, is_a) = if let Some(module) = rest.strip_suffix(".lora_A.weight") {
@@ -494,7 +572,9 @@ fn parse_lora<'a>(bytes: &[u8], tensors: &SafeTensors<'a>) -> Result<Lora<'a>, S
             ));
         }
         let module = match part {
-            LoraPart::TextEncoder if !module.starts_with("text_model.") => {
+            LoraPart::TextEncoder | LoraPart::TextEncoder2
+                if !module.starts_with("text_model.") =>
+            {
                 format!("text_model.{module}")
             }
             _ => module.to_string(),
@@ -608,8 +688,13 @@ fn kohya_lora(lora: &Lora<'_>, p: &Provenance<'_>) -> Result<Vec<u8>, String> {
     let alpha = TensorView::new(Dtype::F32, vec![], &alpha_bytes).map_err(|e| e.to_string())?;
     let mut views: Vec<(String, &TensorView<'_>)> = Vec::with_capacity(lora.modules.len() * 3);
     let mut seen: HashMap<String, String> = HashMap::new();
+    let sdxl = lora.is_sdxl();
     for m in &lora.modules {
-        let base = format!("{}_{}", m.part.kohya_prefix(), m.module.replace('.', "_"));
+        let base = format!(
+            "{}_{}",
+            m.part.kohya_prefix(sdxl),
+            m.module.replace('.', "_")
+        );
         let peft = format!("{}.{}", m.part.peft_prefix(), m.module);
         if let Some(other) = seen.insert(base.clone(), peft.clone()) {
             return Err(format!(
@@ -743,5 +828,95 @@ mod tests {
         assert_eq!(safe_file_name("a/b c"), "a_b_c");
         assert_eq!(safe_file_name(".."), "_");
         assert_eq!(csv_field("a,b"), "\"a,b\"");
+    }
+
+    fn f32_view(values: &[f32]) -> Vec<u8> {
+        values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+
+    fn provenance(id: &RunId) -> Provenance<'_> {
+        Provenance {
+            id,
+            spec_hash: "h".into(),
+            seed: 1,
+            prompt: None,
+        }
+    }
+
+    /// An SDXL run's embeddings (rows of both encoders side by side, widths in the metadata)
+    /// become one file per token with `clip_l` and `clip_g`, as A1111 and diffusers read SDXL
+    /// embeddings; no single-encoder `learned_embeds` file is written for them.
+    #[test]
+    fn sdxl_embeddings_export_as_clip_l_and_clip_g() {
+        let row: Vec<f32> = (0..5).map(|i| i as f32).collect();
+        let data = f32_view(&row);
+        let view = TensorView::new(Dtype::F32, vec![5], &data).unwrap();
+        let meta = HashMap::from([(
+            "mifo".to_string(),
+            r#"{"format":"mifo-embeddings-1","encoder_widths":"2,3"}"#.to_string(),
+        )]);
+        let bytes = safetensors::serialize([("<v0>", &view)], Some(meta)).unwrap();
+        assert_eq!(sdxl_encoder_widths(&bytes), Some((2, 3)));
+        let tensors = SafeTensors::deserialize(&bytes).unwrap();
+        let id = RunId::from_parts(1_700_000_000_000, 7);
+        let files = export_embeddings(&tensors, Some((2, 3)), &provenance(&id)).unwrap();
+        let names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, vec!["a1111/v0.safetensors"]);
+        let out = SafeTensors::deserialize(&files[0].1).unwrap();
+        let l = out.tensor("clip_l").unwrap();
+        let g = out.tensor("clip_g").unwrap();
+        assert_eq!((l.shape(), g.shape()), (&[1, 2][..], &[1, 3][..]));
+        assert_eq!(l.data(), &f32_view(&[0.0, 1.0])[..]);
+        assert_eq!(g.data(), &f32_view(&[2.0, 3.0, 4.0])[..]);
+        // A row of another width is refused, naming the token.
+        let e = export_embeddings(&tensors, Some((2, 4)), &provenance(&id))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("<v0>"), "{e}");
+    }
+
+    /// An SDXL LoRA (adapters on `text_encoder_2` too) gets kohya's `lora_te1_` / `lora_te2_` /
+    /// `lora_unet_` names and base model `sdxl_base_v1-0`; its diffusers file keeps
+    /// `text_encoder_2.` keys.
+    #[test]
+    fn sdxl_lora_gets_kohya_te1_te2_names() {
+        let a = f32_view(&[1.0, 2.0]);
+        let b = f32_view(&[3.0, 4.0]);
+        let va = TensorView::new(Dtype::F32, vec![1, 2], &a).unwrap();
+        let vb = TensorView::new(Dtype::F32, vec![2, 1], &b).unwrap();
+        let keys = [
+            "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k",
+            "text_encoder.text_model.encoder.layers.0.self_attn.q_proj",
+            "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj",
+        ];
+        let mut views = Vec::new();
+        for k in keys {
+            views.push((format!("{k}.lora_A.weight"), &va));
+            views.push((format!("{k}.lora_B.weight"), &vb));
+        }
+        let bytes =
+            safetensors::serialize(views.iter().map(|(k, v)| (k.as_str(), *v)), None).unwrap();
+        let tensors = SafeTensors::deserialize(&bytes).unwrap();
+        let lora = parse_lora(&bytes, &tensors).unwrap();
+        assert_eq!(lora.base_model_version(), "sdxl_base_v1-0");
+        let id = RunId::from_parts(1_700_000_000_000, 7);
+        let kohya = kohya_lora(&lora, &provenance(&id)).unwrap();
+        let out = SafeTensors::deserialize(&kohya).unwrap();
+        let mut names: Vec<String> = out.names().into_iter().map(String::from).collect();
+        names.sort();
+        for want in [
+            "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight",
+            "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight",
+            "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.alpha",
+        ] {
+            assert!(names.iter().any(|n| n == want), "{want} missing: {names:?}");
+        }
+        let peft = diffusers_lora(&lora, &provenance(&id)).unwrap();
+        let out = SafeTensors::deserialize(&peft).unwrap();
+        assert!(out
+            .names()
+            .iter()
+            .any(|n| n.starts_with("text_encoder_2.text_model.")));
     }
 }

@@ -56,7 +56,7 @@ use crate::error::{Error, Result};
 use crate::imageio::{heat_overlay, png_bytes, tensor_to_rgb};
 use crate::model::ddim::{timesteps_tensor, Ddim, DdimConfig};
 use crate::model::unet::UNetConfig;
-use crate::model::{StableDiffusion, UNet};
+use crate::model::{Conditioning, StableDiffusion, UNet};
 use crate::sink::{Progress, RunSink};
 use cluster::{KMeansOptions, RefineInput};
 use control::{layer_mean, path_matches, plan_tokens, ControlHook, Pass, Regions};
@@ -165,6 +165,24 @@ fn check_layers(key: &str, prefixes: &[String], blocks: &[String]) -> Result<()>
     Ok(())
 }
 
+/// On SDXL, the default layer lists (written for SD: the mid block and the first decoder level
+/// with attention, `up_blocks.1` there) name the same structural levels of this UNet: the mid block
+/// and its first decoder level with attention (`up_blocks.0` in SDXL base, 32² latents at
+/// 1024 px). Lists the user set are kept as given.
+fn xl_layer_defaults(config: &mut SynthConfig, unet: &UNetConfig) {
+    let defaults = SynthConfig::default();
+    let Some(first_up) = unet.up_attn.iter().position(|&a| a) else {
+        return;
+    };
+    let level = format!("up_blocks.{first_up}");
+    if config.loss_layers == defaults.loss_layers {
+        config.loss_layers = vec!["mid_block".into(), level.clone()];
+    }
+    if config.cluster_layers == defaults.cluster_layers {
+        config.cluster_layers = vec![level];
+    }
+}
+
 struct Prepared {
     plan: TokenPlan,
     warnings: Vec<String>,
@@ -173,8 +191,12 @@ struct Prepared {
 impl SynthRequest<'_> {
     /// The request with the configuration the sampler runs ([`SynthConfig::effective`]).
     fn effective(&self) -> Self {
+        let mut config = self.config.effective();
+        if self.sd.is_xl() {
+            xl_layer_defaults(&mut config, self.sd.unet.config());
+        }
         Self {
-            config: self.config.effective(),
+            config,
             ..self.clone()
         }
     }
@@ -201,6 +223,14 @@ fn prepare(req: &SynthRequest) -> Result<Prepared> {
         Some(r) => r.dim(0)?,
         None => 0,
     };
+    if let Some(r) = &req.placeholder_rows {
+        let (want, got) = (req.sd.placeholder_width(), r.dim(1)?);
+        if got != want {
+            return Err(Error::Input(format!(
+                "placeholder embeddings are {got} wide, the model's text encoders take {want}"
+            )));
+        }
+    }
     for (id, tok) in plan.ids.iter().zip(&plan.tokens) {
         if *id as usize >= base + rows {
             return Err(Error::Input(format!(
@@ -244,14 +274,10 @@ pub fn initial_latent(sd: &StableDiffusion, seed: u64) -> Result<Tensor> {
     Ok(Tensor::from_vec(data, (1, c, s, s), &sd.device)?.to_dtype(sd.dtype)?)
 }
 
-/// Text states [1, L, D] of a token sequence.
-fn encode_text(sd: &StableDiffusion, ids: &[u32], rows: Option<&Tensor>) -> Result<Tensor> {
-    let t = Tensor::new(ids, &sd.device)?.unsqueeze(0)?;
-    let rows = rows.map(|r| r.to_device(&sd.device)).transpose()?;
-    Ok(sd
-        .text_encoder
-        .forward(&t, rows.as_ref())?
-        .to_dtype(sd.dtype)?)
+/// The image size (height, width) in pixels of the model's default latent.
+fn image_size(sd: &StableDiffusion) -> (usize, usize) {
+    let s = sd.unet.config().sample_size;
+    sd.image_size((s, s))
 }
 
 /// Result of the gradient iterations of one guided step.
@@ -269,11 +295,11 @@ fn guidance_loss(
     hook: &mut ControlHook,
     z: &Tensor,
     t: &Tensor,
-    cond: &Tensor,
+    cond: &Conditioning,
     alpha: (f64, f64),
 ) -> Result<Tensor> {
     hook.begin(Pass::Guidance);
-    unet.forward_hooked(z, t, cond, Some(hook))?;
+    unet.forward_cond(z, t, &cond.context, cond.added.as_ref(), Some(hook))?;
     if !hook.has_loss_terms() {
         return Err(Error::Config(
             "synth.loss_layers: no attention layer of the enabled kinds (sa_control / ca_control) matched".into(),
@@ -290,7 +316,7 @@ struct GuidanceInputs<'a> {
     /// The step's timestep tensor.
     t: &'a Tensor,
     /// The prompt's text embedding (the guidance passes run without CFG).
-    cond: &'a Tensor,
+    cond: &'a Conditioning,
     cfg: &'a SynthConfig,
     /// The denoising step's index (for α and the step size).
     step: usize,
@@ -452,9 +478,10 @@ pub fn run(req: &SynthRequest, sink: &mut dyn RunSink) -> Result<SynthReport> {
     })?;
     let timesteps = ddim.timesteps(cfg.steps)?;
     let rows = req.placeholder_rows.as_ref();
-    let cond = encode_text(sd, &plan.ids, rows)?;
-    let uncond = encode_text(sd, &sd.tokenizer.encode("")?, rows)?;
-    let context = Tensor::cat(&[&uncond, &cond], 0)?;
+    let size = image_size(sd);
+    let cond = sd.encode_prompt_ids(&plan.ids, &req.prompt, rows, size)?;
+    let uncond = sd.encode_negative("", rows, size)?;
+    let context = Conditioning::cat(&uncond, &cond)?;
 
     let mut report = SynthReport {
         samples: Vec::new(),
@@ -491,9 +518,9 @@ struct SampleSetup<'a> {
     ddim: &'a Ddim,
     timesteps: &'a [usize],
     /// The prompt's text embedding.
-    cond: &'a Tensor,
+    cond: &'a Conditioning,
     /// `[uncond; cond]`, the batch of the classifier-free-guidance pass.
-    context: &'a Tensor,
+    context: &'a Conditioning,
 }
 
 fn run_sample(
@@ -632,10 +659,9 @@ fn run_sample(
         hook.capture_maps = cfg.attn_metrics && i + 1 == steps;
         let x = Tensor::cat(&[&z, &z], 0)?;
         let eps = if use_hook {
-            sd.unet
-                .forward_hooked(&x, &t_tensor, context, Some(&mut hook))?
+            sd.unet_forward(&x, &t_tensor, context, Some(&mut hook))?
         } else {
-            sd.unet.forward(&x, &t_tensor, context)?
+            sd.unet_forward(&x, &t_tensor, context, None)?
         };
         let (eu, ec) = (eps.narrow(0, 0, 1)?, eps.narrow(0, 1, 1)?);
         let guided_eps = (&eu + ((&ec - &eu)? * cfg.guidance_scale)?)?;

@@ -5,7 +5,8 @@
 //! the learning losses (`learn::losses`) against the reference, so it lives at the top of the
 //! library rather than inside either layer.
 //!
-//! The reference format is `fixtures/tiny-sd21/reference.json` + `reference.safetensors`. Which
+//! The reference format is `fixtures/tiny-sd21/reference.json` + `reference.safetensors`; an SDXL
+//! pipeline's reference (`fixtures/tiny-sdxl/`) has its own families, checked in [`xl`]. Which
 //! checks run is decided by which tensors the reference contains (a group is skipped when its
 //! inputs are absent), and every size comes from the model's configs and the reference itself.
 
@@ -23,6 +24,7 @@ use crate::model::nn::{resize_bilinear, resize_nearest_hw};
 use crate::model::source::ModelSource;
 
 mod synth;
+mod xl;
 pub use synth::verify_synth;
 
 /// The synthesis reference's file name, beside a model's `reference.safetensors`.
@@ -117,6 +119,42 @@ impl Reference {
             .into_iter()
             .map(|v| v as usize)
             .collect())
+    }
+
+    /// The prompts of `meta.prompts`.
+    fn prompts(&self) -> Vec<String> {
+        self.meta
+            .get("prompts")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The placeholders of `meta.new_tokens` with their ids, by id.
+    fn new_tokens(&self) -> Vec<(String, u32)> {
+        let mut new_tokens: Vec<(String, u32)> = self
+            .meta
+            .get("new_tokens")
+            .and_then(Value::as_object)
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(k, v)| v.as_u64().map(|id| (k.clone(), id as u32)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        new_tokens.sort_by_key(|(_, id)| *id);
+        new_tokens
+    }
+
+    /// Token ids `name` [N, L] as a u32 tensor on `dev`.
+    fn ids_tensor(&self, name: &str, dev: &Device) -> Result<Tensor> {
+        let rows = self.ids(name)?;
+        let (n, l) = (rows.len(), rows.first().map(Vec::len).unwrap_or(0));
+        Ok(Tensor::from_vec(rows.concat(), (n, l), dev)?)
     }
 
     fn names_with_prefix(&self, prefix: &str) -> Vec<String> {
@@ -243,6 +281,9 @@ pub fn verify(model_dir: &Path, reference: &Path, device: &Device) -> Result<Vec
 pub fn verify_source(model: &ModelSource, reference: &Path, device: &Device) -> Result<Vec<Check>> {
     let r = Reference::load(reference)?;
     let sd = StableDiffusion::load_source(model, DType::F32, device, Vec::new())?;
+    if let Some(xl) = &sd.xl {
+        return xl::verify(&r, &sd, xl, device);
+    }
     let mut out = Vec::new();
     let fwd = FORWARD_TOLERANCE;
     let grd = GRADIENT_TOLERANCE;
@@ -253,27 +294,8 @@ pub fn verify_source(model: &ModelSource, reference: &Path, device: &Device) -> 
     };
 
     // ---- tokenizer -------------------------------------------------------------------------
-    let prompts: Vec<String> = r
-        .meta
-        .get("prompts")
-        .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(|v| v.as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default();
-    let mut new_tokens: Vec<(String, u32)> = r
-        .meta
-        .get("new_tokens")
-        .and_then(Value::as_object)
-        .map(|m| {
-            m.iter()
-                .filter_map(|(k, v)| v.as_u64().map(|id| (k.clone(), id as u32)))
-                .collect()
-        })
-        .unwrap_or_default();
-    new_tokens.sort_by_key(|(_, id)| *id);
+    let prompts = r.prompts();
+    let new_tokens = r.new_tokens();
     let mut tok = sd.tokenizer.clone();
     let names: Vec<String> = new_tokens.iter().map(|(n, _)| n.clone()).collect();
     let added = tok.add_tokens(&names)?;
@@ -421,17 +443,7 @@ pub fn verify_source(model: &ModelSource, reference: &Path, device: &Device) -> 
     }
 
     // ---- VAE ---------------------------------------------------------------------------------
-    if r.has("vae.encoder_mean") {
-        let (mean, logvar) = sd.vae.encode(&r.f32("vae.encoder_input", dev)?)?;
-        cmp(&mut out, "vae.encoder_mean", &mean, fwd)?;
-        if r.has("vae.encoder_logvar") {
-            cmp(&mut out, "vae.encoder_logvar", &logvar, fwd)?;
-        }
-    }
-    if r.has("vae.decoder_output") {
-        let img = sd.vae.decode(&r.f32("vae.decoder_input", dev)?)?;
-        cmp(&mut out, "vae.decoder_output", &img, fwd)?;
-    }
+    verify_vae(&r, &sd, dev, &mut out)?;
 
     // ---- DDIM ----------------------------------------------------------------------------------
     let sched = &sd.scheduler;
@@ -659,6 +671,44 @@ pub fn verify_source(model: &ModelSource, reference: &Path, device: &Device) -> 
         out.extend(verify_synth(&sd, &synth, dev)?);
     }
     Ok(out)
+}
+
+/// The VAE encoder's mean (and log-variance) and the decoder's output, where the reference has
+/// them.
+fn verify_vae(
+    r: &Reference,
+    sd: &StableDiffusion,
+    dev: &Device,
+    out: &mut Vec<Check>,
+) -> Result<()> {
+    let fwd = FORWARD_TOLERANCE;
+    if r.has("vae.encoder_mean") {
+        let (mean, logvar) = sd.vae.encode(&r.f32("vae.encoder_input", dev)?)?;
+        out.push(compare(
+            "vae.encoder_mean",
+            &mean,
+            &r.get("vae.encoder_mean")?,
+            fwd,
+        ));
+        if r.has("vae.encoder_logvar") {
+            out.push(compare(
+                "vae.encoder_logvar",
+                &logvar,
+                &r.get("vae.encoder_logvar")?,
+                fwd,
+            ));
+        }
+    }
+    if r.has("vae.decoder_output") {
+        let img = sd.vae.decode(&r.f32("vae.decoder_input", dev)?)?;
+        out.push(compare(
+            "vae.decoder_output",
+            &img,
+            &r.get("vae.decoder_output")?,
+            fwd,
+        ));
+    }
+    Ok(())
 }
 
 fn verify_mifo(
