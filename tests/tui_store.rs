@@ -389,8 +389,8 @@ fn the_overlap_toggle_reaches_the_engine() {
 fn engine_backend_reads_a_sweep_table() {
     let dir = tempfile::tempdir().unwrap();
     let store_dir = dir.path().join("runs");
-    // Four runs, `learn.lr` and the seed varying; the first three done, tagged as a sweep, with
-    // final losses falling from the first to the third.
+    // Four runs, `learn.lr` and the seed varying; the first three done and tagged as a sweep.
+    // Final losses: the first ran 50 steps (1/50), the others 3 (1/(3 + i·1e-4), falling).
     let ids = fill_store(&store_dir, 4);
     let backend = engine_backend(&store_dir, None);
     for id in &ids[..3] {
@@ -403,13 +403,13 @@ fn engine_backend_reads_a_sweep_table() {
     let order: Vec<&str> = t.rows.iter().map(|r| r.run.as_str()).collect();
     assert_eq!(
         order,
-        [ids[2].as_str(), ids[1].as_str(), ids[0].as_str()],
+        [ids[0].as_str(), ids[2].as_str(), ids[1].as_str()],
         "best (lowest loss) first"
     );
     let t = backend
         .sweep_table("lr-sweep", &["loss/total:max".to_string()])
         .unwrap();
-    assert_eq!(t.rows[0].run, ids[0].as_str());
+    assert_eq!(t.rows[0].run, ids[1].as_str());
     let e = backend.sweep_table("nope", &[]).unwrap_err().to_string();
     assert!(e.contains("no run is tagged nope"), "{e}");
 
