@@ -181,7 +181,7 @@ pub fn sweep_of(app: &App, ids: &[RunId]) -> Result<String, String> {
     // Most runs first; of equal counts, the first by name.
     let best = counts
         .into_iter()
-        .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0)))
+        .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(a.0)))
         .map(|(t, _)| t.clone());
     best.ok_or_else(|| {
         let what = if ids.len() == 1 {
@@ -311,12 +311,10 @@ pub fn on_cmd(app: &mut App, cmd: Cmd, fx: &mut Vec<Effect>) {
             s.in_flight = false;
             request(app, fx);
         }
-        Cmd::SortReverse => {
-            if s.sort.is_some() {
-                s.lower = !s.lower;
-                s.in_flight = false;
-                request(app, fx);
-            }
+        Cmd::SortReverse if s.sort.is_some() => {
+            s.lower = !s.lower;
+            s.in_flight = false;
+            request(app, fx);
         }
         Cmd::Open => {
             if let Some(id) = s.selected_run() {
