@@ -384,3 +384,44 @@ fn the_overlap_toggle_reaches_the_engine() {
         !d.app.jobs.rows[0].state.is_active()
     });
 }
+
+#[test]
+fn engine_backend_reads_a_sweep_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_dir = dir.path().join("runs");
+    // Four runs, `learn.lr` and the seed varying; the first three done and tagged as a sweep.
+    // Final losses: the first ran 50 steps (1/50), the others 3 (1/(3 + i·1e-4), falling).
+    let ids = fill_store(&store_dir, 4);
+    let backend = engine_backend(&store_dir, None);
+    for id in &ids[..3] {
+        backend.tag(id, "lr-sweep").unwrap();
+    }
+    let t = backend.sweep_table("lr-sweep", &[]).unwrap();
+    assert_eq!(t.keys, ["learn.lr", "seed"]);
+    assert_eq!(t.metrics, ["loss/total"]);
+    assert!(t.available.contains(&"loss/total".to_string()));
+    let order: Vec<&str> = t.rows.iter().map(|r| r.run.as_str()).collect();
+    assert_eq!(
+        order,
+        [ids[0].as_str(), ids[2].as_str(), ids[1].as_str()],
+        "best (lowest loss) first"
+    );
+    let t = backend
+        .sweep_table("lr-sweep", &["loss/total:max".to_string()])
+        .unwrap();
+    assert_eq!(t.rows[0].run, ids[1].as_str());
+    let e = backend.sweep_table("nope", &[]).unwrap_err().to_string();
+    assert!(e.contains("no run is tagged nope"), "{e}");
+
+    // The workbench over the engine: `w` on a tag filter shows the table.
+    let mut d = SyncDriver::new(backend, 120, 20, now_ms(), false);
+    d.press("/tag:lr-sweep<Enter>w");
+    assert_eq!(d.app.view, View::Sweep);
+    let screen = d.draw();
+    assert!(screen.contains("Sweep lr-sweep · 3 runs"), "{screen}");
+    assert!(screen.contains("learn.lr"), "{screen}");
+    assert!(
+        screen.contains("best first by loss/total (lower is better)"),
+        "{screen}"
+    );
+}

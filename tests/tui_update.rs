@@ -499,3 +499,133 @@ fn launch_form_offers_the_learning_methods() {
     let launches = d.backend.launches.lock().unwrap().clone();
     assert_eq!(launches[0].preset, "ti-m");
 }
+
+/// The sweep table's runs, top to bottom, as the letters of [`FakeBackend::with_sweep`].
+fn sweep_order(d: &SyncDriver<FakeBackend>) -> String {
+    let letters = ["a", "b", "c", "d"];
+    let t = d.app.sweep.as_ref().unwrap().table.as_ref().unwrap();
+    t.rows
+        .iter()
+        .map(|r| {
+            let i = (0..4)
+                .find(|&i| d.backend.id(3 - i).to_string() == r.run)
+                .expect("a sweep run");
+            letters[i]
+        })
+        .collect()
+}
+
+#[test]
+fn sweep_table_opens_on_the_runs_tag_and_m_cycles_the_ordering_metric() {
+    let mut d = SyncDriver::new(FakeBackend::with_sweep(), 120, 30, NOW, false);
+    // A run without a tag has no sweep.
+    d.press("jjjjj"); // the running run: untagged
+    d.press("w");
+    assert_eq!(d.app.view, View::Runs);
+    let e = d.app.status.as_ref().unwrap();
+    assert!(e.error && e.text.contains("has no tag"), "{}", e.text);
+
+    // The newest run is in the sweep: `w` opens its table, best first by the main loss.
+    d.press("gw");
+    assert_eq!(d.app.view, View::Sweep);
+    let s = d.app.sweep.as_ref().unwrap();
+    assert_eq!(s.name, "lr-sweep");
+    let t = s.table.as_ref().unwrap();
+    assert_eq!(t.keys, ["learn.lr", "seed"]);
+    assert_eq!(
+        t.metrics,
+        ["loss/total", "eval/sim_d", "eval/cs"],
+        "the ordering metric, then the scores"
+    );
+    assert!(t.lower_better[0]);
+    assert_eq!(sweep_order(&d), "badc");
+    let calls = d.backend.calls();
+    assert!(
+        calls.contains(&r#"sweep lr-sweep ["loss/total:min", "eval/sim_d", "eval/cs"]"#.into()),
+        "{calls:?}"
+    );
+
+    // `m`: SIM-D orders it (higher is better), then CS, then the reconstruction loss, then
+    // round to the main loss; `M` goes back.
+    d.press("m");
+    let t = d.app.sweep.as_ref().unwrap().table.as_ref().unwrap();
+    assert_eq!(t.metrics, ["eval/sim_d", "loss/total", "eval/cs"]);
+    assert!(!t.lower_better[0]);
+    assert_eq!(sweep_order(&d), "cadb");
+    d.press("m");
+    assert_eq!(sweep_order(&d), "bcad");
+    d.press("m");
+    assert_eq!(
+        d.app
+            .sweep
+            .as_ref()
+            .unwrap()
+            .table
+            .as_ref()
+            .unwrap()
+            .metrics[0],
+        "loss/rec"
+    );
+    assert_eq!(sweep_order(&d), "badc");
+    d.press("m");
+    assert_eq!(
+        d.app.sweep.as_ref().unwrap().sort.as_deref(),
+        Some("loss/total")
+    );
+    d.press("M");
+    assert_eq!(
+        d.app.sweep.as_ref().unwrap().sort.as_deref(),
+        Some("loss/rec")
+    );
+    d.press("MM");
+    assert_eq!(sweep_order(&d), "cadb");
+    // `o` flips the direction: worst SIM-D first.
+    d.press("o");
+    assert!(
+        d.app
+            .sweep
+            .as_ref()
+            .unwrap()
+            .table
+            .as_ref()
+            .unwrap()
+            .lower_better[0]
+    );
+    assert_eq!(sweep_order(&d), "bdac");
+
+    // Enter opens the selected run (b: the selection follows its run as the order changes); Esc comes back to the table.
+    let first = d.backend.id(2); // run b
+    d.press("<Enter>");
+    assert_eq!(d.app.view, View::Detail);
+    assert_eq!(d.app.detail.as_ref().unwrap().id, first);
+    d.press("<Esc>");
+    assert_eq!(d.app.view, View::Sweep);
+
+    // Space marks, `d` compares the marked runs.
+    d.press("<Space><Space>d");
+    assert_eq!(d.app.view, View::Compare);
+    assert_eq!(d.app.compare.as_ref().unwrap().ids.len(), 2);
+    // `w` in the compare view: the tag both runs share.
+    d.press("w");
+    assert_eq!(d.app.view, View::Sweep);
+}
+
+#[test]
+fn sweep_table_follows_a_tag_filter_and_reports_an_unknown_sweep() {
+    let mut d = SyncDriver::new(FakeBackend::with_sweep(), 120, 30, NOW, false);
+    // The filter's tag wins over the selected run's tags.
+    d.press("/tag:lr-sweep<Enter>w");
+    assert_eq!(d.app.sweep.as_ref().unwrap().name, "lr-sweep");
+    d.press("<Esc><Esc>/tag:nope<Enter>w");
+    assert_eq!(d.app.view, View::Sweep);
+    let s = d.app.sweep.as_ref().unwrap();
+    assert!(s.table.is_none());
+    assert!(
+        s.error
+            .as_deref()
+            .unwrap()
+            .contains("no run is tagged nope"),
+        "{:?}",
+        s.error
+    );
+}

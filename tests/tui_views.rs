@@ -247,3 +247,18 @@ fn detail_view_prints_evaluation_scores_instead_of_charting_them() {
     let groups = &d.app.detail.as_ref().unwrap().groups;
     assert!(groups.iter().all(|g| g != "eval"), "{groups:?}");
 }
+
+#[test]
+fn sweep_table_best_first_and_reordered_by_a_score() {
+    let mut d = SyncDriver::new(FakeBackend::with_sweep(), 110, 12, NOW, false);
+    d.press("w"); // the newest run is in the sweep `lr-sweep`
+    assert_eq!(d.app.view, View::Sweep);
+    insta::assert_snapshot!("sweep", d.draw());
+    d.press("m<Space>"); // the selection follows run b, now last; Space marks it
+    let screen = d.draw();
+    assert!(
+        screen.contains("best first by eval/sim_d (higher is better)"),
+        "{screen}"
+    );
+    insta::assert_snapshot!("sweep_by_sim_d", screen);
+}

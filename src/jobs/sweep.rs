@@ -403,6 +403,25 @@ pub struct SweepTable {
     pub lower_better: Vec<bool>,
     /// The runs, best first (runs without the first metric last).
     pub rows: Vec<SweepRow>,
+    /// Every metric with a final value in any of the sweep's runs, by name (what `--by` may
+    /// name; the workbench cycles through them).
+    #[serde(default)]
+    pub available: Vec<String>,
+}
+
+/// One run as [`table_of`] reads it: what the store (or a workbench backend) knows of it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SweepRun {
+    /// Run id.
+    pub run: String,
+    /// Learning or synthesis.
+    pub kind: RunKind,
+    /// Its status (`done`, `running`, …).
+    pub status: String,
+    /// Its config as flat `key → value` text ([`flat_config`]).
+    pub config: BTreeMap<String, String>,
+    /// The final value of each of its metric series.
+    pub finals: BTreeMap<String, f64>,
 }
 
 /// One run of a [`SweepTable`].
@@ -438,8 +457,9 @@ fn parse_by(text: &str) -> (String, bool) {
 }
 
 /// The config of a spec as flat `key → value` text: `section.key` for each table's keys, the
-/// other top-level entries (preset, dtype, prompt, …) as they are, and `seed`.
-fn flat_config(spec: &crate::store::RunSpec) -> BTreeMap<String, String> {
+/// other top-level entries (preset, dtype, prompt, …) as they are, `from` (the parent run) and
+/// `seed`.
+pub fn flat_config(spec: &crate::store::RunSpec) -> BTreeMap<String, String> {
     let text = |v: &serde_json::Value| match v {
         serde_json::Value::String(s) => s.clone(),
         other => other.to_string(),
@@ -477,25 +497,37 @@ pub fn table(store: &Store, name: &str, by: &[String]) -> Result<SweepTable> {
         let r = r?;
         if tags.get(&r.id).is_some_and(|t| t.iter().any(|t| t == name)) {
             let spec = store.spec(&r.spec_hash)?;
-            runs.push((r, flat_config(&spec)));
+            runs.push(SweepRun {
+                run: r.id.to_string(),
+                kind: r.kind,
+                status: r.status.as_str().to_string(),
+                config: flat_config(&spec),
+                finals: r.summary.iter().map(|(m, s)| (m.clone(), s.last)).collect(),
+            });
         }
     }
+    table_of(name, &runs, by)
+}
+
+/// [`table`] over runs already read (`runs`: those tagged `name`); the workbench's backends
+/// share it, so every front end orders a sweep the same way.
+pub fn table_of(name: &str, runs: &[SweepRun], by: &[String]) -> Result<SweepTable> {
     if runs.is_empty() {
         return Err(Error::Input(format!(
             "sweep {name}: no run is tagged {name} (see `mifo runs ls`)"
         )));
     }
-    let kinds: BTreeSet<RunKind> = runs.iter().map(|(r, _)| r.kind).collect();
+    let kinds: BTreeSet<RunKind> = runs.iter().map(|r| r.kind).collect();
     if kinds.len() > 1 {
         return Err(Error::Input(format!(
             "sweep {name}: its runs mix learning and synthesis; not a sweep"
         )));
     }
-    let all_keys: BTreeSet<&String> = runs.iter().flat_map(|(_, c)| c.keys()).collect();
+    let all_keys: BTreeSet<&String> = runs.iter().flat_map(|r| r.config.keys()).collect();
     let mut keys: Vec<String> = all_keys
         .into_iter()
         .filter(|k| {
-            let values: BTreeSet<Option<&String>> = runs.iter().map(|(_, c)| c.get(*k)).collect();
+            let values: BTreeSet<Option<&String>> = runs.iter().map(|r| r.config.get(*k)).collect();
             values.len() > 1
         })
         .cloned()
@@ -505,8 +537,8 @@ pub fn table(store: &Store, name: &str, by: &[String]) -> Result<SweepTable> {
         let seed = keys.remove(i);
         keys.push(seed);
     }
+    let names: BTreeSet<&String> = runs.iter().flat_map(|r| r.finals.keys()).collect();
     let chosen: Vec<(String, bool)> = if by.is_empty() {
-        let names: BTreeSet<&String> = runs.iter().flat_map(|(r, _)| r.summary.keys()).collect();
         let default = if names.iter().any(|n| *n == "loss/total") {
             Some("loss/total".to_string())
         } else {
@@ -521,16 +553,16 @@ pub fn table(store: &Store, name: &str, by: &[String]) -> Result<SweepTable> {
     };
     let mut rows: Vec<SweepRow> = runs
         .iter()
-        .map(|(r, c)| SweepRow {
-            run: r.id.to_string(),
-            status: r.status.as_str().to_string(),
+        .map(|r| SweepRow {
+            run: r.run.clone(),
+            status: r.status.clone(),
             values: keys
                 .iter()
-                .map(|k| c.get(k).cloned().unwrap_or_else(|| "-".into()))
+                .map(|k| r.config.get(k).cloned().unwrap_or_else(|| "-".into()))
                 .collect(),
             metrics: chosen
                 .iter()
-                .map(|(m, _)| r.summary.get(m).map(|s| s.last).filter(|v| !v.is_nan()))
+                .map(|(m, _)| r.finals.get(m).copied().filter(|v| !v.is_nan()))
                 .collect(),
         })
         .collect();
@@ -555,6 +587,7 @@ pub fn table(store: &Store, name: &str, by: &[String]) -> Result<SweepTable> {
         metrics: chosen.iter().map(|(m, _)| m.clone()).collect(),
         lower_better: chosen.iter().map(|(_, l)| *l).collect(),
         rows,
+        available: names.into_iter().cloned().collect(),
     })
 }
 

@@ -3,6 +3,7 @@
 use ratatui::crossterm::event::KeyEvent;
 use ratatui_image::protocol::StatefulProtocol;
 
+use crate::jobs::sweep::SweepTable;
 use crate::store::{BlobHash, RunId};
 
 use super::backend::{
@@ -58,6 +59,13 @@ pub enum Action {
         /// Why encoding failed, if it did.
         error: Option<String>,
     },
+    /// A sweep's table arrived.
+    SweepLoaded {
+        /// The sweep asked for.
+        name: String,
+        /// The table, or why not.
+        result: Result<SweepTable, String>,
+    },
     /// A job was queued (launch, re-run, resume).
     Launched {
         /// What was asked for (`launch`, `re-run 0j5…`).
@@ -110,6 +118,13 @@ pub enum Request {
         image: BlobHash,
         /// Mask blobs, tinted and labelled `<v0>`, `<v1>`… in order.
         masks: Vec<BlobHash>,
+    },
+    /// [`super::Backend::sweep_table`].
+    Sweep {
+        /// The sweep (a tag).
+        name: String,
+        /// `METRIC[:min|:max]`, in sort order.
+        by: Vec<String>,
     },
     /// [`super::Backend::launch_learn`].
     LaunchLearn(Box<LearnLaunch>),

@@ -14,6 +14,7 @@ use super::views::detail::DetailState;
 use super::views::jobs::JobsState;
 use super::views::launch::LaunchForm;
 use super::views::runs::RunsState;
+use super::views::sweep::SweepState;
 use super::views::synth::SynthForm;
 use super::widgets::input::TextInput;
 
@@ -39,6 +40,8 @@ pub enum View {
     Detail,
     /// 2–8 runs side by side.
     Compare,
+    /// A sweep's runs: varied keys against final metrics, best first.
+    Sweep,
     /// The launch form.
     Launch,
     /// Queued and running jobs.
@@ -54,6 +57,7 @@ impl View {
             View::Runs => Ctx::Runs,
             View::Detail => Ctx::Detail,
             View::Compare => Ctx::Compare,
+            View::Sweep => Ctx::Sweep,
             View::Launch => Ctx::Launch,
             View::Jobs => Ctx::Jobs,
             View::Synth => Ctx::Synth,
@@ -148,6 +152,8 @@ pub struct App {
     pub detail: Option<DetailState>,
     /// The compare view.
     pub compare: Option<CompareState>,
+    /// The sweep table.
+    pub sweep: Option<SweepState>,
     /// The launch form.
     pub launch: Option<LaunchForm>,
     /// The synthesis form.
@@ -177,6 +183,7 @@ impl App {
             runs: RunsState::default(),
             detail: None,
             compare: None,
+            sweep: None,
             launch: None,
             synth: None,
             jobs: JobsState::default(),
@@ -311,6 +318,7 @@ pub fn update(app: &mut App, action: Action) -> Vec<Effect> {
                         if app.compare.as_ref().is_some_and(|c| c.ids.contains(&id)) {
                             app.request_run(&id, true, &mut fx);
                         }
+                        super::views::sweep::on_run_changed(app, &id, &mut fx);
                     }
                 }
                 Err(e) => {
@@ -337,6 +345,9 @@ pub fn update(app: &mut App, action: Action) -> Vec<Effect> {
                 Ok(rows) => super::views::jobs::set_rows(app, rows, &mut fx),
                 Err(e) => app.error(format!("listing jobs: {e}")),
             }
+        }
+        Action::SweepLoaded { name, result } => {
+            super::views::sweep::on_loaded(app, &name, result, &mut fx)
         }
         Action::ImageReady { key, result } => app.images.ready(key, result),
         Action::ImageResized {
@@ -388,6 +399,7 @@ fn on_tick(app: &mut App, now_ms: u64, fx: &mut Vec<Effect>) {
     }
     super::views::detail::on_tick(app, fx);
     super::views::compare::on_tick(app, fx);
+    super::views::sweep::on_tick(app, fx);
 }
 
 fn on_key(app: &mut App, key: KeyEvent, fx: &mut Vec<Effect>) {
@@ -450,10 +462,12 @@ fn on_key(app: &mut App, key: KeyEvent, fx: &mut Vec<Effect>) {
             app.request_jobs(fx);
         }
         Cmd::NewLearn => super::views::launch::open_new(app),
+        Cmd::Sweep => super::views::sweep::open_for_view(app, fx),
         _ => match app.view {
             View::Runs => super::views::runs::on_cmd(app, cmd, fx),
             View::Detail => super::views::detail::on_cmd(app, cmd, fx),
             View::Compare => super::views::compare::on_cmd(app, cmd, fx),
+            View::Sweep => super::views::sweep::on_cmd(app, cmd, fx),
             View::Jobs => super::views::jobs::on_cmd(app, cmd, fx),
             View::Launch | View::Synth => {}
         },

@@ -18,6 +18,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
+use crate::jobs::sweep::SweepTable;
 use crate::jobs::synth::SynthJob;
 use crate::learn::LearnConfig;
 use crate::store::{BlobHash, RunId, RunKind, RunRecord, RunSpec, RunStatus, SpecHash};
@@ -314,6 +315,11 @@ pub trait Backend: Send {
     fn untag(&self, id: &RunId, tag: &str) -> Result<()>;
     /// Jobs queued, running and recently ended, oldest first.
     fn jobs(&self) -> Result<Vec<JobRow>>;
+    /// The sweep `name` (the runs tagged with it) as a table: the keys that vary between its
+    /// runs against the final value of each metric of `by` (`METRIC`, `METRIC:min`,
+    /// `METRIC:max`; none: the main loss), best first, as `mifo sweep show NAME --by …` prints
+    /// it ([`crate::jobs::sweep::table`]).
+    fn sweep_table(&self, name: &str, by: &[String]) -> Result<SweepTable>;
     /// Called once when the UI quits. An in-process backend stops its jobs here; an engine client
     /// just lets go.
     fn shutdown(&self) {}

@@ -14,6 +14,7 @@ use super::backend::{
 };
 use crate::engine::{Client, Request, Response};
 use crate::jobs::learn::LearnJob;
+use crate::jobs::sweep::SweepTable;
 use crate::learn::{scene_files, SceneFiles};
 use crate::model::ModelSource;
 use crate::store::{now_ms, BlobHash, BlobStore, RunId, RunKind, RunSpec, RunStatus};
@@ -473,5 +474,15 @@ impl Backend for EngineBackend {
             });
         }
         Ok(rows)
+    }
+
+    fn sweep_table(&self, name: &str, by: &[String]) -> Result<SweepTable> {
+        match self.request(&Request::SweepTable {
+            name: name.to_string(),
+            by: by.to_vec(),
+        })? {
+            Response::SweepTable(t) => Ok(t),
+            other => Err(unexpected(other)),
+        }
     }
 }

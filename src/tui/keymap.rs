@@ -13,6 +13,8 @@ pub enum Ctx {
     Detail,
     /// The compare view.
     Compare,
+    /// A sweep's table.
+    Sweep,
     /// The launch form.
     Launch,
     /// The jobs view.
@@ -29,6 +31,7 @@ impl Ctx {
             Ctx::Runs => "Runs",
             Ctx::Detail => "Run detail",
             Ctx::Compare => "Compare",
+            Ctx::Sweep => "Sweep table",
             Ctx::Launch => "Launch form",
             Ctx::Jobs => "Jobs",
             Ctx::Synth => "Synthesis form",
@@ -36,11 +39,12 @@ impl Ctx {
     }
 
     /// All contexts, in help order.
-    pub const ALL: [Ctx; 7] = [
+    pub const ALL: [Ctx; 8] = [
         Ctx::Global,
         Ctx::Runs,
         Ctx::Detail,
         Ctx::Compare,
+        Ctx::Sweep,
         Ctx::Launch,
         Ctx::Synth,
         Ctx::Jobs,
@@ -104,6 +108,8 @@ pub enum Cmd {
     Delete,
     /// Synthesise from a learned run.
     Synth,
+    /// Show the sweep (a tag) of the run(s) as a table.
+    Sweep,
     /// Toggle log-y.
     LogY,
     /// Toggle EMA smoothing.
@@ -341,6 +347,14 @@ pub const BINDINGS: &[Binding] = &[
     ),
     b(
         Ctx::Runs,
+        &[Ch('w')],
+        "w",
+        "sweep table (tag: filter, else the run's tag)",
+        Cmd::Sweep,
+        false,
+    ),
+    b(
+        Ctx::Runs,
         &[Ch('L')],
         "L",
         "new learning run",
@@ -404,6 +418,14 @@ pub const BINDINGS: &[Binding] = &[
         Cmd::Synth,
         false,
     ),
+    b(
+        Ctx::Detail,
+        &[Ch('w')],
+        "w",
+        "sweep table of the run's tag",
+        Cmd::Sweep,
+        false,
+    ),
     // Compare
     b(Ctx::Compare, UP, "k/↑", "scroll up", Cmd::Up, false),
     b(Ctx::Compare, DOWN, "j/↓", "scroll down", Cmd::Down, false),
@@ -454,6 +476,58 @@ pub const BINDINGS: &[Binding] = &[
         "→",
         "next output",
         Cmd::NextImage,
+        true,
+    ),
+    b(
+        Ctx::Compare,
+        &[Ch('w')],
+        "w",
+        "sweep table of the runs' common tag",
+        Cmd::Sweep,
+        false,
+    ),
+    // Sweep table
+    b(Ctx::Sweep, UP, "k/↑", "up", Cmd::Up, false),
+    b(Ctx::Sweep, DOWN, "j/↓", "down", Cmd::Down, false),
+    b(
+        Ctx::Sweep,
+        &[Ch('m')],
+        "m",
+        "order by the next metric",
+        Cmd::NextMetric,
+        true,
+    ),
+    b(
+        Ctx::Sweep,
+        &[Ch('M')],
+        "M",
+        "order by the previous metric",
+        Cmd::PrevMetric,
+        false,
+    ),
+    b(
+        Ctx::Sweep,
+        &[Ch('o')],
+        "o",
+        "flip lower/higher is better",
+        Cmd::SortReverse,
+        true,
+    ),
+    b(
+        Ctx::Sweep,
+        &[Code(KeyCode::Enter)],
+        "Enter",
+        "open run",
+        Cmd::Open,
+        true,
+    ),
+    b(Ctx::Sweep, &[Ch(' ')], "Space", "mark", Cmd::Mark, true),
+    b(
+        Ctx::Sweep,
+        &[Ch('d')],
+        "d",
+        "compare marked",
+        Cmd::Diff,
         true,
     ),
     // Launch

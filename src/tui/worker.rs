@@ -62,6 +62,10 @@ pub fn perform(backend: &dyn Backend, request: Request) -> Outcome {
             id,
         },
         Request::Jobs => Action::JobsLoaded(backend.jobs().map_err(err)),
+        Request::Sweep { name, by } => Action::SweepLoaded {
+            result: backend.sweep_table(&name, &by).map_err(err),
+            name,
+        },
         Request::Image { key, image, masks } => {
             let fetched = backend.blob(&image).and_then(|img| {
                 let masks = masks

@@ -8,6 +8,7 @@ use std::sync::Mutex;
 
 use anyhow::{anyhow, Result};
 use image::{GrayImage, ImageFormat, Luma, Rgb, RgbImage};
+use mifo::jobs::sweep::{flat_config, table_of, SweepRun, SweepTable};
 use mifo::learn::LearnConfig;
 use mifo::store::{BlobHash, Digest, RunId, RunKind, RunSpec, RunStatus};
 use mifo::tui::backend::{
@@ -380,6 +381,83 @@ impl FakeBackend {
         }
     }
 
+    /// [`FakeBackend::new`] plus, newest, a sweep tagged `lr-sweep` of four done learning runs
+    /// (`learn.lr` 0.002 / 0.004 × seed 0 / 1) whose final loss, SIM-D and CS order them three
+    /// different ways: by loss b a d c, by SIM-D (higher is better) c a d b, by CS b c a d
+    /// (a = lr 0.002 seed 0, b = 0.002 / 1, c = 0.004 / 0, d = 0.004 / 1).
+    pub fn with_sweep() -> Self {
+        let backend = FakeBackend::new();
+        let inputs = backend.runs.lock().unwrap()[2]
+            .detail
+            .spec
+            .as_ref()
+            .unwrap()
+            .inputs
+            .clone();
+        // (lr, seed, final loss, SIM-D, CS)
+        let defs = [
+            (0.002, 0, 0.031, 0.71, 0.020),
+            (0.002, 1, 0.027, 0.64, 0.031),
+            (0.004, 0, 0.045, 0.75, 0.025),
+            (0.004, 1, 0.038, 0.69, 0.018),
+        ];
+        let mut runs = backend.runs.lock().unwrap();
+        for (i, &(lr, seed, loss, sim_d, cs)) in defs.iter().enumerate() {
+            let created = NOW - (40 - i as u64) * 1000;
+            let id = RunId::from_parts(created, 2000 + i as u32);
+            let spec = RunSpec {
+                kind: RunKind::Learn,
+                config: learn_config(lr, 600),
+                seed,
+                inputs: inputs.clone(),
+                parent: None,
+                model_fingerprint: Digest::of(b"tiny"),
+                code_version: "mifo 0.1.0".into(),
+            };
+            let mut metrics: Metrics = BTreeMap::new();
+            metrics.insert("loss/total".into(), vec![(0, 0.3), (10, 0.1), (20, loss)]);
+            metrics.insert("loss/rec".into(), vec![(0, 0.2), (20, loss * 0.8)]);
+            metrics.insert("eval/sim_d".into(), vec![(0, sim_d)]);
+            metrics.insert("eval/cs".into(), vec![(0, cs)]);
+            let row = RunRow {
+                id: id.clone(),
+                kind: RunKind::Learn,
+                status: RunStatus::Done,
+                created_ms: created,
+                started_ms: Some(created + 100),
+                finished_ms: Some(created + 30_000),
+                scene: Some("coffee".into()),
+                parent: None,
+                rerun_of: None,
+                rerun_identical: None,
+                spec_hash: spec.spec_hash().unwrap(),
+                config_deltas: vec![("learn.lr".into(), lr.to_string())],
+                final_loss: Some(loss),
+                tags: vec!["lr-sweep".into()],
+                progress: None,
+                device: "cpu".into(),
+            };
+            runs.insert(
+                0,
+                FakeRun {
+                    detail: RunDetail {
+                        row,
+                        spec: Some(spec),
+                        spec_error: None,
+                        host: "gpu-box".into(),
+                        error: None,
+                        outputs: BTreeMap::new(),
+                        log_tail: Vec::new(),
+                        log_lines: 0,
+                    },
+                    metrics,
+                },
+            );
+        }
+        drop(runs);
+        backend
+    }
+
     /// The id of the `i`-th run, newest first.
     pub fn id(&self, i: usize) -> RunId {
         self.runs.lock().unwrap()[i].detail.row.id.clone()
@@ -506,5 +584,28 @@ impl Backend for FakeBackend {
 
     fn jobs(&self) -> Result<Vec<JobRow>> {
         Ok(self.jobs.lock().unwrap().clone())
+    }
+
+    fn sweep_table(&self, name: &str, by: &[String]) -> Result<SweepTable> {
+        self.call(format!("sweep {name} {by:?}"));
+        let runs: Vec<SweepRun> = self
+            .runs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.detail.row.tags.iter().any(|t| t == name))
+            .map(|r| SweepRun {
+                run: r.detail.row.id.to_string(),
+                kind: r.detail.row.kind,
+                status: r.detail.row.status.as_str().to_string(),
+                config: r.detail.spec.as_ref().map(flat_config).unwrap_or_default(),
+                finals: r
+                    .metrics
+                    .iter()
+                    .filter_map(|(m, p)| Some((m.clone(), p.last()?.1)))
+                    .collect(),
+            })
+            .collect();
+        Ok(table_of(name, &runs, by)?)
     }
 }

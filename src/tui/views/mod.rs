@@ -7,6 +7,7 @@ pub mod help;
 pub mod jobs;
 pub mod launch;
 pub mod runs;
+pub mod sweep;
 pub mod synth;
 
 use ratatui::buffer::Buffer;
@@ -48,6 +49,7 @@ pub fn render(app: &mut App, area: Rect, buf: &mut Buffer) {
         View::Runs => runs::render(app, body, buf),
         View::Detail => detail::render(app, body, buf),
         View::Compare => compare::render(app, body, buf),
+        View::Sweep => sweep::render(app, body, buf),
         View::Launch => launch::render(app, body, buf),
         View::Jobs => jobs::render(app, body, buf),
         View::Synth => synth::render(app, body, buf),
@@ -104,7 +106,10 @@ fn render_title(app: &App, area: Rect, buf: &mut Buffer) {
         tab(
             "1",
             "Runs".into(),
-            matches!(app.view, View::Runs | View::Detail | View::Compare),
+            matches!(
+                app.view,
+                View::Runs | View::Detail | View::Compare | View::Sweep
+            ),
         ),
         tab("2", jobs, app.view == View::Jobs),
         Span::styled(format!("  {}", app.info.name), theme::dim()),
