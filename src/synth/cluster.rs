@@ -153,6 +153,29 @@ pub struct RefineInput<'a> {
     pub sigmoid_scale: f64,
 }
 
+impl<'a> RefineInput<'a> {
+    /// The inputs of one refinement with the clustering keys of `cfg` (`clusters_per_subject`,
+    /// `ca_threshold`, `cluster_threshold`, `sigmoid_scale`).
+    pub fn new(
+        cfg: &crate::synth::SynthConfig,
+        self_map: &'a [f32],
+        cross_map: &'a [f32],
+        existing: &'a [Vec<bool>],
+        boxes: &'a [Vec<bool>],
+    ) -> Self {
+        Self {
+            self_map,
+            cross_map,
+            existing,
+            boxes,
+            clusters_per_subject: cfg.clusters_per_subject,
+            ca_threshold: cfg.ca_threshold,
+            cluster_threshold: cfg.cluster_threshold,
+            sigmoid_scale: cfg.sigmoid_scale,
+        }
+    }
+}
+
 /// The outcome of one refinement.
 #[derive(Clone, Debug)]
 pub struct Refined {

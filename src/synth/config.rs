@@ -352,6 +352,14 @@ impl SynthConfig {
         }
     }
 
+    /// Whether the masks are refined before denoising step `step`: at `guided_steps` and every
+    /// `refine_every` steps after it (with `refine` on).
+    pub fn refines_at(&self, step: usize) -> bool {
+        self.refine
+            && step >= self.guided_steps
+            && (step - self.guided_steps).is_multiple_of(self.refine_every)
+    }
+
     /// The latent step size β_i = start + (end − start)/guided_steps·i for guided step i.
     pub fn step_size(&self, step: usize) -> f64 {
         let n = self.guided_steps.max(1) as f64;

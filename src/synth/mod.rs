@@ -612,26 +612,14 @@ fn run_sample(
         }
 
         // 2. mask refinement
-        let refine_now = control
-            && cfg.refine
-            && i >= cfg.guided_steps
-            && (i - cfg.guided_steps).is_multiple_of(cfg.refine_every);
+        let refine_now = control && cfg.refines_at(i);
         if refine_now {
             let refine_started = Instant::now();
             if let (Some((self_map, cross_map)), Some(size)) = (hook.maps.means()?, hook.maps.size)
             {
                 let boxes = hook.box_masks(size.0, size.1);
                 let existing = hook.region_masks(size.0, size.1);
-                let input = RefineInput {
-                    self_map: &self_map,
-                    cross_map: &cross_map,
-                    existing: &existing,
-                    boxes: &boxes,
-                    clusters_per_subject: cfg.clusters_per_subject,
-                    ca_threshold: cfg.ca_threshold,
-                    cluster_threshold: cfg.cluster_threshold,
-                    sigmoid_scale: cfg.sigmoid_scale,
-                };
+                let input = RefineInput::new(cfg, &self_map, &cross_map, &existing, &boxes);
                 let refined = cluster::refine(&input, &kmeans, centres.as_deref());
                 centres = Some(refined.fit.centres.clone());
                 for &j in &refined.fallbacks {

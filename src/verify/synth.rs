@@ -338,9 +338,7 @@ pub fn verify_synth(sd: &StableDiffusion, path: &Path, dev: &Device) -> Result<V
             z = r.f32(&format!("synth.guided.{i}"), dev)?;
         }
 
-        let refine_now = cfg.refine
-            && i >= cfg.guided_steps
-            && (i - cfg.guided_steps).is_multiple_of(cfg.refine_every);
+        let refine_now = cfg.refines_at(i);
         if refine_now && our_refine_step.is_none() {
             our_refine_step = Some(i);
             check_refinement(&r, &cfg, &mut hook, &mut out)?;
@@ -467,16 +465,7 @@ fn check_refinement(
         .collect();
     let existing = hook.region_masks(h, w);
     let boxes = hook.box_masks(h, w);
-    let input = RefineInput {
-        self_map: &self_map,
-        cross_map: &cross_map,
-        existing: &existing,
-        boxes: &boxes,
-        clusters_per_subject: cfg.clusters_per_subject,
-        ca_threshold: cfg.ca_threshold,
-        cluster_threshold: cfg.cluster_threshold,
-        sigmoid_scale: cfg.sigmoid_scale,
-    };
+    let input = RefineInput::new(cfg, &self_map, &cross_map, &existing, &boxes);
     let soft = cluster::soft_cross_masks(&input);
     let mut masks = cluster::assign_clusters(&labels, k, &soft, cfg.cluster_threshold);
     cluster::fix_empty_masks(&mut masks, &boxes);
