@@ -820,6 +820,15 @@ fn model_fingerprints_cover_weights_and_configs_and_are_cached() {
     assert_ne!(model_fingerprint(&model).unwrap(), first);
     fs::write(model.join("model_index.json"), b"{}").unwrap();
     assert_eq!(model_fingerprint(&model).unwrap(), first);
+    // A flat model folder (no model_index.json: a CLIP model for evaluation) counts its
+    // top-level files.
+    let flat = dir.path().join("flat");
+    fs::create_dir_all(&flat).unwrap();
+    fs::write(flat.join("config.json"), b"{}").unwrap();
+    fs::write(flat.join("model.safetensors"), b"w1").unwrap();
+    let flat_first = model_fingerprint(&flat).unwrap();
+    fs::write(flat.join("model.safetensors"), b"w2").unwrap();
+    assert_ne!(model_fingerprint(&flat).unwrap(), flat_first);
     // Content counts.
     let weights = model.join("unet/diffusion_pytorch_model.safetensors");
     let mtime = fs::metadata(&weights).unwrap().modified().unwrap();

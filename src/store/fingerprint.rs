@@ -4,11 +4,12 @@
 //! fingerprint = blake3("mifo-model-fingerprint/1\n" ++ for each file, sorted by relative path:
 //!                      relative path ("/"-separated) ++ "\n" ++ blake3(content) as hex ++ "\n")
 //! ```
-//! Files counted: `model_index.json` at the top level, and in the component folders below it
-//! every regular file (symlinks followed) whose extension is one of [`MODEL_FILE_EXTENSIONS`], at
-//! any depth, skipping names that start with `.`. Other top-level files are not the pipeline
-//! (the fixtures keep their parity references there: a new reference file leaves the model the
-//! same model). Hashing multi-GB
+//! Files counted: every regular file (symlinks followed) whose extension is one of
+//! [`MODEL_FILE_EXTENSIONS`], at any depth, skipping names that start with `.`; in a diffusers
+//! pipeline folder (one with `model_index.json`) the only top-level file counted is
+//! `model_index.json` itself: the pipeline is its component folders, and the fixtures keep their
+//! parity references beside them (a new reference file leaves the model the same model). A
+//! flat model folder (a CLIP or DINO model for evaluation) counts its top-level files. Hashing multi-GB
 //! weights takes seconds, so each file's content hash is cached in the store's `meta` tree keyed by
 //! its absolute path and validated by size and modification time.
 //!
@@ -50,7 +51,8 @@ pub const MODEL_FILE_EXTENSIONS: &[&str] = &[
     "model",
 ];
 
-/// The one top-level file of a diffusers folder that is part of the model.
+/// The one top-level file of a diffusers pipeline folder that is part of the model (and the
+/// file that makes a folder one).
 const TOP_LEVEL_FILE: &str = "model_index.json";
 const FINGERPRINT_PREFIX: &[u8] = b"mifo-model-fingerprint/1\n";
 const SINGLE_FILE_PREFIX: &[u8] = b"mifo-model-fingerprint/single-file/1\n";
@@ -69,7 +71,12 @@ pub(crate) struct CachedFileHash {
 
 /// The model files of `dir`: (relative path with `/` separators, absolute path), sorted.
 fn model_files(dir: &Path) -> StoreResult<Vec<(String, PathBuf)>> {
-    fn walk(dir: &Path, rel: &str, out: &mut Vec<(String, PathBuf)>) -> StoreResult<()> {
+    fn walk(
+        dir: &Path,
+        rel: &str,
+        pipeline: bool,
+        out: &mut Vec<(String, PathBuf)>,
+    ) -> StoreResult<()> {
         for entry in fs::read_dir(dir).map_err(|e| StoreError::io(dir, e))? {
             let entry = entry.map_err(|e| StoreError::io(dir, e))?;
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -85,8 +92,8 @@ fn model_files(dir: &Path) -> StoreResult<Vec<(String, PathBuf)>> {
             // Follow symlinks (Hugging Face caches link files into snapshot folders).
             let meta = fs::metadata(&path).map_err(|e| StoreError::io(&path, e))?;
             if meta.is_dir() {
-                walk(&path, &rel_path, out)?;
-            } else if meta.is_file() && (!rel.is_empty() || name == TOP_LEVEL_FILE) {
+                walk(&path, &rel_path, pipeline, out)?;
+            } else if meta.is_file() && (!rel.is_empty() || !pipeline || name == TOP_LEVEL_FILE) {
                 let ext = Path::new(&name)
                     .extension()
                     .map(|e| e.to_string_lossy().to_ascii_lowercase())
@@ -99,7 +106,8 @@ fn model_files(dir: &Path) -> StoreResult<Vec<(String, PathBuf)>> {
         Ok(())
     }
     let mut files = Vec::new();
-    walk(dir, "", &mut files)?;
+    let pipeline = dir.join(TOP_LEVEL_FILE).is_file();
+    walk(dir, "", pipeline, &mut files)?;
     files.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
     Ok(files)
 }
