@@ -50,8 +50,8 @@ pub const SCENE_FILE_VERSION: u32 = 1;
 ///   by more than 0.2 root-mean-square per element), 25 guided steps of 50, and the preset's
 ///   step sizes (β 8 → 2). Measured with the bench's `words` row (the plain model drawing each
 ///   scene's own words under the same synthesis: 6 scenes × 2 layouts × 4 seeds, oracle
-///   identity / leak / outside): without a bound, one full step at the first, noisiest guided
-///   step throws 8 of 48 samples off the model's images (a grey picture with a green smudge):
+///   identity / leak / outside): without a bound 8 of 48 samples come out washed out (a grey
+///   picture with a green smudge; none with `latent_opt` off):
 ///   the best unbounded setting (β 4 → 1 with `backtrack`) reached 66.7 / 13.5 / 31.8 %. With
 ///   the bound no sample is lost: 0.2 with β 4 → 1 86.5 / 9.9 / 37.4, with β 8 → 2 88.5 / 7.1 /
 ///   30.6 (with backtracking as well 88.5 / 9.7 / 32.2), with β 16 → 4 85.4 / 11.0 / 28.9;
