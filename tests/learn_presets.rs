@@ -44,6 +44,8 @@ fn documented_paper() -> LearnConfig {
         // §3.2: no init word, the mean of the vocabulary.
         init: "mean".into(),
         flip_p: 0.0,
+        // §3.3b: no recomposition (not in the paper or the code).
+        recompose_p: 0.0,
         // §3.3a: no bound on the placeholder rows (not in the paper or the code).
         max_token_norm: 0.0,
         // §3.3 / App. C.5: a random non-empty subset of the instances each step.

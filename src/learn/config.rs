@@ -57,6 +57,16 @@ pub struct LearnConfig {
     pub weight_decay: f64,
     /// Clip the global gradient norm of the trained tensors to this (0 = off).
     pub grad_clip: f64,
+    /// Whether the clipped gradient norm also counts the gradients of the prompt's word rows
+    /// (`a`, `photo`, `of`, `and`, start, end and padding tokens, and the class prompt's words
+    /// with prior preservation), as the released code does: it trains the whole embedding
+    /// table, clips over it, and then restores every row but the placeholders'. Only the
+    /// placeholder rows are updated either way; what changes is the clipping factor. `false`
+    /// counts the trained variables alone (the paper preset); `true` in the `official` preset.
+    /// SD only: an SDXL run with it on is refused. Runs stored before this key existed read
+    /// `false`, which is what they ran.
+    #[serde(default)]
+    pub grad_clip_word_rows: bool,
     /// Weight of the masked reconstruction loss.
     pub lambda_rec: f64,
     /// Weight of the attention reward term (phase A.1).
@@ -75,6 +85,14 @@ pub struct LearnConfig {
     pub init: String,
     /// Probability of flipping image and masks horizontally each step.
     pub flip_p: f64,
+    /// Probability that a step learns from a recomposed image instead of the scene: the step's
+    /// instances Λ alone, each cut out by its mask and put down at a random place (kept at its
+    /// size) on the scene's background colour, so that a token cannot carry where its
+    /// instance stood or the other instances (`learn::recompose`; not in the paper or the
+    /// released code, 0 in every preset). Runs stored before this key existed read 0, which is
+    /// what they ran.
+    #[serde(default)]
+    pub recompose_p: f64,
     /// Largest L2 norm a placeholder row may reach: after each update a longer row is scaled
     /// back onto this sphere (0 = no bound, the paper and the released code). Runs stored
     /// before this key existed read 0, which is what they ran.
@@ -147,6 +165,7 @@ impl LearnConfig {
             adam_eps: 1e-8,
             weight_decay: 0.01,
             grad_clip: 1.0,
+            grad_clip_word_rows: false,
             lambda_rec: 1.0,
             lambda_reward: 0.01,
             lambda_penalty: 0.01,
@@ -155,6 +174,7 @@ impl LearnConfig {
             attn_layers: vec!["up_blocks.1".into(), "up_blocks.2".into()],
             init: "mean".into(),
             flip_p: 0.0,
+            recompose_p: 0.0,
             image_fit: default_image_fit(),
             subsets: default_subsets(),
             max_token_norm: 0.0,
@@ -187,6 +207,7 @@ impl LearnConfig {
             lr_schedule: "cosine".into(),
             warmup_steps: 10,
             warmup_from_zero: true,
+            grad_clip_word_rows: true,
             flip_p: 0.5,
             image_fit: "stretch".into(),
             dreambooth_penalty: 0.02,
@@ -416,6 +437,9 @@ impl LearnConfig {
         }
         if !(0.0..=1.0).contains(&self.flip_p) {
             return bad("flip_p", "must be in [0, 1]");
+        }
+        if !(0.0..=1.0).contains(&self.recompose_p) {
+            return bad("recompose_p", "must be in [0, 1]");
         }
         if !(0.0..1.0).contains(&self.adam_beta1) || !(0.0..1.0).contains(&self.adam_beta2) {
             return bad("adam_beta1", "β must be in [0, 1)");

@@ -15,6 +15,7 @@ use super::inputs::Scene;
 use super::losses;
 use super::method::{AttnLoss, LearnMethod};
 use super::optim::{AdamW, AdamWParams};
+use super::recompose::HostScene;
 use super::sampling::{draw_subset, union_mask};
 use super::{
     safetensors_bytes, token_name, tokenizer_with_placeholders, Checkpoint, LearnReport,
@@ -58,6 +59,14 @@ struct SceneTensors {
     masks: [Tensor; 2],
     /// VAE (mean, logvar) for (plain, flipped).
     latents: [Option<(Tensor, Tensor)>; 2],
+    /// Host copies of (plain, flipped) for recomposition, made on first use.
+    host: [Option<HostScene>; 2],
+}
+
+/// A step's recomposed image [1, 3, H, W] and masks [N, H, W] (`learn.recompose_p`).
+struct RecomposedTensors {
+    image: Tensor,
+    masks: Tensor,
 }
 
 impl SceneTensors {
@@ -78,6 +87,38 @@ impl SceneTensors {
             images: [img.clone(), flip(&img)?],
             masks: [masks.clone(), flip(&masks)?],
             latents: [None, None],
+            host: [None, None],
+        })
+    }
+
+    /// The step's instances `subset` of the (possibly flipped) scene, recomposed
+    /// ([`HostScene::recompose`]) with the step's RNG.
+    fn recompose(
+        &mut self,
+        flipped: bool,
+        subset: &[usize],
+        rng: &mut StdRng,
+    ) -> Result<RecomposedTensors> {
+        let i = usize::from(flipped);
+        let device = self.images[i].device().clone();
+        let (_, _, h, w) = self.images[i].dims4()?;
+        if self.host[i].is_none() {
+            let masks = &self.masks[i];
+            self.host[i] = Some(HostScene {
+                height: h,
+                width: w,
+                image: self.images[i].flatten_all()?.to_vec1::<f32>()?,
+                masks: (0..masks.dim(0)?)
+                    .map(|k| Ok(masks.get(k)?.flatten_all()?.to_vec1::<f32>()?))
+                    .collect::<Result<Vec<_>>>()?,
+            });
+        }
+        let host = self.host[i].as_ref().expect("just set");
+        let r = host.recompose(subset, rng);
+        let n = r.masks.len();
+        Ok(RecomposedTensors {
+            image: Tensor::from_vec(r.image, (1, 3, h, w), &device)?,
+            masks: Tensor::from_vec(r.masks.concat(), (n, h, w), &device)?,
         })
     }
 
@@ -107,6 +148,30 @@ enum ModelRef<'a, T> {
 }
 
 impl Models<'_> {
+    /// SD's conditioning for `ids` [B, L] as [`Models::encode`] gives it, with a zero-valued
+    /// variable added to the token embeddings [B, L, hidden]: its gradient is each prompt
+    /// position's embedding gradient, from which the word rows' table gradients are summed
+    /// (`learn.grad_clip_word_rows`). The value of the conditioning is unchanged.
+    fn encode_probed(
+        &self,
+        ids: &Tensor,
+        rows: Option<&Tensor>,
+    ) -> Result<(Conditioning, WordProbe)> {
+        let emb = self.text_encoder.embed_tokens(ids, rows)?;
+        let probe = Var::zeros(emb.shape(), emb.dtype(), emb.device())?;
+        let context = self
+            .text_encoder
+            .forward_embeds(&(emb + probe.as_tensor())?)?;
+        let ids = ids.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?;
+        Ok((
+            Conditioning {
+                context,
+                added: None,
+            },
+            WordProbe { probe, ids },
+        ))
+    }
+
     /// The UNet's conditioning for prompt ids [B, L] (`ids_2`: SDXL's second tokenizer's) with
     /// the placeholder `rows` ([N, hidden], for SDXL [N, h1 + h2]); SDXL's time ids are those of
     /// an image of `size` pixels. For SD this is the text encoder's output, as before.
@@ -412,6 +477,8 @@ struct Draw {
     ids_2: Option<Tensor>,
     /// The position of each `<vj>` of Λ in the prompt.
     positions: Vec<usize>,
+    /// The step's recomposed image and masks, when it drew one (`learn.recompose_p`).
+    recomposed: Option<RecomposedTensors>,
 }
 
 /// A prior-preservation class sample riding along as batch item 1 (phase B).
@@ -434,6 +501,15 @@ struct Forward {
     eps: Tensor,
     /// The cross-attention maps of the placeholder tokens.
     attention: ColumnRecorder,
+    /// With `learn.grad_clip_word_rows`: the instance prompt's and the class prompt's probes.
+    word_probes: Vec<WordProbe>,
+}
+
+/// A zero-valued variable on one prompt's token embeddings, and the prompt's ids, whose
+/// gradient gives the word rows' table gradients ([`Models::encode_probed`]).
+struct WordProbe {
+    probe: Var,
+    ids: Vec<u32>,
 }
 
 /// The attention terms of one step.
@@ -518,6 +594,11 @@ impl<'a> Learner<'a> {
         let cfg = &req.config;
         cfg.validate()?;
         let sd = req.sd;
+        if cfg.grad_clip_word_rows && sd.is_xl() {
+            return Err(Error::Input(
+                "learn.grad_clip_word_rows: counts one text encoder's word rows, and SDXL has two; set it to false".into(),
+            ));
+        }
         let dev = &sd.device;
         let n = req.scene.masks.len();
         let (tok, token_ids) = tokenizer_with_placeholders(&sd.tokenizer, n)?;
@@ -623,7 +704,7 @@ impl<'a> Learner<'a> {
         if let Some(prior) = &objective.prior {
             sink.metric("loss/prior", step, scalar(prior)?)?;
         }
-        self.update(&objective.total, lr)?;
+        self.update(&objective.total, lr, &forward.word_probes)?;
         self.report_step(step, phase, lr, &draw, &objective, sink)
     }
 
@@ -670,6 +751,13 @@ impl<'a> Learner<'a> {
         let subset = draw_subset(&mut rng, n, self.cfg.subsets == "all");
         let flipped = rng.random::<f64>() < self.cfg.flip_p;
         let t = rng.random_range(0..self.sd.scheduler.config().train_steps);
+        // Drawn only when recomposition is on, so runs without it keep their draws.
+        let recomposed = if self.cfg.recompose_p > 0.0 && rng.random::<f64>() < self.cfg.recompose_p
+        {
+            Some(self.scene.recompose(flipped, &subset, &mut rng)?)
+        } else {
+            None
+        };
         let (ids, ids_2, positions) = self.prompt(&subset)?;
         Ok(Draw {
             rng,
@@ -679,6 +767,7 @@ impl<'a> Learner<'a> {
             ids,
             ids_2,
             positions,
+            recomposed,
         })
     }
 
@@ -716,7 +805,10 @@ impl<'a> Learner<'a> {
     /// target for it.
     fn noisy_latent(&mut self, draw: &mut Draw) -> Result<(Tensor, Tensor)> {
         let sd = self.sd;
-        let (mean, logvar) = self.scene.latent_dist(sd, draw.flipped)?;
+        let (mean, logvar) = match &draw.recomposed {
+            Some(r) => sd.vae.encode(&r.image.to_dtype(sd.dtype)?)?,
+            None => self.scene.latent_dist(sd, draw.flipped)?,
+        };
         let lshape = mean.dims().to_vec();
         let noise = normal_tensor(&mut draw.rng, &lshape, &sd.device)?.to_dtype(sd.dtype)?;
         let z0 = if self.cfg.vae_sample {
@@ -782,16 +874,22 @@ impl<'a> Learner<'a> {
     ) -> Result<Forward> {
         let models = &self.models;
         let size = pixel_size(self.sd);
-        let mut cond = models.encode(
-            &draw.ids,
-            draw.ids_2.as_ref(),
-            Some(self.rows.as_tensor()),
-            size,
-        )?;
+        let probed = self.cfg.grad_clip_word_rows;
+        let mut word_probes = Vec::new();
+        let mut encode = |ids: &Tensor, ids_2: Option<&Tensor>, rows: Option<&Tensor>| {
+            if probed {
+                let (cond, probe) = models.encode_probed(ids, rows)?;
+                word_probes.push(probe);
+                Ok(cond)
+            } else {
+                models.encode(ids, ids_2, rows, size)
+            }
+        };
+        let mut cond = encode(&draw.ids, draw.ids_2.as_ref(), Some(self.rows.as_tensor()))?;
         let mut zt_in = zt.clone();
         let mut t_in = vec![draw.t as f32];
         if let Some(c) = class_sample {
-            let ccond = models.encode(&c.ids, c.ids_2.as_ref(), None, size)?;
+            let ccond = encode(&c.ids, c.ids_2.as_ref(), None)?;
             cond = Conditioning::cat(&cond, &ccond)?;
             zt_in = Tensor::cat(&[zt, &c.zt], 0)?;
             t_in.push(c.t as f32);
@@ -809,7 +907,11 @@ impl<'a> Learner<'a> {
             cond.added.as_ref(),
             Some(&mut attention),
         )?;
-        Ok(Forward { eps, attention })
+        Ok(Forward {
+            eps,
+            attention,
+            word_probes,
+        })
     }
 
     /// The paper's Eq. 5, the objective of semantic learning:
@@ -833,7 +935,10 @@ impl<'a> Learner<'a> {
         let sd = self.sd;
         let cfg = self.cfg;
         let eps = forward.eps.narrow(0, 0, 1)?;
-        let masks = &self.scene.masks[usize::from(draw.flipped)];
+        let masks = match &draw.recomposed {
+            Some(r) => &r.masks,
+            None => &self.scene.masks[usize::from(draw.flipped)],
+        };
         let sel = Tensor::new(
             draw.subset.iter().map(|&j| j as u32).collect::<Vec<_>>(),
             &sd.device,
@@ -960,10 +1065,26 @@ impl<'a> Learner<'a> {
 
     /// One AdamW step on ∇L at rate `lr`, the gradient scaled down to norm `grad_clip` when
     /// it is longer.
-    fn update(&mut self, loss: &Tensor, lr: f64) -> Result<()> {
+    fn update(&mut self, loss: &Tensor, lr: f64, word_probes: &[WordProbe]) -> Result<()> {
         let grads = loss.backward()?;
         let scale = if self.cfg.grad_clip > 0.0 {
-            let norm = self.opt.grad_norm(&grads)?;
+            let mut norm = self.opt.grad_norm(&grads)?;
+            if !word_probes.is_empty() {
+                let te = self.models.text_encoder.config();
+                let mut sq = norm * norm;
+                for p in word_probes {
+                    if let Some(g) = grads.get(p.probe.as_tensor()) {
+                        let g = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                        sq += super::optim::table_rows_norm_sq(
+                            &g,
+                            &p.ids,
+                            te.hidden_size,
+                            te.vocab_size as u32,
+                        );
+                    }
+                }
+                norm = sq.sqrt();
+            }
             if norm > self.cfg.grad_clip {
                 self.cfg.grad_clip / (norm + 1e-6)
             } else {

@@ -15,6 +15,7 @@ mod learner;
 pub mod losses;
 pub mod method;
 pub mod optim;
+pub mod recompose;
 pub mod sampling;
 
 use std::collections::{BTreeMap, HashMap};

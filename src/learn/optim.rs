@@ -125,3 +125,39 @@ impl AdamW {
         Ok(())
     }
 }
+
+/// The squared L2 norm of the gradient an embedding *table* would receive from per-position
+/// gradients: `grads` [B·L, hidden] (row-major, one row per prompt position) with each
+/// position's token id in `ids`; positions of the same id add up to that id's row, and ids at
+/// or above `base_vocab` (the placeholders, which are trained variables of their own) are left
+/// out. The released code clips over the whole table, so `learn.grad_clip_word_rows` adds this
+/// to the trained variables' norm.
+pub fn table_rows_norm_sq(grads: &[f32], ids: &[u32], hidden: usize, base_vocab: u32) -> f64 {
+    let mut rows: HashMap<u32, Vec<f64>> = HashMap::new();
+    for (pos, &id) in ids.iter().enumerate() {
+        if id >= base_vocab {
+            continue;
+        }
+        let row = rows.entry(id).or_insert_with(|| vec![0.0; hidden]);
+        for (acc, &g) in row.iter_mut().zip(&grads[pos * hidden..(pos + 1) * hidden]) {
+            *acc += f64::from(g);
+        }
+    }
+    rows.values().flatten().map(|v| v * v).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::table_rows_norm_sq;
+
+    #[test]
+    fn positions_of_one_word_add_up_before_the_norm_and_placeholders_are_left_out() {
+        // Four positions, hidden 2: ids 5, 9, 5, 100 (a placeholder of a 100-word vocabulary).
+        let grads = [1.0, 2.0, 3.0, 0.0, 1.0, -2.0, 7.0, 7.0];
+        let ids = [5, 9, 5, 100];
+        // Row 5 gets (1 + 1, 2 − 2) = (2, 0), row 9 gets (3, 0): 4 + 9.
+        assert_eq!(table_rows_norm_sq(&grads, &ids, 2, 100), 13.0);
+        // Counting each position on its own would give 1 + 4 + 9 + 1 + 4 = 19.
+        assert_eq!(table_rows_norm_sq(&grads, &ids, 2, 101), 13.0 + 98.0);
+    }
+}
