@@ -448,3 +448,71 @@ fn cancellation_stops_between_steps() {
     assert!(!sink.artifacts.contains_key("sample_1.png"));
     assert_eq!(sink.metrics["leak/<v0>"].len(), 7);
 }
+
+/// `synth.joint_stop` (the `official` preset): the samples run in lockstep and stop a guided
+/// step's iterations together on the loss summed over samples. Without an early stop the
+/// lockstep run draws exactly the independent run's images (each latent moves by its own
+/// gradient); with a threshold between the smaller sample's first loss and the mean of both,
+/// the independent run stops that sample after one iteration while the joint run goes on
+/// for both, and every guided step does as many iterations in each sample.
+#[test]
+fn joint_stop_runs_samples_in_lockstep_and_stops_them_together() {
+    let (sd, rows) = model();
+    let cfg = |joint: bool, threshold: f64| SynthConfig {
+        steps: 4,
+        guided_steps: 2,
+        refine: false,
+        joint_stop: joint,
+        loss_threshold: threshold,
+        ..SynthConfig::default()
+    };
+    let (_, free) = run(&request(&sd, &rows, cfg(false, 0.0), 3, 2));
+    let (_, joint) = run(&request(&sd, &rows, cfg(true, 0.0), 3, 2));
+    for k in 0..2 {
+        let name = format!("sample_{k}.png");
+        assert_eq!(free.artifacts[&name], joint.artifacts[&name], "{name}");
+    }
+    // First losses of step 0 (metric steps 0 and 4), per subject.
+    let first: Vec<f64> = [0u64, 4]
+        .iter()
+        .map(|&s| {
+            free.metrics["loss/box"]
+                .iter()
+                .find(|p| p.0 == s)
+                .unwrap()
+                .1
+                / 2.0
+        })
+        .collect();
+    let (lo, mean) = (first[0].min(first[1]), (first[0] + first[1]) / 2.0);
+    assert!(
+        lo < mean,
+        "the two samples start at the same loss {first:?}"
+    );
+    let threshold = (lo + mean) / 2.0;
+    let iters = |sink: &MemorySink, s: u64| {
+        sink.metrics["gd_iters"]
+            .iter()
+            .find(|p| p.0 == s)
+            .unwrap()
+            .1
+    };
+    let lo_k = if first[0] < first[1] { 0 } else { 4 };
+    let (_, free) = run(&request(&sd, &rows, cfg(false, threshold), 3, 2));
+    assert_eq!(iters(&free, lo_k), 1.0);
+    let (_, joint) = run(&request(&sd, &rows, cfg(true, threshold), 3, 2));
+    assert!(iters(&joint, 0) >= 2.0 && iters(&joint, 4) >= 2.0);
+    for i in 0..2 {
+        assert_eq!(iters(&joint, i), iters(&joint, 4 + i), "step {i}");
+    }
+    // The joint stop cannot be combined with backtracking.
+    let bad = SynthConfig {
+        backtrack: true,
+        ..cfg(true, 0.2)
+    };
+    assert!(bad
+        .check()
+        .unwrap_err()
+        .to_string()
+        .contains("synth.joint_stop"));
+}

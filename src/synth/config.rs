@@ -73,6 +73,14 @@ pub struct SynthConfig {
     /// Records stored before the key existed read `false`, which is what they ran.
     #[serde(default)]
     pub backtrack: bool,
+    /// Run a run's samples in lockstep and stop each guided step's iterations for all of them
+    /// together, once the loss summed over samples and divided by samples·subjects falls below
+    /// `loss_threshold`, as the released code does with its batch (`official` preset). `false`
+    /// (the `paper` preset) stops each sample on its own loss. Each latent still moves by its
+    /// own loss's gradient. Not with `backtrack`. Records stored before the key existed read
+    /// `false`, which is what they ran.
+    #[serde(default)]
+    pub joint_stop: bool,
     /// A trust region for the latent optimisation: each iteration's move `β·∇` is scaled down
     /// so that its root-mean-square over the latent's elements is at most this (0 = no bound,
     /// both presets and records stored before the key existed). On the world model's 8×8
@@ -162,6 +170,7 @@ impl Default for SynthConfig {
             step_size_start: 8.0,
             step_size_end: 2.0,
             backtrack: false,
+            joint_stop: false,
             max_step: 0.0,
             lambda_ca: 1.5,
             lambda_sa: 0.5,
@@ -205,6 +214,7 @@ impl SynthConfig {
                 alpha_step_base: 0,
                 alpha_index: "code".into(),
                 loss_form: "official".into(),
+                joint_stop: true,
                 ..Self::default()
             }),
             other => Err(Error::Input(format!(
@@ -296,6 +306,12 @@ impl SynthConfig {
         }
         if self.max_step < 0.0 {
             return bad("max_step", "must be 0 (no bound) or a positive number");
+        }
+        if self.joint_stop && self.backtrack {
+            return bad(
+                "joint_stop",
+                "cannot be combined with synth.backtrack (samples in lockstep share no backtracking)",
+            );
         }
         for (key, list) in [
             ("loss_layers", &self.loss_layers),

@@ -32,7 +32,9 @@
 //!   `attn_metrics`).
 //! * A progress report after every step; [`RunSink::should_stop`] is checked before every step,
 //!   and a stop ends the run with `Ok(report)` where `report.cancelled` is true (samples already
-//!   finished keep their artifacts; the interrupted one emits none).
+//!   finished keep their artifacts; the interrupted one emits none). With `joint_stop` the
+//!   samples run in lockstep (step i of every sample before step i + 1, the guidance iterations
+//!   of a step stopped together on the loss summed over samples), so a stop leaves none.
 
 pub mod boxes;
 pub mod cluster;
@@ -428,6 +430,89 @@ fn optimise_latent(
     })
 }
 
+/// The latent optimisation of one guided step over all samples in lockstep
+/// (`synth.joint_stop`, the released code's batch): each iteration moves every sample's latent
+/// by its own gradient (the summed loss's gradient to one latent is that latent's own loss's),
+/// and the loop stops for all of them once the previous iteration's loss summed over samples,
+/// divided by samples·subjects, is below `loss_threshold`. The α counter advances by one
+/// iteration for all. Backtracking is refused with it (`SynthConfig::check`).
+fn optimise_latents_jointly(
+    samples: &mut [Sample],
+    inputs: GuidanceInputs,
+) -> Result<Vec<GuidedStep>> {
+    let GuidanceInputs {
+        unet,
+        t,
+        cond,
+        cfg,
+        step,
+        subjects,
+    } = inputs;
+    let beta = cfg.step_size(step);
+    let norm = (samples.len() * subjects.max(1)) as f64;
+    let mut before: Vec<Option<f64>> = vec![None; samples.len()];
+    let mut iters = 0;
+    let first_alpha: Vec<f64> = samples
+        .iter()
+        .map(|s| cfg.alpha_pair(step, s.alpha_calls).0)
+        .collect();
+    let mut prev_norm = f64::INFINITY;
+    for _ in 0..cfg.gd_iters {
+        if prev_norm < cfg.loss_threshold {
+            break;
+        }
+        let mut total = 0.0;
+        for (s, first) in samples.iter_mut().zip(before.iter_mut()) {
+            let var = Var::from_tensor(&s.z)?;
+            let alpha = cfg.alpha_pair(step, s.alpha_calls);
+            s.alpha_calls += 2;
+            let loss = guidance_loss(unet, &mut s.hook, var.as_tensor(), t, cond, alpha)?;
+            let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            if !value.is_finite() {
+                return Err(Error::Input(format!(
+                    "latent optimisation: the box loss of sample {} is {value} at step {step}",
+                    s.out.index
+                )));
+            }
+            first.get_or_insert(value);
+            total += value;
+            let grads = loss.backward()?;
+            s.hook.begin(Pass::Guidance);
+            let g = grads.get(var.as_tensor()).ok_or_else(|| {
+                Error::Input("latent optimisation: the loss does not depend on the latent".into())
+            })?;
+            s.z = (var.as_tensor() - latent_move(g, beta, cfg.max_step)?)?.detach();
+        }
+        prev_norm = total / norm;
+        iters += 1;
+    }
+    samples
+        .iter_mut()
+        .zip(before)
+        .zip(first_alpha)
+        .map(|((s, before), alpha)| {
+            let after = guidance_loss(
+                unet,
+                &mut s.hook,
+                &s.z,
+                t,
+                cond,
+                cfg.alpha_pair(step, s.alpha_calls),
+            )?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
+            s.hook.begin(Pass::Normal);
+            Ok(GuidedStep {
+                z: s.z.clone(),
+                before: before.unwrap_or(after),
+                after,
+                alpha,
+                iters,
+            })
+        })
+        .collect()
+}
+
 /// Runs the synthesis (see the module docs for the step order, metrics and artifacts).
 pub fn run(req: &SynthRequest, sink: &mut dyn RunSink) -> Result<SynthReport> {
     let started = Instant::now();
@@ -490,21 +575,74 @@ pub fn run(req: &SynthRequest, sink: &mut dyn RunSink) -> Result<SynthReport> {
         cancelled: false,
         wall_seconds: 0.0,
     };
-    for k in 0..req.samples {
-        let setup = SampleSetup {
-            plan: &plan,
-            ddim: &ddim,
-            timesteps: &timesteps,
-            cond: &cond,
-            context: &context,
-        };
-        match run_sample(req, setup, k, sink)? {
-            Some(s) => report.samples.push(s),
-            None => {
+    let setup = SampleSetup {
+        plan: &plan,
+        ddim: &ddim,
+        timesteps: &timesteps,
+        cond: &cond,
+        context: &context,
+    };
+    if req.config.joint_stop && req.samples > 1 {
+        // Lockstep: every sample takes step i before any takes step i + 1.
+        let mut samples = (0..req.samples)
+            .map(|k| Sample::new(req, &plan, k))
+            .collect::<Result<Vec<_>>>()?;
+        for i in 0..timesteps.len() {
+            if sink.should_stop() {
+                report.cancelled = true;
+                sink.log(&format!(
+                    "cancelled at step {i}: the {} samples, run in lockstep, are all unfinished",
+                    req.samples
+                ))?;
+                break;
+            }
+            let guided = samples[0].guided_at(i);
+            let steps: Vec<Option<GuidedStep>> = if guided {
+                let t = timesteps_tensor(&[timesteps[i]], &sd.device)?;
+                let inputs = guidance_inputs(req, setup, &t, i);
+                optimise_latents_jointly(&mut samples, inputs)?
+                    .into_iter()
+                    .map(Some)
+                    .collect()
+            } else {
+                (0..samples.len()).map(|_| None).collect()
+            };
+            for (s, g) in samples.iter_mut().zip(steps) {
+                s.step(setup, i, g, sink)?;
+            }
+        }
+        if !report.cancelled {
+            for s in samples {
+                report.samples.push(s.finish(sink)?);
+            }
+        }
+    } else {
+        for k in 0..req.samples {
+            let mut s = Sample::new(req, &plan, k)?;
+            let mut cancelled = false;
+            for i in 0..timesteps.len() {
+                if sink.should_stop() {
+                    cancelled = true;
+                    break;
+                }
+                let g = if s.guided_at(i) {
+                    let t = timesteps_tensor(&[timesteps[i]], &sd.device)?;
+                    let inputs = guidance_inputs(req, setup, &t, i);
+                    let mut calls = s.alpha_calls;
+                    let g = optimise_latent(&mut s.hook, &s.z, inputs, &mut calls)?;
+                    s.alpha_calls = calls;
+                    Some(g)
+                } else {
+                    None
+                };
+                s.step(setup, i, g, sink)?;
+            }
+            if cancelled {
                 report.cancelled = true;
                 sink.log(&format!("cancelled during sample {k}"))?;
                 break;
             }
+            report.samples.push(s.finish(sink)?);
         }
     }
     report.wall_seconds = started.elapsed().as_secs_f64();
@@ -523,56 +661,110 @@ struct SampleSetup<'a> {
     context: &'a Conditioning,
 }
 
-fn run_sample(
-    req: &SynthRequest,
-    setup: SampleSetup,
-    k: usize,
-    sink: &mut dyn RunSink,
-) -> Result<Option<SampleReport>> {
-    let SampleSetup {
-        plan,
-        ddim,
-        timesteps,
-        cond,
-        context,
-    } = setup;
-    let started = Instant::now();
-    let sd = req.sd;
-    let cfg = &req.config;
-    let steps = timesteps.len();
-    let subjects = plan.subjects.len();
-    let seed = req.seed.wrapping_add(k as u64);
-    let mut hook = ControlHook::new(cfg, plan, &req.boxes, &sd.device, sd.dtype);
-    let use_hook = cfg.box_control || cfg.attn_metrics;
-    let control = cfg.box_control && subjects > 0;
-    let mut z = initial_latent(sd, seed)?;
-    // Loss terms evaluated by the latent optimisation so far (the released code's α counter).
-    let mut alpha_calls = 0usize;
-    let mut out = SampleReport {
-        index: k,
-        seed,
-        final_leak: BTreeMap::new(),
-        guided_steps: 0,
-        guided_lowered: 0,
-        refinements: 0,
-        mask_fallbacks: Vec::new(),
-        wall_seconds: 0.0,
-        refine_ms: Vec::new(),
-    };
-    let kmeans = KMeansOptions {
-        k: 0,
-        restarts: cfg.kmeans_restarts,
-        max_iters: cfg.kmeans_iters,
-        tol: cfg.kmeans_tol,
-        seed: cfg.kmeans_seed,
-    };
-    let mut centres: Option<Vec<f32>> = None;
-    let mut last_leak: Vec<f64> = vec![0.0; subjects];
+/// What the latent optimisation of step `i` works with.
+fn guidance_inputs<'a>(
+    req: &'a SynthRequest,
+    setup: SampleSetup<'a>,
+    t: &'a Tensor,
+    i: usize,
+) -> GuidanceInputs<'a> {
+    GuidanceInputs {
+        unet: &req.sd.unet,
+        t,
+        cond: setup.cond,
+        cfg: &req.config,
+        step: i,
+        subjects: setup.plan.subjects.len(),
+    }
+}
 
-    for (i, &t) in timesteps.iter().enumerate() {
-        if sink.should_stop() {
-            return Ok(None);
-        }
+/// One sample in the making: its hook (masks, running-mean maps), latent, α counter, cluster
+/// centres and report.
+struct Sample<'a> {
+    req: &'a SynthRequest<'a>,
+    plan: &'a TokenPlan,
+    hook: ControlHook<'a>,
+    z: Tensor,
+    /// Loss terms evaluated by the latent optimisation so far (the released code's α counter).
+    alpha_calls: usize,
+    out: SampleReport,
+    kmeans: KMeansOptions,
+    centres: Option<Vec<f32>>,
+    last_leak: Vec<f64>,
+    started: Instant,
+}
+
+impl<'a> Sample<'a> {
+    fn new(req: &'a SynthRequest<'a>, plan: &'a TokenPlan, k: usize) -> Result<Self> {
+        let sd = req.sd;
+        let cfg = &req.config;
+        let seed = req.seed.wrapping_add(k as u64);
+        Ok(Self {
+            req,
+            plan,
+            hook: ControlHook::new(cfg, plan, &req.boxes, &sd.device, sd.dtype),
+            z: initial_latent(sd, seed)?,
+            alpha_calls: 0,
+            out: SampleReport {
+                index: k,
+                seed,
+                final_leak: BTreeMap::new(),
+                guided_steps: 0,
+                guided_lowered: 0,
+                refinements: 0,
+                mask_fallbacks: Vec::new(),
+                wall_seconds: 0.0,
+                refine_ms: Vec::new(),
+            },
+            kmeans: KMeansOptions {
+                k: 0,
+                restarts: cfg.kmeans_restarts,
+                max_iters: cfg.kmeans_iters,
+                tol: cfg.kmeans_tol,
+                seed: cfg.kmeans_seed,
+            },
+            centres: None,
+            last_leak: vec![0.0; plan.subjects.len()],
+            started: Instant::now(),
+        })
+    }
+
+    /// Whether step `i` starts with latent optimisation.
+    fn guided_at(&self, i: usize) -> bool {
+        let cfg = &self.req.config;
+        cfg.box_control
+            && !self.plan.subjects.is_empty()
+            && cfg.latent_opt
+            && i < cfg.guided_steps
+            && (cfg.ca_control || cfg.sa_control)
+    }
+
+    /// Step `i` after its latent optimisation `guided` (when it had one, its latent already
+    /// moved): metrics, refinement, the normal pass and the DDIM update, progress.
+    fn step(
+        &mut self,
+        setup: SampleSetup,
+        i: usize,
+        guided: Option<GuidedStep>,
+        sink: &mut dyn RunSink,
+    ) -> Result<()> {
+        let SampleSetup {
+            plan,
+            ddim,
+            timesteps,
+            context,
+            ..
+        } = setup;
+        let req = self.req;
+        let sd = req.sd;
+        let cfg = &req.config;
+        let steps = timesteps.len();
+        let k = self.out.index;
+        let t = timesteps[i];
+        let use_hook = cfg.box_control || cfg.attn_metrics;
+        let control = cfg.box_control && !plan.subjects.is_empty();
+        let hook = &mut self.hook;
+        let out = &mut self.out;
         let mstep = (k * steps + i) as u64;
         let t_tensor = timesteps_tensor(&[t], &sd.device)?;
         let mut message = format!(
@@ -583,20 +775,10 @@ fn run_sample(
             steps
         );
 
-        // 1. latent optimisation
-        let guided =
-            control && cfg.latent_opt && i < cfg.guided_steps && (cfg.ca_control || cfg.sa_control);
-        if guided {
-            let inputs = GuidanceInputs {
-                unet: &sd.unet,
-                t: &t_tensor,
-                cond,
-                cfg,
-                step: i,
-                subjects,
-            };
-            let g = optimise_latent(&mut hook, &z, inputs, &mut alpha_calls)?;
-            z = g.z;
+        // 1. latent optimisation (done by the caller)
+        let was_guided = guided.is_some();
+        if let Some(g) = guided {
+            self.z = g.z;
             sink.metric("loss/box", mstep, g.before)?;
             sink.metric("loss/box_after", mstep, g.after)?;
             sink.metric("gd_iters", mstep, g.iters as f64)?;
@@ -610,7 +792,6 @@ fn run_sample(
                 g.before, g.after, g.iters
             ));
         }
-
         // 2. mask refinement
         let refine_now = control && cfg.refines_at(i);
         if refine_now {
@@ -620,8 +801,8 @@ fn run_sample(
                 let boxes = hook.box_masks(size.0, size.1);
                 let existing = hook.region_masks(size.0, size.1);
                 let input = RefineInput::new(cfg, &self_map, &cross_map, &existing, &boxes);
-                let refined = cluster::refine(&input, &kmeans, centres.as_deref());
-                centres = Some(refined.fit.centres.clone());
+                let refined = cluster::refine(&input, &self.kmeans, self.centres.as_deref());
+                self.centres = Some(refined.fit.centres.clone());
                 for &j in &refined.fallbacks {
                     let name = &plan.subjects[j].name;
                     sink.log(&format!(
@@ -645,76 +826,100 @@ fn run_sample(
         // 3. normal pass, CFG, DDIM
         hook.begin(Pass::Normal);
         hook.capture_maps = cfg.attn_metrics && i + 1 == steps;
-        let x = Tensor::cat(&[&z, &z], 0)?;
+        let x = Tensor::cat(&[&self.z, &self.z], 0)?;
         let eps = if use_hook {
-            sd.unet_forward(&x, &t_tensor, context, Some(&mut hook))?
+            sd.unet_forward(&x, &t_tensor, context, Some(&mut *hook))?
         } else {
             sd.unet_forward(&x, &t_tensor, context, None)?
         };
         let (eu, ec) = (eps.narrow(0, 0, 1)?, eps.narrow(0, 1, 1)?);
         let guided_eps = (&eu + ((&ec - &eu)? * cfg.guidance_scale)?)?;
-        z = ddim.step(&guided_eps, t, &z, cfg.steps)?.prev_sample;
+        self.z = ddim.step(&guided_eps, t, &self.z, cfg.steps)?.prev_sample;
 
         if cfg.attn_metrics {
             hook.finish_pass()?;
             for (si, s) in plan.subjects.iter().enumerate() {
                 let leak = layer_mean(&hook.stats.leak[si]);
-                last_leak[si] = leak;
+                self.last_leak[si] = leak;
                 sink.metric(&format!("leak/{}", s.name), mstep, leak)?;
             }
         }
+        // Lockstep runs take every sample's step i before step i + 1.
+        let done = if cfg.joint_stop && req.samples > 1 {
+            i * req.samples + k + 1
+        } else {
+            k * steps + i + 1
+        };
         sink.progress(&Progress {
-            step: (k * steps + i + 1) as u64,
+            step: done as u64,
             total: (req.samples * steps) as u64,
-            phase: if guided {
+            phase: if was_guided {
                 "guided".into()
             } else {
                 "denoise".into()
             },
             message,
         });
+        Ok(())
     }
 
-    // Decode and render.
-    let scale = sd.vae.config().scaling_factor;
-    let image = sd.vae.decode(&(&z / scale)?)?;
-    let image = ((image.to_dtype(DType::F32)? + 1.0)? / 2.0)?.clamp(0f32, 1f32)?;
-    let rgb = tensor_to_rgb(&image)?;
-    sink.artifact(&format!("sample_{k}.png"), png_bytes(&rgb)?)?;
-    sink.artifact(
-        &format!("boxes_{k}.png"),
-        png_bytes(&render::draw_boxes(&rgb, &req.boxes))?,
-    )?;
-    let names: Vec<String> = req.boxes.iter().map(|b| b.subject.clone()).collect();
-    let regions_img = match hook.regions() {
-        Regions::Masks { size, masks } => render::draw_regions(&rgb, *size, masks, &names),
-        Regions::Boxes => {
-            let (h, w) = (rgb.height() as usize, rgb.width() as usize);
-            render::draw_regions(&rgb, (h, w), &render::box_regions(&req.boxes, h, w), &names)
+    /// Decodes and renders the finished sample and reports it.
+    fn finish(self, sink: &mut dyn RunSink) -> Result<SampleReport> {
+        let Sample {
+            req,
+            plan,
+            hook,
+            z,
+            mut out,
+            last_leak,
+            started,
+            ..
+        } = self;
+        let sd = req.sd;
+        let cfg = &req.config;
+        let k = out.index;
+        let seed = out.seed;
+        // Decode and render.
+        let scale = sd.vae.config().scaling_factor;
+        let image = sd.vae.decode(&(&z / scale)?)?;
+        let image = ((image.to_dtype(DType::F32)? + 1.0)? / 2.0)?.clamp(0f32, 1f32)?;
+        let rgb = tensor_to_rgb(&image)?;
+        sink.artifact(&format!("sample_{k}.png"), png_bytes(&rgb)?)?;
+        sink.artifact(
+            &format!("boxes_{k}.png"),
+            png_bytes(&render::draw_boxes(&rgb, &req.boxes))?,
+        )?;
+        let names: Vec<String> = req.boxes.iter().map(|b| b.subject.clone()).collect();
+        let regions_img = match hook.regions() {
+            Regions::Masks { size, masks } => render::draw_regions(&rgb, *size, masks, &names),
+            Regions::Boxes => {
+                let (h, w) = (rgb.height() as usize, rgb.width() as usize);
+                render::draw_regions(&rgb, (h, w), &render::box_regions(&req.boxes, h, w), &names)
+            }
+        };
+        sink.artifact(&format!("masks_{k}.png"), png_bytes(&regions_img)?)?;
+        if let Some((h, w)) = hook.stats.map_size {
+            for (si, s) in plan.subjects.iter().enumerate() {
+                let layers = hook.stats.map_layers.max(1) as f64;
+                let data: Vec<f32> = hook.stats.maps[si]
+                    .iter()
+                    .map(|v| (v / layers) as f32)
+                    .collect();
+                let map = Tensor::from_vec(data, (h, w), &candle_core::Device::Cpu)?;
+                let img = heat_overlay(&rgb, &map)?;
+                sink.artifact(&format!("attn/{}_{k}.png", s.name), png_bytes(&img)?)?;
+            }
         }
-    };
-    sink.artifact(&format!("masks_{k}.png"), png_bytes(&regions_img)?)?;
-    if let Some((h, w)) = hook.stats.map_size {
         for (si, s) in plan.subjects.iter().enumerate() {
-            let layers = hook.stats.map_layers.max(1) as f64;
-            let data: Vec<f32> = hook.stats.maps[si]
-                .iter()
-                .map(|v| (v / layers) as f32)
-                .collect();
-            let map = Tensor::from_vec(data, (h, w), &candle_core::Device::Cpu)?;
-            let img = heat_overlay(&rgb, &map)?;
-            sink.artifact(&format!("attn/{}_{k}.png", s.name), png_bytes(&img)?)?;
+            if cfg.attn_metrics {
+                out.final_leak.insert(s.name.clone(), last_leak[si]);
+            }
         }
+        out.wall_seconds = started.elapsed().as_secs_f64();
+        sink.log(&format!(
+            "sample {k} (seed {seed}): {:.2}s, guided steps {} (loss lowered in {}), refinements {}, final leak {:?}",
+            out.wall_seconds, out.guided_steps, out.guided_lowered, out.refinements, out.final_leak
+        ))?;
+        Ok(out)
     }
-    for (si, s) in plan.subjects.iter().enumerate() {
-        if cfg.attn_metrics {
-            out.final_leak.insert(s.name.clone(), last_leak[si]);
-        }
-    }
-    out.wall_seconds = started.elapsed().as_secs_f64();
-    sink.log(&format!(
-        "sample {k} (seed {seed}): {:.2}s, guided steps {} (loss lowered in {}), refinements {}, final leak {:?}",
-        out.wall_seconds, out.guided_steps, out.guided_lowered, out.refinements, out.final_leak
-    ))?;
-    Ok(Some(out))
 }
