@@ -33,6 +33,8 @@ fn documented_paper() -> LearnConfig {
         adam_eps: 1e-8,
         weight_decay: 0.01,
         grad_clip: 1.0,
+        // §3.4: the clipping norm counts the placeholder rows alone.
+        grad_clip_word_rows: false,
         // "λ_rec, λ_attn | 1, 0.01"; "reward α | 0.5"; "attn-loss t gate | t ≤ 700".
         lambda_rec: 1.0,
         lambda_reward: 0.01,
@@ -92,6 +94,8 @@ fn official_preset_is_the_documented_code_column() {
         warmup_steps: 10,
         // diffusers' LambdaLR: the warm-up factor is step/10, so the first step's lr is 0.
         warmup_from_zero: true,
+        // §3.4 "grad clipping … also counts the gradient of the other prompt-token rows".
+        grad_clip_word_rows: true,
         // §3.1 "flip of image and masks together with p=0.5".
         flip_p: 0.5,
         // §3.1 "Resize([512,512]) (no crop, and the aspect ratio is not kept)".

@@ -587,7 +587,7 @@ pub fn run(req: &SynthRequest, sink: &mut dyn RunSink) -> Result<SynthReport> {
         let mut samples = (0..req.samples)
             .map(|k| Sample::new(req, &plan, k))
             .collect::<Result<Vec<_>>>()?;
-        for i in 0..timesteps.len() {
+        for (i, &t) in timesteps.iter().enumerate() {
             if sink.should_stop() {
                 report.cancelled = true;
                 sink.log(&format!(
@@ -598,7 +598,7 @@ pub fn run(req: &SynthRequest, sink: &mut dyn RunSink) -> Result<SynthReport> {
             }
             let guided = samples[0].guided_at(i);
             let steps: Vec<Option<GuidedStep>> = if guided {
-                let t = timesteps_tensor(&[timesteps[i]], &sd.device)?;
+                let t = timesteps_tensor(&[t], &sd.device)?;
                 let inputs = guidance_inputs(req, setup, &t, i);
                 optimise_latents_jointly(&mut samples, inputs)?
                     .into_iter()
@@ -620,13 +620,13 @@ pub fn run(req: &SynthRequest, sink: &mut dyn RunSink) -> Result<SynthReport> {
         for k in 0..req.samples {
             let mut s = Sample::new(req, &plan, k)?;
             let mut cancelled = false;
-            for i in 0..timesteps.len() {
+            for (i, &t) in timesteps.iter().enumerate() {
                 if sink.should_stop() {
                     cancelled = true;
                     break;
                 }
                 let g = if s.guided_at(i) {
-                    let t = timesteps_tensor(&[timesteps[i]], &sd.device)?;
+                    let t = timesteps_tensor(&[t], &sd.device)?;
                     let inputs = guidance_inputs(req, setup, &t, i);
                     let mut calls = s.alpha_calls;
                     let g = optimise_latent(&mut s.hook, &s.z, inputs, &mut calls)?;
