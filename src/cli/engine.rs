@@ -103,6 +103,10 @@ pub struct ExecutorArgs {
     /// worker) is resubmitted from its last checkpoint (default 2).
     #[arg(long)]
     pub max_retries: Option<u32>,
+    /// At most K runs of one sweep at once: a sweep goes to Slurm as one job array, throttled
+    /// with --array=0-(n-1)%K (default: as many as Slurm allows).
+    #[arg(long, value_name = "K")]
+    pub array_limit: Option<u32>,
     /// Seconds `engine start` waits for its first tiny Slurm job (which checks that a compute
     /// node can run mifo and write into the store); 0 skips the check.
     #[arg(long, default_value_t = 120)]
@@ -121,6 +125,7 @@ struct ExecutorToml {
     #[serde(default)]
     sbatch_args: Vec<String>,
     max_retries: Option<u32>,
+    array_limit: Option<u32>,
 }
 
 #[derive(serde::Deserialize, Debug, Default)]
@@ -161,9 +166,10 @@ impl ExecutorArgs {
                     .iter()
                     .any(|f| f.is_some())
                     || !self.sbatch_args.is_empty()
-                    || self.max_retries.is_some();
+                    || self.max_retries.is_some()
+                    || self.array_limit.is_some();
                 if slurm_flag && self.executor.is_some() {
-                    bail!("--partition, --gres, --time, --account, --sbatch-arg and --max-retries go with --executor slurm");
+                    bail!("--partition, --gres, --time, --account, --sbatch-arg, --max-retries and --array-limit go with --executor slurm");
                 }
                 Ok(None)
             }
@@ -171,6 +177,17 @@ impl ExecutorArgs {
                 let pick = |flag: &Option<String>, file: &Option<String>| {
                     flag.clone().or_else(|| file.clone())
                 };
+                let array_limit = self.array_limit.or(file.array_limit);
+                if array_limit == Some(0) {
+                    bail!(
+                        "{}: give at least 1",
+                        if self.array_limit.is_some() {
+                            "--array-limit 0".to_string()
+                        } else {
+                            format!("{}: [executor] array_limit = 0", path.display())
+                        }
+                    );
+                }
                 Ok(Some(crate::jobs::slurm::SlurmOptions {
                     partition: pick(&self.partition, &file.partition),
                     gres: pick(&self.gres, &file.gres),
@@ -185,6 +202,7 @@ impl ExecutorArgs {
                         .max_retries
                         .or(file.max_retries)
                         .unwrap_or(DEFAULT_MAX_RETRIES),
+                    array_limit,
                 }))
             }
             other => bail!("--executor {other}: use local or slurm"),
@@ -210,6 +228,9 @@ impl ExecutorArgs {
         }
         if let Some(n) = self.max_retries {
             v.push(format!("--max-retries={n}"));
+        }
+        if let Some(k) = self.array_limit {
+            v.push(format!("--array-limit={k}"));
         }
         v
     }
