@@ -543,6 +543,13 @@ pub fn runs(cmd: RunsCommand, store: &Path) -> anyhow::Result<()> {
         }
         return submit_and_follow(store, &request, json, detach);
     }
+    if let Some(table) =
+        super::runs::tag_table(&cmd, &|name, by| super::sweep::fetch_table(store, name, by))
+    {
+        let mut out = std::io::stdout().lock();
+        super::sweep::format_table(&table, &mut out)?;
+        return Ok(());
+    }
     // One connection per request: `rm` may wait on the user between two of them.
     Console::terminal(|console| {
         carry_out(
