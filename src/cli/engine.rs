@@ -75,12 +75,13 @@ impl PoolArgs {
     }
 }
 
-/// Where the engine runs learning runs: its own devices, or a Slurm cluster (flags override
-/// the `[executor]` table of `<store>/engine.toml`).
+/// Where the engine runs learning and synthesis runs: its own devices, or a Slurm cluster
+/// (flags override the `[executor]` table of `<store>/engine.toml`).
 #[derive(Args, Debug, Clone, Default)]
 pub struct ExecutorArgs {
-    /// `local` (the engine's device pool) or `slurm` (each learning run one sbatch job running
-    /// `mifo worker` on a compute node; the store must be on a filesystem the nodes share).
+    /// `local` (the engine's device pool) or `slurm` (each learning or synthesis run one sbatch
+    /// job running `mifo worker` on a compute node, a sweep one job array; the store must be on
+    /// a filesystem the nodes share).
     #[arg(long, value_name = "local|slurm")]
     pub executor: Option<String>,
     /// Slurm partition of the jobs.
@@ -242,7 +243,7 @@ pub struct StartArgs {
     /// The device pool.
     #[command(flatten)]
     pub pool: PoolArgs,
-    /// Where learning runs go.
+    /// Where learning and synthesis runs go.
     #[command(flatten)]
     pub executor: ExecutorArgs,
 }
@@ -252,7 +253,8 @@ pub struct StartArgs {
 pub enum EngineCommand {
     /// Start the engine for the store in the background (if it is not running), with its
     /// device pool: every GPU that answers (or --gpus), --per-gpu runs each; or with
-    /// --executor slurm, sending each learning run to a Slurm cluster as one sbatch job.
+    /// --executor slurm, sending each learning or synthesis run to a Slurm cluster as one sbatch
+    /// job (a sweep as one job array).
     Start(StartArgs),
     /// Stop it: the running step finishes and checkpoints (the run becomes `interrupted`,
     /// resumable with `mifo learn --resume`); a second stop within 5 s forces.
@@ -275,7 +277,7 @@ pub enum EngineCommand {
         /// The device pool.
         #[command(flatten)]
         pool: PoolArgs,
-        /// Where learning runs go.
+        /// Where learning and synthesis runs go.
         #[command(flatten)]
         executor: ExecutorArgs,
     },
@@ -333,7 +335,7 @@ pub fn run(cmd: EngineCommand, store: &Path) -> anyhow::Result<()> {
             let c = Client::connect_with(store, &args)?;
             match &slurm {
                 Some(s) => eprintln!(
-                    "engine running (pid {}) for {}; learning runs go to Slurm ({}), synthesis runs to devices: {}",
+                    "engine running (pid {}) for {}; learning and synthesis runs go to Slurm ({}), a sweep as one job array{}",
                     c.engine_pid,
                     store.display(),
                     if s.sbatch_flags().is_empty() {
@@ -341,7 +343,9 @@ pub fn run(cmd: EngineCommand, store: &Path) -> anyhow::Result<()> {
                     } else {
                         s.sbatch_flags().join(" ")
                     },
-                    pool_line(&devices.slots())
+                    s.array_limit
+                        .map(|k| format!(" of at most {k} tasks at once"))
+                        .unwrap_or_default()
                 ),
                 None => eprintln!(
                     "engine running (pid {}) for {}; devices: {}",
