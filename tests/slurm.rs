@@ -771,6 +771,33 @@ fn a_sweep_is_one_throttled_job_array_whose_tasks_cancel_alone() {
         let log = s["log"].to_string();
         assert!(log.contains(&format!("as Slurm job {array}_")), "{log}");
     }
+    // The same sweep again: the three done combinations are skipped; the cancelled one, the
+    // only run queued, goes as a job of its own (no second array).
+    let doc = json(&mifo(&store, &args));
+    assert_eq!(doc["queued"], 1, "{doc}");
+    assert_eq!(doc["skipped_done"], 3, "{doc}");
+    let again = doc["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["status"] == "queued")
+        .and_then(|r| r["id"].as_str())
+        .unwrap()
+        .to_string();
+    assert!(!runs.contains(&again));
+    let s = wait_final(&store, &again, Duration::from_secs(300));
+    assert_eq!(s["status"], "done", "{s}");
+    let job = s["slurm_jobs"][0].as_str().unwrap();
+    assert!(
+        !job.contains('_'),
+        "a single run went as an array task: {s}"
+    );
+    let log = std::fs::read_to_string(store.join("engine.log")).unwrap();
+    assert_eq!(
+        log.matches("submitted as Slurm job array").count(),
+        1,
+        "{log}"
+    );
     stop_engine(&store);
 }
 
