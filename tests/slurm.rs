@@ -9,7 +9,9 @@
 //! embeddings; an engine stopped mid-sweep and started again ends every run once; bad
 //! `--executor slurm` input (no sbatch, an unknown partition, nodes that cannot run mifo) is
 //! refused at `engine start` with nothing queued; a run whose node goes down is interrupted
-//! and resumed when the node returns (that test has the cluster to itself).
+//! and resumed when the node returns (that test has the cluster to itself). A sweep is one job
+//! array (throttled by `--array-limit`) whose tasks are cancelled one at a time; a synthesis
+//! run goes through Slurm too, to the samples a local engine makes, and cancels.
 
 mod cli_support;
 
@@ -212,6 +214,18 @@ fn a_sweep_through_slurm_ends_done_with_the_embeddings_of_a_local_engine() {
     let b = embeddings_by_config(&local_store, &local);
     assert_eq!(a.len(), 4);
     assert_eq!(a, b, "Slurm and local embeddings differ");
+    // One job array: each run one of its tasks, `ARRAY_i`, i = 0..3.
+    let mut arrays = std::collections::BTreeSet::new();
+    let mut tasks = std::collections::BTreeSet::new();
+    for r in remote["runs"].as_array().unwrap() {
+        let s = show(&slurm_store, r["id"].as_str().unwrap());
+        let job = s["slurm_jobs"][0].as_str().unwrap();
+        let (array, task) = job.split_once('_').unwrap_or_else(|| panic!("{s}"));
+        arrays.insert(array.to_string());
+        tasks.insert(task.parse::<u32>().unwrap());
+    }
+    assert_eq!(arrays.len(), 1, "not one job array: {arrays:?}");
+    assert_eq!(tasks, (0..4).collect(), "{tasks:?}");
     for r in remote["runs"].as_array().unwrap() {
         let s = show(&slurm_store, r["id"].as_str().unwrap());
         // One job each, named in the record; metrics and log ingested from the journal.
@@ -648,5 +662,254 @@ fn an_interrupted_run_without_retries_left_resumes_through_slurm_with_learn_resu
         "{}",
         r["summary"]
     );
+    stop_engine(&store);
+}
+
+/// The array job id and task of a run's first Slurm job (`ARRAY_TASK`).
+fn array_task(store: &Path, run: &str) -> (String, u32) {
+    let s = show(store, run);
+    let job = s["slurm_jobs"][0].as_str().unwrap_or("").to_string();
+    let (array, task) = job
+        .split_once('_')
+        .unwrap_or_else(|| panic!("run {run}: not an array task: {s}"));
+    (array.to_string(), task.parse().unwrap())
+}
+
+fn cancel(store: &Path, run: &str) {
+    let mut c = mifo::engine::Client::connect(store).unwrap();
+    let reply = c
+        .request(&mifo::engine::Request::Cancel {
+            run: run.to_string(),
+        })
+        .unwrap();
+    assert!(
+        matches!(reply, mifo::engine::Response::Ok),
+        "cancel: {reply:?}"
+    );
+}
+
+#[test]
+fn a_sweep_is_one_throttled_job_array_whose_tasks_cancel_alone() {
+    require_slurm();
+    let _cluster = shared_cluster();
+    let store = scratch("slurm-array");
+    let out = mifo(
+        &store,
+        &[
+            "engine",
+            "start",
+            "--executor",
+            "slurm",
+            "--array-limit",
+            "2",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut args: Vec<String> = vec!["sweep".into(), "learn".into()];
+    args.extend(learn_args(30));
+    args.extend(
+        [
+            "--grid",
+            "learn.lr=0.005,0.01,0.02,0.04",
+            "--name",
+            "arr",
+            "--json",
+            "--detach",
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let doc = json(&mifo(&store, &args));
+    assert_eq!(doc["queued"], 4, "{doc}");
+    let runs: Vec<String> = doc["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect();
+    let (array, _) = array_task(&store, &runs[0]);
+    let mut tasks: Vec<u32> = runs
+        .iter()
+        .map(|r| {
+            let (a, t) = array_task(&store, r);
+            assert_eq!(a, array, "run {r} is not in the sweep's array");
+            t
+        })
+        .collect();
+    tasks.sort();
+    assert_eq!(tasks, [0, 1, 2, 3]);
+    // One sbatch --array with the throttle: Slurm says so.
+    let job = String::from_utf8_lossy(
+        &Command::new("scontrol")
+            .args(["show", "job", &array])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .to_string();
+    assert!(job.contains("ArrayTaskThrottle=2"), "{job}");
+    // Cancel one task once it runs: the others go on to the end.
+    wait_journal(&store, &runs[1], "start", |t| {
+        t.contains("\"kind\":\"started\"")
+    });
+    cancel(&store, &runs[1]);
+    let c = wait_final(&store, &runs[1], Duration::from_secs(120));
+    assert_eq!(c["status"], "cancelled", "{c}");
+    assert_eq!(c["slurm_jobs"].as_array().unwrap().len(), 1, "{c}");
+    for (i, run) in runs.iter().enumerate() {
+        if i == 1 {
+            continue;
+        }
+        let s = wait_final(&store, run, Duration::from_secs(300));
+        assert_eq!(s["status"], "done", "{s}");
+        assert_eq!(s["summary"]["loss/total"]["count"], 30, "{}", s["summary"]);
+        let log = s["log"].to_string();
+        assert!(log.contains(&format!("as Slurm job {array}_")), "{log}");
+    }
+    // The same sweep again: the three done combinations are skipped; the cancelled one, the
+    // only run queued, goes as a job of its own (no second array).
+    let doc = json(&mifo(&store, &args));
+    assert_eq!(doc["queued"], 1, "{doc}");
+    assert_eq!(doc["skipped_done"], 3, "{doc}");
+    let again = doc["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["status"] == "queued")
+        .and_then(|r| r["id"].as_str())
+        .unwrap()
+        .to_string();
+    assert!(!runs.contains(&again));
+    let s = wait_final(&store, &again, Duration::from_secs(300));
+    assert_eq!(s["status"], "done", "{s}");
+    let job = s["slurm_jobs"][0].as_str().unwrap();
+    assert!(
+        !job.contains('_'),
+        "a single run went as an array task: {s}"
+    );
+    let log = std::fs::read_to_string(store.join("engine.log")).unwrap();
+    assert_eq!(
+        log.matches("submitted as Slurm job array").count(),
+        1,
+        "{log}"
+    );
+    stop_engine(&store);
+}
+
+/// `mifo synth` flags of the synthesis runs here (from learning run `from`).
+fn synth_args<'a>(from: &'a str, steps: &'a str, samples: &'a str) -> Vec<&'a str> {
+    vec![
+        "synth",
+        "--from",
+        from,
+        "--model",
+        "fixtures/tiny-sd21",
+        "--prompt",
+        "a photo of <v0> and <v1> on the beach",
+        "--box",
+        "<v0>=0.0,0.5,0.5,1.0",
+        "--box",
+        "<v1>=0.5,0.5,1.0,1.0",
+        "--seed",
+        "3",
+        "--samples",
+        samples,
+        "--set",
+        steps,
+        "--set",
+        "synth.guided_steps=3",
+        "--set",
+        "synth.refine_every=2",
+        "--device",
+        "auto",
+    ]
+}
+
+/// The `sample_*.png` outputs of a run: name → blob hash.
+fn samples(run: &serde_json::Value) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = run["outputs"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| k.starts_with("sample_"))
+        .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn a_synthesis_run_through_slurm_makes_the_samples_of_a_local_run_and_cancels() {
+    require_slurm();
+    let _cluster = shared_cluster();
+    let store = scratch("slurm-synth");
+    start_slurm_engine(&store);
+    let learned = launch(&store, 6);
+    let l = wait_final(&store, &learned, Duration::from_secs(300));
+    assert_eq!(l["status"], "done", "{l}");
+    // Followed to the end by the CLI.
+    let mut args = synth_args(&learned, "synth.steps=8", "2");
+    args.push("--json");
+    let remote = json(&mifo(&store, &args));
+    assert_eq!(remote["status"], "done", "{remote}");
+    let run = remote["id"].as_str().unwrap().to_string();
+    let r = show(&store, &run);
+    assert_eq!(r["slurm_jobs"].as_array().unwrap().len(), 1, "{r}");
+    assert!(r["log"].to_string().contains("worker started on"), "{r}");
+    let journal_text = journal(&store, &run);
+    assert!(
+        journal_text.contains("\"kind\":\"output\""),
+        "{journal_text}"
+    );
+    let slurm_samples = samples(&r);
+    assert_eq!(slurm_samples.len(), 2, "{r}");
+
+    // A long one, cancelled through the engine once it runs: scancel → cancelled.
+    let mut args = synth_args(&learned, "synth.steps=400", "4");
+    args.push("--detach");
+    let out = mifo(&store, &args);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    let long = text
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .find(|w| w.len() == 16 && w != &learned)
+        .unwrap_or_else(|| panic!("no run id in {text:?}"))
+        .to_string();
+    wait_journal(&store, &long, "progress", |t| {
+        t.contains("\"kind\":\"progress\"")
+    });
+    cancel(&store, &long);
+    let c = wait_final(&store, &long, Duration::from_secs(120));
+    assert_eq!(c["status"], "cancelled", "{c}");
+
+    // The same synthesis spec on a local engine of the same store: the same sample bytes.
+    stop_engine(&store);
+    let t0 = Instant::now();
+    while !String::from_utf8_lossy(&mifo(&store, &["engine", "status"]).stdout)
+        .contains("no engine is running")
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the engine did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mut args = synth_args(&learned, "synth.steps=8", "2");
+    args.extend(["--rerun", "--json"]);
+    let local = json(&mifo(&store, &args));
+    assert_eq!(local["status"], "done", "{local}");
+    let l = show(&store, local["id"].as_str().unwrap());
+    assert!(l["slurm_jobs"].as_array().unwrap().is_empty(), "{l}");
+    assert_eq!(l["spec_hash"], r["spec_hash"]);
+    assert_eq!(samples(&l), slurm_samples, "Slurm and local samples differ");
     stop_engine(&store);
 }

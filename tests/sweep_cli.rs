@@ -153,6 +153,47 @@ fn a_grid_sweep_runs_every_combination_once_and_shows_best_first() {
     );
     let e = err_line(&mifo(&store, &["sweep", "show", "nosuch"]));
     assert!(e.contains("sweep nosuch: no run is tagged nosuch"), "{e}");
+
+    // `runs ls --tag`: the sweep's table (the same as `sweep show`), best first; `--by`
+    // orders it. Run ids in the table's order:
+    let order = |text: &str| -> Vec<String> {
+        text.lines()
+            .skip(2)
+            .map(|l| l.split_whitespace().next().unwrap().to_string())
+            .collect()
+    };
+    let shown = order(&ok(&mifo(&store, &["sweep", "show", "pen"])));
+    let listed = ok(&mifo(&store, &["runs", "ls", "--tag", "pen"]));
+    assert!(
+        listed.starts_with("sweep pen · 4 runs · best first by loss/total (lower is better)"),
+        "{listed}"
+    );
+    let header = listed.lines().nth(1).unwrap();
+    assert!(
+        header.contains("learn.lambda_penalty")
+            && header.contains("learn.lr")
+            && header.contains("loss/total"),
+        "{listed}"
+    );
+    assert_eq!(order(&listed), shown);
+    let by_max = ok(&mifo(
+        &store,
+        &["runs", "ls", "--tag", "pen", "--by", "loss/total:max"],
+    ));
+    let mut reversed = shown.clone();
+    reversed.reverse();
+    assert_eq!(order(&by_max), reversed, "{by_max}");
+    // Runs alike under a tag (here one run) list as runs; --json always lists.
+    let one = &shown[0];
+    ok(&mifo(&store, &["runs", "tag", one, "solo"]));
+    let solo = ok(&mifo(&store, &["runs", "ls", "--tag", "solo"]));
+    assert!(
+        !solo.starts_with("sweep") && solo.contains(&one[..8]),
+        "{solo}"
+    );
+    let out = mifo(&store, &["runs", "ls", "--by", "loss/total"]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("--tag <TAG>"), "{e}");
     stop_engine(&store);
     let _ = std::fs::remove_dir_all(store);
 }

@@ -75,12 +75,13 @@ impl PoolArgs {
     }
 }
 
-/// Where the engine runs learning runs: its own devices, or a Slurm cluster (flags override
-/// the `[executor]` table of `<store>/engine.toml`).
+/// Where the engine runs learning and synthesis runs: its own devices, or a Slurm cluster
+/// (flags override the `[executor]` table of `<store>/engine.toml`).
 #[derive(Args, Debug, Clone, Default)]
 pub struct ExecutorArgs {
-    /// `local` (the engine's device pool) or `slurm` (each learning run one sbatch job running
-    /// `mifo worker` on a compute node; the store must be on a filesystem the nodes share).
+    /// `local` (the engine's device pool) or `slurm` (each learning or synthesis run one sbatch
+    /// job running `mifo worker` on a compute node, a sweep one job array; the store must be on
+    /// a filesystem the nodes share).
     #[arg(long, value_name = "local|slurm")]
     pub executor: Option<String>,
     /// Slurm partition of the jobs.
@@ -103,6 +104,10 @@ pub struct ExecutorArgs {
     /// worker) is resubmitted from its last checkpoint (default 2).
     #[arg(long)]
     pub max_retries: Option<u32>,
+    /// At most K runs of one sweep at once: a sweep goes to Slurm as one job array, throttled
+    /// with --array=0-(n-1)%K (default: as many as Slurm allows).
+    #[arg(long, value_name = "K")]
+    pub array_limit: Option<u32>,
     /// Seconds `engine start` waits for its first tiny Slurm job (which checks that a compute
     /// node can run mifo and write into the store); 0 skips the check.
     #[arg(long, default_value_t = 120)]
@@ -121,6 +126,7 @@ struct ExecutorToml {
     #[serde(default)]
     sbatch_args: Vec<String>,
     max_retries: Option<u32>,
+    array_limit: Option<u32>,
 }
 
 #[derive(serde::Deserialize, Debug, Default)]
@@ -161,9 +167,10 @@ impl ExecutorArgs {
                     .iter()
                     .any(|f| f.is_some())
                     || !self.sbatch_args.is_empty()
-                    || self.max_retries.is_some();
+                    || self.max_retries.is_some()
+                    || self.array_limit.is_some();
                 if slurm_flag && self.executor.is_some() {
-                    bail!("--partition, --gres, --time, --account, --sbatch-arg and --max-retries go with --executor slurm");
+                    bail!("--partition, --gres, --time, --account, --sbatch-arg, --max-retries and --array-limit go with --executor slurm");
                 }
                 Ok(None)
             }
@@ -171,6 +178,17 @@ impl ExecutorArgs {
                 let pick = |flag: &Option<String>, file: &Option<String>| {
                     flag.clone().or_else(|| file.clone())
                 };
+                let array_limit = self.array_limit.or(file.array_limit);
+                if array_limit == Some(0) {
+                    bail!(
+                        "{}: give at least 1",
+                        if self.array_limit.is_some() {
+                            "--array-limit 0".to_string()
+                        } else {
+                            format!("{}: [executor] array_limit = 0", path.display())
+                        }
+                    );
+                }
                 Ok(Some(crate::jobs::slurm::SlurmOptions {
                     partition: pick(&self.partition, &file.partition),
                     gres: pick(&self.gres, &file.gres),
@@ -185,6 +203,7 @@ impl ExecutorArgs {
                         .max_retries
                         .or(file.max_retries)
                         .unwrap_or(DEFAULT_MAX_RETRIES),
+                    array_limit,
                 }))
             }
             other => bail!("--executor {other}: use local or slurm"),
@@ -211,6 +230,9 @@ impl ExecutorArgs {
         if let Some(n) = self.max_retries {
             v.push(format!("--max-retries={n}"));
         }
+        if let Some(k) = self.array_limit {
+            v.push(format!("--array-limit={k}"));
+        }
         v
     }
 }
@@ -221,7 +243,7 @@ pub struct StartArgs {
     /// The device pool.
     #[command(flatten)]
     pub pool: PoolArgs,
-    /// Where learning runs go.
+    /// Where learning and synthesis runs go.
     #[command(flatten)]
     pub executor: ExecutorArgs,
 }
@@ -231,7 +253,8 @@ pub struct StartArgs {
 pub enum EngineCommand {
     /// Start the engine for the store in the background (if it is not running), with its
     /// device pool: every GPU that answers (or --gpus), --per-gpu runs each; or with
-    /// --executor slurm, sending each learning run to a Slurm cluster as one sbatch job.
+    /// --executor slurm, sending each learning or synthesis run to a Slurm cluster as one sbatch
+    /// job (a sweep as one job array).
     Start(StartArgs),
     /// Stop it: the running step finishes and checkpoints (the run becomes `interrupted`,
     /// resumable with `mifo learn --resume`); a second stop within 5 s forces.
@@ -254,7 +277,7 @@ pub enum EngineCommand {
         /// The device pool.
         #[command(flatten)]
         pool: PoolArgs,
-        /// Where learning runs go.
+        /// Where learning and synthesis runs go.
         #[command(flatten)]
         executor: ExecutorArgs,
     },
@@ -312,7 +335,7 @@ pub fn run(cmd: EngineCommand, store: &Path) -> anyhow::Result<()> {
             let c = Client::connect_with(store, &args)?;
             match &slurm {
                 Some(s) => eprintln!(
-                    "engine running (pid {}) for {}; learning runs go to Slurm ({}), synthesis runs to devices: {}",
+                    "engine running (pid {}) for {}; learning and synthesis runs go to Slurm ({}), a sweep as one job array{}",
                     c.engine_pid,
                     store.display(),
                     if s.sbatch_flags().is_empty() {
@@ -320,7 +343,9 @@ pub fn run(cmd: EngineCommand, store: &Path) -> anyhow::Result<()> {
                     } else {
                         s.sbatch_flags().join(" ")
                     },
-                    pool_line(&devices.slots())
+                    s.array_limit
+                        .map(|k| format!(" of at most {k} tasks at once"))
+                        .unwrap_or_default()
                 ),
                 None => eprintln!(
                     "engine running (pid {}) for {}; devices: {}",
@@ -521,6 +546,13 @@ pub fn runs(cmd: RunsCommand, store: &Path) -> anyhow::Result<()> {
             eprintln!("re-running {} ({})", record.id, record.kind.as_str());
         }
         return submit_and_follow(store, &request, json, detach);
+    }
+    if let Some(table) =
+        super::runs::tag_table(&cmd, &|name, by| super::sweep::fetch_table(store, name, by))
+    {
+        let mut out = std::io::stdout().lock();
+        super::sweep::format_table(&table, &mut out)?;
+        return Ok(());
     }
     // One connection per request: `rm` may wait on the user between two of them.
     Console::terminal(|console| {

@@ -134,8 +134,8 @@ pub enum Command {
     /// base model (`fixtures/world-sd/`), and the oracle that scores synthesis on it.
     #[command(subcommand)]
     World(world::WorldCommand),
-    /// Run one learning run of the store on this machine without its database (what a Slurm
-    /// job of an engine started with --executor slurm runs on a compute node).
+    /// Run one learning or synthesis run of the store on this machine without its database
+    /// (what a Slurm job of an engine started with --executor slurm runs on a compute node).
     #[command(hide = true)]
     Worker(WorkerArgs),
 }
@@ -144,8 +144,12 @@ pub enum Command {
 #[derive(clap::Args, Debug)]
 pub struct WorkerArgs {
     /// The run (its job file is `<store>/work/<run>/job.json`).
-    #[arg(long, required_unless_present = "probe")]
+    #[arg(long, required_unless_present_any = ["probe", "manifest"])]
     pub run: Option<String>,
+    /// Run the run on line SLURM_ARRAY_TASK_ID (0-based) of FILE, one run id per line (a task
+    /// of the Slurm job array a sweep is submitted as).
+    #[arg(long, value_name = "FILE", conflicts_with = "run")]
+    pub manifest: Option<std::path::PathBuf>,
     /// Write this host's name into FILE and exit (the engine's check that compute nodes can
     /// run mifo and write into the store).
     #[arg(long, value_name = "FILE")]
@@ -178,6 +182,9 @@ pub fn main() -> anyhow::Result<()> {
 fn worker(args: WorkerArgs, store: &std::path::Path) -> anyhow::Result<()> {
     if let Some(file) = args.probe {
         return Ok(crate::jobs::worker::probe(&file)?);
+    }
+    if let Some(manifest) = args.manifest {
+        return Ok(crate::jobs::worker::run_array_task(store, &manifest)?);
     }
     let run = args.run.unwrap_or_default();
     let id: crate::store::RunId = run

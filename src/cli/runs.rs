@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context as _};
 use serde_json::{json, Value};
 
+use crate::jobs::sweep::SweepTable;
 use crate::runs::{Listing, RunShow, RunsReply, RunsRequest};
 use crate::store::{
     format_age, format_duration, format_utc, now_ms, RunDiff, RunId, RunKind, RunStatus,
@@ -23,6 +24,8 @@ use crate::store::{
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum RunsCommand {
     /// List runs, newest first: id, kind, status, scene or parent, final loss, age, config changes.
+    /// With --tag, runs that differ in config keys (a sweep) show as `mifo sweep show` shows
+    /// them: their varied keys against final metrics, best first.
     Ls {
         /// Only runs of this kind.
         #[arg(long, value_enum)]
@@ -30,10 +33,15 @@ pub enum RunsCommand {
         /// Only runs with this status.
         #[arg(long, value_enum)]
         status: Option<StatusArg>,
-        /// Only runs with this tag.
+        /// Only runs with this tag; when they differ in config keys (a sweep), a table of those
+        /// keys against their final metrics (without --kind, --status or --json).
         #[arg(long)]
         tag: Option<String>,
-        /// Print one JSON array instead of text.
+        /// With --tag: a metric to show and sort the table by, best first (repeatable; as
+        /// `mifo sweep show --by`). Default: loss/total.
+        #[arg(long, value_name = "METRIC[:min|:max]", requires = "tag")]
+        by: Vec<String>,
+        /// Print one JSON array instead of text (the list, never the table).
         #[arg(long)]
         json: bool,
     },
@@ -235,11 +243,37 @@ pub fn run_with(
     if let RunsCommand::Rerun { .. } = cmd {
         bail!("`runs rerun` submits a job: run it through the engine client (mifo runs rerun)")
     }
+    if let Some(table) = tag_table(&cmd, &|name, by| {
+        Ok(crate::jobs::sweep::table(&store, name, by)?)
+    }) {
+        super::sweep::format_table(&table, console.out)?;
+        return Ok(());
+    }
     carry_out(
         cmd,
         &mut |request| Ok(crate::runs::execute(&store, request)?),
         console,
     )
+}
+
+/// What reads a sweep's table: `(tag, --by)` → the table (the engine's, or the store's).
+pub type FetchTable<'a> = &'a dyn Fn(&str, &[String]) -> anyhow::Result<SweepTable>;
+
+/// `runs ls --tag T` (without --kind, --status or --json) as a sweep: the table of the runs
+/// tagged T ([`crate::jobs::sweep::table`], the one `mifo sweep show` prints) when they differ
+/// in config keys or seed; `None` for a plain listing (one run, runs alike, runs of both kinds).
+pub fn tag_table(cmd: &RunsCommand, fetch: FetchTable<'_>) -> Option<SweepTable> {
+    let RunsCommand::Ls {
+        kind: None,
+        status: None,
+        tag: Some(tag),
+        by,
+        json: false,
+    } = cmd
+    else {
+        return None;
+    };
+    fetch(tag, by).ok().filter(|t| !t.keys.is_empty())
 }
 
 fn unexpected(reply: RunsReply) -> anyhow::Error {
@@ -260,6 +294,7 @@ pub fn carry_out(
             status,
             tag,
             json,
+            ..
         } => {
             let filter = LsFilter {
                 kind: kind.map(Into::into),

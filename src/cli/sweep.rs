@@ -328,7 +328,8 @@ fn submit(
     Ok(())
 }
 
-fn fetch_table(store: &Path, name: &str, by: &[String]) -> anyhow::Result<SweepTable> {
+/// The engine's table of sweep `name` (see [`crate::jobs::sweep::table`]).
+pub fn fetch_table(store: &Path, name: &str, by: &[String]) -> anyhow::Result<SweepTable> {
     match Client::connect(store)?.request(&Request::SweepTable {
         name: name.to_string(),
         by: by.to_vec(),
@@ -391,7 +392,7 @@ pub fn table_json(t: &SweepTable) -> serde_json::Value {
 }
 
 /// Writes the table: a title line, then RUN, STATUS, the varied keys and the metrics.
-pub fn format_table(t: &SweepTable, out: &mut impl Write) -> std::io::Result<()> {
+pub fn format_table(t: &SweepTable, out: &mut dyn Write) -> std::io::Result<()> {
     let by: Vec<String> = t
         .metrics
         .iter()

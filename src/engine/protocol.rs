@@ -205,7 +205,7 @@ pub struct EngineStatus {
     pub pool: Vec<crate::jobs::pool::DeviceSlots>,
     /// Queued runs with the device each waits for (`auto` or a device name), oldest first.
     pub waiting: Vec<(String, String)>,
-    /// Where learning runs go: `local` (the pool) or `slurm`.
+    /// Where learning and synthesis runs go: `local` (the pool) or `slurm`.
     pub executor: String,
     /// The runs followed on Slurm, with their jobs and job states.
     pub slurm: Vec<crate::jobs::slurm::SlurmJob>,

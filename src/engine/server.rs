@@ -30,8 +30,9 @@ pub struct EngineOptions {
     /// The devices its runs may use and how many runs each holds at once (one per device is
     /// the sane default: two jobs on one GPU compete for its memory).
     pub pool: PoolOptions,
-    /// Run learning runs as Slurm jobs with these options (`--executor slurm`); `None` runs
-    /// them on the pool. Either way the engine follows the Slurm runs a previous engine left.
+    /// Run learning and synthesis runs as Slurm jobs with these options (`--executor slurm`);
+    /// `None` runs them on the pool. Either way the engine follows the Slurm runs a previous
+    /// engine left.
     pub slurm: Option<SlurmOptions>,
 }
 
@@ -83,9 +84,9 @@ impl Shared {
         self.runner.is_pending(id) || self.slurm.is_pending(id)
     }
 
-    /// Whether new learning runs go to Slurm.
-    fn slurm_learns(&self, job: &SweepJob) -> bool {
-        self.slurm.submits() && matches!(job, SweepJob::Learn(_))
+    /// Whether new runs go to Slurm (learning and synthesis runs alike).
+    fn to_slurm(&self) -> bool {
+        self.slurm.submits()
     }
 
     fn touch(&self) {
@@ -256,7 +257,7 @@ pub fn serve(store_dir: &Path, opts: EngineOptions) -> Result<()> {
         }
     }
     if shared.slurm.submits() {
-        eprintln!("engine: learning runs go to Slurm as `mifo worker` jobs");
+        eprintln!("engine: learning and synthesis runs go to Slurm as `mifo worker` jobs");
     }
     let store_dir = store_dir.to_path_buf();
     loop {
@@ -586,7 +587,8 @@ fn queue_checked(
 ) -> Result<RunId> {
     let rec = crate::jobs::record(&shared.store, checked)?;
     let submitted = match entry.job {
-        SweepJob::Learn(job) if shared.slurm.submits() => shared.slurm.submit(&rec.id, &job),
+        SweepJob::Learn(job) if shared.to_slurm() => shared.slurm.submit(&rec.id, &job),
+        SweepJob::Synth(job) if shared.to_slurm() => shared.slurm.submit_synth(&rec.id, &job),
         job => shared.runner.submit(job.into_work(rec.id.clone())),
     };
     if let Err(e) = submitted {
@@ -610,7 +612,7 @@ fn submit_sweep(shared: &Arc<Shared>, name: &str, entries: Vec<SweepEntry>) -> R
     if let Err(e) = crate::store::validate_tag(name) {
         return Response::Error(format!("--name {name}: {e}"));
     }
-    let slurm = entries.first().is_some_and(|e| shared.slurm_learns(&e.job));
+    let slurm = shared.to_slurm();
     let check_device = |d: &str| {
         if slurm {
             Ok(SLURM_VALIDATION_DEVICE.to_string())
@@ -623,18 +625,29 @@ fn submit_sweep(shared: &Arc<Shared>, name: &str, entries: Vec<SweepEntry>) -> R
         Err(e) => return Response::Error(e.to_string()),
     };
     let mut items = Vec::with_capacity(planned.len());
+    // Through Slurm, the sweep's new runs are recorded first and go as one job array.
+    let mut array: Vec<(RunId, SweepJob)> = Vec::new();
     for (plan, entry) in planned.into_iter().zip(entries) {
-        let item = match plan {
-            Planned::Skip(item) => item,
-            Planned::Queue(checked) => match queue_checked(shared, &checked, entry) {
-                Ok(id) => SweepItem::Queued(id.to_string()),
-                Err(e) => {
-                    let done = items.iter().filter_map(SweepItem::run).count();
-                    return Response::Error(format!(
-                        "{e} (after {done} runs of the sweep were queued or skipped, tagged {name})"
-                    ));
-                }
-            },
+        let queued =
+            match plan {
+                Planned::Skip(item) => Ok(item),
+                Planned::Queue(checked) if slurm => crate::jobs::record(&shared.store, &checked)
+                    .map(|rec| {
+                        array.push((rec.id.clone(), entry.job));
+                        SweepItem::Queued(rec.id.to_string())
+                    }),
+                Planned::Queue(checked) => queue_checked(shared, &checked, entry)
+                    .map(|id| SweepItem::Queued(id.to_string())),
+            };
+        let item = match queued {
+            Ok(item) => item,
+            Err(e) => {
+                fail_unsubmitted(shared, &array, &e);
+                let done = items.iter().filter_map(SweepItem::run).count();
+                return Response::Error(format!(
+                    "{e} (after {done} runs of the sweep were queued or skipped, tagged {name})"
+                ));
+            }
         };
         if let Some(run) = item.run() {
             let tagged = shared
@@ -642,12 +655,42 @@ fn submit_sweep(shared: &Arc<Shared>, name: &str, entries: Vec<SweepEntry>) -> R
                 .resolve(run)
                 .and_then(|id| shared.store.add_tag(&id, name));
             if let Err(e) = tagged {
-                return Response::Error(format!("tagging run {run} with {name}: {e}"));
+                let e = Error::Input(format!("tagging run {run} with {name}: {e}"));
+                fail_unsubmitted(shared, &array, &e);
+                return Response::Error(e.to_string());
             }
         }
         items.push(item);
     }
+    if !array.is_empty() {
+        let ids: Vec<RunId> = array.iter().map(|(id, _)| id.clone()).collect();
+        if let Err(e) = shared.slurm.submit_array(array) {
+            fail_unfollowed(shared, ids.iter(), &e);
+            return Response::Error(format!("the sweep's Slurm job array: {e}"));
+        }
+        for id in &ids {
+            shared.publish_status(id);
+        }
+    }
     Response::Sweep(items)
+}
+
+/// Marks failed the recorded runs of `runs` that no Slurm job follows (their array was never
+/// submitted), so that none stays queued for ever.
+fn fail_unsubmitted(shared: &Arc<Shared>, runs: &[(RunId, SweepJob)], why: &Error) {
+    fail_unfollowed(shared, runs.iter().map(|(id, _)| id), why);
+}
+
+fn fail_unfollowed<'a>(shared: &Arc<Shared>, runs: impl Iterator<Item = &'a RunId>, why: &Error) {
+    for id in runs {
+        if !shared.slurm.is_pending(id) {
+            let _ = shared.store.finish_run(
+                id,
+                RunOutcome::Failed(format!("not submitted to Slurm: {why}")),
+            );
+            shared.publish_status(id);
+        }
+    }
 }
 
 /// The device a job is checked on before it is recorded: one of the pool's for a job the
@@ -655,7 +698,7 @@ fn submit_sweep(shared: &Arc<Shared>, name: &str, entries: Vec<SweepEntry>) -> R
 const SLURM_VALIDATION_DEVICE: &str = "cpu";
 
 fn validation_device(shared: &Arc<Shared>, job: &SweepJob) -> Result<String> {
-    if shared.slurm_learns(job) {
+    if shared.to_slurm() {
         return Ok(SLURM_VALIDATION_DEVICE.to_string());
     }
     shared

@@ -1,6 +1,7 @@
-//! The Slurm executor: the engine runs each learning run as one `sbatch` job running
-//! `mifo worker` on a compute node, follows the run's [journal](super::journal) and ingests it
-//! into the store, so that listings, live curves and followers see the run as a local one.
+//! The Slurm executor: the engine runs each learning or synthesis run as one `sbatch` job
+//! running `mifo worker` on a compute node, follows the run's [journal](super::journal) and
+//! ingests it into the store, so that listings, live curves and followers see the run as a
+//! local one.
 //!
 //! Per run, the engine keeps `<store>/work/<run>/slurm.json` ([`SlurmState`]): the jobs it
 //! submitted, the retries used, the `sbatch` options and how far the journal has been ingested.
@@ -10,7 +11,8 @@
 //! What a job's end means when the journal does not say the run ended: cancelled (by the
 //! engine's `scancel`, or anyone's: Slurm state `CANCELLED`) → `cancelled`; any other end
 //! (`TIMEOUT`, `NODE_FAIL`, `PREEMPTED`, `OUT_OF_MEMORY`, a killed worker: `FAILED`, a
-//! vanished job) → `interrupted`, resubmitted from the last checkpoint while retries are left.
+//! vanished job) → `interrupted`, resubmitted from the last checkpoint while retries are left
+//! (a synthesis run, which has no checkpoint, from the start).
 //! A run the worker journals as failed (bad weights, a scene that does not load) is `failed`
 //! and not retried.
 
@@ -49,6 +51,10 @@ pub struct SlurmOptions {
     pub sbatch_args: Vec<String>,
     /// How many times a run is resubmitted after its job ended without the run ending.
     pub max_retries: u32,
+    /// At most this many tasks of a sweep's job array run at once (`--array=…%K`); `None`:
+    /// as many as Slurm allows.
+    #[serde(default)]
+    pub array_limit: Option<u32>,
 }
 
 impl SlurmOptions {
@@ -148,14 +154,26 @@ fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
-/// Submits a batch script; returns the job id.
+/// Submits a batch script; returns the job id (of a job array: the array's id).
 fn sbatch(flags: &[String], name: &str, output: &Path, script: &Path) -> Result<String> {
+    sbatch_with(flags, &[], name, output, script)
+}
+
+/// [`sbatch`] with further arguments of this submission (`--array=…`).
+fn sbatch_with(
+    flags: &[String],
+    extra: &[String],
+    name: &str,
+    output: &Path,
+    script: &Path,
+) -> Result<String> {
     let mut args = vec![
         "--parsable".to_string(),
         format!("--job-name={name}"),
         format!("--output={}", output.display()),
         "--open-mode=append".to_string(),
     ];
+    args.extend(extra.iter().cloned());
     args.extend(flags.iter().cloned());
     args.push(script.display().to_string());
     let out = slurm_command("sbatch", &args)?;
@@ -187,8 +205,30 @@ fn is_active(state: &str) -> bool {
     )
 }
 
-/// The states of `jobs`: `squeue` (which also lists jobs that ended a short while ago),
-/// then `sacct` for the rest; a job neither knows is `GONE`.
+/// The task ids of one `squeue` job id: `123` and `123_4` stand for themselves; a pending job
+/// array that Slurm has not split yet reads `123_[0-3]`, `123_[2,5-7%2]` (`%K`: its
+/// throttle), which stands for `123_0` … `123_3`, or `123_2`, `123_5` … `123_7`.
+pub fn expand_job_id(id: &str) -> Vec<String> {
+    let Some((array, rest)) = id.split_once("_[") else {
+        return vec![id.to_string()];
+    };
+    let spec = rest.trim_end_matches(']');
+    let spec = spec.split_once('%').map_or(spec, |(s, _)| s);
+    let mut out = Vec::new();
+    for part in spec.split(',') {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        let (Ok(a), Ok(b)) = (a.trim().parse::<u64>(), b.trim().parse::<u64>()) else {
+            continue;
+        };
+        // A bracket of a million tasks is not what a sweep submits; bounded all the same.
+        out.extend((a..=b.min(a + 100_000)).map(|t| format!("{array}_{t}")));
+    }
+    out
+}
+
+/// The states of `jobs` (plain job ids, or `ARRAY_TASK` for the tasks of a job array):
+/// `squeue` (which also lists jobs that ended a short while ago), then `sacct` for the rest; a
+/// job neither knows is `GONE`.
 pub fn job_states(jobs: &[String]) -> Result<HashMap<String, String>> {
     let mut states = HashMap::new();
     if jobs.is_empty() {
@@ -196,10 +236,12 @@ pub fn job_states(jobs: &[String]) -> Result<HashMap<String, String>> {
     }
     let list = jobs.join(",");
     // An unknown job id makes squeue fail as a whole: fall back to one at a time.
+    // `-r`: a pending job array one task a line (the brackets are read all the same).
     let answer = slurm_command(
         "squeue",
         &[
             "-h".into(),
+            "-r".into(),
             "-t".into(),
             "all".into(),
             "-j".into(),
@@ -211,7 +253,9 @@ pub fn job_states(jobs: &[String]) -> Result<HashMap<String, String>> {
     let mut parse = |text: &str| {
         for line in text.lines() {
             if let Some((id, state)) = line.trim().split_once('|') {
-                states.insert(id.to_string(), state.to_string());
+                for id in expand_job_id(id) {
+                    states.insert(id, state.to_string());
+                }
             }
         }
     };
@@ -221,6 +265,7 @@ pub fn job_states(jobs: &[String]) -> Result<HashMap<String, String>> {
             for job in jobs {
                 let args = [
                     "-h".into(),
+                    "-r".into(),
                     "-t".into(),
                     "all".into(),
                     "-j".into(),
@@ -465,11 +510,31 @@ impl SlurmExecutor {
 
     /// Submits the queued learning run `id` (its job file written from `job`).
     pub fn submit(&self, id: &RunId, job: &super::learn::LearnJob) -> Result<()> {
-        self.submit_job(WorkerJob {
-            run: id.clone(),
-            learn: job.clone(),
-            resume_from: None,
-        })
+        self.submit_job(WorkerJob::learning(id.clone(), job.clone(), None))
+    }
+
+    /// Submits the queued synthesis run `id` (its job file written from `job` and the outputs
+    /// of the learning run it draws on, read from the store now: the worker does not open it).
+    pub fn submit_synth(&self, id: &RunId, job: &super::synth::SynthJob) -> Result<()> {
+        self.submit_job(self.synth_worker_job(id, job)?)
+    }
+
+    fn synth_worker_job(&self, id: &RunId, job: &super::synth::SynthJob) -> Result<WorkerJob> {
+        let store = &self.inner.store;
+        let record = store.get_run(id)?;
+        let learned = job
+            .from
+            .as_deref()
+            .map(|p| super::synth::learned_ref(store, p, &job.model))
+            .transpose()?;
+        Ok(WorkerJob::synthesis(
+            id.clone(),
+            super::worker::SynthWork {
+                job: job.clone(),
+                learned,
+                spec_hash: record.spec_hash.to_string(),
+            },
+        ))
     }
 
     /// Submits the continuation of the interrupted learning run `id` from its last checkpoint.
@@ -479,7 +544,7 @@ impl SlurmExecutor {
         let spec = store.spec(&record.spec_hash)?;
         let dir = run_dir(&self.inner.root, id);
         let device = match WorkerJob::read(&self.inner.root, id) {
-            Ok(old) => old.learn.device,
+            Ok(old) => old.device().to_string(),
             Err(_) => super::pool::AUTO.to_string(),
         };
         let learn = super::learn::job_from_spec(
@@ -496,11 +561,96 @@ impl SlurmExecutor {
         state.cancel_requested = false;
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         state.write(&dir)?;
-        self.submit_job(WorkerJob {
-            run: id.clone(),
+        self.submit_job(WorkerJob::learning(
+            id.clone(),
             learn,
-            resume_from: record.outputs.get(CHECKPOINT_OUTPUT).map(|h| h.to_hex()),
-        })
+            record.outputs.get(CHECKPOINT_OUTPUT).map(|h| h.to_hex()),
+        ))
+    }
+
+    /// Submits the queued runs of a sweep as one Slurm job array, task `i` running `runs[i]`
+    /// (a learning or a synthesis run, as [`Self::submit`] and [`Self::submit_synth`] would
+    /// send it): their job files, a manifest of their ids (one a line) and one `sbatch
+    /// --array=0-(n-1)[%K]`. Each run's record lists its task as `ARRAY_i`; from then on the
+    /// task is followed, cancelled (`scancel ARRAY_i`) and, when it ends early, resubmitted as
+    /// a job of its own, as a run submitted alone is. A single run goes as a job of its own.
+    pub fn submit_array(&self, runs: Vec<(RunId, super::sweep::SweepJob)>) -> Result<()> {
+        let Some(options) = self.inner.options.clone() else {
+            return Err(Error::Input(
+                "this engine does not submit to Slurm (start it with --executor slurm)".into(),
+            ));
+        };
+        let mut jobs = Vec::with_capacity(runs.len());
+        for (id, job) in runs {
+            jobs.push(match job {
+                super::sweep::SweepJob::Learn(j) => WorkerJob::learning(id, *j, None),
+                super::sweep::SweepJob::Synth(j) => self.synth_worker_job(&id, &j)?,
+            });
+        }
+        if jobs.len() <= 1 {
+            return jobs.pop().map_or(Ok(()), |j| self.submit_job(j));
+        }
+        let root = &self.inner.root;
+        for job in &jobs {
+            job.write(root)?;
+        }
+        let dir = root.join("work").join(ARRAY_DIR);
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        // Named after its first run: unique in the store.
+        let name = format!("array-{}", jobs[0].run);
+        let manifest = dir.join(format!("{name}.runs"));
+        let ids: String = jobs.iter().map(|j| format!("{}\n", j.run)).collect();
+        let tmp = dir.join(format!("{name}.runs.tmp"));
+        std::fs::write(&tmp, ids).map_err(|e| Error::io(&tmp, e))?;
+        std::fs::rename(&tmp, &manifest).map_err(|e| Error::io(&manifest, e))?;
+        let script = dir.join(format!("{name}.sh"));
+        let text = format!(
+            "#!/bin/sh\n# mifo sweep of {} runs: written by the engine, run by Slurm (task i runs line i+1 of the manifest).\nexec {} --store {} worker --manifest {}\n",
+            jobs.len(),
+            shell_quote(&self.inner.exe.display().to_string()),
+            shell_quote(&root.display().to_string()),
+            shell_quote(&manifest.display().to_string()),
+        );
+        std::fs::write(&script, text).map_err(|e| Error::io(&script, e))?;
+        let array = sbatch_with(
+            &options.sbatch_flags(),
+            &[array_flag(jobs.len(), options.array_limit)],
+            &format!("mifo-{name}"),
+            &dir.join(format!("{name}-%a.out")),
+            &script,
+        )?;
+        eprintln!(
+            "engine: runs {} submitted as Slurm job array {array} ({} tasks)",
+            jobs.iter()
+                .map(|j| j.run.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            jobs.len()
+        );
+        let mut first_error = None;
+        for (i, job) in jobs.into_iter().enumerate() {
+            let id = job.run;
+            let task = format!("{array}_{i}");
+            let run_dir = run_dir(root, &id);
+            // The task's output, where a run's own job writes it.
+            let _ = std::os::unix::fs::symlink(
+                dir.join(format!("{name}-{i}.out")),
+                run_dir.join("slurm.out"),
+            );
+            let state = SlurmState {
+                jobs: vec![task.clone()],
+                options: options.clone(),
+                ..SlurmState::default()
+            };
+            let followed = state
+                .write(&run_dir)
+                .and_then(|_| Ok(self.inner.store.add_slurm_job(&id, &task)?))
+                .and_then(|_| self.follow(id, state));
+            if let Err(e) = followed {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
     }
 
     fn submit_job(&self, job: WorkerJob) -> Result<()> {
@@ -624,6 +774,18 @@ impl SlurmExecutor {
     /// Whether every follower has saved its place and returned (after [`Self::stop`]).
     pub fn finished(&self) -> bool {
         lock(&self.inner.followed).is_empty()
+    }
+}
+
+/// The folder under `<store>/work/` of the job arrays' manifests, scripts and outputs.
+pub const ARRAY_DIR: &str = "arrays";
+
+/// `--array=0-(n-1)`, with `%K` when at most `limit` tasks may run at once.
+fn array_flag(n: usize, limit: Option<u32>) -> String {
+    let last = n.saturating_sub(1);
+    match limit {
+        Some(k) => format!("--array=0-{last}%{k}"),
+        None => format!("--array=0-{last}"),
     }
 }
 
@@ -905,7 +1067,9 @@ fn job_ended(
 ) -> Result<bool> {
     let store = &inner.store;
     let dir = run_dir(&inner.root, id);
-    let status = store.get_run(id)?.status;
+    let record = store.get_run(id)?;
+    let status = record.status;
+    let learning = record.kind == crate::store::RunKind::Learn;
     if state.cancel_requested || slurm == "CANCELLED" {
         if !status.is_final() {
             if status == RunStatus::Running {
@@ -921,8 +1085,14 @@ fn job_ended(
         state.retries += 1;
         let next = submit_worker(&inner.root, &inner.exe, id, &state.options)?;
         let line = format!(
-            "{why}; resubmitted from the last checkpoint as job {next} (retry {} of {})",
-            state.retries, state.options.max_retries
+            "{why}; resubmitted {} as job {next} (retry {} of {})",
+            if learning {
+                "from the last checkpoint"
+            } else {
+                "to start again (a synthesis run has no checkpoint)"
+            },
+            state.retries,
+            state.options.max_retries
         );
         eprintln!("engine: run {id}: {line}");
         if status == RunStatus::Running {
@@ -937,10 +1107,12 @@ fn job_ended(
     eprintln!("engine: run {id}: {why}; no retries left");
     match status {
         RunStatus::Running => {
-            store.append_log(
-                id,
-                &format!("{why}; no retries left: resume it with `mifo learn --resume {id}`"),
-            )?;
+            let next = if learning {
+                format!("resume it with `mifo learn --resume {id}`")
+            } else {
+                format!("run it again with `mifo runs rerun {id}`")
+            };
+            store.append_log(id, &format!("{why}; no retries left: {next}"))?;
             store.interrupt_run(id, &why)?;
         }
         RunStatus::Queued => {
@@ -971,6 +1143,7 @@ mod tests {
             account: None,
             sbatch_args: vec!["--qos=low".into()],
             max_retries: 2,
+            array_limit: Some(3),
         };
         assert_eq!(
             o.sbatch_flags(),
@@ -984,5 +1157,24 @@ mod tests {
         assert_eq!(shell_quote("a'b"), r"'a'\''b'");
         assert!(is_active("PENDING") && is_active("REQUEUED") && is_active("COMPLETING"));
         assert!(!is_active("TIMEOUT") && !is_active("NODE_FAIL") && !is_active("GONE"));
+        // The throttle is the array's, not every job's.
+        assert!(!o.sbatch_flags().iter().any(|f| f.contains("array")));
+        assert_eq!(array_flag(4, None), "--array=0-3");
+        assert_eq!(array_flag(4, o.array_limit), "--array=0-3%3");
+    }
+
+    #[test]
+    fn squeue_ids_of_array_tasks_expand_to_one_id_per_task() {
+        assert_eq!(expand_job_id("277"), ["277"]);
+        assert_eq!(expand_job_id("277_4"), ["277_4"]);
+        assert_eq!(
+            expand_job_id("277_[0-3]"),
+            ["277_0", "277_1", "277_2", "277_3"]
+        );
+        assert_eq!(
+            expand_job_id("277_[2,5-7%2]"),
+            ["277_2", "277_5", "277_6", "277_7"]
+        );
+        assert!(expand_job_id("277_[x-y]").is_empty());
     }
 }

@@ -12,8 +12,8 @@ use crate::learn::tokenizer_with_placeholders;
 use crate::model::{enable_precision, parse_device, resolve_dtype, ModelSource, StableDiffusion};
 use crate::sink::{Progress, RunSink};
 use crate::store::{
-    add_png_text_chunks, code_version, host_name, NewRun, RunId, RunKind, RunOutcome, RunRecord,
-    RunSpec, RunStatus, Store,
+    add_png_text_chunks, code_version, host_name, BlobHash, BlobStore, NewRun, RunId, RunKind,
+    RunOutcome, RunRecord, RunSpec, RunStatus, Store,
 };
 use crate::synth::{self, parse_box, BoxSpec, SynthConfig, SynthRequest};
 
@@ -45,6 +45,20 @@ pub struct SynthJob {
     pub rerun: bool,
 }
 
+/// The outputs of a finished learning run that a synthesis draws on, by blob: what the engine
+/// hands a [worker](super::worker) (which never opens the store's database) along with the job.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct LearnedRef {
+    /// The learning run.
+    pub id: RunId,
+    /// Its scene label.
+    pub scene: Option<String>,
+    /// The `embeddings` output (blob hash, hex).
+    pub embeddings: String,
+    /// The phase-B outputs that override model weights (`weights`, `lora`), as blob hashes.
+    pub overrides: Vec<String>,
+}
+
 /// What a learned run contributes: placeholder count, rows, phase-B tensors.
 struct Learned {
     id: RunId,
@@ -53,12 +67,9 @@ struct Learned {
     overrides: Vec<(String, Tensor)>,
 }
 
-fn load_learned(
-    store: &Store,
-    prefix: &str,
-    model: &ModelSource,
-    device: &candle_core::Device,
-) -> Result<Learned> {
+/// Finds the finished learning run `prefix` names and checks that `model` is the model it
+/// learned on; returns its outputs by blob.
+pub fn learned_ref(store: &Store, prefix: &str, model: &ModelSource) -> Result<LearnedRef> {
     let id = store.resolve(prefix)?;
     let rec = store.get_run(&id)?;
     if rec.kind != RunKind::Learn || rec.status != RunStatus::Done {
@@ -79,7 +90,32 @@ fn load_learned(
         .outputs
         .get("embeddings")
         .ok_or_else(|| Error::Input(format!("run {id} has no `embeddings` output")))?;
-    let tensors = candle_core::safetensors::load_buffer(&store.read_blob(emb)?, device)
+    let overrides = ["weights", "lora"]
+        .into_iter()
+        .filter_map(|name| rec.outputs.get(name).map(|h| h.to_hex()))
+        .collect();
+    Ok(LearnedRef {
+        scene: rec.scene.clone(),
+        embeddings: emb.to_hex(),
+        overrides,
+        id,
+    })
+}
+
+fn blob_hash(id: &RunId, hex: &str) -> Result<BlobHash> {
+    hex.parse()
+        .map_err(|_| Error::Input(format!("run {id}: `{hex}` is not a blob hash")))
+}
+
+/// Loads the tensors of a [`LearnedRef`] from the store's blobs.
+fn load_learned(
+    blobs: &BlobStore,
+    learned: &LearnedRef,
+    device: &candle_core::Device,
+) -> Result<Learned> {
+    let id = &learned.id;
+    let bytes = blobs.read(&blob_hash(id, &learned.embeddings)?)?;
+    let tensors = candle_core::safetensors::load_buffer(&bytes, device)
         .map_err(|e| Error::Input(format!("run {id}: embeddings unreadable ({e})")))?;
     let mut rows = Vec::new();
     for i in 0..tensors.len() {
@@ -91,16 +127,15 @@ fn load_learned(
     }
     let rows = Tensor::stack(&rows, 0)?;
     let mut overrides = Vec::new();
-    for name in ["weights", "lora"] {
-        if let Some(h) = rec.outputs.get(name) {
-            let t = candle_core::safetensors::load_buffer(&store.read_blob(h)?, device)
-                .map_err(|e| Error::Input(format!("run {id}: `{name}` unreadable ({e})")))?;
-            overrides.extend(t);
-        }
+    for hex in &learned.overrides {
+        let bytes = blobs.read(&blob_hash(id, hex)?)?;
+        let t = candle_core::safetensors::load_buffer(&bytes, device)
+            .map_err(|e| Error::Input(format!("run {id}: phase-B weights unreadable ({e})")))?;
+        overrides.extend(t);
     }
     Ok(Learned {
-        id,
-        scene: rec.scene.clone(),
+        id: id.clone(),
+        scene: learned.scene.clone(),
         rows,
         overrides,
     })
@@ -111,6 +146,20 @@ fn build(
     store: &Store,
     job: &SynthJob,
 ) -> Result<(StableDiffusion, Option<Learned>, Vec<BoxSpec>)> {
+    let learned = job
+        .from
+        .as_deref()
+        .map(|p| learned_ref(store, p, &job.model))
+        .transpose()?;
+    build_from(store.blobs(), job, learned.as_ref())
+}
+
+/// [`build`] from a learned run's outputs by blob (a worker's way: no database).
+fn build_from(
+    blobs: &BlobStore,
+    job: &SynthJob,
+    learned: Option<&LearnedRef>,
+) -> Result<(StableDiffusion, Option<Learned>, Vec<BoxSpec>)> {
     job.config.check()?;
     let device = parse_device(&job.device)?;
     let dtype = resolve_dtype(&job.dtype, &device)?;
@@ -119,10 +168,8 @@ fn build(
         .iter()
         .map(|b| parse_box(b))
         .collect::<Result<Vec<_>>>()?;
-    let learned = job
-        .from
-        .as_deref()
-        .map(|p| load_learned(store, p, &job.model, &device))
+    let learned = learned
+        .map(|l| load_learned(blobs, l, &device))
         .transpose()?;
     let overrides = learned
         .as_ref()
@@ -219,9 +266,8 @@ pub fn check(store: &Store, job: &SynthJob) -> Result<super::Checked> {
 /// Adds a PNG text chunk (prompt, boxes, seed, spec hash) to every `sample_K.png`; the run id
 /// is left out so that re-runs of one spec stay byte-identical (`runs export` adds it).
 struct SampleTextSink<'a> {
-    inner: StoreSink,
+    inner: &'a mut dyn RunSink,
     texts: Vec<(String, String)>,
-    _marker: std::marker::PhantomData<&'a ()>,
 }
 
 impl RunSink for SampleTextSink<'_> {
@@ -247,9 +293,47 @@ impl RunSink for SampleTextSink<'_> {
         };
         self.inner.artifact(name, bytes)
     }
+    fn checkpoint(&mut self, step: u64, bytes: Vec<u8>) -> Result<()> {
+        self.inner.checkpoint(step, bytes)
+    }
     fn should_stop(&self) -> bool {
         self.inner.should_stop()
     }
+}
+
+/// Runs synthesis job `job` of the run whose spec hash is `spec_hash`, from `learned` (outputs
+/// by blob, read from `blobs`), reporting to `sink`: the same for the engine's own runs
+/// ([`start`]) and a Slurm [worker](super::worker), so both give byte-identical samples.
+pub fn synthesise(
+    blobs: &BlobStore,
+    job: &SynthJob,
+    learned: Option<&LearnedRef>,
+    spec_hash: &str,
+    sink: &mut dyn RunSink,
+) -> Result<synth::SynthReport> {
+    let (sd, learned, boxes) = build_from(blobs, job, learned)?;
+    enable_precision(&job.dtype);
+    let req = request(&sd, learned.as_ref(), boxes, job)?;
+    let mut sink = SampleTextSink {
+        inner: sink,
+        texts: vec![
+            ("prompt".into(), job.prompt.clone()),
+            ("boxes".into(), job.boxes.join(" ")),
+            ("seed".into(), job.seed.to_string()),
+            ("spec".into(), spec_hash.to_string()),
+            ("software".into(), code_version()),
+        ],
+    };
+    sink.log(&format!(
+        "synthesise {} sample(s) of \"{}\" from {}",
+        job.samples,
+        job.prompt,
+        learned
+            .as_ref()
+            .map(|l| l.id.to_string())
+            .unwrap_or_else(|| "the plain model".into())
+    ))?;
+    synth::run(&req, &mut sink)
 }
 
 /// Runs the queued synthesis run `id` (made by [`prepare`] from `job`).
@@ -264,10 +348,12 @@ pub fn start(
     on_started();
     let rec = store.get_run(id)?;
     let result = (|| {
-        let (sd, learned, boxes) = build(store, job)?;
-        enable_precision(&job.dtype);
-        let req = request(&sd, learned.as_ref(), boxes, job)?;
-        let inner = StoreSink::new(
+        let learned = job
+            .from
+            .as_deref()
+            .map(|p| learned_ref(store, p, &job.model))
+            .transpose()?;
+        let mut sink = StoreSink::new(
             store.clone(),
             id.clone(),
             opts.progress_bar,
@@ -275,28 +361,14 @@ pub fn start(
         )
         .with_observer(opts.observer.clone())
         .with_progress_lines(opts.progress_lines);
-        let mut sink = SampleTextSink {
-            inner,
-            texts: vec![
-                ("prompt".into(), job.prompt.clone()),
-                ("boxes".into(), job.boxes.join(" ")),
-                ("seed".into(), job.seed.to_string()),
-                ("spec".into(), rec.spec_hash.to_string()),
-                ("software".into(), code_version()),
-            ],
-            _marker: std::marker::PhantomData,
-        };
-        sink.log(&format!(
-            "synthesise {} sample(s) of \"{}\" from {}",
-            job.samples,
-            job.prompt,
-            learned
-                .as_ref()
-                .map(|l| l.id.to_string())
-                .unwrap_or_else(|| "the plain model".into())
-        ))?;
-        let report = synth::run(&req, &mut sink)?;
-        sink.inner.finish();
+        let report = synthesise(
+            store.blobs(),
+            job,
+            learned.as_ref(),
+            &rec.spec_hash.to_string(),
+            &mut sink,
+        )?;
+        sink.finish();
         Ok::<_, Error>(report)
     })();
     let outcome = match &result {

@@ -1,12 +1,16 @@
-//! `mifo worker`: runs one learning run of a store on the machine it is started on (a Slurm
-//! compute node), without opening the store's database. It reads `job.json` from the run's
-//! folder, writes outputs and checkpoints as content-addressed blobs (the store's blob writer:
-//! temp file, fsync, rename) and reports everything else in the run's
-//! [journal](super::journal); the engine ingests the journal into the store.
+//! `mifo worker`: runs one learning or synthesis run of a store on the machine it is started on
+//! (a Slurm compute node), without opening the store's database. It reads `job.json` from the
+//! run's folder, writes outputs and checkpoints as content-addressed blobs (the store's blob
+//! writer: temp file, fsync, rename) and reports everything else in the run's
+//! [journal](super::journal); the engine ingests the journal into the store. A task of a Slurm
+//! job array (a sweep) finds its run in the array's manifest, one run id per line, at the line
+//! `SLURM_ARRAY_TASK_ID` names ([`run_array_task`]).
 //!
-//! A worker started again on the same run (Slurm requeued the job, or the engine resubmitted it
-//! after a time limit or a lost node) continues from the last checkpoint its journal names, else
-//! from the checkpoint `job.json` names (a resume), else from the start. SIGTERM or SIGINT (how
+//! A learning worker started again on the same run (Slurm requeued the job, or the engine
+//! resubmitted it after a time limit or a lost node) continues from the last checkpoint its
+//! journal names, else from the checkpoint `job.json` names (a resume), else from the start. A
+//! synthesis worker has no checkpoint: started again, it synthesises every sample again (the
+//! same bytes under the same output names, so the run still ends with one set). SIGTERM or SIGINT (how
 //! Slurm cancels, times out or preempts a job) stops the run at its next step, after which the
 //! worker journals `stopped` and exits; the engine decides from the job's Slurm state whether
 //! the run was cancelled or is to be resumed.
@@ -18,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use super::journal::{journal_path, run_dir, Entry, JournalWriter};
 use super::learn::LearnJob;
+use super::synth::{LearnedRef, SynthJob};
 use crate::error::{Error, Result};
 use crate::learn::{self, Checkpoint, LearnRequest};
 use crate::model::{enable_precision, parse_device, resolve_dtype, StableDiffusion};
@@ -32,14 +37,59 @@ pub const JOB_FILE: &str = "job.json";
 pub struct WorkerJob {
     /// The run.
     pub run: RunId,
-    /// The learning job; its input files are blobs of the store (on the shared filesystem).
-    pub learn: LearnJob,
+    /// The learning job, for a learning run; its input files are blobs of the store (on the
+    /// shared filesystem).
+    #[serde(default)]
+    pub learn: Option<LearnJob>,
+    /// The synthesis job, for a synthesis run.
+    #[serde(default)]
+    pub synth: Option<SynthWork>,
     /// The checkpoint (blob hash, hex) to continue from when the journal names none: the
     /// last checkpoint of an interrupted run resumed through the worker.
     pub resume_from: Option<String>,
 }
 
+/// A synthesis run as a worker runs it: the job, and what the engine read from the store for it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SynthWork {
+    /// The synthesis job.
+    pub job: SynthJob,
+    /// The learning run it draws on, by blob (`None`: the plain model).
+    pub learned: Option<LearnedRef>,
+    /// The run's spec hash (written into every sample's PNG text, as a local run does).
+    pub spec_hash: String,
+}
+
 impl WorkerJob {
+    /// A learning run's job.
+    pub fn learning(run: RunId, learn: LearnJob, resume_from: Option<String>) -> WorkerJob {
+        WorkerJob {
+            run,
+            learn: Some(learn),
+            synth: None,
+            resume_from,
+        }
+    }
+
+    /// A synthesis run's job.
+    pub fn synthesis(run: RunId, synth: SynthWork) -> WorkerJob {
+        WorkerJob {
+            run,
+            learn: None,
+            synth: Some(synth),
+            resume_from: None,
+        }
+    }
+
+    /// The device the job asks for.
+    pub fn device(&self) -> &str {
+        match (&self.learn, &self.synth) {
+            (Some(l), _) => &l.device,
+            (None, Some(s)) => &s.job.device,
+            (None, None) => super::pool::AUTO,
+        }
+    }
+
     /// Writes the job into the run's folder under the store `root` (temp file, then rename).
     pub fn write(&self, root: &Path) -> Result<PathBuf> {
         let dir = run_dir(root, &self.run);
@@ -177,61 +227,20 @@ pub fn run(root: &Path, run: &RunId) -> Result<()> {
         .or(job.resume_from.clone());
     let blobs = BlobStore::new(root.join("blobs"));
     let mut sink = JournalSink { journal, blobs };
-    let device_name = worker_device(&job.learn.device);
-    let outcome = (|| -> Result<Option<learn::LearnReport>> {
-        let device = parse_device(&device_name)?;
-        let dtype = resolve_dtype(&job.learn.dtype, &device)?;
-        enable_precision(&job.learn.dtype);
-        let checkpoint = match &resume_hash {
-            Some(h) => {
-                let hash: BlobHash = h
-                    .parse()
-                    .map_err(|_| Error::Input(format!("checkpoint `{h}` is not a blob hash")))?;
-                Some(Checkpoint::from_bytes(&sink.blobs.read(&hash)?, &device)?)
-            }
-            None => None,
-        };
-        sink.journal.append_synced(&Entry::Started {
-            host: host_name(),
-            device: device_name.clone(),
-            pid: std::process::id(),
-            job: std::env::var("SLURM_JOB_ID").ok(),
-            resumed_from: checkpoint.as_ref().map(|c| c.step),
-        })?;
-        let sd = StableDiffusion::load_source(&job.learn.model, dtype, &device, Vec::new())?;
-        let resolution = super::learn::model_resolution(&sd);
-        let scene = learn::load_scene(
-            &job.learn.files,
-            resolution,
-            job.learn.allow_overlap,
-            job.learn.config.fit(),
-        )?;
-        let instances = scene.masks.len();
-        sink.log(&format!(
-            "learn {instances} instances, model {}, seed {} (worker on {})",
-            super::model_label(&job.learn.model),
-            job.learn.seed,
-            host_name()
-        ))?;
-        let report = learn::run(
-            LearnRequest {
-                sd: &sd,
-                scene: &scene,
-                config: job.learn.config.clone(),
-                seed: job.learn.seed,
-                resume: checkpoint,
-                class_images: Vec::new(),
-                measure_only: false,
-            },
-            &mut sink,
-        )?;
-        Ok(Some(report))
-    })();
+    let device_name = worker_device(job.device());
+    let outcome = match (&job.learn, &job.synth) {
+        (Some(learn), _) => run_learn(&mut sink, learn, resume_hash.as_deref(), &device_name),
+        (None, Some(synth)) => run_synth(&mut sink, synth, &device_name),
+        (None, None) => Err(Error::Input(format!(
+            "{}: names neither a learning nor a synthesis job",
+            run_dir(root, run).join(JOB_FILE).display()
+        ))),
+    };
     let end = match outcome {
-        Ok(Some(r)) if r.cancelled => Entry::Stopped {
+        Ok(true) => Entry::Stopped {
             signal: signal_name(SIGNAL.load(Ordering::SeqCst)),
         },
-        Ok(_) => Entry::Ended {
+        Ok(false) => Entry::Ended {
             status: "done".into(),
             error: None,
         },
@@ -241,6 +250,123 @@ pub fn run(root: &Path, run: &RunId) -> Result<()> {
         },
     };
     sink.journal.append_synced(&end)
+}
+
+/// Runs a learning job into `sink`; `Ok(true)` when a stop signal ended it early.
+fn run_learn(
+    sink: &mut JournalSink,
+    learn: &LearnJob,
+    resume_hash: Option<&str>,
+    device_name: &str,
+) -> Result<bool> {
+    let device = parse_device(device_name)?;
+    let dtype = resolve_dtype(&learn.dtype, &device)?;
+    enable_precision(&learn.dtype);
+    let checkpoint = match resume_hash {
+        Some(h) => {
+            let hash: BlobHash = h
+                .parse()
+                .map_err(|_| Error::Input(format!("checkpoint `{h}` is not a blob hash")))?;
+            Some(Checkpoint::from_bytes(&sink.blobs.read(&hash)?, &device)?)
+        }
+        None => None,
+    };
+    journal_started(sink, device_name, checkpoint.as_ref().map(|c| c.step))?;
+    let sd = StableDiffusion::load_source(&learn.model, dtype, &device, Vec::new())?;
+    let resolution = super::learn::model_resolution(&sd);
+    let scene = learn::load_scene(
+        &learn.files,
+        resolution,
+        learn.allow_overlap,
+        learn.config.fit(),
+    )?;
+    let instances = scene.masks.len();
+    sink.log(&format!(
+        "learn {instances} instances, model {}, seed {} (worker on {})",
+        super::model_label(&learn.model),
+        learn.seed,
+        host_name()
+    ))?;
+    let report = learn::run(
+        LearnRequest {
+            sd: &sd,
+            scene: &scene,
+            config: learn.config.clone(),
+            seed: learn.seed,
+            resume: checkpoint,
+            class_images: Vec::new(),
+            measure_only: false,
+        },
+        sink,
+    )?;
+    Ok(report.cancelled)
+}
+
+/// Runs a synthesis job into `sink` from the start; `Ok(true)` when a stop signal ended it
+/// early.
+fn run_synth(sink: &mut JournalSink, synth: &SynthWork, device_name: &str) -> Result<bool> {
+    journal_started(sink, device_name, None)?;
+    let job = SynthJob {
+        device: device_name.to_string(),
+        ..synth.job.clone()
+    };
+    let blobs = sink.blobs.clone();
+    let report =
+        super::synth::synthesise(&blobs, &job, synth.learned.as_ref(), &synth.spec_hash, sink)?;
+    Ok(report.cancelled)
+}
+
+/// Journals the worker's start (synced: the engine marks the run running on it).
+fn journal_started(
+    sink: &mut JournalSink,
+    device_name: &str,
+    resumed_from: Option<u64>,
+) -> Result<()> {
+    sink.journal.append_synced(&Entry::Started {
+        host: host_name(),
+        device: device_name.to_string(),
+        pid: std::process::id(),
+        job: slurm_job_id(),
+        resumed_from,
+    })
+}
+
+/// This job's id as Slurm names it: `ARRAY_TASK` for a task of a job array, else the job id.
+fn slurm_job_id() -> Option<String> {
+    let array = std::env::var("SLURM_ARRAY_JOB_ID").ok();
+    let task = std::env::var("SLURM_ARRAY_TASK_ID").ok();
+    match (array, task) {
+        (Some(a), Some(t)) => Some(format!("{a}_{t}")),
+        _ => std::env::var("SLURM_JOB_ID").ok(),
+    }
+}
+
+/// `mifo worker --manifest FILE`: the task of a Slurm job array runs the run on line
+/// `SLURM_ARRAY_TASK_ID` (0-based) of `FILE` (one run id per line, written by the engine).
+pub fn run_array_task(root: &Path, manifest: &Path) -> Result<()> {
+    let task: usize = std::env::var("SLURM_ARRAY_TASK_ID")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .ok_or_else(|| {
+            Error::Input(format!(
+                "--manifest {}: SLURM_ARRAY_TASK_ID is not set (run as a task of a Slurm job array)",
+                manifest.display()
+            ))
+        })?;
+    let text = std::fs::read_to_string(manifest).map_err(|e| Error::io(manifest, e))?;
+    let line = text.lines().nth(task).ok_or_else(|| {
+        Error::file(
+            manifest,
+            format!("has no line for array task {task} (one run id per line)"),
+        )
+    })?;
+    let run: RunId = line.trim().parse().map_err(|_| {
+        Error::file(
+            manifest,
+            format!("line {}: `{}` is not a run id", task + 1, line.trim()),
+        )
+    })?;
+    self::run(root, &run)
 }
 
 /// `mifo worker --probe FILE`: writes this host's name into `FILE` (temp file, then rename),
@@ -295,9 +421,9 @@ mod tests {
     fn a_job_file_is_written_and_read_back() {
         let dir = tempfile::tempdir().unwrap();
         let run = RunId::from_parts(1_750_000_000_000, 3);
-        let job = WorkerJob {
-            run: run.clone(),
-            learn: LearnJob {
+        let job = WorkerJob::learning(
+            run.clone(),
+            LearnJob {
                 model: crate::model::ModelSource::folder(dir.path()),
                 files: crate::learn::SceneFiles {
                     image: dir.path().join("i.png"),
@@ -313,12 +439,13 @@ mod tests {
                 allow_overlap: true,
                 rerun: true,
             },
-            resume_from: None,
-        };
+            None,
+        );
         job.write(dir.path()).unwrap();
         let back = WorkerJob::read(dir.path(), &run).unwrap();
         assert_eq!(back.run, run);
-        assert_eq!(back.learn.seed, 4);
+        assert_eq!(back.learn.as_ref().map(|l| l.seed), Some(4));
+        assert!(back.synth.is_none());
         let missing = WorkerJob::read(dir.path(), &RunId::from_parts(1, 1)).unwrap_err();
         assert!(missing.to_string().contains("job.json"), "{missing}");
     }
