@@ -420,7 +420,11 @@ fn bad_single_files_are_refused_in_one_line() {
             }
         }
     });
-    refused(&sdxl, false, &["SDXL", "not supported yet"]);
+    refused(
+        &sdxl,
+        false,
+        &["SDXL", "without its CLIP ViT-L text encoder"],
+    );
     // The tiny model's sizes are not SD's: without --model-config its configs cannot be
     // inferred, and the refusal says what to pass.
     refused(&single(), false, &["--model-config"]);
@@ -506,5 +510,248 @@ fn single_file_fingerprints_and_runs_record_the_source() {
         assert_eq!(shown["model_fingerprint"], with.to_hex());
         assert_eq!(shown["model_source"], file.as_str());
     }
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+fn xl_folder() -> PathBuf {
+    root().join("fixtures/tiny-sdxl")
+}
+
+/// `fixtures/tiny-sdxl` as one SDXL single file, its tensors stored in float16
+/// (`tools/make_single_file_sdxl.py`).
+fn xl_single() -> PathBuf {
+    root().join("fixtures/tiny-sdxl-single.safetensors")
+}
+
+/// The tensors of the folder's component `part`, as stored (float32).
+fn folder_part(part: single_file::Part) -> HashMap<String, Tensor> {
+    let file = match part {
+        single_file::Part::Unet => "unet/diffusion_pytorch_model.safetensors",
+        single_file::Part::Vae => "vae/diffusion_pytorch_model.safetensors",
+        single_file::Part::TextEncoder => "text_encoder/model.safetensors",
+        single_file::Part::TextEncoder2 => "text_encoder_2/model.safetensors",
+    };
+    candle_core::safetensors::load(xl_folder().join(file), &Device::Cpu).unwrap()
+}
+
+/// Read with the folder's configs, the SDXL single file gives every UNet, VAE and text-encoder
+/// tensor of the folder, rounded to float16 as the file stores them, exactly (nothing more,
+/// nothing less), and loads as an SDXL pipeline.
+#[test]
+fn an_sdxl_single_file_holds_the_folders_tensors() {
+    use single_file::Part;
+    let plan = single_file::Plan::inspect(&xl_single(), Some(&xl_folder())).unwrap();
+    assert_eq!(plan.family, Family::Sdxl);
+    let parts = plan.load(DType::F32, &Device::Cpu).unwrap();
+    for part in [Part::Unet, Part::Vae, Part::TextEncoder, Part::TextEncoder2] {
+        let ours = &parts[&part];
+        let theirs = folder_part(part);
+        let mut a: Vec<&String> = ours.keys().collect();
+        let mut b: Vec<&String> = theirs.keys().collect();
+        a.sort();
+        b.sort();
+        assert_eq!(a, b, "{part:?}");
+        for (name, t) in &theirs {
+            let rounded = t
+                .to_dtype(DType::F16)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
+            let d = (&ours[name] - &rounded)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert_eq!(d, 0.0, "{part:?} {name}");
+        }
+    }
+    let source = resolve(
+        xl_single().to_str().unwrap(),
+        None,
+        Some(xl_folder().to_str().unwrap()),
+    )
+    .unwrap();
+    let sd = StableDiffusion::load_source(&source, DType::F32, &Device::Cpu, Vec::new()).unwrap();
+    let xl = sd.xl.as_ref().expect("an SDXL pipeline");
+    assert!(xl.force_zeros_for_empty_prompt);
+    assert_eq!(xl.text_encoder_2.config().projection_dim, Some(40));
+    assert!(sd.layout.starts_with("SDXL single file"), "{}", sd.layout);
+    let prompt = "a photo of a cat!";
+    let theirs =
+        mifo::model::tokenizer::ClipTokenizer::from_dir(&xl_folder().join("tokenizer_2")).unwrap();
+    assert_eq!(
+        xl.tokenizer_2.encode(prompt).unwrap(),
+        theirs.encode(prompt).unwrap()
+    );
+}
+
+/// The f16 file with every tensor replaced by the folder's float32 value at the name it maps
+/// to: the same layout, the folder's exact weights.
+fn xl_single_f32(dir: &Path) -> PathBuf {
+    use single_file::Target;
+    let plan = single_file::Plan::inspect(&xl_single(), Some(&xl_folder())).unwrap();
+    let mut folder: HashMap<single_file::Part, HashMap<String, Tensor>> = HashMap::new();
+    let mut tensors = candle_core::safetensors::load(xl_single(), &Device::Cpu).unwrap();
+    for (key, target) in plan.mapping() {
+        let file_shape = tensors[key].dims().to_vec();
+        let mut get = |part: &single_file::Part, name: &str| {
+            folder.entry(*part).or_insert_with(|| folder_part(*part))[name].clone()
+        };
+        let value = match target {
+            Target::Ignore => tensors[key].to_dtype(DType::F32).unwrap(),
+            Target::Plain(p, n) => get(p, n),
+            Target::Squeeze(p, n) => get(p, n).reshape(file_shape.as_slice()).unwrap(),
+            Target::Transpose(p, n) => get(p, n).t().unwrap().contiguous().unwrap(),
+            Target::SplitQkv(p, names) => {
+                let parts: Vec<Tensor> = names.iter().map(|n| get(p, n)).collect();
+                Tensor::cat(&parts, 0).unwrap()
+            }
+        };
+        assert_eq!(value.dims(), file_shape.as_slice(), "{key}");
+        let value = if tensors[key].dtype() == DType::I64 {
+            tensors[key].clone()
+        } else {
+            value
+        };
+        tensors.insert(key.clone(), value);
+    }
+    let path = dir.join("tiny-sdxl-single-f32.safetensors");
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    path
+}
+
+/// `mifo model verify` passes on the SDXL single file, in the file's own layout holding the
+/// folder's float32 weights (the f16 fixture's rounding is beyond the references' 1e-4).
+#[test]
+fn model_verify_passes_on_an_sdxl_single_file() {
+    let tmp = scratch("sources-xl-verify");
+    let file = xl_single_f32(&tmp);
+    let reference = xl_folder().join("reference.safetensors");
+    let out = cli_support::mifo(
+        &tmp,
+        &[
+            "model",
+            "verify",
+            file.to_str().unwrap(),
+            reference.to_str().unwrap(),
+            "--model-config",
+            xl_folder().to_str().unwrap(),
+        ],
+    );
+    let text = cli_support::ok(&out);
+    assert!(
+        text.lines()
+            .next()
+            .unwrap()
+            .starts_with("model: single-file "),
+        "{text}"
+    );
+    assert!(text.contains(" 0 failed"), "{text}");
+    assert!(
+        text.lines().filter(|l| l.ends_with(" ok")).count() >= 59,
+        "{text}"
+    );
+    let info = json(&cli_support::mifo(
+        &tmp,
+        &[
+            "model",
+            "info",
+            xl_single().to_str().unwrap(),
+            "--model-config",
+            xl_folder().to_str().unwrap(),
+            "--json",
+        ],
+    ));
+    assert!(info["layout"]
+        .as_str()
+        .unwrap()
+        .starts_with("SDXL single file"));
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+#[test]
+fn sdxl_shapes_are_inferred_from_the_keys() {
+    let inf = single_file::infer(&xl_single(), Family::Sdxl).unwrap();
+    assert_eq!(inf.unet_channels, vec![16, 32, 64]);
+    assert_eq!(inf.unet_attention, vec![false, true, true]);
+    assert_eq!(inf.transformer_depth, vec![1, 1, 2]);
+    assert_eq!(inf.unet_layers, 2);
+    assert_eq!(inf.cross_attention_dim, 80);
+    assert_eq!(inf.added, Some((8, 88)));
+    assert_eq!(inf.vae_channels, vec![8, 16, 32, 32]);
+    assert_eq!(inf.text, (32, 2, 64, 49408, 77));
+    assert_eq!(inf.text_2, Some(((48, 3, 96, 49408, 77), 40)));
+}
+
+#[test]
+fn bad_sdxl_single_files_are_refused_in_one_line() {
+    let tmp = scratch("sources-xl-bad");
+    let store = tmp.join("store");
+    let xl_cfg = xl_folder().to_string_lossy().into_owned();
+    let sd_cfg = folder().to_string_lossy().into_owned();
+    let refused = |file: &Path, config: Option<&str>, needles: &[&str]| {
+        let mut args = vec!["model", "info", file.to_str().unwrap()];
+        if let Some(c) = config {
+            args.extend(["--model-config", c]);
+        }
+        let out = cli_support::mifo(&store, &args);
+        let line = err_line(&out);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr).trim().lines().count(),
+            1,
+            "{line}"
+        );
+        assert!(line.contains(file.to_str().unwrap()), "{line}");
+        for n in needles {
+            assert!(line.contains(n), "`{n}` not in: {line}");
+        }
+    };
+    let edited = |name: &str, edit: &dyn Fn(&mut HashMap<String, Tensor>)| {
+        let mut tensors = candle_core::safetensors::load(xl_single(), &Device::Cpu).unwrap();
+        edit(&mut tensors);
+        let path = tmp.join(name);
+        candle_core::safetensors::save(&tensors, &path).unwrap();
+        path
+    };
+    // Truncated.
+    let bytes = std::fs::read(xl_single()).unwrap();
+    let cut = tmp.join("cut.safetensors");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    refused(&cut, Some(xl_cfg.as_str()), &["truncated"]);
+    // A key of no known layout.
+    let unknown = edited("unknown.safetensors", &|t| {
+        t.insert(
+            "conditioner.embedders.1.model.mystery".into(),
+            Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+        );
+    });
+    refused(
+        &unknown,
+        Some(xl_cfg.as_str()),
+        &[
+            "unknown key `conditioner.embedders.1.model.mystery`",
+            "SDXL",
+        ],
+    );
+    // Only OpenCLIP under conditioner.embedders (as an SDXL refiner has it): not SDXL base.
+    let refiner = edited("refiner.safetensors", &|t| {
+        t.retain(|k, _| !k.starts_with("conditioner.embedders.0."));
+    });
+    refused(
+        &refiner,
+        Some(xl_cfg.as_str()),
+        &["SDXL", "CLIP ViT-L", "refiner"],
+    );
+    // The tiny model's sizes are not SDXL base's: configs are not inferred.
+    refused(&xl_single(), None, &["SDXL layout", "--model-config"]);
+    // An SDXL file with an SD 2.x config folder, and the other way round.
+    refused(&xl_single(), Some(sd_cfg.as_str()), &["SDXL", "text_time"]);
+    refused(&single(), Some(xl_cfg.as_str()), &["SD 2.x", "text_time"]);
+    assert!(!store.join("db").exists());
     let _ = std::fs::remove_dir_all(&tmp);
 }

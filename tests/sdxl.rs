@@ -426,6 +426,11 @@ fn learning_trains_both_encoders_rows_and_lora() {
             lora.keys().take(5).collect::<Vec<_>>()
         );
     }
+    // The UNet's ResNets per level, which kohya's SDXL names need, are in the metadata.
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&sink.artifacts["lora"]).unwrap();
+    let mifo_meta: serde_json::Value =
+        serde_json::from_str(&meta.metadata().as_ref().unwrap()["mifo"]).unwrap();
+    assert_eq!(mifo_meta["unet_layers_per_block"], "2,2,2", "{mifo_meta}");
 }
 
 /// `mifo bench --shape sdxl-base` times SDXL base 1.0's real shapes: its configs parse through
@@ -519,4 +524,104 @@ fn joined_rows_get_both_encoders_gradients() {
         let c = verify::compare(name, &g.narrow(1, start, len).unwrap(), &r[name], 1e-3);
         assert!(c.ok, "{c:?}");
     }
+}
+
+/// `force_upcast`: a VAE whose config asks for it (tiny-sdxl's, as SDXL base's) computes in f32
+/// in an f16 or bf16 run, from a folder or a single file, giving what the f32 model gives on the
+/// same (f16) latents; without the key (tiny-sd21) or in an f32 run the VAE keeps the run's
+/// dtype.
+#[test]
+fn a_force_upcast_vae_runs_in_f32_in_half_precision_runs() {
+    use mifo::model::vae::VaeConfig;
+    let vae = |extra: serde_json::Value| {
+        let mut c = json!({"block_out_channels": [8, 16], "norm_num_groups": 8,
+                           "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+                           "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"]});
+        c.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        VaeConfig::from_json(&ConfigJson::from_value("vae/config.json", c).unwrap()).unwrap()
+    };
+    let up = vae(json!({"force_upcast": true}));
+    for (run, want) in [
+        (DType::F16, DType::F32),
+        (DType::BF16, DType::F32),
+        (DType::F32, DType::F32),
+        (DType::F64, DType::F64),
+    ] {
+        assert_eq!(up.compute_dtype(run), want, "{run:?}");
+    }
+    for plain in [vae(json!({"force_upcast": false})), vae(json!({}))] {
+        for run in [DType::F16, DType::BF16, DType::F32] {
+            assert_eq!(plain.compute_dtype(run), run);
+        }
+    }
+
+    let dev = Device::Cpu;
+    let full = StableDiffusion::load(&fixture(), DType::F32, &dev).unwrap();
+    assert_eq!(full.vae.dtype(), DType::F32);
+    let half = StableDiffusion::load(&fixture(), DType::F16, &dev).unwrap();
+    assert_eq!(half.vae.dtype(), DType::F32);
+    assert_eq!(
+        half.unet_weights
+            .get("conv_in.weight", (16, 4, 3, 3))
+            .unwrap()
+            .dtype(),
+        DType::F16
+    );
+    let lat = candle_core::Tensor::randn(0f32, 1.0, (1, 4, 8, 8), &dev)
+        .unwrap()
+        .to_dtype(DType::F16)
+        .unwrap();
+    let ours = half.vae.decode(&lat).unwrap();
+    assert_eq!(ours.dtype(), DType::F16);
+    let f32_model = full
+        .vae
+        .decode(&lat.to_dtype(DType::F32).unwrap())
+        .unwrap()
+        .to_dtype(DType::F16)
+        .unwrap();
+    let diff = (ours.to_dtype(DType::F32).unwrap() - f32_model.to_dtype(DType::F32).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert_eq!(diff, 0.0);
+    let (mean, _) = half.vae.encode(&ours).unwrap();
+    assert_eq!(mean.dtype(), DType::F16);
+
+    // The single-file SDXL checkpoint reads its VAE in f32 for an f16 run too.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let source = mifo::model::source::resolve(
+        root.join("fixtures/tiny-sdxl-single.safetensors")
+            .to_str()
+            .unwrap(),
+        None,
+        Some(fixture().to_str().unwrap()),
+    )
+    .unwrap();
+    let single = StableDiffusion::load_source(&source, DType::F16, &dev, Vec::new()).unwrap();
+    assert_eq!(single.vae.dtype(), DType::F32);
+    // A VAE config without `force_upcast` (as SD 1.x / 2.x folders written before diffusers
+    // had the key) keeps the run's dtype.
+    let dir = std::env::temp_dir().join(format!("mifo-sdxl-{}-no-upcast", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    copy_dir(&root.join("fixtures/tiny-sd21"), &dir);
+    let config = dir.join("vae/config.json");
+    let mut vae_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    assert!(vae_json
+        .as_object_mut()
+        .unwrap()
+        .remove("force_upcast")
+        .is_some());
+    std::fs::write(&config, vae_json.to_string()).unwrap();
+    let sd = StableDiffusion::load(&dir, DType::F16, &dev).unwrap();
+    assert_eq!(sd.vae.dtype(), DType::F16);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -400,3 +400,95 @@ fn an_unexpected_lora_file_is_refused_by_name() {
     let bytes = safetensors_bytes(&tensors, meta).unwrap();
     assert_lora_refused(&bytes, "expected \"mifo-lora-1\"");
 }
+
+/// An SDXL LoRA with an adapter on every attention projection of `fixtures/tiny-sdxl`'s UNet
+/// (and one per text encoder): its kohya UNet names are the module paths of the same model in
+/// the SDXL single-file layout (`fixtures/tiny-sdxl-single.safetensors`, written and checked
+/// against diffusers by `tools/make_single_file_sdxl.py`) with `_` for `.`, each adapter the
+/// shape of the single file's weight there; with the layer counts in the metadata (as `learn`
+/// writes them) or read from the module names alike.
+#[test]
+fn sdxl_kohya_unet_names_are_the_single_file_modules() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let unet = candle_core::safetensors::load(
+        root.join("fixtures/tiny-sdxl/unet/diffusion_pytorch_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut modules: Vec<(String, usize, usize)> = unet
+        .iter()
+        .filter_map(|(k, t)| {
+            let m = k.strip_suffix(".weight")?;
+            ["to_q", "to_k", "to_v", "to_out.0"]
+                .iter()
+                .any(|e| m.ends_with(&format!(".{e}")))
+                .then(|| (format!("unet.{m}"), t.dims()[1], t.dims()[0]))
+        })
+        .collect();
+    modules.sort();
+    let n_unet = modules.len();
+    assert!(n_unet > 40, "{n_unet}");
+    modules.push((format!("text_encoder.{TE_Q}"), 32, 32));
+    modules.push((format!("text_encoder_2.{TE_Q}"), 48, 48));
+    let refs: Vec<(&str, usize, usize)> = modules
+        .iter()
+        .map(|(m, i, o)| (m.as_str(), *i, *o))
+        .collect();
+    let plain = lora_bytes(&refs, 2, DType::F32);
+    // The same adapters with the metadata `learn` writes for SDXL.
+    let tensors = candle_core::safetensors::load_buffer(&plain, &Device::Cpu).unwrap();
+    let with_layers = {
+        let mut meta = BTreeMap::new();
+        meta.insert("format".to_string(), "mifo-lora-1".to_string());
+        meta.insert("rank".to_string(), "2".to_string());
+        meta.insert("unet_layers_per_block".to_string(), "2,2,2".to_string());
+        safetensors_bytes(&tensors, meta).unwrap()
+    };
+    // The single file's UNet modules (weights' names without `.weight`) and their shapes.
+    let single = fs::read(root.join("fixtures/tiny-sdxl-single.safetensors")).unwrap();
+    let single = SafeTensors::deserialize(&single).unwrap();
+    let originals: HashMap<String, Vec<usize>> = single
+        .tensors()
+        .into_iter()
+        .filter_map(|(k, v)| {
+            let m = k
+                .strip_prefix("model.diffusion_model.")?
+                .strip_suffix(".weight")?;
+            Some((m.replace('.', "_"), v.shape().to_vec()))
+        })
+        .collect();
+    let (dir, store) = temp_store();
+    let mut exported: Vec<Vec<String>> = Vec::new();
+    for (seed, bytes) in [(11, &with_layers), (12, &plain)] {
+        let id = run_with(&store, seed, &[("lora", bytes)]);
+        let out = dir.path().join(format!("export-{seed}"));
+        export(&store, &id, &out);
+        let kohya = fs::read(out.join("lora_kohya.safetensors")).unwrap();
+        assert_eq!(metadata(&kohya)["ss_base_model_version"], "sdxl_base_v1-0");
+        let kohya = SafeTensors::deserialize(&kohya).unwrap();
+        let mut names = Vec::new();
+        for (name, view) in kohya.tensors() {
+            let Some(module) = name
+                .strip_prefix("lora_unet_")
+                .and_then(|m| m.strip_suffix(".lora_down.weight"))
+            else {
+                continue;
+            };
+            let shape = originals
+                .get(module)
+                .unwrap_or_else(|| panic!("{name}: no such module in the single file"));
+            // lora_down is [rank, in]; the weight there is [out, in].
+            assert_eq!(view.shape()[1], shape[1], "{name}");
+            names.push(module.to_string());
+        }
+        names.sort();
+        assert_eq!(names.len(), n_unet);
+        assert!(names.contains(&"input_blocks_4_1_transformer_blocks_0_attn1_to_q".to_string()));
+        assert!(
+            names.contains(&"output_blocks_0_1_transformer_blocks_1_attn2_to_out_0".to_string())
+        );
+        assert!(names.contains(&"middle_block_1_transformer_blocks_1_attn2_to_k".to_string()));
+        exported.push(names);
+    }
+    assert_eq!(exported[0], exported[1]);
+}

@@ -51,6 +51,9 @@ def unet_key(name, layers, attn_levels_up):
     """diffusers UNet2DConditionModel name -> original `model.diffusion_model.` name."""
     per = layers + 1
     fixed = {
+        # SDXL's added conditioning (pooled text + time ids): `label_emb` in the original.
+        "add_embedding.linear_1.": "label_emb.0.0.",
+        "add_embedding.linear_2.": "label_emb.0.2.",
         "conv_in.": "input_blocks.0.0.",
         "time_embedding.linear_1.": "time_embed.0.",
         "time_embedding.linear_2.": "time_embed.2.",
@@ -126,9 +129,13 @@ def vae_key(name, levels):
     raise KeyError(f"vae: no mapping for {name}")
 
 
-def open_clip(te, hidden, seed):
-    """transformers CLIPTextModel tensors -> OpenCLIP names, q/k/v fused, one extra block."""
+def open_clip(te, hidden, seed, sd2=True):
+    """transformers CLIPTextModel tensors -> OpenCLIP names, q/k/v fused. For SD 2.x (`sd2`) one
+    extra block and a random projection are added (see below); otherwise (SDXL's second encoder,
+    a CLIPTextModelWithProjection) every block is the model's and `text_projection` is its
+    `text_projection.weight` transposed ([hidden, projection], applied as `x @ P`)."""
     te = {k.removeprefix("text_model."): v for k, v in te.items()}
+    projection = te.pop("text_projection.weight", None)
     out = {
         "token_embedding.weight": te.pop("embeddings.token_embedding.weight"),
         "positional_embedding": te.pop("embeddings.position_embedding.weight"),
@@ -146,6 +153,10 @@ def open_clip(te, hidden, seed):
             for a, b in names.items():
                 out[f"transformer.resblocks.{n}.{b}.{param}"] = te.pop(f"{p}{a}.{param}")
     assert not te, f"text encoder tensors left unmapped: {sorted(te)}"
+    if not sd2:
+        out["text_projection"] = projection.T
+        out["logit_scale"] = torch.tensor(math.log(1 / 0.07))
+        return out
     # The block after the last one the diffusers model uses (SD 2.x stops at the penultimate),
     # and OpenCLIP's projection and temperature: present in real files, unused by the pipeline.
     g = torch.Generator().manual_seed(seed)

@@ -24,7 +24,7 @@ pub struct LearnArgs {
     #[arg(long)]
     pub mask: Vec<PathBuf>,
     /// The model: a diffusers Stable Diffusion folder, a single-file .safetensors checkpoint
-    /// (SD 1.x/2.x, A1111 / ComfyUI layout) or a Hugging Face repo id in the local cache
+    /// (SD 1.x/2.x/XL, A1111 / ComfyUI layout) or a Hugging Face repo id in the local cache
     /// [env: MIFO_MODEL]; with --resume, default: the model the run learned on, while the store
     /// still finds it.
     #[arg(long)]

@@ -19,7 +19,7 @@ pub enum ModelCommand {
     /// self/cross, module path, feature-map size) for one UNet forward at the given size.
     Info {
         /// The model: a diffusers Stable Diffusion folder, a single-file .safetensors checkpoint
-        /// (SD 1.x/2.x, A1111 / ComfyUI layout) or a Hugging Face repo id in the local cache.
+        /// (SD 1.x/2.x/XL, A1111 / ComfyUI layout) or a Hugging Face repo id in the local cache.
         model_dir: PathBuf,
         /// `--revision` / `--model-config` for the model.
         #[command(flatten)]

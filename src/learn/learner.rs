@@ -1238,6 +1238,20 @@ impl<'a> Learner<'a> {
             );
             if lora {
                 meta.insert("rank".into(), cfg.lora_rank.to_string());
+                if sd.xl.is_some() {
+                    // kohya's SDXL LoRA names follow the original UNet layout, whose block
+                    // numbers depend on the ResNets per level (see store::export).
+                    meta.insert(
+                        "unet_layers_per_block".into(),
+                        sd.unet
+                            .config()
+                            .layers_per_block
+                            .iter()
+                            .map(usize::to_string)
+                            .collect::<Vec<_>>()
+                            .join(","),
+                    );
+                }
             }
             sink.artifact(
                 if lora { "lora" } else { "weights" },

@@ -37,6 +37,12 @@ pub trait Component: Sized {
     /// Stem of the folder's weight file (see [`find_weights`]).
     const WEIGHTS_STEM: &'static str;
 
+    /// The dtype its weights are loaded in for a run of `dtype` (the VAE may ask for f32; see
+    /// [`VaeConfig::compute_dtype`]).
+    fn weight_dtype(_config: &ConfigJson, dtype: DType) -> Result<DType> {
+        Ok(dtype)
+    }
+
     /// Builds the component from its folder's parsed `config.json` and its weights.
     fn from_parts(
         config: &ConfigJson,
@@ -55,7 +61,7 @@ pub trait Component: Sized {
     ) -> Result<(Self, Rc<WeightFile>)> {
         let config = ConfigJson::read(&dir.join("config.json"))?;
         let file = find_weights(dir, Self::WEIGHTS_STEM)?;
-        let weights = WeightFile::load(&file, dtype, device)?;
+        let weights = WeightFile::load(&file, Self::weight_dtype(&config, dtype)?, device)?;
         Self::load_weights(&config, weights, dtype, device, options)
     }
 
@@ -108,6 +114,10 @@ impl Component for ClipTextModel {
 
 impl Component for Vae {
     const WEIGHTS_STEM: &'static str = "diffusion_pytorch_model";
+
+    fn weight_dtype(config: &ConfigJson, dtype: DType) -> Result<DType> {
+        Ok(VaeConfig::from_json(config)?.compute_dtype(dtype))
+    }
 
     fn from_parts(
         config: &ConfigJson,
@@ -242,12 +252,17 @@ impl StableDiffusion {
         let path = &source.path;
         let plan = Plan::inspect(path, source.config.as_deref())?;
         let tokenizer = plan.tokenizer()?;
+        let tokenizer_2 = plan.tokenizer_2()?;
         let mut parts = plan.load(dtype, device)?;
         let mut take = |part: Part| {
             WeightFile::from_tensors(path.clone(), parts.remove(&part).unwrap_or_default())
         };
-        let (unet_file, vae_file, te_file) =
-            (take(Part::Unet), take(Part::Vae), take(Part::TextEncoder));
+        let (unet_file, vae_file, te_file, te2_file) = (
+            take(Part::Unet),
+            take(Part::Vae),
+            take(Part::TextEncoder),
+            take(Part::TextEncoder2),
+        );
         let (text_encoder, text_encoder_weights) = ClipTextModel::load_weights(
             &plan.text_encoder,
             te_file,
@@ -255,6 +270,28 @@ impl StableDiffusion {
             device,
             pick(&overrides, "text_encoder.", dtype, device)?,
         )?;
+        // SDXL: the second encoder, and the UNet's config checked against both encoders before
+        // the UNet is built.
+        let xl = match (tokenizer_2, &plan.text_encoder_2) {
+            (Some(tokenizer_2), Some(config)) => {
+                let encoder = ClipTextModel::load_weights(
+                    config,
+                    te2_file,
+                    dtype,
+                    device,
+                    pick(&overrides, "text_encoder_2.", dtype, device)?,
+                )?;
+                let xl = XlText::new(
+                    tokenizer_2,
+                    encoder,
+                    plan.force_zeros_for_empty_prompt,
+                    config.path(),
+                )?;
+                xl.check_unet(&text_encoder, &UNetConfig::from_json(&plan.unet)?)?;
+                Some(xl)
+            }
+            _ => None,
+        };
         let (unet, unet_weights) = UNet::load_weights(
             &plan.unet,
             unet_file,
@@ -278,7 +315,7 @@ impl StableDiffusion {
             dtype,
             unet_weights,
             text_encoder_weights,
-            xl: None,
+            xl,
         })
     }
 
@@ -383,7 +420,7 @@ impl StableDiffusion {
         let vae_weights = Rc::new(WeightFile::synthetic(
             format!("{} vae (random)", shape.name),
             seed.wrapping_add(2),
-            dtype,
+            shape.vae.compute_dtype(dtype),
             device,
         ));
         let xl = match &shape.text_encoder_2 {
@@ -551,7 +588,7 @@ impl ModelShape {
                                         "DownEncoderBlock2D", "DownEncoderBlock2D"],
                    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D",
                                       "UpDecoderBlock2D", "UpDecoderBlock2D"],
-                   "scaling_factor": 0.13025}),
+                   "scaling_factor": 0.13025, "force_upcast": true}),
         )?)?;
         Ok(Self {
             name: "sdxl-base".into(),

@@ -81,6 +81,11 @@ pub struct Conv2d {
 }
 
 impl Conv2d {
+    /// The weight's dtype.
+    pub fn dtype(&self) -> candle_core::DType {
+        self.inner.weight().dtype()
+    }
+
     /// Loads `weight` [out, in, k, k] and `bias` [out].
     pub fn load(
         s: &Scope,

@@ -78,6 +78,19 @@ pub fn is_xl(root: &Path) -> Result<bool> {
         .is_some_and(|v| v.as_array().is_some_and(|a| a.iter().any(|x| !x.is_null()))))
 }
 
+/// `force_zeros_for_empty_prompt` of the pipeline folder `root`'s `model_index.json`: true when
+/// the key is absent or null (diffusers' default for SDXL).
+pub fn force_zeros_for_empty_prompt(root: &Path) -> Result<bool> {
+    match model_index(root)?.get("force_zeros_for_empty_prompt") {
+        None | Some(Value::Null) => Ok(true),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(v) => Err(Error::file(
+            root.join("model_index.json"),
+            format!("key `force_zeros_for_empty_prompt`: expected true/false, got {v}"),
+        )),
+    }
+}
+
 fn model_index(root: &Path) -> Result<serde_json::Map<String, Value>> {
     let path = root.join("model_index.json");
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
@@ -97,17 +110,7 @@ impl XlText {
         device: &Device,
         options: LoadOptions,
     ) -> Result<Self> {
-        let index = model_index(root)?;
-        let force_zeros = match index.get("force_zeros_for_empty_prompt") {
-            None | Some(Value::Null) => true,
-            Some(Value::Bool(b)) => *b,
-            Some(v) => {
-                return Err(Error::file(
-                    root.join("model_index.json"),
-                    format!("key `force_zeros_for_empty_prompt`: expected true/false, got {v}"),
-                ))
-            }
-        };
+        let force_zeros = force_zeros_for_empty_prompt(root)?;
         let folder = |name: &str| -> Result<std::path::PathBuf> {
             let p = root.join(name);
             if p.is_dir() {
@@ -123,9 +126,26 @@ impl XlText {
         let te_dir = folder("text_encoder_2")?;
         let (text_encoder_2, text_encoder_2_weights) =
             ClipTextModel::load_dir(&te_dir, dtype, device, options)?;
+        Self::new(
+            tokenizer_2,
+            (text_encoder_2, text_encoder_2_weights),
+            force_zeros,
+            &te_dir.join("config.json"),
+        )
+    }
+
+    /// The second tokenizer and a loaded second encoder with its weights (from a folder, or a
+    /// single-file checkpoint's part), refusing an encoder without `text_projection`
+    /// (`config` is its config's path, named in that error).
+    pub fn new(
+        tokenizer_2: ClipTokenizer,
+        (text_encoder_2, text_encoder_2_weights): (ClipTextModel, Rc<WeightFile>),
+        force_zeros_for_empty_prompt: bool,
+        config: &Path,
+    ) -> Result<Self> {
         if text_encoder_2.config().projection_dim.is_none() {
             return Err(Error::file(
-                te_dir.join("config.json"),
+                config,
                 "key `architectures`: SDXL's second text encoder must be a CLIPTextModelWithProjection",
             ));
         }
@@ -133,7 +153,7 @@ impl XlText {
             tokenizer_2,
             text_encoder_2,
             text_encoder_2_weights,
-            force_zeros_for_empty_prompt: force_zeros,
+            force_zeros_for_empty_prompt,
         })
     }
 

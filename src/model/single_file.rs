@@ -4,30 +4,39 @@
 //!
 //! | part | original prefix | diffusers component |
 //! | --- | --- | --- |
-//! | UNet | `model.diffusion_model.` (`input_blocks`, `middle_block`, `output_blocks`, `time_embed`, `out`) | `unet` |
+//! | UNet | `model.diffusion_model.` (`input_blocks`, `middle_block`, `output_blocks`, `time_embed`, `out`; SDXL's `label_emb.0.{0,2}` → `add_embedding.linear_{1,2}`) | `unet` |
 //! | VAE | `first_stage_model.` (`encoder.down.I.block.J`, `decoder.up.I` numbered from the lowest resolution, `mid.attn_1` with 1×1-conv q/k/v) | `vae` |
 //! | text encoder, SD 1.x | `cond_stage_model.transformer.` (a transformers `CLIPTextModel`, with or without `text_model.`) | `text_encoder` |
 //! | text encoder, SD 2.x | `cond_stage_model.model.` (OpenCLIP: `transformer.resblocks.N`, fused `attn.in_proj_weight`, `ln_final`, `positional_embedding`) | `text_encoder` |
+//! | text encoder, SDXL | `conditioner.embedders.0.transformer.` (CLIP ViT-L, transformers names) | `text_encoder` |
+//! | text encoder 2, SDXL | `conditioner.embedders.1.model.` (OpenCLIP bigG as SD 2.x's, every block used, `text_projection` [width, projection] transposed to `text_projection.weight`) | `text_encoder_2` |
 //!
 //! The architecture is recognised from the keys: SD 1.x by `cond_stage_model.transformer.*`,
-//! SD 2.x by `cond_stage_model.model.*`, SDXL (`conditioner.embedders.*`) refused as not yet
-//! supported, anything else refused naming the first key that fits no layout. EMA copies
-//! (`model_ema.*`), the DDPM schedule buffers (`betas`, `alphas_cumprod`, …), OpenCLIP's
-//! `text_projection` / `logit_scale` and the VAE's training loss (`first_stage_model.loss.*`)
+//! SD 2.x by `cond_stage_model.model.*`, SDXL by `conditioner.embedders.*` with both of SDXL
+//! base's encoders (an SDXL refiner, with OpenCLIP alone under `conditioner.embedders.0.`, is
+//! refused), anything else refused naming the first key that fits no layout. EMA copies
+//! (`model_ema.*`), the DDPM schedule buffers (`betas`, `alphas_cumprod`, …), SD 2.x's OpenCLIP
+//! `text_projection`, `logit_scale` and the VAE's training loss (`first_stage_model.loss.*`)
 //! are ignored. SD 2.x stores one more OpenCLIP block than the diffusers text encoder uses
 //! (SD 2.x takes the penultimate layer), so its last block is read but unused.
 //!
 //! Configs come from `--model-config DIR` (a diffusers folder: `unet/config.json`,
 //! `vae/config.json`, `text_encoder/config.json`, `scheduler/scheduler_config.json`,
-//! `tokenizer/`) when given. Otherwise they are inferred from the tensor shapes (levels, widths,
-//! layers per block, attention placement, linear or conv projections, text encoder width and
-//! depth) plus what the weights cannot tell, taken as Stable Diffusion's values: 32 norm groups,
-//! 8 heads (SD 1.x) or heads of 64 channels (SD 2.x), VAE scaling 0.18215, 512 px and the
-//! ε-prediction DDPM schedule of SD 1.x and SD 2.x-*base* (a 768-v SD 2.x model needs
-//! `--model-config`). So without `--model-config` only the real SD 1.x / 2.x sizes (UNet base
-//! width 320, VAE 128) are accepted; any other size is refused, asking for `--model-config`.
+//! `tokenizer/`; for SDXL `text_encoder_2/config.json`, `tokenizer_2/` and `model_index.json`'s
+//! `force_zeros_for_empty_prompt`) when given; a folder whose UNet takes SDXL's added
+//! conditioning is refused for an SD 1.x/2.x file and the other way round. Otherwise they are
+//! inferred from the tensor shapes (levels, widths, layers per block, attention placement and
+//! depth, linear or conv projections, text encoder widths, depths and projection, SDXL's
+//! time-id embedding width) plus what the weights cannot tell, taken as the real models'
+//! values: 32 norm groups, 8 heads (SD 1.x) or heads of 64 channels (SD 2.x, SDXL), VAE scaling
+//! 0.18215 (SDXL: 0.13025 and `force_upcast`), 512 px (SDXL: 1024) and the ε-prediction DDPM
+//! schedule of SD 1.x, SD 2.x-*base* and SDXL base (a 768-v SD 2.x model needs
+//! `--model-config`); SDXL's encoder configs get `eos_token_id` 2, as SDXL base's say. So
+//! without `--model-config` only the real SD 1.x / 2.x / XL sizes (UNet base width 320, VAE
+//! 128, the text widths) are accepted; any other size is refused, asking for `--model-config`.
 //! The tokenizer is then the CLIP BPE vocabulary mifo bundles ([`ClipTokenizer::bundled`]),
-//! with `<|endoftext|>` padding for SD 1.x and `!` for SD 2.x as their tokenizer folders have.
+//! with `<|endoftext|>` padding for SD 1.x and SDXL's first tokenizer and `!` for SD 2.x and
+//! SDXL's second, as their tokenizer folders have.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -46,14 +55,19 @@ pub enum Family {
     Sd1,
     /// SD 2.x: OpenCLIP ViT-H text encoder (`cond_stage_model.model.*`).
     Sd2,
+    /// SDXL (base 1.0 architecture): CLIP ViT-L (`conditioner.embedders.0.transformer.*`) and
+    /// OpenCLIP bigG (`conditioner.embedders.1.model.*`), the UNet's added conditioning in
+    /// `label_emb`.
+    Sdxl,
 }
 
 impl Family {
-    /// `SD 1.x` / `SD 2.x`.
+    /// `SD 1.x` / `SD 2.x` / `SDXL`.
     pub fn name(self) -> &'static str {
         match self {
             Family::Sd1 => "SD 1.x",
             Family::Sd2 => "SD 2.x",
+            Family::Sdxl => "SDXL",
         }
     }
 }
@@ -67,11 +81,13 @@ pub enum Part {
     Vae,
     /// `text_encoder`.
     TextEncoder,
+    /// `text_encoder_2` (SDXL).
+    TextEncoder2,
 }
 
 /// What one key of the file becomes.
 #[derive(Clone, Debug, PartialEq)]
-enum Target {
+pub enum Target {
     /// Not used by mifo (EMA copies, schedule buffers, …).
     Ignore,
     /// The tensor under a diffusers name.
@@ -80,6 +96,9 @@ enum Target {
     Squeeze(Part, String),
     /// A fused q/k/v projection (`[3C, …]`), split in three along dim 0.
     SplitQkv(Part, [String; 3]),
+    /// A matrix stored the other way round (OpenCLIP's `text_projection` [in, out], applied as
+    /// `x @ P`), transposed to a linear weight [out, in].
+    Transpose(Part, String),
 }
 
 /// One tensor's entry in the file's header.
@@ -93,7 +112,7 @@ struct Entry {
 pub struct Plan {
     /// The checkpoint file.
     pub path: PathBuf,
-    /// SD 1.x or 2.x.
+    /// SD 1.x, 2.x or XL.
     pub family: Family,
     /// The `--model-config` folder, when given.
     pub config_dir: Option<PathBuf>,
@@ -103,9 +122,23 @@ pub struct Plan {
     pub vae: ConfigJson,
     /// `text_encoder/config.json` (read or inferred).
     pub text_encoder: ConfigJson,
+    /// `text_encoder_2/config.json` (SDXL only; read or inferred).
+    pub text_encoder_2: Option<ConfigJson>,
     /// `scheduler/scheduler_config.json` (read or Stable Diffusion's).
     pub scheduler: ConfigJson,
+    /// SDXL: an empty negative prompt is all zeros (`force_zeros_for_empty_prompt` of the
+    /// `--model-config` folder's `model_index.json`; true without one, as for SDXL base).
+    pub force_zeros_for_empty_prompt: bool,
     targets: Vec<(String, Target)>,
+}
+
+/// The configs of a single file's components.
+struct Configs {
+    unet: ConfigJson,
+    vae: ConfigJson,
+    text_encoder: ConfigJson,
+    text_encoder_2: Option<ConfigJson>,
+    scheduler: ConfigJson,
 }
 
 /// Keys at the top level of the file that hold nothing mifo uses (the DDPM schedule, which the
@@ -165,26 +198,40 @@ impl Plan {
             })?;
             targets.push((name.clone(), target));
         }
-        let (unet, vae, text_encoder, scheduler) = match config_dir {
+        let configs = match config_dir {
             Some(dir) => {
                 let read = |rel: &str| ConfigJson::read(&dir.join(rel));
-                (
-                    read("unet/config.json")?,
-                    read("vae/config.json")?,
-                    read("text_encoder/config.json")?,
-                    read("scheduler/scheduler_config.json")?,
-                )
+                let unet = read("unet/config.json")?;
+                check_added_conditioning(path, family, &unet)?;
+                Configs {
+                    unet,
+                    vae: read("vae/config.json")?,
+                    text_encoder: read("text_encoder/config.json")?,
+                    text_encoder_2: match family {
+                        Family::Sdxl => Some(read("text_encoder_2/config.json")?),
+                        _ => None,
+                    },
+                    scheduler: read("scheduler/scheduler_config.json")?,
+                }
             }
             None => infer_configs(path, family, &layout, &entries)?,
+        };
+        let force_zeros_for_empty_prompt = match (family, config_dir) {
+            (Family::Sdxl, Some(dir)) if dir.join("model_index.json").is_file() => {
+                super::sdxl::force_zeros_for_empty_prompt(dir)?
+            }
+            _ => true,
         };
         Ok(Self {
             path: path.to_path_buf(),
             family,
             config_dir: config_dir.map(Path::to_path_buf),
-            unet,
-            vae,
-            text_encoder,
-            scheduler,
+            unet: configs.unet,
+            vae: configs.vae,
+            text_encoder: configs.text_encoder,
+            text_encoder_2: configs.text_encoder_2,
+            scheduler: configs.scheduler,
+            force_zeros_for_empty_prompt,
             targets,
         })
     }
@@ -195,10 +242,28 @@ impl Plan {
         match &self.config_dir {
             Some(dir) => ClipTokenizer::from_dir(&dir.join("tokenizer")),
             None => ClipTokenizer::bundled(match self.family {
-                Family::Sd1 => "<|endoftext|>",
+                Family::Sd1 | Family::Sdxl => "<|endoftext|>",
                 Family::Sd2 => "!",
             }),
         }
+    }
+
+    /// SDXL's second tokenizer: the `--model-config` folder's `tokenizer_2/`, else the bundled
+    /// CLIP vocabulary padded with `!` (as SDXL base's `tokenizer_2/` is); `None` for SD 1.x/2.x.
+    pub fn tokenizer_2(&self) -> Result<Option<ClipTokenizer>> {
+        if self.family != Family::Sdxl {
+            return Ok(None);
+        }
+        match &self.config_dir {
+            Some(dir) => ClipTokenizer::from_dir(&dir.join("tokenizer_2")).map(Some),
+            None => ClipTokenizer::bundled("!").map(Some),
+        }
+    }
+
+    /// Every key of the file with what it becomes, in key order (for checks and tools that
+    /// relate the file's tensors to a diffusers folder's).
+    pub fn mapping(&self) -> &[(String, Target)] {
+        &self.targets
     }
 
     /// One line on where configs and tokenizer come from (`mifo model info` prints it).
@@ -212,17 +277,19 @@ impl Plan {
             None => format!(
                 "{} single file; configs inferred from its keys{}; bundled CLIP tokenizer",
                 self.family.name(),
-                if self.family == Family::Sd2 {
-                    " (SD 2.x-base assumed: 512 px, ε-prediction)"
-                } else {
-                    ""
+                match self.family {
+                    Family::Sd2 => " (SD 2.x-base assumed: 512 px, ε-prediction)",
+                    Family::Sdxl =>
+                        " (SDXL base 1.0 assumed: 1024 px, ε-prediction, VAE upcast to f32)",
+                    Family::Sd1 => "",
                 }
             ),
         }
     }
 
-    /// Reads every tensor the plan maps, converted to `dtype` on `device`, renamed to the
-    /// diffusers names, one map per component.
+    /// Reads every tensor the plan maps, converted to `dtype` on `device` (the VAE's to its
+    /// [`super::vae::VaeConfig::compute_dtype`]), renamed to the diffusers names, one map per
+    /// component.
     pub fn load(
         &self,
         dtype: DType,
@@ -232,15 +299,22 @@ impl Plan {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let file = safetensors::SafeTensors::deserialize(&bytes)
             .map_err(|e| Error::file(path, format!("not a valid safetensors file ({e})")))?;
+        // The VAE may run in f32 in an f16 run (`force_upcast`): its weights are read so.
+        let vae_dtype = super::vae::VaeConfig::from_json(&self.vae)?.compute_dtype(dtype);
         let mut out: BTreeMap<Part, HashMap<String, Tensor>> = BTreeMap::new();
         for (name, target) in &self.targets {
-            if *target == Target::Ignore {
-                continue;
-            }
+            let part = match target {
+                Target::Ignore => continue,
+                Target::Plain(p, _)
+                | Target::Squeeze(p, _)
+                | Target::SplitQkv(p, _)
+                | Target::Transpose(p, _) => *p,
+            };
             let view = file
                 .tensor(name)
                 .map_err(|e| Error::file(path, format!("tensor `{name}`: {e}")))?;
-            let tensor = super::weights::load_view(path, name, &view, dtype)?;
+            let want = if part == Part::Vae { vae_dtype } else { dtype };
+            let tensor = super::weights::load_view(path, name, &view, want)?;
             let bad_shape = |what: &str| {
                 Error::file(
                     path,
@@ -264,6 +338,15 @@ impl Plan {
                         .or_default()
                         .insert(to.clone(), t.to_device(device)?);
                 }
+                Target::Transpose(part, to) => {
+                    if tensor.rank() != 2 {
+                        return Err(bad_shape("a matrix [in, out]"));
+                    }
+                    let t = tensor.t()?.contiguous()?;
+                    out.entry(*part)
+                        .or_default()
+                        .insert(to.clone(), t.to_device(device)?);
+                }
                 Target::SplitQkv(part, to) => {
                     let rows = tensor.dim(0)?;
                     if rows % 3 != 0 {
@@ -283,22 +366,34 @@ impl Plan {
     }
 }
 
-/// SD 1.x or 2.x from the key families, or a one-line refusal.
+/// Refuses a UNet config that does not fit the file's family: the UNet takes SDXL's added
+/// conditioning exactly when the file is an SDXL one.
+fn check_added_conditioning(path: &Path, family: Family, unet: &ConfigJson) -> Result<()> {
+    let has = super::unet::UNetConfig::from_json(unet)?
+        .text_time
+        .is_some();
+    if has == (family == Family::Sdxl) {
+        return Ok(());
+    }
+    Err(Error::file(
+        path,
+        format!(
+            "an {} checkpoint, but {} {} SDXL's added conditioning (`addition_embed_type = \"text_time\"`): --model-config must be a folder of the same kind of model",
+            family.name(),
+            unet.path().display(),
+            if has { "has" } else { "lacks" },
+        ),
+    ))
+}
+
+/// SD 1.x, 2.x or XL from the key families, or a one-line refusal.
 fn recognise(path: &Path, entries: &BTreeMap<String, Entry>) -> Result<Family> {
     let any = |prefix: &str| entries.keys().any(|k| k.starts_with(prefix));
-    if any("conditioner.embedders.") {
-        return Err(Error::file(
-            path,
-            "an SDXL checkpoint (`conditioner.embedders.*` keys): single-file SDXL is not supported yet; use an SDXL diffusers folder",
-        ));
-    }
-    let sd1 = any("cond_stage_model.transformer.");
-    let sd2 = any("cond_stage_model.model.");
     let missing = |what: &str, prefix: &str| {
         Error::file(
             path,
             format!(
-                "not a Stable Diffusion 1.x/2.x single-file checkpoint: no {what} (`{prefix}*` keys){}",
+                "not a Stable Diffusion (1.x, 2.x or XL) single-file checkpoint: no {what} (`{prefix}*` keys){}",
                 entries
                     .keys()
                     .next()
@@ -313,12 +408,40 @@ fn recognise(path: &Path, entries: &BTreeMap<String, Entry>) -> Result<Family> {
     if !any("first_stage_model.") {
         return Err(missing("VAE", "first_stage_model."));
     }
+    let sd1 = any("cond_stage_model.transformer.");
+    let sd2 = any("cond_stage_model.model.");
+    if any("conditioner.embedders.") {
+        if sd1 || sd2 {
+            return Err(Error::file(
+                path,
+                "holds both SDXL (`conditioner.embedders.*`) and SD 1.x/2.x (`cond_stage_model.*`) text encoder keys",
+            ));
+        }
+        let (l, g) = (
+            any("conditioner.embedders.0.transformer."),
+            any("conditioner.embedders.1.model."),
+        );
+        if !(l && g) {
+            return Err(Error::file(
+                path,
+                format!(
+                    "an SDXL-style checkpoint (`conditioner.embedders.*` keys) without {}: mifo reads SDXL base 1.0's layout (CLIP ViT-L under `conditioner.embedders.0.transformer.`, OpenCLIP bigG under `conditioner.embedders.1.model.`), not an SDXL refiner's or another model's",
+                    match (l, g) {
+                        (false, false) => "either of SDXL base's text encoders",
+                        (false, true) => "its CLIP ViT-L text encoder",
+                        _ => "its OpenCLIP bigG text encoder",
+                    }
+                ),
+            ));
+        }
+        return Ok(Family::Sdxl);
+    }
     match (sd1, sd2) {
         (true, false) => Ok(Family::Sd1),
         (false, true) => Ok(Family::Sd2),
         (false, false) => Err(missing(
             "text encoder",
-            "cond_stage_model.transformer. or cond_stage_model.model.",
+            "cond_stage_model.transformer., cond_stage_model.model. or conditioner.embedders.",
         )),
         (true, true) => Err(Error::file(
             path,
@@ -376,6 +499,17 @@ impl Layout {
             return Some(Target::Ignore);
         }
         if let Some(rest) = name.strip_prefix("model.diffusion_model.") {
+            if family == Family::Sdxl {
+                // SDXL's added conditioning (pooled text embedding and time ids).
+                for (from, to) in [
+                    ("label_emb.0.0.", "add_embedding.linear_1."),
+                    ("label_emb.0.2.", "add_embedding.linear_2."),
+                ] {
+                    if let Some(t) = rest.strip_prefix(from) {
+                        return param(t).then(|| Target::Plain(Part::Unet, format!("{to}{t}")));
+                    }
+                }
+            }
             return self.unet(rest).map(|n| Target::Plain(Part::Unet, n));
         }
         if let Some(rest) = name.strip_prefix("first_stage_model.") {
@@ -384,10 +518,16 @@ impl Layout {
         match family {
             Family::Sd1 => name
                 .strip_prefix("cond_stage_model.transformer.")
-                .and_then(clip_hf),
+                .and_then(|r| clip_hf(r, Part::TextEncoder)),
             Family::Sd2 => name
                 .strip_prefix("cond_stage_model.model.")
-                .and_then(open_clip),
+                .and_then(|r| open_clip(r, Part::TextEncoder, false)),
+            Family::Sdxl => match name.strip_prefix("conditioner.embedders.0.transformer.") {
+                Some(r) => clip_hf(r, Part::TextEncoder),
+                None => name
+                    .strip_prefix("conditioner.embedders.1.model.")
+                    .and_then(|r| open_clip(r, Part::TextEncoder2, true)),
+            },
         }
     }
 
@@ -592,8 +732,9 @@ fn vae_resnet(tail: &str) -> Option<String> {
     param(t).then(|| format!("{module}.{t}"))
 }
 
-/// SD 1.x: a transformers `CLIPTextModel` already; old files lack the `text_model.` level.
-fn clip_hf(rest: &str) -> Option<Target> {
+/// SD 1.x and SDXL's first encoder: a transformers `CLIPTextModel` already; old files lack the
+/// `text_model.` level.
+fn clip_hf(rest: &str, part: Part) -> Option<Target> {
     let name = if rest.starts_with("text_model.") {
         rest.to_string()
     } else {
@@ -609,18 +750,24 @@ fn clip_hf(rest: &str) -> Option<Target> {
     ]
     .iter()
     .any(|p| name.starts_with(p));
-    known.then_some(Target::Plain(Part::TextEncoder, name))
+    known.then_some(Target::Plain(part, name))
 }
 
-/// SD 2.x: OpenCLIP's text tower to transformers' `CLIPTextModel` names.
-fn open_clip(rest: &str) -> Option<Target> {
-    let te = |n: String| Some(Target::Plain(Part::TextEncoder, n));
+/// SD 2.x and SDXL's second encoder: OpenCLIP's text tower to transformers' `CLIPTextModel`
+/// names. With `projection` (SDXL: a `CLIPTextModelWithProjection`) OpenCLIP's
+/// `text_projection` [width, projection] becomes `text_projection.weight`, transposed; SD 2.x
+/// does not use it.
+fn open_clip(rest: &str, part: Part, projection: bool) -> Option<Target> {
+    let te = |n: String| Some(Target::Plain(part, n));
     match rest {
         "token_embedding.weight" => {
             return te("text_model.embeddings.token_embedding.weight".into())
         }
         "positional_embedding" => {
             return te("text_model.embeddings.position_embedding.weight".into())
+        }
+        "text_projection" if projection => {
+            return Some(Target::Transpose(part, "text_projection.weight".into()))
         }
         "text_projection" | "logit_scale" | "attn_mask" => return Some(Target::Ignore),
         _ => {}
@@ -644,7 +791,7 @@ fn open_clip(rest: &str) -> Option<Target> {
                 "bias"
             };
             return Some(Target::SplitQkv(
-                Part::TextEncoder,
+                part,
                 ["q_proj", "k_proj", "v_proj"].map(|q| format!("{layer}.self_attn.{q}.{p}")),
             ));
         }
@@ -668,7 +815,11 @@ fn open_clip(rest: &str) -> Option<Target> {
     None
 }
 
-/// What the shapes tell of the UNet, VAE and text encoder (the part of the configs that
+/// What the shapes tell of one CLIP text encoder: width, depth used, MLP width, vocabulary
+/// rows, positions.
+pub type TextShape = (usize, usize, usize, usize, usize);
+
+/// What the shapes tell of the UNet, VAE and text encoders (the part of the configs that
 /// needs no assumption).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Inferred {
@@ -676,6 +827,9 @@ pub struct Inferred {
     pub unet_channels: Vec<usize>,
     /// UNet levels with cross-attention.
     pub unet_attention: Vec<bool>,
+    /// Transformer blocks per attention, per level (1 where a level has no attention, as
+    /// diffusers' configs write it).
+    pub transformer_depth: Vec<usize>,
     /// UNet ResNets per down level.
     pub unet_layers: usize,
     /// UNet latent channels in / out.
@@ -684,14 +838,20 @@ pub struct Inferred {
     pub cross_attention_dim: usize,
     /// Linear (not 1×1-conv) spatial-transformer projections.
     pub linear_projection: bool,
+    /// SDXL's added conditioning: (`addition_time_embed_dim`,
+    /// `projection_class_embeddings_input_dim`) from `label_emb`'s input width less the second
+    /// encoder's projection width, over six time ids.
+    pub added: Option<(usize, usize)>,
     /// VAE widths per level.
     pub vae_channels: Vec<usize>,
     /// VAE ResNets per encoder level.
     pub vae_layers: usize,
     /// VAE latent channels.
     pub latent_channels: usize,
-    /// Text encoder width, depth used, MLP width, vocabulary rows, positions.
-    pub text: (usize, usize, usize, usize, usize),
+    /// The (first) text encoder.
+    pub text: TextShape,
+    /// SDXL's second text encoder and its projection width.
+    pub text_2: Option<(TextShape, usize)>,
 }
 
 /// Reads [`Inferred`] from the file's header (`--model-config` not given).
@@ -730,10 +890,15 @@ fn inferred(
             )
         })
     };
+    // How many of key(0), key(1), … the file holds, counting from 0 until the first gap.
+    let count = |key: &dyn Fn(usize) -> String| {
+        (0..).take_while(|&n| entries.contains_key(&key(n))).count()
+    };
     let u = "model.diffusion_model.";
     let per = layout.unet_layers + 1;
     let mut unet_channels = Vec::new();
     let mut unet_attention = Vec::new();
+    let mut transformer_depth = Vec::new();
     let mut proj_rank = None;
     let mut cross = None;
     loop {
@@ -745,13 +910,14 @@ fn inferred(
         unet_channels.push(dim(&key, 0)?);
         let proj = format!("{u}input_blocks.{k}.1.proj_in.weight");
         unet_attention.push(entries.contains_key(&proj));
+        let depth =
+            count(&|n| format!("{u}input_blocks.{k}.1.transformer_blocks.{n}.norm1.weight"));
+        transformer_depth.push(depth.max(1));
         if let Some(e) = entries.get(&proj) {
             proj_rank.get_or_insert(e.shape.len());
             let to_k = format!("{u}input_blocks.{k}.1.transformer_blocks.0.attn2.to_k.weight");
             cross.get_or_insert(dim(&to_k, 1)?);
-            if entries.contains_key(&format!(
-                "{u}input_blocks.{k}.1.transformer_blocks.1.norm1.weight"
-            )) {
+            if depth > 1 && family != Family::Sdxl {
                 return Err(Error::file(
                     path,
                     "UNet with several transformer blocks per attention: not SD 1.x/2.x (pass --model-config DIR)",
@@ -771,44 +937,71 @@ fn inferred(
     while let Some(e) = entries.get(&format!("{v}{}.block.0.conv1.weight", vae_channels.len())) {
         vae_channels.push(e.shape[0]);
     }
-    // How many of key(0), key(1), … the file holds, counting from 0 until the first gap.
-    let count = |key: &dyn Fn(usize) -> String| {
-        (0..).take_while(|&n| entries.contains_key(&key(n))).count()
-    };
     let vae_layers = count(&|j| format!("{v}0.block.{j}.conv1.weight"));
-    let text = match family {
-        Family::Sd1 => {
-            let p = if entries.contains_key(
-                "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
-            ) {
-                "cond_stage_model.transformer.text_model."
-            } else {
-                "cond_stage_model.transformer."
-            };
-            let table = shape(&format!("{p}embeddings.token_embedding.weight"))?;
-            let layers = count(&|n| format!("{p}encoder.layers.{n}.mlp.fc1.weight"));
+    // A transformers CLIPTextModel under `base` (with or without `text_model.`).
+    let clip = |base: &str| -> Result<TextShape> {
+        let p = if entries.contains_key(&format!(
+            "{base}text_model.embeddings.token_embedding.weight"
+        )) {
+            format!("{base}text_model.")
+        } else {
+            base.to_string()
+        };
+        let table = shape(&format!("{p}embeddings.token_embedding.weight"))?;
+        let layers = count(&|n| format!("{p}encoder.layers.{n}.mlp.fc1.weight"));
+        Ok((
+            table[1],
+            layers,
+            dim(&format!("{p}encoder.layers.0.mlp.fc1.weight"), 0)?,
+            table[0],
+            dim(&format!("{p}embeddings.position_embedding.weight"), 0)?,
+        ))
+    };
+    // An OpenCLIP text tower under `p`, less `unused` final blocks.
+    let open = |p: &str, unused: usize| -> Result<TextShape> {
+        let table = shape(&format!("{p}token_embedding.weight"))?;
+        let blocks = count(&|n| format!("{p}transformer.resblocks.{n}.mlp.c_fc.weight"));
+        Ok((
+            table[1],
+            blocks.saturating_sub(unused),
+            dim(&format!("{p}transformer.resblocks.0.mlp.c_fc.weight"), 0)?,
+            table[0],
+            dim(&format!("{p}positional_embedding"), 0)?,
+        ))
+    };
+    let (text, text_2) = match family {
+        Family::Sd1 => (clip("cond_stage_model.transformer.")?, None),
+        // SD 2.x uses the penultimate block's output: diffusers' text encoder has one layer
+        // fewer than the checkpoint.
+        Family::Sd2 => (open("cond_stage_model.model.", 1)?, None),
+        Family::Sdxl => {
+            let g = "conditioner.embedders.1.model.";
+            let projection = dim(&format!("{g}text_projection"), 1)?;
             (
-                table[1],
-                layers,
-                dim(&format!("{p}encoder.layers.0.mlp.fc1.weight"), 0)?,
-                table[0],
-                dim(&format!("{p}embeddings.position_embedding.weight"), 0)?,
+                clip("conditioner.embedders.0.transformer.")?,
+                Some((open(g, 0)?, projection)),
             )
         }
-        Family::Sd2 => {
-            let p = "cond_stage_model.model.";
-            let table = shape(&format!("{p}token_embedding.weight"))?;
-            let blocks = count(&|n| format!("{p}transformer.resblocks.{n}.mlp.c_fc.weight"));
-            // SD 2.x uses the penultimate block's output: diffusers' text encoder has one
-            // layer fewer than the checkpoint.
-            (
-                table[1],
-                blocks.saturating_sub(1),
-                dim(&format!("{p}transformer.resblocks.0.mlp.c_fc.weight"), 0)?,
-                table[0],
-                dim(&format!("{p}positional_embedding"), 0)?,
-            )
+    };
+    let added = match &text_2 {
+        Some((_, projection)) => {
+            let key = format!("{u}label_emb.0.0.weight");
+            let input = dim(&key, 1)?;
+            let time = input
+                .checked_sub(*projection)
+                .filter(|t| t % super::sdxl::TIME_IDS == 0 && *t > 0)
+                .ok_or_else(|| {
+                    Error::file(
+                        path,
+                        format!(
+                            "tensor `{key}` takes {input} inputs, not the second text encoder's projection width {projection} plus {} time-id embeddings",
+                            super::sdxl::TIME_IDS
+                        ),
+                    )
+                })?;
+            Some((time / super::sdxl::TIME_IDS, input))
         }
+        None => None,
     };
     Ok(Inferred {
         unet_in_out: (
@@ -817,48 +1010,56 @@ fn inferred(
         ),
         unet_channels,
         unet_attention,
+        transformer_depth,
         unet_layers: layout.unet_layers,
         cross_attention_dim: cross,
         linear_projection: proj_rank == Some(2),
+        added,
         latent_channels: dim("first_stage_model.quant_conv.weight", 0)? / 2,
         vae_channels,
         vae_layers,
         text,
+        text_2,
     })
 }
 
-/// The four configs of a file without `--model-config`: [`Inferred`] plus Stable Diffusion's
-/// values for what weights cannot tell; refused for sizes other than SD's.
+/// The configs of a file without `--model-config`: [`Inferred`] plus the values of the real
+/// models for what weights cannot tell; refused for sizes other than theirs.
 fn infer_configs(
     path: &Path,
     family: Family,
     layout: &Layout,
     entries: &BTreeMap<String, Entry>,
-) -> Result<(ConfigJson, ConfigJson, ConfigJson, ConfigJson)> {
+) -> Result<Configs> {
     let inf = inferred(path, family, layout, entries)?;
-    let want_cross = match family {
-        Family::Sd1 => 768,
-        Family::Sd2 => 1024,
+    // The real models' widths: UNet, cross-attention, text encoder(s), VAE.
+    let (want_cross, want_text) = match family {
+        Family::Sd1 => (768, vec![768]),
+        Family::Sd2 => (1024, vec![1024]),
+        Family::Sdxl => (2048, vec![768, 1280]),
     };
+    let mut text_widths = vec![inf.text.0];
+    text_widths.extend(inf.text_2.map(|(t, _)| t.0));
     let standard = inf.unet_channels.first() == Some(&320)
         && inf.cross_attention_dim == want_cross
-        && inf.text.0 == want_cross
+        && text_widths == want_text
         && inf.vae_channels.first() == Some(&128);
     if !standard {
+        let list = |v: &[usize]| v.iter().map(usize::to_string).collect::<Vec<_>>().join("+");
         return Err(Error::file(
             path,
             format!(
-                "{} layout, but not its sizes (UNet width {:?}, cross-attention {}, text encoder {}, VAE width {:?}; {} has 320, {want_cross}, {want_cross}, 128): mifo infers configs only for real SD 1.x/2.x sizes, pass --model-config DIR (a diffusers folder with this model's configs)",
+                "{} layout, but not its sizes (UNet width {:?}, cross-attention {}, text encoder {}, VAE width {:?}; {} has 320, {want_cross}, {}, 128): mifo infers configs only for the real SD 1.x/2.x/XL sizes, pass --model-config DIR (a diffusers folder with this model's configs)",
                 family.name(),
                 inf.unet_channels.first().copied().unwrap_or(0),
                 inf.cross_attention_dim,
-                inf.text.0,
+                list(&text_widths),
                 inf.vae_channels.first().copied().unwrap_or(0),
                 family.name(),
+                list(&want_text),
             ),
         ));
     }
-    let n = inf.unet_channels.len();
     let down: Vec<&str> = inf
         .unet_attention
         .iter()
@@ -876,26 +1077,38 @@ fn infer_configs(
         .rev()
         .map(|&a| if a { "CrossAttnUpBlock2D" } else { "UpBlock2D" })
         .collect();
+    // SD 1.x: 8 heads everywhere; SD 2.x and SDXL: heads of 64 channels.
     let heads: Value = match family {
         Family::Sd1 => json!(8),
-        Family::Sd2 => json!(inf.unet_channels.iter().map(|c| c / 64).collect::<Vec<_>>()),
+        Family::Sd2 | Family::Sdxl => {
+            json!(inf.unet_channels.iter().map(|c| c / 64).collect::<Vec<_>>())
+        }
     };
+    let xl = family == Family::Sdxl;
     let label = |part: &str| PathBuf::from(format!("{} (inferred {part})", path.display()));
-    let unet = ConfigJson::from_value(
-        label("unet/config.json"),
-        json!({
-            "block_out_channels": inf.unet_channels,
-            "down_block_types": down, "up_block_types": up,
-            "layers_per_block": inf.unet_layers, "attention_head_dim": heads,
-            "cross_attention_dim": inf.cross_attention_dim,
-            "use_linear_projection": inf.linear_projection,
-            "in_channels": inf.unet_in_out.0, "out_channels": inf.unet_in_out.1,
-            "norm_num_groups": 32, "norm_eps": 1e-5, "sample_size": 64,
-            "flip_sin_to_cos": true, "freq_shift": 0, "downsample_padding": 1,
-        }),
-    )?;
-    debug_assert_eq!(down.len(), n);
+    let mut unet = json!({
+        "block_out_channels": inf.unet_channels,
+        "down_block_types": down, "up_block_types": up,
+        "layers_per_block": inf.unet_layers, "attention_head_dim": heads,
+        "cross_attention_dim": inf.cross_attention_dim,
+        "use_linear_projection": inf.linear_projection,
+        "in_channels": inf.unet_in_out.0, "out_channels": inf.unet_in_out.1,
+        "norm_num_groups": 32, "norm_eps": 1e-5,
+        "sample_size": if xl { 128 } else { 64 },
+        "flip_sin_to_cos": true, "freq_shift": 0, "downsample_padding": 1,
+    });
+    if let (Some((time, input)), Value::Object(m)) = (inf.added, &mut unet) {
+        m.insert(
+            "transformer_layers_per_block".into(),
+            json!(inf.transformer_depth),
+        );
+        m.insert("addition_embed_type".into(), json!("text_time"));
+        m.insert("addition_time_embed_dim".into(), json!(time));
+        m.insert("projection_class_embeddings_input_dim".into(), json!(input));
+    }
+    let unet = ConfigJson::from_value(label("unet/config.json"), unet)?;
     let vae_n = inf.vae_channels.len();
+    // SDXL's VAE overflows in f16: its config asks for f32 (`force_upcast`).
     let vae = ConfigJson::from_value(
         label("vae/config.json"),
         json!({
@@ -903,20 +1116,57 @@ fn infer_configs(
             "down_block_types": vec!["DownEncoderBlock2D"; vae_n],
             "up_block_types": vec!["UpDecoderBlock2D"; vae_n],
             "layers_per_block": inf.vae_layers, "latent_channels": inf.latent_channels,
-            "norm_num_groups": 32, "scaling_factor": 0.18215, "sample_size": 512,
+            "norm_num_groups": 32,
+            "scaling_factor": if xl { 0.13025 } else { 0.18215 },
+            "sample_size": if xl { 1024 } else { 512 },
+            "force_upcast": xl,
         }),
     )?;
-    let (width, layers, mlp, vocab, positions) = inf.text;
-    let text_encoder = ConfigJson::from_value(
-        label("text_encoder/config.json"),
-        json!({
+    // SD 1.x's and SDXL's first encoder are OpenAI CLIP (quick GELU); OpenCLIP uses GELU.
+    // SDXL base's encoder configs say `eos_token_id` 2 (the pooled state at the largest id).
+    let text_config = |(width, layers, mlp, vocab, positions): TextShape,
+                       act: &str,
+                       projection: Option<usize>| {
+        let mut c = json!({
             "model_type": "clip_text_model", "hidden_size": width,
             "num_hidden_layers": layers, "num_attention_heads": width / 64,
             "intermediate_size": mlp, "vocab_size": vocab,
             "max_position_embeddings": positions, "layer_norm_eps": 1e-5,
-            "hidden_act": match family { Family::Sd1 => "quick_gelu", Family::Sd2 => "gelu" },
-        }),
+            "hidden_act": act,
+        });
+        if let Value::Object(m) = &mut c {
+            if xl {
+                m.insert("eos_token_id".into(), json!(2));
+            }
+            if let Some(p) = projection {
+                m.insert(
+                    "architectures".into(),
+                    json!(["CLIPTextModelWithProjection"]),
+                );
+                m.insert("projection_dim".into(), json!(p));
+            }
+        }
+        c
+    };
+    let text_encoder = ConfigJson::from_value(
+        label("text_encoder/config.json"),
+        text_config(
+            inf.text,
+            match family {
+                Family::Sd1 | Family::Sdxl => "quick_gelu",
+                Family::Sd2 => "gelu",
+            },
+            None,
+        ),
     )?;
+    let text_encoder_2 = match inf.text_2 {
+        Some((shape, projection)) => Some(ConfigJson::from_value(
+            label("text_encoder_2/config.json"),
+            text_config(shape, "gelu", Some(projection)),
+        )?),
+        None => None,
+    };
+    // SD 1.x, SD 2.x-base and SDXL base share the ε-prediction scaled-linear schedule.
     let scheduler = ConfigJson::from_value(
         label("scheduler/scheduler_config.json"),
         json!({
@@ -926,7 +1176,13 @@ fn infer_configs(
             "timestep_spacing": "leading",
         }),
     )?;
-    Ok((unet, vae, text_encoder, scheduler))
+    Ok(Configs {
+        unet,
+        vae,
+        text_encoder,
+        text_encoder_2,
+        scheduler,
+    })
 }
 
 #[cfg(test)]
@@ -1085,5 +1341,68 @@ mod tests {
         assert_eq!(l.map(Family::Sd2, "alphas_cumprod"), Some(Target::Ignore));
         assert_eq!(l.map(Family::Sd2, "model_ema.decay"), Some(Target::Ignore));
         assert_eq!(l.map(Family::Sd2, "something.else"), None);
+    }
+
+    #[test]
+    fn sdxl_keys_map_to_both_encoders_and_the_added_conditioning() {
+        let l = layout();
+        let m = |k: &str| l.map(Family::Sdxl, k);
+        assert_eq!(
+            m("model.diffusion_model.label_emb.0.2.bias"),
+            plain(Part::Unet, "add_embedding.linear_2.bias")
+        );
+        assert_eq!(m("model.diffusion_model.label_emb.0.1.bias"), None);
+        assert_eq!(
+            m("model.diffusion_model.input_blocks.7.1.transformer_blocks.9.attn1.to_q.weight"),
+            plain(
+                Part::Unet,
+                "down_blocks.2.attentions.0.transformer_blocks.9.attn1.to_q.weight"
+            )
+        );
+        assert_eq!(
+            m("conditioner.embedders.0.transformer.text_model.encoder.layers.11.mlp.fc2.bias"),
+            plain(
+                Part::TextEncoder,
+                "text_model.encoder.layers.11.mlp.fc2.bias"
+            )
+        );
+        assert_eq!(
+            m("conditioner.embedders.0.transformer.text_model.embeddings.position_ids"),
+            Some(Target::Ignore)
+        );
+        assert_eq!(
+            m("conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight"),
+            Some(Target::SplitQkv(
+                Part::TextEncoder2,
+                ["q_proj", "k_proj", "v_proj"]
+                    .map(|q| format!("text_model.encoder.layers.31.self_attn.{q}.weight"))
+            ))
+        );
+        assert_eq!(
+            m("conditioner.embedders.1.model.text_projection"),
+            Some(Target::Transpose(
+                Part::TextEncoder2,
+                "text_projection.weight".into()
+            ))
+        );
+        assert_eq!(
+            m("conditioner.embedders.1.model.ln_final.weight"),
+            plain(Part::TextEncoder2, "text_model.final_layer_norm.weight")
+        );
+        assert_eq!(
+            m("conditioner.embedders.1.model.logit_scale"),
+            Some(Target::Ignore)
+        );
+        // SD 2.x ignores OpenCLIP's projection; other families do not read SDXL's keys.
+        assert_eq!(
+            l.map(Family::Sd2, "cond_stage_model.model.text_projection"),
+            Some(Target::Ignore)
+        );
+        assert_eq!(
+            l.map(Family::Sd2, "conditioner.embedders.1.model.ln_final.weight"),
+            None
+        );
+        assert_eq!(m("cond_stage_model.model.ln_final.weight"), None);
+        assert_eq!(m("conditioner.embedders.2.model.ln_final.weight"), None);
     }
 }

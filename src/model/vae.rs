@@ -3,7 +3,7 @@
 
 use std::rc::Rc;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use serde_json::json;
 
 use super::attention::{Attention, AttentionParams, AttnKind, HookCtx};
@@ -36,6 +36,10 @@ pub struct VaeConfig {
     pub quant_conv: bool,
     /// `post_quant_conv` present.
     pub post_quant_conv: bool,
+    /// Run in f32 whatever the run's dtype (`force_upcast`; false when the key is absent):
+    /// SDXL's VAE overflows in f16, and its config asks for f32 as diffusers' SDXL pipeline
+    /// reads it.
+    pub force_upcast: bool,
 }
 
 impl VaeConfig {
@@ -81,7 +85,17 @@ impl VaeConfig {
             mid_attention: c.bool_or("mid_block_add_attention", true)?,
             quant_conv: c.bool_or("use_quant_conv", true)?,
             post_quant_conv: c.bool_or("use_post_quant_conv", true)?,
+            force_upcast: c.bool_or("force_upcast", false)?,
         })
+    }
+
+    /// The dtype the VAE's weights and computation use in a run of `dtype`: f32 for an f16 or
+    /// bf16 run when `force_upcast` is set, else `dtype` itself.
+    pub fn compute_dtype(&self, dtype: DType) -> DType {
+        match dtype {
+            DType::F16 | DType::BF16 if self.force_upcast => DType::F32,
+            other => other,
+        }
     }
 
     /// Downsampling factor image → latent.
@@ -258,9 +272,24 @@ impl Vae {
         &self.config
     }
 
+    /// The dtype the VAE computes in (its weights'; see [`VaeConfig::compute_dtype`]). Inputs
+    /// of another dtype are converted to it, and results converted back to the input's.
+    pub fn dtype(&self) -> DType {
+        self.enc_conv_in.dtype()
+    }
+
     /// Encodes images [B, 3, H, W] in [-1, 1] to the latent distribution: (mean, logvar),
-    /// each [B, latent, H/f, W/f], unscaled (SD latents are `mean × scaling_factor`).
+    /// each [B, latent, H/f, W/f], unscaled (SD latents are `mean × scaling_factor`), in the
+    /// image's dtype.
     pub fn encode(&self, image: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (mean, logvar) = self.encode_in_own_dtype(&image.to_dtype(self.dtype())?)?;
+        Ok((
+            mean.to_dtype(image.dtype())?,
+            logvar.to_dtype(image.dtype())?,
+        ))
+    }
+
+    fn encode_in_own_dtype(&self, image: &Tensor) -> Result<(Tensor, Tensor)> {
         let (_, _, h, w) = image.dims4()?;
         let f = self.config.factor();
         if h % f != 0 || w % f != 0 {
@@ -296,11 +325,13 @@ impl Vae {
     }
 
     /// Decodes unscaled latents [B, latent, h, w] (divide SD latents by `scaling_factor`
-    /// first) to images [B, 3, h·f, w·f], roughly in [-1, 1], not clamped.
+    /// first) to images [B, 3, h·f, w·f], roughly in [-1, 1], not clamped, in the latents'
+    /// dtype.
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
+        let own = z.to_dtype(self.dtype())?;
         let mut x = match &self.post_quant_conv {
-            Some(p) => p.forward(z)?,
-            None => z.clone(),
+            Some(p) => p.forward(&own)?,
+            None => own,
         };
         x = self.dec_conv_in.forward(&x)?;
         x = self.dec_mid.forward(&x)?;
@@ -312,7 +343,9 @@ impl Vae {
                 x = u.forward(&x, None)?;
             }
         }
-        self.dec_conv_out
-            .forward(&self.dec_norm_out.forward(&x)?.silu()?)
+        Ok(self
+            .dec_conv_out
+            .forward(&self.dec_norm_out.forward(&x)?.silu()?)?
+            .to_dtype(z.dtype())?)
     }
 }

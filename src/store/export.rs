@@ -45,6 +45,12 @@
 //!     dimension of an `attn2.to_k` adapter, else the text encoder's hidden width; 768 → `sd_v1`,
 //!     1024 → `sd_v2`, anything else `unknown`) and `ss_v2` (`True` / `False` when known; A1111
 //!     sorts SD 2 LoRAs by it).
+//!     An SDXL LoRA (one with `text_encoder_2.` adapters) gets `lora_te1_` / `lora_te2_` for its
+//!     two text encoders, base model `sdxl_base_v1-0`, and UNet names in kohya's SDXL
+//!     convention: the original (single-file) module tree, `lora_unet_input_blocks_4_1_…`,
+//!     `lora_unet_middle_block_1_…`, `lora_unet_output_blocks_3_1_…`, derived from the
+//!     diffusers block indices and the UNet's ResNets per level (the `mifo` metadata's
+//!     `unet_layers_per_block`, else read from the module names); see [`sdxl_original_module`].
 //!
 //!   Both files hold the stored factors bit for bit (same dtype). Text-encoder modules stored
 //!   without the `text_model.` prefix (text encoders whose weight file has none) get it added,
@@ -481,6 +487,9 @@ struct Lora<'a> {
     modules: Vec<LoraModule<'a>>,
     /// The rank shared by every module (alpha equals it: scale 1).
     rank: usize,
+    /// The UNet's ResNets per down level, when the `mifo` metadata names them
+    /// (`unet_layers_per_block`, written for SDXL runs).
+    unet_layers: Option<Vec<usize>>,
 }
 
 impl Lora<'_> {
@@ -620,24 +629,36 @@ fn parse_lora<'a>(bytes: &[u8], tensors: &SafeTensors<'a>) -> Result<Lora<'a>, S
         modules.push(LoraModule { part, module, a, b });
     }
     let rank = rank.unwrap_or_default();
-    if let Some(declared) = declared {
+    if let Some(declared) = declared.rank {
         if declared != rank {
             return Err(format!(
                 "metadata says rank {declared} but the tensors have rank {rank}"
             ));
         }
     }
-    Ok(Lora { modules, rank })
+    Ok(Lora {
+        modules,
+        rank,
+        unet_layers: declared.unet_layers,
+    })
+}
+
+/// What a `lora` file's `mifo` metadata declares.
+#[derive(Default)]
+struct Declared {
+    rank: Option<usize>,
+    unet_layers: Option<Vec<usize>>,
 }
 
 /// The rank named in a `lora` file's `mifo` metadata (a JSON object such as
-/// `{"format":"mifo-lora-1","rank":"4"}`), if any; an error if the metadata is there but is not
+/// `{"format":"mifo-lora-1","rank":"4"}`), if any, and the UNet's ResNets per down level
+/// (`"unet_layers_per_block":"2,2,2"`, SDXL runs); an error if the metadata is there but is not
 /// such an object, or names another format.
-fn declared_lora_rank(bytes: &[u8]) -> Result<Option<usize>, String> {
+fn declared_lora_rank(bytes: &[u8]) -> Result<Declared, String> {
     use serde_json::Value as J;
     let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| e.to_string())?;
     let Some(text) = meta.metadata().as_ref().and_then(|m| m.get("mifo")) else {
-        return Ok(None);
+        return Ok(Declared::default());
     };
     let value: J = serde_json::from_str(text)
         .map_err(|e| format!("metadata `mifo` is not JSON ({e}): {text}"))?;
@@ -653,18 +674,128 @@ fn declared_lora_rank(bytes: &[u8]) -> Result<Option<usize>, String> {
             ))
         }
     }
+    let unet_layers = match fields.get("unet_layers_per_block") {
+        None => None,
+        Some(J::String(s)) => Some(
+            s.split(',')
+                .map(|n| n.trim().parse::<usize>().ok().filter(|&n| n > 0))
+                .collect::<Option<Vec<_>>>()
+                .filter(|v| !v.is_empty())
+                .ok_or_else(|| {
+                    format!(
+                        "metadata `mifo` has unet_layers_per_block {s:?}; expected positive integers separated by commas"
+                    )
+                })?,
+        ),
+        Some(other) => {
+            return Err(format!(
+                "metadata `mifo` has unet_layers_per_block {other}; expected a string such as \"2,2,2\""
+            ))
+        }
+    };
     let rank = match fields.get("rank") {
-        None => return Ok(None),
+        None => {
+            return Ok(Declared {
+                rank: None,
+                unet_layers,
+            })
+        }
         Some(J::String(s)) => s.parse::<usize>().ok(),
         Some(J::Number(n)) => n.as_u64().and_then(|n| usize::try_from(n).ok()),
         Some(_) => None,
     };
     match rank {
-        Some(rank) if rank > 0 => Ok(Some(rank)),
+        Some(rank) if rank > 0 => Ok(Declared {
+            rank: Some(rank),
+            unet_layers,
+        }),
         _ => Err(format!(
             "metadata `mifo` has rank {}; expected a positive integer",
             fields["rank"]
         )),
+    }
+}
+
+/// The UNet's ResNets per down level for kohya's SDXL names: as the metadata declares them, else
+/// read from the module names, assuming every level has the same count: an up level has one
+/// attention more than its ResNets below it, so the largest `up_blocks.L.attentions.J` is the
+/// count (mifo adapts every attention layer).
+fn sdxl_unet_layers(lora: &Lora<'_>) -> Result<Vec<usize>, String> {
+    if let Some(layers) = &lora.unet_layers {
+        return Ok(layers.clone());
+    }
+    let mut up: Option<usize> = None;
+    let mut levels = 0;
+    for m in lora.modules.iter().filter(|m| m.part == LoraPart::Unet) {
+        let mut parts = m.module.split('.');
+        let (Some(kind), Some(level), Some(_), Some(j)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        if let (Ok(level), Ok(j)) = (level.parse::<usize>(), j.parse::<usize>()) {
+            levels = levels.max(level + 1);
+            if kind == "up_blocks" {
+                up = Some(up.map_or(j, |u| u.max(j)));
+            }
+        }
+    }
+    match up {
+        Some(n) if n > 0 => Ok(vec![n; levels]),
+        _ => Err(
+            "an SDXL LoRA whose UNet layout cannot be told (no `unet_layers_per_block` in its \
+             metadata and no up-block attention adapters): kohya names need it"
+                .to_string(),
+        ),
+    }
+}
+
+/// kohya's SDXL UNet module path (the original Stability layout that SDXL single-file
+/// checkpoints use, under `model.diffusion_model.`) of a diffusers attention module, with
+/// `layers[l]` ResNets in down level `l`: `down_blocks.L.attentions.J.…` →
+/// `input_blocks.K.1.…` with K = 1 + Σ_{l<L} (layers[l] + 1) + J (conv_in is block 0, a
+/// downsampler ends each level); `mid_block.attentions.0.…` → `middle_block.1.…`;
+/// `up_blocks.L.attentions.J.…` → `output_blocks.K.1.…` with K = Σ_{l<L} (layers[n-1-l] + 1)
+/// + J (up level l mirrors down level n-1-l with one ResNet more, each an output block). What follows the attention (`transformer_blocks.0.
+/// attn1.to_q`, `proj_in`) is named alike in both layouts.
+fn sdxl_original_module(module: &str, layers: &[usize]) -> Result<String, String> {
+    let bad = || format!("UNet module `{module}` has no place in SDXL's original layout");
+    if let Some(rest) = module.strip_prefix("mid_block.attentions.0.") {
+        return Ok(format!("middle_block.1.{rest}"));
+    }
+    let (down, rest) = match (
+        module.strip_prefix("down_blocks."),
+        module.strip_prefix("up_blocks."),
+    ) {
+        (Some(r), _) => (true, r),
+        (_, Some(r)) => (false, r),
+        _ => return Err(bad()),
+    };
+    let (level, rest) = rest.split_once('.').ok_or_else(bad)?;
+    let rest = rest.strip_prefix("attentions.").ok_or_else(bad)?;
+    let (j, rest) = rest.split_once('.').ok_or_else(bad)?;
+    let (level, j): (usize, usize) = (
+        level.parse().map_err(|_| bad())?,
+        j.parse().map_err(|_| bad())?,
+    );
+    let n = layers.len();
+    if level >= n {
+        return Err(format!(
+            "UNet module `{module}`: level {level}, but the UNet has {n} levels"
+        ));
+    }
+    if down {
+        if j >= layers[level] {
+            return Err(bad());
+        }
+        let k = 1 + layers[..level].iter().map(|l| l + 1).sum::<usize>() + j;
+        Ok(format!("input_blocks.{k}.1.{rest}"))
+    } else {
+        if j > layers[n - 1 - level] {
+            return Err(bad());
+        }
+        let k = (0..level).map(|l| layers[n - 1 - l] + 1).sum::<usize>() + j;
+        Ok(format!("output_blocks.{k}.1.{rest}"))
     }
 }
 
@@ -689,12 +820,19 @@ fn kohya_lora(lora: &Lora<'_>, p: &Provenance<'_>) -> Result<Vec<u8>, String> {
     let mut views: Vec<(String, &TensorView<'_>)> = Vec::with_capacity(lora.modules.len() * 3);
     let mut seen: HashMap<String, String> = HashMap::new();
     let sdxl = lora.is_sdxl();
+    // kohya's SDXL UNet is the original layout (`input_blocks.4.1.…`), its SD 1.x/2.x UNet
+    // diffusers' (`down_blocks.1.attentions.0.…`).
+    let sdxl_layers = if sdxl {
+        Some(sdxl_unet_layers(lora)?)
+    } else {
+        None
+    };
     for m in &lora.modules {
-        let base = format!(
-            "{}_{}",
-            m.part.kohya_prefix(sdxl),
-            m.module.replace('.', "_")
-        );
+        let module = match (&sdxl_layers, m.part) {
+            (Some(layers), LoraPart::Unet) => Cow::Owned(sdxl_original_module(&m.module, layers)?),
+            _ => Cow::Borrowed(m.module.as_str()),
+        };
+        let base = format!("{}_{}", m.part.kohya_prefix(sdxl), module.replace('.', "_"));
         let peft = format!("{}.{}", m.part.peft_prefix(), m.module);
         if let Some(other) = seen.insert(base.clone(), peft.clone()) {
             return Err(format!(
@@ -895,11 +1033,16 @@ mod tests {
             views.push((format!("{k}.lora_A.weight"), &va));
             views.push((format!("{k}.lora_B.weight"), &vb));
         }
-        let bytes =
-            safetensors::serialize(views.iter().map(|(k, v)| (k.as_str(), *v)), None).unwrap();
+        let meta = HashMap::from([(
+            "mifo".to_string(),
+            r#"{"format":"mifo-lora-1","rank":"1","unet_layers_per_block":"2,2,2"}"#.to_string(),
+        )]);
+        let bytes = safetensors::serialize(views.iter().map(|(k, v)| (k.as_str(), *v)), Some(meta))
+            .unwrap();
         let tensors = SafeTensors::deserialize(&bytes).unwrap();
         let lora = parse_lora(&bytes, &tensors).unwrap();
         assert_eq!(lora.base_model_version(), "sdxl_base_v1-0");
+        assert_eq!(lora.unet_layers, Some(vec![2, 2, 2]));
         let id = RunId::from_parts(1_700_000_000_000, 7);
         let kohya = kohya_lora(&lora, &provenance(&id)).unwrap();
         let out = SafeTensors::deserialize(&kohya).unwrap();
@@ -908,7 +1051,7 @@ mod tests {
         for want in [
             "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight",
             "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight",
-            "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.alpha",
+            "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.alpha",
         ] {
             assert!(names.iter().any(|n| n == want), "{want} missing: {names:?}");
         }
@@ -918,5 +1061,50 @@ mod tests {
             .names()
             .iter()
             .any(|n| n.starts_with("text_encoder_2.text_model.")));
+        assert!(out
+            .names()
+            .iter()
+            .any(|n| n.starts_with("unet.down_blocks.1.attentions.0.")));
+    }
+
+    /// kohya's SDXL UNet names are the original layout's block numbers: SDXL base 1.0's
+    /// attention blocks (2 ResNets per level, attention in levels 1 and 2) land where its
+    /// single-file checkpoints hold them.
+    #[test]
+    fn sdxl_unet_modules_take_the_original_block_numbers() {
+        let l = [2, 2, 2];
+        let m = |name: &str| sdxl_original_module(name, &l);
+        let t = "transformer_blocks.0.attn1.to_out.0";
+        for (from, to) in [
+            ("down_blocks.1.attentions.0", "input_blocks.4.1"),
+            ("down_blocks.1.attentions.1", "input_blocks.5.1"),
+            ("down_blocks.2.attentions.0", "input_blocks.7.1"),
+            ("down_blocks.2.attentions.1", "input_blocks.8.1"),
+            ("mid_block.attentions.0", "middle_block.1"),
+            ("up_blocks.0.attentions.0", "output_blocks.0.1"),
+            ("up_blocks.0.attentions.2", "output_blocks.2.1"),
+            ("up_blocks.1.attentions.0", "output_blocks.3.1"),
+            ("up_blocks.1.attentions.2", "output_blocks.5.1"),
+        ] {
+            assert_eq!(m(&format!("{from}.{t}")), Ok(format!("{to}.{t}")), "{from}");
+        }
+        // Uneven levels: 1 ResNet in level 0, 3 in level 1.
+        assert_eq!(
+            sdxl_original_module("down_blocks.1.attentions.2.proj_in", &[1, 3]),
+            Ok("input_blocks.5.1.proj_in".into())
+        );
+        assert_eq!(
+            sdxl_original_module("up_blocks.1.attentions.1.proj_in", &[1, 3]),
+            Ok("output_blocks.5.1.proj_in".into())
+        );
+        // Beyond the layout: a third down attention, a fourth up one, a fourth level, a ResNet.
+        for bad in [
+            "down_blocks.1.attentions.2.proj_in",
+            "up_blocks.0.attentions.3.proj_in",
+            "down_blocks.3.attentions.0.proj_in",
+            "down_blocks.1.resnets.0.conv1",
+        ] {
+            assert!(m(bad).is_err(), "{bad}");
+        }
     }
 }
