@@ -79,6 +79,24 @@ fn fake_cache(hub: &Path) -> PathBuf {
 
 /// Asserts that `ours` equals `other` to 1e-6 in absolute terms (the library's parity
 /// comparison, [`mifo::verify::compare`]).
+/// `runs ls --json` without the runs' ages, which move with the clock: what a refused command
+/// must leave as it was.
+fn listing(home: &Path, store: &Path) -> serde_json::Value {
+    fn drop_ages(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(m) => {
+                m.remove("age_s");
+                m.values_mut().for_each(drop_ages);
+            }
+            serde_json::Value::Array(a) => a.iter_mut().for_each(drop_ages),
+            _ => {}
+        }
+    }
+    let mut v = json(&mifo_env(home, store, &[], &["runs", "ls", "--json"]));
+    drop_ages(&mut v);
+    v
+}
+
 fn assert_same(what: &str, ours: &Tensor, other: &Tensor) {
     let check = mifo::verify::compare(what, ours, other, f64::INFINITY);
     assert!(check.max_abs <= 1e-6, "{check:?}");
@@ -175,7 +193,7 @@ fn repo_ids_resolve_offline_in_the_hugging_face_cache() {
 
     // An unknown repo id: one line naming every path tried, saying mifo never downloads; the
     // store is untouched.
-    let listed = json(&mifo_env(&home, &store, &[], &["runs", "ls", "--json"]));
+    let listed = listing(&home, &store);
     let before = std::fs::read_dir(store.join("blobs"))
         .map(|d| d.count())
         .unwrap_or(0);
@@ -208,10 +226,7 @@ fn repo_ids_resolve_offline_in_the_hugging_face_cache() {
     ] {
         assert!(line.contains(p.to_str().unwrap()), "{line}");
     }
-    assert_eq!(
-        json(&mifo_env(&home, &store, &[], &["runs", "ls", "--json"])),
-        listed
-    );
+    assert_eq!(listing(&home, &store), listed);
     assert_eq!(
         std::fs::read_dir(store.join("blobs"))
             .map(|d| d.count())
