@@ -310,7 +310,10 @@ fn launch_watch_open_and_rerun_on_the_tiny_model() {
     // Synthesise from the first run with the box editor's default boxes.
     d.press("<Esc>uGS");
     assert_eq!(d.app.view, View::Synth);
-    d.press("<Down><Down><Down>synth.steps=3 synth.guided_steps=2<Enter>");
+    // The official preset and Bounded Attention, chosen in the form.
+    d.press(
+        "<Down><Down><Down><Right><Down><Right><Down>synth.steps=3 synth.guided_steps=2<Enter>",
+    );
     assert_eq!(d.app.view, View::Jobs, "{:?}", d.app.status);
     wait_for(&mut d, "the synthesis to finish", |d| {
         d.app.jobs.rows.len() == 3 && !d.app.jobs.rows[0].state.is_active()
@@ -321,6 +324,19 @@ fn launch_watch_open_and_rerun_on_the_tiny_model() {
     let row = d.app.row(job.run.as_ref().unwrap()).unwrap();
     assert_eq!((row.kind, row.status), (RunKind::Synth, RunStatus::Done));
     assert_eq!(row.parent.as_ref(), Some(&run));
+    // Its changes are counted from the official preset (no α keys among them), the method first.
+    let deltas: Vec<&str> = row.config_deltas.iter().map(|(k, _)| k.as_str()).collect();
+    assert!(
+        row.config_deltas
+            .iter()
+            .any(|(k, v)| k == "synth.method" && v.contains("bounded-attention")),
+        "{:?}",
+        row.config_deltas
+    );
+    assert!(
+        !deltas.iter().any(|k| k.starts_with("synth.alpha")),
+        "{deltas:?}"
+    );
 }
 
 /// A scene folder whose two masks are the same (100% overlap).

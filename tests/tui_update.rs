@@ -413,7 +413,7 @@ fn synth_form_edits_boxes_and_launches() {
     assert_eq!(form.boxes.len(), 2);
     assert!(form.errors.is_empty(), "{:?}", form.errors);
     // Into the box editor: Tab cycles boxes, moves stay inside the image.
-    d.press("<Tab><Tab><Tab><Tab>");
+    d.press("<Tab><Tab><Tab><Tab><Tab><Tab>");
     d.press("<Tab>"); // current: <v1>
     d.press("llllllllll"); // far right: clamped
     let f = d.app.synth.as_ref().unwrap();
@@ -445,11 +445,29 @@ fn synth_form_edits_boxes_and_launches() {
     // Bad overrides are caught as the CLI catches them.
     d.press("<BackTab><C-u>synth.nope=1");
     assert!(d.app.synth.as_ref().unwrap().errors[0].contains("unknown key `synth.nope`"));
+    // The method and preset: ← → cycle them; an override the chosen preset refuses is caught.
+    d.press("<C-u><BackTab><Right>"); // method bounded-attention
+    d.press("<BackTab><Right>"); // preset official
+    let f = d.app.synth.as_ref().unwrap();
+    assert_eq!(
+        (f.preset_name(), f.method_name()),
+        ("official", "bounded-attention")
+    );
+    d.press("<Tab><Tab>synth.backtrack=true"); // the official preset's joint stop refuses it
+    assert!(
+        d.app.synth.as_ref().unwrap().errors[0].contains("synth.joint_stop"),
+        "{:?}",
+        d.app.synth.as_ref().unwrap().errors
+    );
     d.press("<C-u><Enter>");
     assert_eq!(d.app.view, View::Jobs);
     let calls = d.backend.calls();
     assert_eq!(calls.len(), 1, "{calls:?}");
     assert!(calls[0].starts_with("synth "), "{calls:?}");
+    assert!(
+        calls[0].ends_with("preset official method bounded-attention"),
+        "{calls:?}"
+    );
     assert!(
         calls[0].contains("\"<v0>\"") && calls[0].contains("\"<v1>\""),
         "{calls:?}"

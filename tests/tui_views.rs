@@ -169,7 +169,7 @@ fn synth_form_with_box_editor_over_the_preview() {
     d.press("jjjjS"); // the lr=0.001 run: done, with a preview
     assert_eq!(d.app.view, View::Synth);
     d.app.synth.as_mut().unwrap().seed.set("5");
-    d.press("<Tab><Tab><Tab><Tab>"); // to the box editor
+    d.press("<Tab><Tab><Tab><Tab><Tab><Tab>"); // to the box editor
     d.press("llJ"); // move <v0> right twice, make it taller
     insta::assert_snapshot!("synth", d.draw());
 }

@@ -422,6 +422,9 @@ pub enum SynthMethod {
 }
 
 impl SynthMethod {
+    /// The names `synth.method` takes, the default first.
+    pub const NAMES: [&'static str; 3] = ["mifo", "bounded-attention", "plain"];
+
     /// `mifo`, `bounded-attention` or `plain`; anything else is `None`.
     pub fn parse(name: &str) -> Option<Self> {
         match name {

@@ -266,6 +266,11 @@ pub struct SynthLaunch {
     pub seed: u64,
     /// Number of images.
     pub samples: usize,
+    /// The synthesis preset (`paper` or `official`, as `mifo synth --preset`).
+    pub preset: String,
+    /// The synthesis method (`mifo`, `bounded-attention` or `plain`: `synth.method`), applied
+    /// before `sets`.
+    pub method: String,
     /// `--set synth.key=value` overrides.
     pub sets: Vec<String>,
 }
@@ -344,8 +349,20 @@ pub fn stored_learn_config(spec: &RunSpec) -> Result<(String, String, LearnConfi
     Ok(crate::jobs::learn::stored_config(spec)?)
 }
 
-/// The synthesis job of a workbench launch from learning run `spec` (its dtype; the paper
-/// preset with the launch's `--set` overrides), on `model` / `device`.
+/// The `--set` entries a launch's method and overrides make: `synth.method=M` first when the
+/// method is not the default `mifo` (so a run launched with the defaults has the same spec as
+/// `mifo synth` without `--set`), then the typed overrides.
+pub fn synth_sets(method: &str, sets: &[String]) -> Vec<String> {
+    let mut all = Vec::with_capacity(sets.len() + 1);
+    if method != "mifo" {
+        all.push(format!("synth.method={method}"));
+    }
+    all.extend(sets.iter().cloned());
+    all
+}
+
+/// The synthesis job of a workbench launch from learning run `spec` (its dtype; the launch's
+/// preset, then its method and `--set` overrides), on `model` / `device`.
 pub fn synth_job(
     l: &SynthLaunch,
     spec: &RunSpec,
@@ -354,10 +371,10 @@ pub fn synth_job(
 ) -> Result<SynthJob> {
     let (_, dtype, _) = crate::jobs::learn::stored_config(spec)?;
     let config = crate::config::resolve(
-        &crate::synth::SynthConfig::preset("paper")?,
+        &crate::synth::SynthConfig::preset(&l.preset)?,
         "synth",
         None,
-        &l.sets,
+        &synth_sets(&l.method, &l.sets),
     )?;
     config.check()?;
     let boxes: Vec<String> = l
@@ -375,7 +392,7 @@ pub fn synth_job(
         boxes,
         samples: l.samples.max(1),
         seed: l.seed,
-        preset: "paper".into(),
+        preset: l.preset.clone(),
         config,
         device: device.to_string(),
         dtype,

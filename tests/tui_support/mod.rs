@@ -529,8 +529,8 @@ impl Backend for FakeBackend {
 
     fn launch_synth(&self, launch: SynthLaunch) -> Result<JobId> {
         self.call(format!(
-            "synth {} {:?} {:?} seed {}",
-            launch.from, launch.prompt, launch.boxes, launch.seed
+            "synth {} {:?} {:?} seed {} preset {} method {}",
+            launch.from, launch.prompt, launch.boxes, launch.seed, launch.preset, launch.method
         ));
         Ok(6)
     }

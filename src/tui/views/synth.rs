@@ -12,10 +12,11 @@ use ratatui::widgets::{Block, Paragraph, Widget, Wrap};
 
 use crate::config::{apply_overrides, check_sections, parse_override};
 use crate::store::{BlobHash, RunId, RunKind, RunStatus};
-use crate::synth::SynthConfig;
+use crate::synth::config::PRESETS;
+use crate::synth::{SynthConfig, SynthMethod};
 use crate::tui::action::{Effect, Request};
 use crate::tui::app::{short_id, App, View};
-use crate::tui::backend::{RunDetail, SynthLaunch};
+use crate::tui::backend::{synth_sets, RunDetail, SynthLaunch};
 use crate::tui::images::ImageKey;
 use crate::tui::keymap::Cmd;
 use crate::tui::theme;
@@ -38,16 +39,22 @@ pub enum SynthField {
     Seed,
     /// Number of images.
     Samples,
+    /// The preset (`paper`, `official`).
+    Preset,
+    /// The synthesis method (`synth.method`).
+    Method,
     /// `--set synth.*` overrides.
     Sets,
     /// The box editor.
     Boxes,
 }
 
-const FIELDS: [SynthField; 5] = [
+const FIELDS: [SynthField; 7] = [
     SynthField::Prompt,
     SynthField::Seed,
     SynthField::Samples,
+    SynthField::Preset,
+    SynthField::Method,
     SynthField::Sets,
     SynthField::Boxes,
 ];
@@ -58,6 +65,8 @@ impl SynthField {
             SynthField::Prompt => "Prompt",
             SynthField::Seed => "Seed",
             SynthField::Samples => "Samples",
+            SynthField::Preset => "Preset",
+            SynthField::Method => "Method",
             SynthField::Sets => "--set",
             SynthField::Boxes => "Boxes",
         }
@@ -78,6 +87,10 @@ pub struct SynthForm {
     pub seed: TextInput,
     /// Number of images.
     pub samples: TextInput,
+    /// The chosen preset, an index into [`crate::synth::config::PRESETS`].
+    pub preset: usize,
+    /// The chosen method, an index into [`SynthMethod::NAMES`].
+    pub method: usize,
     /// `--set synth.*` overrides.
     pub sets: TextInput,
     /// Boxes: (`<vK>`, `[x0, y0, x1, y1]`).
@@ -122,6 +135,8 @@ impl SynthForm {
             prompt: TextInput::default(),
             seed: TextInput::new(u64::from(rand::random::<u32>()).to_string()),
             samples: TextInput::new("1"),
+            preset: 0,
+            method: 0,
             sets: TextInput::default(),
             boxes: Vec::new(),
             current: 0,
@@ -136,7 +151,7 @@ impl SynthForm {
             SynthField::Seed => Some(&mut self.seed),
             SynthField::Samples => Some(&mut self.samples),
             SynthField::Sets => Some(&mut self.sets),
-            SynthField::Boxes => None,
+            SynthField::Preset | SynthField::Method | SynthField::Boxes => None,
         }
     }
 
@@ -146,7 +161,33 @@ impl SynthForm {
             SynthField::Seed => Some(&self.seed),
             SynthField::Samples => Some(&self.samples),
             SynthField::Sets => Some(&self.sets),
-            SynthField::Boxes => None,
+            SynthField::Preset | SynthField::Method | SynthField::Boxes => None,
+        }
+    }
+
+    /// The chosen preset's name.
+    pub fn preset_name(&self) -> &'static str {
+        PRESETS[self.preset % PRESETS.len()]
+    }
+
+    /// The chosen method's name.
+    pub fn method_name(&self) -> &'static str {
+        SynthMethod::NAMES[self.method % SynthMethod::NAMES.len()]
+    }
+
+    /// Cycles a choice field (`Preset`, `Method`) forward or back.
+    fn cycle(&mut self, field: SynthField, forward: bool) {
+        let step = |i: usize, n: usize| {
+            if forward {
+                (i + 1) % n
+            } else {
+                (i + n - 1) % n
+            }
+        };
+        match field {
+            SynthField::Preset => self.preset = step(self.preset, PRESETS.len()),
+            SynthField::Method => self.method = step(self.method, SynthMethod::NAMES.len()),
+            _ => {}
         }
     }
 
@@ -222,14 +263,15 @@ impl SynthForm {
         if !matches!(self.samples.text().trim().parse::<usize>(), Ok(1..=64)) {
             errors.push("Samples: 1 to 64".into());
         }
-        let sets = split_sets(self.sets.text());
+        let sets = synth_sets(self.method_name(), &split_sets(self.sets.text()));
         let checked = sets
             .iter()
             .map(|s| parse_override(s))
             .collect::<crate::Result<Vec<_>>>()
             .and_then(|o| {
                 check_sections(&o, &["synth"])?;
-                let cfg = apply_overrides(&SynthConfig::default(), "synth", &o)?;
+                let base = SynthConfig::preset(self.preset_name())?;
+                let cfg = apply_overrides(&base, "synth", &o)?;
                 cfg.check()
             });
         if let Err(e) = checked {
@@ -366,6 +408,11 @@ pub fn on_key(app: &mut App, key: KeyEvent, cmd: Option<Cmd>, fx: &mut Vec<Effec
             }
         }
         Some(Cmd::NextField | Cmd::Complete) => form.focus = FIELDS[(i + 1) % FIELDS.len()],
+        _ if matches!(form.focus, SynthField::Preset | SynthField::Method) => match key.code {
+            KeyCode::Left => form.cycle(form.focus, false),
+            KeyCode::Right | KeyCode::Char(' ') => form.cycle(form.focus, true),
+            _ => return,
+        },
         _ => {
             let focus = form.focus;
             let used = form
@@ -395,6 +442,8 @@ fn submit(app: &mut App, fx: &mut Vec<Effect>) {
         boxes: form.boxes.clone(),
         seed: form.seed.text().trim().parse().unwrap_or(0),
         samples: form.samples.text().trim().parse().unwrap_or(1),
+        preset: form.preset_name().to_string(),
+        method: form.method_name().to_string(),
         sets: split_sets(form.sets.text()),
     };
     fx.push(Effect::Backend(Request::LaunchSynth(Box::new(launch))));
@@ -436,9 +485,25 @@ pub fn render(app: &mut App, area: Rect, buf: &mut Buffer) {
                 },
             ),
         ];
-        match form.input(field) {
-            Some(input) => spans.extend(input.line(focused, Style::new()).spans),
-            None => spans.push(Span::styled(
+        let choice = |options: &[&str], chosen: usize| -> Vec<Span<'static>> {
+            options
+                .iter()
+                .enumerate()
+                .flat_map(|(k, o)| {
+                    let s = if k == chosen {
+                        Span::styled(format!("‹{o}›"), theme::changed())
+                    } else {
+                        Span::styled(format!(" {o} "), theme::dim())
+                    };
+                    [s, Span::raw(" ")]
+                })
+                .collect()
+        };
+        match (field, form.input(field)) {
+            (SynthField::Preset, _) => spans.extend(choice(PRESETS, form.preset)),
+            (SynthField::Method, _) => spans.extend(choice(&SynthMethod::NAMES, form.method)),
+            (_, Some(input)) => spans.extend(input.line(focused, Style::new()).spans),
+            (_, None) => spans.push(Span::styled(
                 format!("{} box(es) — edit them on the right", form.boxes.len()),
                 theme::dim(),
             )),
