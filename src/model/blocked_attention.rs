@@ -266,6 +266,8 @@ fn mm<T: Real>(
 }
 
 /// The forward: `[bh, n, d + 1]` rows of output and log-sum-exp.
+// Row loops index the per-row running maxima, sums and outputs together.
+#[allow(clippy::needless_range_loop)]
 fn forward<T: Real>(
     q: &[T],
     k: &[T],
@@ -364,7 +366,8 @@ fn forward<T: Real>(
 /// The backward: `(dq, dk, dv)` from the inputs, the forward's output-and-log-sum-exp rows `o`
 /// and their gradient `g` (both `[bh, n, d + 1]`; a gradient of the log-sum-exp column, if any,
 /// is honoured).
-#[allow(clippy::too_many_arguments)]
+// Row loops index the per-row Δ alongside the blocks' rows.
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
 fn backward<T: Real>(
     q: &[T],
     k: &[T],
