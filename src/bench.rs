@@ -79,6 +79,9 @@ pub struct BenchReport {
     pub threads: usize,
     /// What the peak-memory column measures.
     pub memory: String,
+    /// The attention path of the calls no hook reads: `blocked` (the default; on the CPU) or
+    /// `full` (`MIFO_ATTENTION=full`); see [`crate::model::blocked_attention`].
+    pub attention: String,
     /// The rows, in order.
     pub rows: Vec<BenchRow>,
 }
@@ -716,15 +719,31 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&BenchRow)) -> Result<B
         size,
         threads: candle_core::utils::get_num_threads(),
         memory: probe.describe(dev),
+        attention: attention_path(dev).into(),
         rows,
     })
+}
+
+/// The attention path the unhooked calls take on `dev`.
+fn attention_path(dev: &Device) -> &'static str {
+    use crate::model::blocked_attention::{path, AttentionPath};
+    match path() {
+        AttentionPath::Blocked if dev.is_cpu() => "blocked",
+        _ => "full",
+    }
 }
 
 /// The report as a table (what `mifo bench` prints).
 pub fn table(report: &BenchReport) -> String {
     let mut out = format!(
-        "model: {}\ndevice: {} ({} threads), dtype {}, image {}²; peak memory: {}\n",
-        report.model, report.device, report.threads, report.dtype, report.size, report.memory
+        "model: {}\ndevice: {} ({} threads), dtype {}, image {}², attention {}; peak memory: {}\n",
+        report.model,
+        report.device,
+        report.threads,
+        report.dtype,
+        report.size,
+        report.attention,
+        report.memory
     );
     out.push_str(&format!(
         "{:<22} {:>11} {:>11} {:>5} {:>10}  {}\n",

@@ -235,6 +235,119 @@ fn frozen_unet_gradients_match_finite_differences() {
     }
 }
 
+/// A cross-attention map loss that reads only the cross-attention calls (`all: false`, so the
+/// self-attention calls take the blocked path of `mifo::model::blocked_attention`) or declares
+/// it reads every call (`all: true`: every call computes its full probabilities).
+struct CrossLoss {
+    all: bool,
+    total: Option<Tensor>,
+}
+
+impl AttentionHook for CrossLoss {
+    fn wants(&mut self, call: &AttnCall) -> bool {
+        self.all || call.kind == AttnKind::CrossAttn
+    }
+
+    fn probs(&mut self, call: &AttnCall, probs: &Tensor) -> mifo::Result<()> {
+        if call.kind == AttnKind::CrossAttn {
+            let term = probs.mean(1)?.narrow(2, 2, 1)?.sqr()?.sum_all()?;
+            self.total = Some(match self.total.take() {
+                Some(t) => (t + term)?,
+                None => term,
+            });
+        }
+        Ok(())
+    }
+}
+
+fn cross_objective(
+    unet: &UNet,
+    latent: &Tensor,
+    context: &Tensor,
+    w: &Tensor,
+    all: bool,
+) -> Tensor {
+    let t = Tensor::new(&[321f64, 17.0], &Device::Cpu).unwrap();
+    let mut hook = CrossLoss { all, total: None };
+    let eps = unet
+        .forward_hooked(latent, &t, context, Some(&mut hook))
+        .unwrap();
+    let s = (eps * w).unwrap().sum_all().unwrap();
+    (s + hook.total.unwrap()).unwrap()
+}
+
+/// The UNet with its unhooked (self-attention) calls on the blocked path: the same value and
+/// gradients as with every call on the full path, and gradients that match finite differences.
+#[test]
+fn blocked_attention_in_the_unet_matches_the_full_path() {
+    let file = Rc::new(WeightFile::synthetic(
+        "tiny-unet",
+        7,
+        DType::F64,
+        &Device::Cpu,
+    ));
+    let unet = tiny_unet(file);
+    let latent = Var::from_tensor(&randn(&[2, 4, 8, 8], 1)).unwrap();
+    let context = Var::from_tensor(&randn(&[2, 5, 8], 2)).unwrap();
+    let w = randn(&[2, 4, 8, 8], 3);
+    let eval = |all: bool| {
+        let before = mifo::model::blocked_attention::calls();
+        let value = cross_objective(&unet, latent.as_tensor(), context.as_tensor(), &w, all);
+        let blocked = mifo::model::blocked_attention::calls() - before;
+        let grads = value.backward().unwrap();
+        let g = [latent.as_tensor(), context.as_tensor()].map(|t| {
+            grads
+                .get(t)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()
+        });
+        (value.to_scalar::<f64>().unwrap(), g, blocked)
+    };
+    let (v_full, g_full, _) = eval(true);
+    let (v_blk, g_blk, blocked) = eval(false);
+    // Other tests of this binary may run blocked calls at the same time: at least ours.
+    assert!(
+        blocked >= 3,
+        "the self-attention calls took the blocked path ({blocked})"
+    );
+    assert!(
+        (v_full - v_blk).abs() <= 1e-12 * v_full.abs().max(1.0),
+        "{v_full} vs {v_blk}"
+    );
+    for (name, (a, b)) in ["latent", "context"].iter().zip(g_blk.iter().zip(&g_full)) {
+        let top = b.iter().fold(0f64, |m, x| m.max(x.abs()));
+        let worst = a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+        assert!(
+            worst <= 1e-10 * top,
+            "{name}: blocked vs full {worst:.2e} (max {top:.2e})"
+        );
+    }
+    let f = || {
+        cross_objective(&unet, latent.as_tensor(), context.as_tensor(), &w, false)
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let value = cross_objective(&unet, latent.as_tensor(), context.as_tensor(), &w, false);
+    let grads = value.backward().unwrap();
+    check_var(
+        "latent",
+        &latent,
+        grads.get(latent.as_tensor()).unwrap(),
+        &f,
+        8,
+    );
+    check_var(
+        "context",
+        &context,
+        grads.get(context.as_tensor()).unwrap(),
+        &f,
+        8,
+    );
+}
+
 #[test]
 fn text_encoder_gradients_match_finite_differences() {
     let mut file = WeightFile::synthetic("tiny-clip", 11, DType::F64, &Device::Cpu);

@@ -3,7 +3,10 @@
 //! [`AttentionHook`] add a bias to the logits before the softmax and read the probabilities.
 //!
 //! With no hook (or a hook that declines a layer) attention runs the plain path; the math is the
-//! same, only nothing is reported.
+//! same, only nothing is reported. On the CPU that path is blocked attention
+//! ([`super::blocked_attention`]: an online softmax that never holds the `[N, M]` probabilities,
+//! with a backward that recomputes them by blocks); calls a hook reads, and other devices,
+//! compute and hold the full `[batch, heads, N, M]` probabilities.
 
 use candle_core::{DType, Tensor};
 
@@ -239,6 +242,16 @@ impl Attention {
             None => None,
         };
 
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        if hook.is_none() && super::blocked_attention::applies(&q, &k, &v) {
+            // No hook reads this call: blocked attention, no [N, M] tensor held.
+            let out = super::blocked_attention::attention(&q, &k, &v, scale)?;
+            let out = out
+                .transpose(1, 2)?
+                .reshape((batch, n, self.heads * self.head_dim))?;
+            return self.to_out.forward(&out);
+        }
+
         let in_dtype = q.dtype();
         let (q, k) = if self.upcast && in_dtype != DType::F64 {
             (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?)
@@ -247,7 +260,6 @@ impl Attention {
         };
         // The 1/√d scale goes on q ([B, h, N, d]) rather than on the [B, h, N, M] logits:
         // one full-size tensor less per layer, which matters for the backward's memory.
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
         let unbiased_logits = (q * scale)?.matmul(&k.t()?)?;
         let mut logits = unbiased_logits.clone();
         let mut biased = false;

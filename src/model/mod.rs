@@ -4,6 +4,7 @@
 //! test models load with the same code. Gradients flow through every op (see [`nn`]).
 
 pub mod attention;
+pub mod blocked_attention;
 pub mod blocks;
 pub mod clip;
 pub mod conditioning;
