@@ -246,13 +246,7 @@ impl LaunchForm {
     }
 
     fn cycle(&mut self, field: Field, forward: bool) {
-        let step = |i: usize, n: usize| {
-            if forward {
-                (i + 1) % n
-            } else {
-                (i + n - 1) % n
-            }
-        };
+        let step = |i: usize, n: usize| cycled(i, n, forward);
         match field {
             Field::Source => self.use_scene = !self.use_scene,
             Field::Preset => self.preset = step(self.preset, PRESETS.len()),
@@ -394,6 +388,31 @@ pub fn config_diff(a: &LearnConfig, b: &LearnConfig) -> Vec<(String, String, Str
             let show = |v: &serde_json::Value| v.get(&k).map(|x| x.to_string()).unwrap_or_default();
             let (from, to) = (show(&va), show(&vb));
             (format!("learn.{k}"), from, to)
+        })
+        .collect()
+}
+
+/// Choice `i` of `n` moved one forward or back, wrapping around.
+pub(super) fn cycled(i: usize, n: usize, forward: bool) -> usize {
+    if forward {
+        (i + 1) % n
+    } else {
+        (i + n - 1) % n
+    }
+}
+
+/// The spans of a choice field: every option, the chosen one in ‹brackets›.
+pub(super) fn choice(options: &[&str], chosen: usize) -> Vec<Span<'static>> {
+    options
+        .iter()
+        .enumerate()
+        .flat_map(|(j, o)| {
+            let s = if j == chosen {
+                Span::styled(format!("‹{o}›"), theme::changed())
+            } else {
+                Span::styled(format!(" {o} "), theme::dim())
+            };
+            [s, Span::raw(" ")]
         })
         .collect()
 }
@@ -731,20 +750,6 @@ pub fn render(app: &mut App, area: Rect, buf: &mut Buffer) {
             Span::styled(if is_focused { "▸ " } else { "  " }, theme::focus()),
             Span::styled(format!("{:<10}", field.label()), label_style),
         ];
-        let choice = |options: &[&str], i: usize| -> Vec<Span<'static>> {
-            options
-                .iter()
-                .enumerate()
-                .flat_map(|(j, o)| {
-                    let s = if j == i {
-                        Span::styled(format!("‹{o}›"), theme::changed())
-                    } else {
-                        Span::styled(format!(" {o} "), theme::dim())
-                    };
-                    [s, Span::raw(" ")]
-                })
-                .collect()
-        };
         match field {
             Field::Source => spans.extend(choice(
                 &["scene folder", "image + masks"],

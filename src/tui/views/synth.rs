@@ -23,7 +23,7 @@ use crate::tui::theme;
 use crate::tui::widgets::image::{image_area, render_image};
 use crate::tui::widgets::input::TextInput;
 
-use super::launch::split_sets;
+use super::launch::{choice, cycled, split_sets};
 
 /// Box moves and resizes go in steps of this fraction of the image.
 pub const STEP: f32 = 0.05;
@@ -177,13 +177,7 @@ impl SynthForm {
 
     /// Cycles a choice field (`Preset`, `Method`) forward or back.
     fn cycle(&mut self, field: SynthField, forward: bool) {
-        let step = |i: usize, n: usize| {
-            if forward {
-                (i + 1) % n
-            } else {
-                (i + n - 1) % n
-            }
-        };
+        let step = |i: usize, n: usize| cycled(i, n, forward);
         match field {
             SynthField::Preset => self.preset = step(self.preset, PRESETS.len()),
             SynthField::Method => self.method = step(self.method, SynthMethod::NAMES.len()),
@@ -485,20 +479,6 @@ pub fn render(app: &mut App, area: Rect, buf: &mut Buffer) {
                 },
             ),
         ];
-        let choice = |options: &[&str], chosen: usize| -> Vec<Span<'static>> {
-            options
-                .iter()
-                .enumerate()
-                .flat_map(|(k, o)| {
-                    let s = if k == chosen {
-                        Span::styled(format!("‹{o}›"), theme::changed())
-                    } else {
-                        Span::styled(format!(" {o} "), theme::dim())
-                    };
-                    [s, Span::raw(" ")]
-                })
-                .collect()
-        };
         match (field, form.input(field)) {
             (SynthField::Preset, _) => spans.extend(choice(PRESETS, form.preset)),
             (SynthField::Method, _) => spans.extend(choice(&SynthMethod::NAMES, form.method)),
