@@ -485,6 +485,48 @@ fn bad_slurm_input_is_refused_at_engine_start_with_nothing_queued() {
         line.contains("sbatch") && line.to_lowercase().contains("partition"),
         "{line}"
     );
+    // An account Slurm refuses. The local cluster has no accounting, so its sbatch takes any
+    // account; a stand-in sbatch first on PATH answers for an unknown one as a cluster that
+    // enforces associations does, and hands every other call to the real one.
+    let shim = scratch("slurm-bad-shim");
+    let real = String::from_utf8(
+        std::process::Command::new("sh")
+            .args(["-c", "command -v sbatch"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let script = shim.join("sbatch");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\ncase \"$*\" in *nosuchacct*) echo 'sbatch: error: Batch job submission failed: Invalid account or account/partition combination specified' >&2; exit 1;; esac\nexec {} \"$@\"\n",
+            real.trim()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", shim.display(), std::env::var("PATH").unwrap());
+    let out = mifo_env(
+        &store,
+        &[
+            "engine",
+            "start",
+            "--executor",
+            "slurm",
+            "--account",
+            "nosuchacct",
+        ],
+        &[("PATH", &path)],
+    );
+    let line = err_line(&out);
+    assert!(
+        line.contains("Invalid account") && line.contains("sbatch"),
+        "{line}"
+    );
+    assert!(!store.join("db").exists(), "the store was not created");
     // Slurm flags without the Slurm executor; an unknown executor.
     let line = err_line(&mifo(
         &store,
