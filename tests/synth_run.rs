@@ -419,9 +419,21 @@ fn observing_attention_does_not_change_plain_sd() {
     };
     let (_, observed) = run(&request(&sd, &rows, plain(true), 9, 1));
     let (_, bare) = run(&request(&sd, &rows, plain(false), 9, 1));
-    assert_eq!(
-        observed.artifacts["sample_0.png"],
-        bare.artifacts["sample_0.png"]
+    // The observed run's attention takes the full path (its hook reads every layer), the bare
+    // run's the blocked one, so the two agree to float rounding, not bit for bit: at most one
+    // grey level apart anywhere (a hook that changed the attention moves pixels by far more).
+    let pixels = |sink: &MemorySink| {
+        image::load_from_memory(&sink.artifacts["sample_0.png"])
+            .unwrap()
+            .to_rgb8()
+            .into_raw()
+    };
+    let (a, b) = (pixels(&observed), pixels(&bare));
+    assert_eq!(a.len(), b.len());
+    let worst = a.iter().zip(&b).map(|(x, y)| x.abs_diff(*y)).max().unwrap();
+    assert!(
+        worst <= 1,
+        "observing attention moved a pixel by {worst} grey levels"
     );
     assert!(!bare.metrics.contains_key("leak/<v0>"));
     assert!(!bare.artifacts.contains_key("attn/<v0>_0.png"));
