@@ -215,7 +215,7 @@ fn set_overrides() {
     );
     let e = set(&["synth.steps=many"]).unwrap_err().to_string();
     assert!(e.contains("expected an integer"), "{e}");
-    // Presets differ only in the α schedule and the loss form.
+    // Presets differ only in the α schedule, the loss form and the joint early stop.
     let official = SynthConfig::preset("official").unwrap();
     let mut keys = mifo::config::changed_keys(&base, &official);
     keys.sort();
@@ -227,6 +227,7 @@ fn set_overrides() {
             "alpha_max",
             "alpha_min",
             "alpha_step_base",
+            "joint_stop",
             "loss_form"
         ]
     );
