@@ -61,9 +61,15 @@ impl Client {
             writer: BufWriter::new(stream),
             engine_pid: 0,
         };
-        match client.request(&Request::Hello {
+        // A connection the engine never serves (it was queued as the engine exited) is
+        // reset: no engine answers.
+        let hello = match client.request(&Request::Hello {
             version: PROTOCOL_VERSION,
-        })? {
+        }) {
+            Ok(r) => r,
+            Err(_) => return Ok(None),
+        };
+        match hello {
             Response::Hello { pid, .. } => {
                 client.engine_pid = pid;
                 Ok(Some(client))

@@ -303,8 +303,13 @@ pub fn serve(store_dir: &Path, opts: EngineOptions) -> Result<()> {
                 && lock(&shared.last_activity).elapsed() >= idle;
             if !busy && quiet {
                 eprintln!("engine: idle for {idle:?}, exiting");
+                // No new client may reach an engine that is on its way out (it would answer
+                // `Hello` and then exit under the client's request): the socket goes now, and
+                // a client that comes later starts a new engine.
+                let _ = std::fs::remove_file(&sock);
                 shared.runner.stop();
                 shared.slurm.stop();
+                break;
             }
         }
     }
