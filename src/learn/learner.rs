@@ -104,14 +104,14 @@ impl SceneTensors {
         let (_, _, h, w) = self.images[i].dims4()?;
         if self.host[i].is_none() {
             let masks = &self.masks[i];
-            self.host[i] = Some(HostScene {
-                height: h,
-                width: w,
-                image: self.images[i].flatten_all()?.to_vec1::<f32>()?,
-                masks: (0..masks.dim(0)?)
+            self.host[i] = Some(HostScene::new(
+                h,
+                w,
+                self.images[i].flatten_all()?.to_vec1::<f32>()?,
+                (0..masks.dim(0)?)
                     .map(|k| Ok(masks.get(k)?.flatten_all()?.to_vec1::<f32>()?))
                     .collect::<Result<Vec<_>>>()?,
-            });
+            ));
         }
         let host = self.host[i].as_ref().expect("just set");
         let r = host.recompose(subset, rng);

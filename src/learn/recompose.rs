@@ -20,17 +20,14 @@ use rand::Rng;
 const PLACEMENT_TRIES: usize = 20;
 
 /// A scene held on the host for recomposition: the image [3, H, W] (any value range) and the
-/// instance masks [N, H, W] in [0, 1], row-major.
+/// instance masks [N, H, W] in [0, 1], row-major, with its background colour.
 #[derive(Clone, Debug)]
 pub struct HostScene {
-    /// Image height and width.
-    pub height: usize,
-    /// Image width.
-    pub width: usize,
-    /// The image, channel-major.
-    pub image: Vec<f32>,
-    /// The masks, instance-major.
-    pub masks: Vec<Vec<f32>>,
+    height: usize,
+    width: usize,
+    image: Vec<f32>,
+    masks: Vec<Vec<f32>>,
+    background: [f32; 3],
 }
 
 /// A recomposed image and its masks (zero for the instances left out), in [`HostScene`]'s
@@ -61,28 +58,43 @@ fn mask_box(mask: &[f32], height: usize, width: usize) -> Option<(usize, usize, 
     (y0 < y1).then_some((y0, y1, x0, x1))
 }
 
+/// Each channel's mean over the `n` pixels of `image` that no mask covers (above 0.5), or over
+/// all of them when the masks cover the image.
+fn background_of(n: usize, image: &[f32], masks: &[Vec<f32>]) -> [f32; 3] {
+    let free: Vec<usize> = (0..n)
+        .filter(|&p| masks.iter().all(|m| m[p] <= 0.5))
+        .collect();
+    let pixels: Vec<usize> = if free.is_empty() {
+        (0..n).collect()
+    } else {
+        free
+    };
+    let mut colour = [0f32; 3];
+    for (c, v) in colour.iter_mut().enumerate() {
+        let sum: f64 = pixels.iter().map(|&p| f64::from(image[c * n + p])).sum();
+        *v = (sum / pixels.len() as f64) as f32;
+    }
+    colour
+}
+
 impl HostScene {
+    /// A `height` × `width` scene: `image` channel-major [3, H, W], `masks` one [H, W] per
+    /// instance. Its background colour is measured once, here.
+    pub fn new(height: usize, width: usize, image: Vec<f32>, masks: Vec<Vec<f32>>) -> Self {
+        let background = background_of(height * width, &image, &masks);
+        Self {
+            height,
+            width,
+            image,
+            masks,
+            background,
+        }
+    }
+
     /// The background colour: each channel's mean over the pixels no mask covers (above 0.5),
     /// or over the whole image when the masks cover it all.
     pub fn background(&self) -> [f32; 3] {
-        let n = self.height * self.width;
-        let free: Vec<usize> = (0..n)
-            .filter(|&p| self.masks.iter().all(|m| m[p] <= 0.5))
-            .collect();
-        let pixels: Vec<usize> = if free.is_empty() {
-            (0..n).collect()
-        } else {
-            free
-        };
-        let mut colour = [0f32; 3];
-        for (c, v) in colour.iter_mut().enumerate() {
-            let sum: f64 = pixels
-                .iter()
-                .map(|&p| f64::from(self.image[c * n + p]))
-                .sum();
-            *v = (sum / pixels.len() as f64) as f32;
-        }
-        colour
+        self.background
     }
 
     /// The instances of `subset`, in its order, each cut out by its (soft) mask and put down
@@ -94,7 +106,7 @@ impl HostScene {
     pub fn recompose(&self, subset: &[usize], rng: &mut StdRng) -> Recomposed {
         let (h, w) = (self.height, self.width);
         let n = h * w;
-        let bg = self.background();
+        let bg = self.background;
         let mut image: Vec<f32> = (0..3 * n).map(|i| bg[i / n]).collect();
         let mut masks = vec![vec![0f32; n]; self.masks.len()];
         let mut boxes: Vec<(usize, usize, usize, usize)> = Vec::new();
@@ -176,12 +188,7 @@ mod tests {
                 }
             }
         }
-        HostScene {
-            height: h,
-            width: w,
-            image,
-            masks,
-        }
+        HostScene::new(h, w, image, masks)
     }
 
     fn pixel(img: &[f32], n: usize, p: usize) -> [f32; 3] {
