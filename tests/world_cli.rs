@@ -234,6 +234,7 @@ fn world_scenes_are_learned_and_their_synthesis_scored_and_stored() {
             "oracle/identity/<v1>",
             "oracle/leak/<v0>",
             "oracle/outside/<v1>",
+            "oracle/elsewhere/<v0>",
             "oracle/identity",
             "oracle/leak",
         ] {

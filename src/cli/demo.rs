@@ -154,7 +154,7 @@ pub fn run(
         verdicts
     };
     eprintln!(
-        "\nThe oracle on the {} images (identity: colour and shape as learned; leak: share of the box in the other instance's colour; outside: share of the instance drawn outside its box):",
+        "\nThe oracle on the {} images (identity: colour and shape as learned; leak: share of the box in the other instance's colour; outside: share of the instance drawn outside its box; elsewhere: the part of it in objects that miss the box):",
         verdicts.samples.len()
     );
     print!("{}", report(&verdicts));

@@ -410,7 +410,7 @@ fn score(args: ScoreArgs, store: &Path) -> anyhow::Result<()> {
 
 /// The oracle's mean scores per tag (or bench row), one row each.
 pub fn render_tag_table(rows: &[(String, usize, BTreeMap<String, f64>)]) -> String {
-    let measures = ["present", "identity", "leak", "outside"];
+    let measures = ["present", "identity", "leak", "outside", "elsewhere"];
     let width = rows.iter().map(|r| r.0.len()).max().unwrap_or(3).max(3);
     let mut out = format!("{:<width$} {:>5}", "", "runs");
     for m in measures {

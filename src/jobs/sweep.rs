@@ -444,6 +444,7 @@ pub fn lower_is_better(metric: &str) -> bool {
     metric.starts_with("loss")
         || metric.contains("leak")
         || metric.contains("outside")
+        || metric.contains("elsewhere")
         || metric.contains("nsim")
 }
 

@@ -23,6 +23,10 @@
 //!   instances is the leak.
 //! * `outside`: of all pixels of objects that have `<vK>`'s colour and shape, the share outside
 //!   `<vK>`'s box (the instance drawn where it was not asked for; 0 when none is drawn).
+//! * `elsewhere`: the part of `outside` in objects with no pixel in the box — the instance drawn
+//!   at another place (a second copy, or the object away from its box) rather than its object
+//!   spilling over the box's edge. `outside − elsewhere` is that spill, which on a model with
+//!   8×8 latents is set by how precisely a box can place an object (a latent cell is 8 px).
 
 use image::RgbImage;
 
@@ -225,6 +229,9 @@ pub struct SubjectVerdict {
     pub leak: f64,
     /// Share of the instance's pixels drawn outside its box (0–1).
     pub outside: f64,
+    /// Share of the instance's pixels in objects that do not reach into its box (0–1, at most
+    /// `outside`).
+    pub elsewhere: f64,
 }
 
 impl SubjectVerdict {
@@ -309,26 +316,33 @@ pub fn judge(
         leak = leak.max(l);
     }
 
-    let (mut mine, mut out) = (0usize, 0usize);
+    let (mut mine, mut out, mut away) = (0usize, 0usize, 0usize);
     for o in reading
         .objects
         .iter()
         .filter(|o| o.colour == my_colour && o.shape == my_shape)
     {
         mine += o.pixels.len();
-        out += o.pixels.iter().filter(|&&i| !box_mask[i]).count();
+        let outside_box = o.pixels.iter().filter(|&&i| !box_mask[i]).count();
+        out += outside_box;
+        if outside_box == o.pixels.len() {
+            away += outside_box;
+        }
     }
-    let outside = if mine == 0 {
-        0.0
-    } else {
-        out as f64 / mine as f64
+    let share = |n: usize| {
+        if mine == 0 {
+            0.0
+        } else {
+            n as f64 / mine as f64
+        }
     };
     SubjectVerdict {
         present,
         colour,
         shape,
         leak,
-        outside,
+        outside: share(out),
+        elsewhere: share(away),
     }
 }
 
@@ -349,6 +363,8 @@ pub struct SubjectScores {
     pub leak: f64,
     /// Mean outside share.
     pub outside: f64,
+    /// Mean share drawn elsewhere (objects not reaching into the box).
+    pub elsewhere: f64,
 }
 
 impl SubjectScores {
@@ -362,6 +378,7 @@ impl SubjectScores {
         self.shape += b(v.present && v.shape);
         self.leak += v.leak;
         self.outside += v.outside;
+        self.elsewhere += v.elsewhere;
     }
 
     /// The means (sums divided by the number of images).
@@ -375,6 +392,7 @@ impl SubjectScores {
             shape: self.shape / n,
             leak: self.leak / n,
             outside: self.outside / n,
+            elsewhere: self.elsewhere / n,
         }
     }
 
@@ -387,7 +405,7 @@ impl SubjectScores {
     }
 
     /// The measures by name, in report order.
-    pub fn named(&self) -> [(&'static str, f64); 6] {
+    pub fn named(&self) -> [(&'static str, f64); 7] {
         [
             ("present", self.present),
             ("identity", self.identity),
@@ -395,6 +413,7 @@ impl SubjectScores {
             ("shape", self.shape),
             ("leak", self.leak),
             ("outside", self.outside),
+            ("elsewhere", self.elsewhere),
         ]
     }
 }
@@ -443,13 +462,13 @@ pub fn judge_prompt(reading: &Reading, asked: &[(Shape, Colour)]) -> PromptVerdi
 /// placeholder (`oracle     present 100% identity 75% leak 3.1% outside 0.0%`); empty when there
 /// are none.
 pub fn score_lines(scores: &std::collections::BTreeMap<String, f64>) -> Vec<String> {
-    const SHOWN: [&str; 4] = ["present", "identity", "leak", "outside"];
+    const SHOWN: [&str; 5] = ["present", "identity", "leak", "outside", "elsewhere"];
     let cells = |suffix: &str| -> Option<String> {
         let parts: Vec<String> = SHOWN
             .iter()
             .filter_map(|m| {
                 let v = scores.get(&format!("{}{m}{suffix}", super::ORACLE_PREFIX))?;
-                let digits = if *m == "leak" || *m == "outside" {
+                let digits = if ["leak", "outside", "elsewhere"].contains(m) {
                     1
                 } else {
                     0
@@ -531,6 +550,7 @@ mod tests {
                     );
                     assert_eq!(v.leak, 0.0, "seed {seed} <v{k}>");
                     assert_eq!(v.outside, 0.0, "seed {seed} <v{k}>");
+                    assert_eq!(v.elsewhere, 0.0, "seed {seed} <v{k}>");
                 }
                 let reading = Reading::of(&scene.image);
                 assert_eq!(reading.objects.len(), objects, "seed {seed}: objects found");
@@ -557,7 +577,52 @@ mod tests {
             assert!(!v.colour);
             assert!((v.leak - 1.0).abs() < 0.02, "{v:?}");
             assert!((v.outside - 1.0).abs() < 1e-9, "{v:?}");
+            assert_eq!(v.elsewhere, v.outside, "{v:?}");
         }
+    }
+
+    /// A box a few pixels off its object: the spill counts as outside, not as elsewhere; the
+    /// same object under a box it does not reach is all elsewhere.
+    #[test]
+    fn a_shifted_box_spills_and_a_missed_box_is_elsewhere() {
+        let scene = SceneSpec {
+            seed: 5,
+            objects: 1,
+            differ: None,
+            size: 64,
+        }
+        .draw()
+        .unwrap();
+        let b = scene.objects[0].bbox;
+        let shift = if b.x0 >= 4 { -4.0 } else { 4.0 };
+        let rect = [
+            (b.x0 as f32 + shift) / 64.0,
+            b.y0 as f32 / 64.0,
+            (b.x1 as f32 + shift) / 64.0,
+            b.y1 as f32 / 64.0,
+        ];
+        let reading = Reading::of(&scene.image);
+        let judged = |rect: [f32; 4]| {
+            judge(
+                &scene.image,
+                &reading,
+                &kinds(&scene.objects),
+                0,
+                &box_mask(&rect, 64, 64),
+            )
+        };
+        let v = judged(rect);
+        let width = (b.x1 - b.x0) as f64;
+        assert!(v.identity(), "{v:?}");
+        assert!(v.outside > 0.0 && v.outside < 2.0 * 4.0 / width, "{v:?}");
+        assert_eq!(v.elsewhere, 0.0, "{v:?}");
+        let far = if b.x0 > 32 {
+            [0.0, 0.0, 0.2, 0.2]
+        } else {
+            [0.8, 0.8, 1.0, 1.0]
+        };
+        let v = judged(far);
+        assert_eq!((v.outside, v.elsewhere), (1.0, 1.0), "{v:?}");
     }
 
     #[test]
@@ -665,6 +730,7 @@ mod tests {
         );
         assert!(!v.present && !v.identity());
         assert_eq!(v.outside, 1.0);
+        assert_eq!(v.elsewhere, 1.0);
     }
 
     #[test]

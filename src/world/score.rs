@@ -224,14 +224,14 @@ pub fn report(v: &RunVerdicts) -> String {
         v.samples.len()
     );
     out += &format!(
-        "  {:<6} {:<16} {:>8} {:>8} {:>7} {:>6} {:>7} {:>8}\n",
-        "", "instance", "present", "identity", "colour", "shape", "leak", "outside"
+        "  {:<6} {:<16} {:>8} {:>8} {:>7} {:>6} {:>7} {:>8} {:>9}\n",
+        "", "instance", "present", "identity", "colour", "shape", "leak", "outside", "elsewhere"
     );
     let pct = |x: f64| format!("{:.0}%", 100.0 * x);
     let pct1 = |x: f64| format!("{:.1}%", 100.0 * x);
     let line = |name: &str, what: &str, m: &SubjectScores| {
         format!(
-            "  {:<6} {:<16} {:>8} {:>8} {:>7} {:>6} {:>7} {:>8}\n",
+            "  {:<6} {:<16} {:>8} {:>8} {:>7} {:>6} {:>7} {:>8} {:>9}\n",
             name,
             what,
             pct(m.present),
@@ -239,7 +239,8 @@ pub fn report(v: &RunVerdicts) -> String {
             pct(m.colour),
             pct(m.shape),
             pct1(m.leak),
-            pct1(m.outside)
+            pct1(m.outside),
+            pct1(m.elsewhere)
         )
     };
     let mut all = SubjectScores::default();
@@ -258,6 +259,7 @@ pub fn report(v: &RunVerdicts) -> String {
         all.shape += m.shape;
         all.leak += m.leak;
         all.outside += m.outside;
+        all.elsewhere += m.elsewhere;
     }
     if v.subjects.len() > 1 {
         out += &line("mean", "", &all.means());
