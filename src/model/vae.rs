@@ -309,7 +309,7 @@ impl Vae {
         x = self.enc_mid.forward(&x)?;
         x = self
             .enc_conv_out
-            .forward(&self.enc_norm_out.forward(&x)?.silu()?)?;
+            .forward(&self.enc_norm_out.forward_silu(&x)?)?;
         if let Some(q) = &self.quant_conv {
             x = q.forward(&x)?;
         }
@@ -345,7 +345,7 @@ impl Vae {
         }
         Ok(self
             .dec_conv_out
-            .forward(&self.dec_norm_out.forward(&x)?.silu()?)?
+            .forward(&self.dec_norm_out.forward_silu(&x)?)?
             .to_dtype(z.dtype())?)
     }
 }
