@@ -262,6 +262,121 @@ fn contiguous_slice<'a, T>(v: &'a [T], l: &Layout) -> candle_core::Result<&'a [T
     }
 }
 
+/// One group's backward on the CPU (see [`GroupNormOp`]): the first pass writes `ĝ = dz·γ`
+/// into `dx` and sums `ĝ` and `ĝ·x̂` (and, per channel, `dz·x̂` and `dz` into `dgamma`, `dbeta`);
+/// the second turns `ĝ` into `dx` in place. Sums and per-value arithmetic in f64.
+fn group_backward<T: candle_core::WithDType>(
+    dx: &mut [T],
+    (xs, dys): (&[T], &[T]),
+    (gamma, beta): (&[T], &[T]),
+    (dgamma, dbeta): (&mut [f64], &mut [f64]),
+    spatial: usize,
+    op: &GroupNormOp,
+) {
+    let n = xs.len().max(1) as f64;
+    let mean = xs.iter().map(|v| v.to_f64()).sum::<f64>() / n;
+    let var = xs.iter().map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>() / n;
+    let r = 1.0 / (var + op.eps).sqrt();
+    let (mut sum_g, mut sum_gx) = (0f64, 0f64);
+    let rows = dx
+        .chunks_mut(spatial.max(1))
+        .zip(xs.chunks(spatial.max(1)).zip(dys.chunks(spatial.max(1))));
+    for (k, (o, (xc, dc))) in rows.enumerate() {
+        let (g, b) = (gamma[k].to_f64(), beta[k].to_f64());
+        for (o, (x, d)) in o.iter_mut().zip(xc.iter().zip(dc)) {
+            let xh = (x.to_f64() - mean) * r;
+            let mut dz = d.to_f64();
+            if op.silu {
+                let z = xh * g + b;
+                let s = 1.0 / (1.0 + (-z).exp());
+                dz *= s * (1.0 + z * (1.0 - s));
+            }
+            dgamma[k] += dz * xh;
+            dbeta[k] += dz;
+            let gh = dz * g;
+            sum_g += gh;
+            sum_gx += gh * xh;
+            *o = T::from_f64(gh);
+        }
+    }
+    let (m1, m2) = (sum_g / n, sum_gx / n);
+    for (o, x) in dx.iter_mut().zip(xs) {
+        let xh = (x.to_f64() - mean) * r;
+        *o = T::from_f64(r * (o.to_f64() - m1 - xh * m2));
+    }
+}
+
+impl GroupNormOp {
+    /// The backward on the CPU: [`group_backward`] over the groups in parallel, then the
+    /// per-channel sums over the batch; gradients only for the arguments autograd tracks.
+    #[allow(clippy::type_complexity)]
+    fn cpu_bwd<T: candle_core::WithDType>(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        use rayon::prelude::*;
+        let dims = x.dims().to_vec();
+        let (batch, channels) = (dims[0], dims[1]);
+        let spatial: usize = dims[2..].iter().product();
+        let per_group = channels / self.groups;
+        let group_len = (per_group * spatial).max(1);
+        let xs = x.flatten_all()?.to_vec1::<T>()?;
+        let dys = dy.to_dtype(x.dtype())?.flatten_all()?.to_vec1::<T>()?;
+        let gs = gamma.to_dtype(x.dtype())?.to_vec1::<T>()?;
+        let bs = beta.to_dtype(x.dtype())?.to_vec1::<T>()?;
+        let mut dx = vec![T::zero(); xs.len()];
+        // Per (image, channel): Σ dz·x̂ and Σ dz.
+        let mut dgamma = vec![0f64; batch * channels];
+        let mut dbeta = vec![0f64; batch * channels];
+        dx.par_chunks_mut(group_len)
+            .zip(xs.par_chunks(group_len).zip(dys.par_chunks(group_len)))
+            .zip(
+                dgamma
+                    .par_chunks_mut(per_group.max(1))
+                    .zip(dbeta.par_chunks_mut(per_group.max(1))),
+            )
+            .enumerate()
+            .for_each(|(i, ((o, (xg, dg)), (dgam, dbet)))| {
+                let c0 = (i % self.groups) * per_group;
+                let range = c0..c0 + per_group;
+                group_backward(
+                    o,
+                    (xg, dg),
+                    (&gs[range.clone()], &bs[range]),
+                    (dgam, dbet),
+                    spatial,
+                    self,
+                );
+            });
+        let per_channel = |sums: &[f64], like: &Tensor| -> candle_core::Result<Tensor> {
+            let total: Vec<f64> = (0..channels)
+                .map(|c| (0..batch).map(|b| sums[b * channels + c]).sum())
+                .collect();
+            Tensor::from_vec(total, channels, &candle_core::Device::Cpu)?.to_dtype(like.dtype())
+        };
+        Ok((
+            if x.track_op() {
+                Some(Tensor::from_vec(dx, dims, &candle_core::Device::Cpu)?)
+            } else {
+                None
+            },
+            if gamma.track_op() {
+                Some(per_channel(&dgamma, gamma)?)
+            } else {
+                None
+            },
+            if beta.track_op() {
+                Some(per_channel(&dbeta, beta)?)
+            } else {
+                None
+            },
+        ))
+    }
+}
+
 impl candle_core::CustomOp3 for GroupNormOp {
     fn name(&self) -> &'static str {
         if self.silu {
@@ -358,6 +473,13 @@ impl candle_core::CustomOp3 for GroupNormOp {
         _res: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if x.device().is_cpu() {
+            match x.dtype() {
+                candle_core::DType::F32 => return self.cpu_bwd::<f32>(x, gamma, beta, dy),
+                candle_core::DType::F64 => return self.cpu_bwd::<f64>(x, gamma, beta, dy),
+                _ => {}
+            }
+        }
         let dims = x.dims().to_vec();
         let (b, c) = (dims[0], dims[1]);
         let g = self.groups;
@@ -508,6 +630,23 @@ mod tests {
                 for (name, t) in [("x", xt), ("gamma", gt), ("beta", bt)] {
                     let err = max_rel(ours.get(t).unwrap(), theirs.get(t).unwrap());
                     assert!(err < 1e-10, "shape {i}, silu {silu}, d{name}: {err}");
+                }
+                // The f32 kernel against the f64 gradients.
+                let f32_var = |t: &Tensor| Var::from_tensor(&t.to_dtype(DType::F32).unwrap());
+                let (x32, g32, b32) = (
+                    f32_var(xt).unwrap(),
+                    f32_var(gt).unwrap(),
+                    f32_var(bt).unwrap(),
+                );
+                let y32 = x32
+                    .as_tensor()
+                    .apply_op3(g32.as_tensor(), b32.as_tensor(), op(groups, silu))
+                    .unwrap();
+                let w32 = w.to_dtype(DType::F32).unwrap();
+                let g = (y32 * w32).unwrap().sum_all().unwrap().backward().unwrap();
+                for (name, t32, t) in [("x", &x32, xt), ("gamma", &g32, gt), ("beta", &b32, bt)] {
+                    let err = max_rel(g.get(t32.as_tensor()).unwrap(), ours.get(t).unwrap());
+                    assert!(err < 1e-5, "f32, shape {i}, silu {silu}, d{name}: {err}");
                 }
                 // Central differences on a few input entries.
                 let dx = ours.get(xt).unwrap().flatten_all().unwrap();
