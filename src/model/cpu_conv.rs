@@ -193,11 +193,22 @@ thread_local! {
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Bytes held by every thread's im2col tile ([`SCRATCH`]; tiles only grow).
+static SCRATCH_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Bytes held by the im2col tiles the CPU convolution keeps between calls, all threads together
+/// (a cache: `mifo bench --full` counts it in its memory breakdown).
+pub(crate) fn scratch_bytes() -> usize {
+    SCRATCH_BYTES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Calls `f` with this thread's scratch buffer of at least `len` values (contents undefined).
 fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     SCRATCH.with(|s| {
         let mut s = s.borrow_mut();
         if s.len() < len {
+            let grown = (len - s.len()) * std::mem::size_of::<f32>();
+            SCRATCH_BYTES.fetch_add(grown, std::sync::atomic::Ordering::Relaxed);
             s.resize(len, 0.0);
         }
         f(&mut s[..len])
