@@ -43,6 +43,10 @@ pub struct BenchOptions {
     pub only: Vec<String>,
     /// Also time the whole runs of [`FULL_ROWS`].
     pub full: bool,
+    /// With the whole runs: this many steps per learning phase (A and B) and synthesis steps
+    /// (a third of them with latent optimisation), and preview steps, instead of the paper
+    /// preset's — a quick look at the breakdown; `None` runs the preset.
+    pub full_steps: Option<u64>,
 }
 
 /// One row of the table.
@@ -84,6 +88,163 @@ pub struct BenchReport {
     pub attention: String,
     /// The rows, in order.
     pub rows: Vec<BenchRow>,
+    /// Where the whole runs' time and peak memory went, part by part (CPU only; empty without
+    /// whole runs).
+    pub breakdown: Vec<BreakdownRow>,
+}
+
+/// One part of a whole run (`--full`): its time, its peak resident set, and what held that
+/// peak. The sizes of the weights, the trained variables, the optimiser state and the
+/// convolution tiles are exact (bytes of the tensors and buffers held); `resident_before_mib`
+/// is measured (the resident set when the part began, less what is counted before it: the
+/// program, the allocator's free memory, what earlier parts left behind); `working_mib` is an
+/// estimate — the peak less everything else, which is the activations kept for the backward and
+/// the step's transient buffers. The columns add up to the peak (each is clamped at zero).
+#[derive(Clone, Debug, Serialize)]
+pub struct BreakdownRow {
+    /// The whole run: `learn_run` or `synth_image`.
+    pub run: String,
+    /// The part: `learning phase A`, `learning phase B`, `outputs` (attention maps, learned
+    /// weights), `preview rendering`; `synthesis steps`, `decoding and outputs`.
+    pub part: String,
+    /// Wall time of the part, seconds.
+    pub seconds: f64,
+    /// Peak resident set over the part, MiB (measured).
+    pub peak_mib: f64,
+    /// The model's weights as loaded, MiB (exact).
+    pub weights_mib: f64,
+    /// The variables the phase trains (placeholder rows; LoRA adapters or trainable copies of
+    /// the weights in phase B), MiB (exact).
+    pub trained_mib: f64,
+    /// AdamW's two moments per trained variable, MiB (exact).
+    pub optimiser_mib: f64,
+    /// The CPU convolution's im2col tiles, kept between calls (a cache), MiB (exact).
+    pub conv_tiles_mib: f64,
+    /// Resident when the part began and not counted above, MiB (measured).
+    pub resident_before_mib: f64,
+    /// The rest of the peak: activations kept for the backward and transient buffers, MiB
+    /// (estimate).
+    pub working_mib: f64,
+}
+
+/// One part of a whole run as it was measured.
+#[derive(Clone, Debug)]
+struct Part {
+    name: String,
+    ms: f64,
+    peak_mib: f64,
+    start_rss_mib: f64,
+    start_tiles: usize,
+    end_tiles: usize,
+}
+
+/// Splits a whole run into parts at the loops' progress reports and artifacts, with the peak
+/// resident set of each (VmHWM, reset at every mark).
+struct PartMeter {
+    last: Instant,
+    last_rss_mib: f64,
+    last_tiles: usize,
+    parts: Vec<Part>,
+}
+
+/// A field of `/proc/self/status` in MiB (`VmHWM`, `VmRSS`).
+fn status_mib(field: &str) -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+impl PartMeter {
+    fn new() -> Self {
+        // "5" resets the peak resident set (Linux ≥ 4.0).
+        let _ = std::fs::write("/proc/self/clear_refs", "5");
+        Self {
+            last: Instant::now(),
+            last_rss_mib: status_mib("VmRSS:").unwrap_or(0.0),
+            last_tiles: crate::model::cpu_conv::scratch_bytes(),
+            parts: Vec::new(),
+        }
+    }
+
+    /// Ends the current stretch, which belongs to part `name`.
+    fn mark(&mut self, name: &str) {
+        let now = Instant::now();
+        let ms = now.duration_since(self.last).as_secs_f64() * 1e3;
+        let peak = status_mib("VmHWM:").unwrap_or(0.0);
+        let _ = std::fs::write("/proc/self/clear_refs", "5");
+        let tiles = crate::model::cpu_conv::scratch_bytes();
+        match self.parts.last_mut() {
+            Some(p) if p.name == name => {
+                p.ms += ms;
+                p.peak_mib = p.peak_mib.max(peak);
+                p.end_tiles = tiles;
+            }
+            _ => self.parts.push(Part {
+                name: name.to_string(),
+                ms,
+                peak_mib: peak,
+                start_rss_mib: self.last_rss_mib,
+                start_tiles: self.last_tiles,
+                end_tiles: tiles,
+            }),
+        }
+        self.last = Instant::now();
+        self.last_rss_mib = status_mib("VmRSS:").unwrap_or(0.0);
+        self.last_tiles = tiles;
+    }
+}
+
+/// The part a loop's phase belongs to.
+fn part_of_phase(phase: &str) -> &str {
+    match phase {
+        "reward" | "penalty" => "learning phase A",
+        "dreambooth" => "learning phase B",
+        "denoise" | "guided" => "synthesis steps",
+        other => other,
+    }
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// The breakdown rows of one whole run's parts; `memory` gives each learning phase's trained
+/// variables and optimiser state (parts after a phase still hold its state).
+fn breakdown_rows(
+    run: &str,
+    parts: &[Part],
+    weights_bytes: u64,
+    memory: &BTreeMap<String, crate::learn::PhaseMemory>,
+) -> Vec<BreakdownRow> {
+    let weights = weights_bytes as f64 / MIB;
+    let mut held = crate::learn::PhaseMemory::default();
+    parts
+        .iter()
+        .map(|p| {
+            match p.name.as_str() {
+                "learning phase A" => held = memory.get("A").copied().unwrap_or_default(),
+                "learning phase B" => held = memory.get("B").copied().unwrap_or_default(),
+                _ => {}
+            }
+            let trained = held.trained_bytes as f64 / MIB;
+            let optimiser = held.optimiser_bytes as f64 / MIB;
+            let tiles = p.end_tiles as f64 / MIB;
+            let known = weights + trained + optimiser + tiles;
+            let room = (p.peak_mib - known).max(0.0);
+            let before = (p.start_rss_mib - weights - p.start_tiles as f64 / MIB).clamp(0.0, room);
+            BreakdownRow {
+                run: run.to_string(),
+                part: p.name.clone(),
+                seconds: p.ms / 1e3,
+                peak_mib: p.peak_mib,
+                weights_mib: weights,
+                trained_mib: trained,
+                optimiser_mib: optimiser,
+                conv_tiles_mib: tiles,
+                resident_before_mib: before,
+                working_mib: room - before,
+            }
+        })
+        .collect()
 }
 
 /// Every row name, in the order they run.
@@ -221,6 +382,8 @@ struct StepClock {
     /// For whole runs: the row's name and its start; every 100th step is reported on stderr,
     /// so that a run stopped part-way still shows its rate.
     echo: Option<(&'static str, Instant)>,
+    /// For whole runs on the CPU: the parts and their peaks.
+    meter: Option<PartMeter>,
 }
 
 impl StepClock {
@@ -230,13 +393,16 @@ impl StepClock {
             steps: Vec::new(),
             metrics: BTreeMap::new(),
             echo: None,
+            meter: None,
         }
     }
 
-    /// A clock that also reports every 100th step of a whole run on stderr.
-    fn echoing(row: &'static str) -> Self {
+    /// A clock that also reports every 100th step of a whole run on stderr, and on the CPU
+    /// splits the run into parts with their peaks.
+    fn echoing(row: &'static str, device: &Device) -> Self {
         Self {
             echo: Some((row, Instant::now())),
+            meter: device.is_cpu().then(PartMeter::new),
             ..Self::new()
         }
     }
@@ -271,6 +437,9 @@ impl RunSink for StepClock {
         let ms = now.duration_since(self.last).as_secs_f64() * 1e3;
         self.last = now;
         self.steps.push((p.phase.clone(), p.message.clone(), ms));
+        if let Some(m) = &mut self.meter {
+            m.mark(part_of_phase(&p.phase));
+        }
         if let Some((row, started)) = self.echo {
             if p.step.is_multiple_of(100) || p.step == p.total {
                 eprintln!(
@@ -283,7 +452,15 @@ impl RunSink for StepClock {
             }
         }
     }
-    fn artifact(&mut self, _name: &str, _bytes: Vec<u8>) -> Result<()> {
+    fn artifact(&mut self, name: &str, _bytes: Vec<u8>) -> Result<()> {
+        let synthesis = self.echo.is_some_and(|(row, _)| row == "synth_image");
+        if let Some(m) = &mut self.meter {
+            m.mark(match name {
+                _ if synthesis => "decoding and outputs",
+                "preview.png" => "preview rendering",
+                _ => "outputs",
+            });
+        }
         Ok(())
     }
 }
@@ -649,13 +826,30 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&BenchRow)) -> Result<B
     }
 
     // ---- whole runs ----
+    let mut breakdown = Vec::new();
+    let weights_bytes = sd.weight_bytes();
     if wanted("synth_image") {
-        let cfg = SynthConfig::preset("paper")?;
+        let mut cfg = SynthConfig::preset("paper")?;
+        if let Some(n) = opts.full_steps {
+            cfg.steps = n.max(1) as usize;
+            cfg.guided_steps = cfg.steps / 3;
+        }
         let req = two_boxes(&sd, cfg.clone());
         probe.reset();
         let started = Instant::now();
-        crate::synth::run(&req, &mut StepClock::echoing("synth_image"))?;
+        let mut clock = StepClock::echoing("synth_image", dev);
+        crate::synth::run(&req, &mut clock)?;
         let ms = started.elapsed().as_secs_f64() * 1e3;
+        if let Some(mut m) = clock.meter.take() {
+            m.mark("decoding and outputs");
+            let none = BTreeMap::new();
+            breakdown.extend(breakdown_rows(
+                "synth_image",
+                &m.parts,
+                weights_bytes,
+                &none,
+            ));
+        }
         push(
             &mut rows,
             "synth_image",
@@ -671,10 +865,16 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&BenchRow)) -> Result<B
     if wanted("learn_run") {
         let mut cfg = LearnConfig::paper();
         cfg.dreambooth = "lora".into();
+        if let Some(n) = opts.full_steps {
+            cfg.reward_steps = n.div_ceil(2);
+            cfg.penalty_steps = n / 2;
+            cfg.dreambooth_steps = n;
+            cfg.preview_steps = n;
+        }
         probe.reset();
-        let mut clock = StepClock::echoing("learn_run");
+        let mut clock = StepClock::echoing("learn_run", dev);
         let started = Instant::now();
-        crate::learn::run(
+        let report = crate::learn::run(
             LearnRequest {
                 sd: &sd,
                 scene: &scene,
@@ -687,6 +887,16 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&BenchRow)) -> Result<B
             &mut clock,
         )?;
         let ms = started.elapsed().as_secs_f64() * 1e3;
+        if let Some(mut m) = clock.meter.take() {
+            m.mark("outputs");
+            let parts = &m.parts;
+            breakdown.extend(breakdown_rows(
+                "learn_run",
+                parts,
+                weights_bytes,
+                &report.memory,
+            ));
+        }
         push(
             &mut rows,
             "learn_run",
@@ -721,6 +931,7 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&BenchRow)) -> Result<B
         memory: probe.describe(dev),
         attention: attention_path(dev).into(),
         rows,
+        breakdown,
     })
 }
 
@@ -752,6 +963,48 @@ pub fn table(report: &BenchReport) -> String {
     for r in &report.rows {
         out.push_str(&row_line(r));
         out.push('\n');
+    }
+    if !report.breakdown.is_empty() {
+        out.push_str(&breakdown_table(&report.breakdown));
+    }
+    out
+}
+
+/// The breakdown of the whole runs as a table.
+pub fn breakdown_table(rows: &[BreakdownRow]) -> String {
+    let mut out = String::from(
+        "\nwhole runs, part by part (MiB): peak = measured peak resident set; weights, trained, \
+         optimiser, conv tiles = exact sizes held; before = measured resident set at the part's \
+         start not counted in those; working = estimate (peak less the rest: activations kept \
+         for the backward, transient buffers)\n",
+    );
+    out.push_str(&format!(
+        "{:<12} {:<21} {:>9} {:>8} {:>8} {:>8} {:>9} {:>6} {:>7} {:>8}\n",
+        "run",
+        "part",
+        "seconds",
+        "peak",
+        "weights",
+        "trained",
+        "optimiser",
+        "tiles",
+        "before",
+        "working"
+    ));
+    for r in rows {
+        out.push_str(&format!(
+            "{:<12} {:<21} {:>9.2} {:>8.1} {:>8.1} {:>8.2} {:>9.2} {:>6.1} {:>7.1} {:>8.1}\n",
+            r.run,
+            r.part,
+            r.seconds,
+            r.peak_mib,
+            r.weights_mib,
+            r.trained_mib,
+            r.optimiser_mib,
+            r.conv_tiles_mib,
+            r.resident_before_mib,
+            r.working_mib
+        ));
     }
     out
 }

@@ -108,3 +108,128 @@ fn bad_bench_flags_are_refused_in_one_line() {
         assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
     }
 }
+
+/// `--full` splits each whole run into its parts (learning phases A and B, the outputs, the
+/// preview; synthesis steps, decoding) with their times and peaks, and says what held each
+/// peak: the parts add up to the run, every part's columns add up to at most its peak (and the
+/// peak to at most the process's), the weights are the model files' tensors, the optimiser holds
+/// AdamW's two moments per trained value, and phase B trains more than phase A (its adapters).
+#[test]
+fn full_runs_are_broken_down_by_part_and_memory_holder() {
+    let started = Instant::now();
+    let out = mifo(&["bench", "--full", "--full-steps", "4", "--json"]);
+    let wall_s = started.elapsed().as_secs_f64();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let process_peak = children_peak_rss_mib();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = report["breakdown"].as_array().unwrap();
+    let parts = |run: &str| -> Vec<&serde_json::Value> {
+        rows.iter().filter(|r| r["run"] == run).collect()
+    };
+    let names = |run: &str| -> Vec<&str> {
+        parts(run)
+            .iter()
+            .map(|r| r["part"].as_str().unwrap())
+            .collect()
+    };
+    assert_eq!(
+        names("learn_run"),
+        [
+            "learning phase A",
+            "learning phase B",
+            "outputs",
+            "preview rendering",
+            "outputs"
+        ]
+    );
+    assert_eq!(
+        names("synth_image"),
+        ["synthesis steps", "decoding and outputs"]
+    );
+    // The model's tensors as loaded: the f32 safetensors files less their headers.
+    let files: u64 = ["unet", "vae"]
+        .iter()
+        .map(|c| format!("{c}/diffusion_pytorch_model.safetensors"))
+        .chain(["text_encoder/model.safetensors".to_string()])
+        .map(|f| {
+            let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("fixtures/tiny-sd21")
+                .join(f);
+            std::fs::metadata(p).unwrap().len()
+        })
+        .sum();
+    let files_mib = files as f64 / 1048576.0;
+    let f = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap();
+    for r in rows {
+        let weights = f(r, "weights_mib");
+        assert!(
+            weights <= files_mib && weights >= 0.97 * files_mib,
+            "{r}: weights against files of {files_mib} MiB"
+        );
+        let held: f64 = [
+            "weights_mib",
+            "trained_mib",
+            "optimiser_mib",
+            "conv_tiles_mib",
+            "resident_before_mib",
+            "working_mib",
+        ]
+        .iter()
+        .map(|k| {
+            let v = f(r, k);
+            assert!(v >= 0.0, "{r}: {k}");
+            v
+        })
+        .sum();
+        let peak = f(r, "peak_mib");
+        assert!(held <= peak + 1e-6, "{r}: columns add up to {held} MiB");
+        assert!(
+            peak <= process_peak + 1.0,
+            "{r}: process peak {process_peak}"
+        );
+        let (trained, optimiser) = (f(r, "trained_mib"), f(r, "optimiser_mib"));
+        assert!((optimiser - 2.0 * trained).abs() < 1e-9, "{r}");
+    }
+    let (a, b) = (&parts("learn_run")[0], &parts("learn_run")[1]);
+    assert!(f(a, "trained_mib") > 0.0, "{a}");
+    assert!(f(b, "trained_mib") > f(a, "trained_mib"), "{a} {b}");
+    for s in parts("synth_image") {
+        assert_eq!(f(s, "trained_mib"), 0.0, "{s}");
+    }
+    // Each run's parts add up to its timed row (give or take the clock's setup), and all of it
+    // happened inside the command.
+    let total_s: f64 = rows.iter().map(|r| f(r, "seconds")).sum();
+    assert!(
+        total_s <= wall_s,
+        "parts {total_s} s in a command of {wall_s} s"
+    );
+    for run in ["learn_run", "synth_image"] {
+        let row = report["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == run)
+            .unwrap();
+        let run_s = f(row, "median_ms") / 1e3;
+        let sum: f64 = parts(run).iter().map(|r| f(r, "seconds")).sum();
+        assert!(
+            (sum - run_s).abs() <= 0.05 * run_s + 0.05,
+            "{run}: {sum} s against {run_s} s"
+        );
+    }
+    // The table names every column.
+    let table = mifo(&["bench", "--full", "--full-steps", "2"]);
+    let text = String::from_utf8_lossy(&table.stdout);
+    for needle in [
+        "whole runs, part by part",
+        "optimiser",
+        "working",
+        "preview rendering",
+    ] {
+        assert!(text.contains(needle), "{text}");
+    }
+}

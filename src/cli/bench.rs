@@ -54,9 +54,15 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Time whole runs instead: one complete learning run of the paper preset (LoRA phase B,
-    /// 800 + 400 iterations) and one synthesised image (50 steps, 15 with latent optimisation).
+    /// 800 + 400 iterations) and one synthesised image (50 steps, 15 with latent optimisation);
+    /// on the CPU also each run part by part, with the part's peak memory and what held it.
     #[arg(long)]
     pub full: bool,
+    /// With --full: N steps per learning phase (A and B), N synthesis steps (a third of them
+    /// with latent optimisation) and N preview steps instead of the paper preset's — a quick
+    /// look at the time and memory breakdown.
+    #[arg(long, value_name = "N", requires = "full")]
+    pub full_steps: Option<u64>,
     /// Print one JSON document instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -98,6 +104,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         size,
         only: args.only,
         full: args.full,
+        full_steps: args.full_steps,
     };
     let json = args.json;
     bench::validate(&opts)?;

@@ -718,6 +718,14 @@ impl<'a> Learner<'a> {
             ))?;
             self.start_phase_b(&HashMap::new())?;
         }
+        let key = if phase == Phase::DreamBooth { "B" } else { "A" };
+        if !self.report.memory.contains_key(key) {
+            let memory = super::PhaseMemory {
+                trained_bytes: self.opt.var_bytes(),
+                optimiser_bytes: self.opt.state_bytes(),
+            };
+            self.report.memory.insert(key.to_string(), memory);
+        }
         if phase == Phase::DreamBooth && self.cfg.prior_preservation && self.class.is_none() {
             self.class = Some(class_data(
                 self.sd,

@@ -151,6 +151,19 @@ pub struct LearnReport {
     pub final_leak: BTreeMap<String, f64>,
     /// Wall time in seconds.
     pub seconds: f64,
+    /// Per phase run (`A`: the embedding phase, `B`: DreamBooth), the bytes of what it trains
+    /// and of its optimiser, as the phase began (see [`PhaseMemory`]).
+    pub memory: BTreeMap<String, PhaseMemory>,
+}
+
+/// What one learning phase holds besides the model's weights.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PhaseMemory {
+    /// Bytes of the trained variables: the placeholder rows, and in phase B the LoRA adapters
+    /// or, with full fine-tuning, the trainable copies of the weights.
+    pub trained_bytes: u64,
+    /// Bytes of the optimiser's state (AdamW's two moments per variable).
+    pub optimiser_bytes: u64,
 }
 
 /// On SDXL, the default layer lists (written for SD 2.1, where they name its attended decoder

@@ -47,6 +47,23 @@ impl AdamW {
         })
     }
 
+    /// Bytes held by the optimised variables themselves.
+    pub fn var_bytes(&self) -> u64 {
+        self.vars
+            .iter()
+            .map(|(_, v)| tensor_bytes(v.as_tensor()))
+            .sum()
+    }
+
+    /// Bytes held by the optimiser's state (the two moments of every variable).
+    pub fn state_bytes(&self) -> u64 {
+        self.first
+            .iter()
+            .chain(&self.second)
+            .map(tensor_bytes)
+            .sum()
+    }
+
     /// The optimised variables.
     pub fn vars(&self) -> &[(String, Var)] {
         &self.vars
@@ -144,6 +161,11 @@ pub fn table_rows_norm_sq(grads: &[f32], ids: &[u32], hidden: usize, base_vocab:
         }
     }
     rows.values().flatten().map(|v| v * v).sum()
+}
+
+/// Bytes held by `t`.
+fn tensor_bytes(t: &Tensor) -> u64 {
+    (t.elem_count() * t.dtype().size_in_bytes()) as u64
 }
 
 #[cfg(test)]

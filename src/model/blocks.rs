@@ -64,18 +64,23 @@ impl ResnetBlock {
     }
 
     /// `x` [B, C, H, W]; `temb` [B, T] is the time embedding (required iff the block has one).
+    /// Each norm is fused with its SiLU; the time embedding's projection and the residual are
+    /// added by the convolutions' output passes ([`Conv2d::forward_add`]).
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
-        if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb) {
-            let t = proj.forward(&t.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
-            h = h.broadcast_add(&t)?;
-        }
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let t = match (&self.time_emb_proj, temb) {
+            (Some(proj), Some(t)) => Some(proj.forward(&t.silu()?)?),
+            _ => None,
+        };
+        let h = self
+            .conv1
+            .forward_add(&self.norm1.forward_silu(x)?, t.as_ref(), None)?;
         let skip = match &self.shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),
         };
-        let out = (skip + h)?;
+        let out = self
+            .conv2
+            .forward_add(&self.norm2.forward_silu(&h)?, None, Some(&skip))?;
         if self.output_scale != 1.0 {
             Ok((out / self.output_scale)?)
         } else {

@@ -30,6 +30,35 @@ pub(crate) fn conv2d(
     candle_path()
 }
 
+/// [`conv2d`] plus `[bias [C], image_bias [B, C], residual [B, C, H, W]]`, each optional, with
+/// no gradient recorded: on the CPU in f32 ([`super::cpu_conv::conv2d_add`]) the product is
+/// accumulated onto the addends in the output's one pass; elsewhere they are added after it.
+pub(crate) fn conv2d_add(
+    x: &Tensor,
+    weight: &Tensor,
+    padding: usize,
+    stride: usize,
+    addends: [Option<&Tensor>; 3],
+) -> candle_core::Result<Tensor> {
+    let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
+    if square_kernel(weight)
+        && super::cpu_conv::supports(&[x, weight])
+        && addends.iter().flatten().all(|t| cpu_f32(t))
+    {
+        return super::cpu_conv::conv2d_add(x, weight, padding, stride, addends);
+    }
+    let [bias, image_bias, residual] = addends;
+    let mut y = add_channel_bias(conv2d(x, weight, padding, stride)?, bias)?;
+    if let Some(t) = image_bias {
+        let (b, c) = (y.dim(0)?, y.dim(1)?);
+        y = y.broadcast_add(&t.reshape((b, c, 1, 1))?)?;
+    }
+    match residual {
+        Some(r) => y + r,
+        None => Ok(y),
+    }
+}
+
 /// `y` [B, C, H, W] plus a per-channel `bias` [C], if any.
 pub(crate) fn add_channel_bias(y: Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
     match bias {

@@ -193,11 +193,22 @@ thread_local! {
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Bytes held by every thread's im2col tile ([`SCRATCH`]; tiles only grow).
+static SCRATCH_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Bytes held by the im2col tiles the CPU convolution keeps between calls, all threads together
+/// (a cache: `mifo bench --full` counts it in its memory breakdown).
+pub(crate) fn scratch_bytes() -> usize {
+    SCRATCH_BYTES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Calls `f` with this thread's scratch buffer of at least `len` values (contents undefined).
 fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     SCRATCH.with(|s| {
         let mut s = s.borrow_mut();
         if s.len() < len {
+            let grown = (len - s.len()) * std::mem::size_of::<f32>();
+            SCRATCH_BYTES.fetch_add(grown, std::sync::atomic::Ordering::Relaxed);
             s.resize(len, 0.0);
         }
         f(&mut s[..len])
@@ -280,21 +291,61 @@ impl Dims {
     }
 }
 
+/// Values a convolution's output starts from, so that adding them costs no pass of its own:
+/// the product is accumulated onto them. Each is optional.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Addends<'a> {
+    /// Per output channel, [c_out].
+    pub(crate) bias: Option<&'a [f32]>,
+    /// Per image and output channel, [batch, c_out] (a ResNet block's time embedding).
+    pub(crate) image_bias: Option<&'a [f32]>,
+    /// Of the output's shape, [batch, c_out, oh, ow] (a residual connection).
+    pub(crate) residual: Option<&'a [f32]>,
+}
+
+impl Addends<'_> {
+    /// Whether these fit a convolution of `batch` images with sizes `d`.
+    fn fit(&self, d: &Dims, batch: usize) -> bool {
+        self.bias.is_none_or(|b| b.len() == d.c_out)
+            && self.image_bias.is_none_or(|b| b.len() == batch * d.c_out)
+            && self.residual.is_none_or(|r| r.len() == batch * d.out_len())
+    }
+}
+
 /// `conv2d` of `batch` images `x` [batch, c_in, h, w] under `w` [c_out, c_in, k, k], plus
-/// `bias` [c_out] when given, as [batch, c_out, oh, ow] values.
-fn conv2d_values(d: &Dims, batch: usize, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+/// `add` (see [`Addends`]; callers check [`Addends::fit`]), as [batch, c_out, oh, ow] values.
+/// The output starts as the residual (or zeros) with the biases added in the same pass, and
+/// the matrix products accumulate onto it.
+fn conv2d_values(d: &Dims, batch: usize, x: &[f32], w: &[f32], add: Addends) -> Vec<f32> {
     let plane_out = d.oh * d.ow;
-    let mut out = vec![0f32; batch * d.out_len()];
+    let mut out = match add.residual {
+        Some(r) => r.to_vec(),
+        None => vec![0f32; batch * d.out_len()],
+    };
+    let biased = add.bias.is_some() || add.image_bias.is_some();
+    let accumulate = biased || add.residual.is_some();
     // W [c_out, c_in·k·k] (its own layout) times each tile's patches.
     let lhs = View {
         ptr: w.as_ptr(),
         row_stride: d.rows(),
         col_stride: 1,
     };
-    for (image, out_b) in x
+    for (bi, (image, out_b)) in x
         .chunks_exact(d.in_len())
         .zip(out.chunks_exact_mut(d.out_len()))
+        .enumerate()
     {
+        if biased {
+            for (c, plane) in out_b.chunks_exact_mut(plane_out).enumerate() {
+                let b = add.bias.map_or(0.0, |b| b[c])
+                    + add.image_bias.map_or(0.0, |b| b[bi * d.c_out + c]);
+                if add.residual.is_some() {
+                    plane.iter_mut().for_each(|v| *v += b);
+                } else {
+                    plane.fill(b);
+                }
+            }
+        }
         for (oy0, oy1, n) in d.row_tiles() {
             let dst = out_b[oy0 * d.ow..].as_mut_ptr();
             if d.is_pointwise() {
@@ -305,7 +356,7 @@ fn conv2d_values(d: &Dims, batch: usize, x: &[f32], w: &[f32], bias: Option<&[f3
                 };
                 // SAFETY: lhs [c_out, c_in] = `w`, rhs [c_in, n] rows h·w apart inside
                 // `image`, dst [c_out, n] rows plane_out apart inside `out_b`.
-                unsafe { matmul((d.c_out, n, d.rows()), dst, plane_out, lhs, rhs, false) };
+                unsafe { matmul((d.c_out, n, d.rows()), dst, plane_out, lhs, rhs, accumulate) };
                 continue;
             }
             with_scratch(d.rows() * n, |col| {
@@ -317,13 +368,8 @@ fn conv2d_values(d: &Dims, batch: usize, x: &[f32], w: &[f32], bias: Option<&[f3
                 };
                 // SAFETY: lhs [c_out, rows] = `w`, rhs [rows, n] = `col`, dst [c_out, n] rows
                 // plane_out apart inside `out_b`.
-                unsafe { matmul((d.c_out, n, d.rows()), dst, plane_out, lhs, rhs, false) };
+                unsafe { matmul((d.c_out, n, d.rows()), dst, plane_out, lhs, rhs, accumulate) };
             });
-        }
-        if let Some(bias) = bias {
-            for (plane, &b) in out_b.chunks_exact_mut(plane_out).zip(bias) {
-                plane.iter_mut().for_each(|v| *v += b);
-            }
         }
     }
     out
@@ -426,6 +472,19 @@ pub(crate) fn conv2d(
     padding: usize,
     stride: usize,
 ) -> candle_core::Result<Tensor> {
+    conv2d_add(x, weight, padding, stride, [None, None, None])
+}
+
+/// `conv2d(x, weight)` plus `[bias [c_out], image_bias [batch, c_out], residual]` (each
+/// optional, see [`Addends`]) for f32 CPU tensors (see [`supports`]; the addends f32 on the
+/// CPU too), in one output pass; no gradient is recorded.
+pub(crate) fn conv2d_add(
+    x: &Tensor,
+    weight: &Tensor,
+    padding: usize,
+    stride: usize,
+    [bias, image_bias, residual]: [Option<&Tensor>; 3],
+) -> candle_core::Result<Tensor> {
     let Some(d) = dims(x.dims(), weight.dims(), padding, stride) else {
         candle_core::bail!(
             "conv2d: input {:?} does not fit weight {:?}",
@@ -434,9 +493,32 @@ pub(crate) fn conv2d(
         )
     };
     let batch = x.dim(0)?;
-    let out = with_values(weight, |w| {
-        with_values(x, |x| conv2d_values(&d, batch, x, w, None))
-    })??;
+    let small = |t: Option<&Tensor>| -> candle_core::Result<Option<Vec<f32>>> {
+        t.map(|t| t.flatten_all()?.to_vec1::<f32>()).transpose()
+    };
+    let (bias, image_bias) = (small(bias)?, small(image_bias)?);
+    let run = |residual: Option<&[f32]>| -> candle_core::Result<Vec<f32>> {
+        let add = Addends {
+            bias: bias.as_deref(),
+            image_bias: image_bias.as_deref(),
+            residual,
+        };
+        if !add.fit(&d, batch) {
+            candle_core::bail!(
+                "conv2d: the addends do not fit an output of [{batch}, {}, {}, {}]",
+                d.c_out,
+                d.oh,
+                d.ow
+            );
+        }
+        with_values(weight, |w| {
+            with_values(x, |x| conv2d_values(&d, batch, x, w, add))
+        })?
+    };
+    let out = match residual {
+        Some(r) => with_values(r, |r| run(Some(r)))??,
+        None => run(None)?,
+    };
     Tensor::from_vec(out, (batch, d.c_out, d.oh, d.ow), &Device::Cpu)
 }
 
@@ -460,11 +542,13 @@ pub(crate) fn conv2d_on_values(
 ) -> Option<(CpuStorage, Shape)> {
     let d = dims(x_dims, w_dims, padding, stride)?;
     let batch = x_dims[0];
-    let fits = x.len() == batch * d.in_len()
-        && w.len() == d.c_out * d.rows()
-        && bias.is_none_or(|b| b.len() == d.c_out);
+    let add = Addends {
+        bias,
+        ..Addends::default()
+    };
+    let fits = x.len() == batch * d.in_len() && w.len() == d.c_out * d.rows() && add.fit(&d, batch);
     fits.then(|| {
-        let out = conv2d_values(&d, batch, x, w, bias);
+        let out = conv2d_values(&d, batch, x, w, add);
         (
             CpuStorage::F32(out),
             Shape::from((batch, d.c_out, d.oh, d.ow)),
@@ -620,5 +704,45 @@ mod tests {
                 assert!(err < 1e-5, "case {i}: {err}");
             }
         }
+    }
+
+    /// The addends folded into the output pass give the same as adding them after the
+    /// convolution, one at a time and together, pointwise and 3×3, in one tile and in several.
+    #[test]
+    fn addends_match_adding_after_the_convolution() {
+        for (i, (&(b, ci, h, w, co, k, p), &s)) in CASES.iter().zip(&STRIDES).enumerate() {
+            let x = random(&[b, ci, h, w], i as u64);
+            let wt = random(&[co, ci, k, k], 100 + i as u64);
+            let plain = conv2d(&x, &wt, p, s).unwrap();
+            let bias = random(&[co], 300 + i as u64);
+            let image_bias = random(&[b, co], 400 + i as u64);
+            let residual = random(plain.dims(), 500 + i as u64);
+            let with_bias = plain
+                .broadcast_add(&bias.reshape((1, co, 1, 1)).unwrap())
+                .unwrap();
+            let with_image = with_bias
+                .broadcast_add(&image_bias.reshape((b, co, 1, 1)).unwrap())
+                .unwrap();
+            let all = (&with_image + &residual).unwrap();
+            let only_residual = (&plain + &residual).unwrap();
+            let cases = [
+                ([Some(&bias), None, None], &with_bias),
+                ([Some(&bias), Some(&image_bias), None], &with_image),
+                ([None, None, Some(&residual)], &only_residual),
+                ([Some(&bias), Some(&image_bias), Some(&residual)], &all),
+            ];
+            for (j, (addends, expected)) in cases.into_iter().enumerate() {
+                let ours = conv2d_add(&x, &wt, p, s, addends).unwrap();
+                let err = max_rel(&ours, expected);
+                assert!(err < 1e-6, "case {i}, addends {j}: {err}");
+            }
+        }
+        // Addends of the wrong size are refused, not read out of bounds.
+        let x = random(&[2, 3, 5, 5], 1);
+        let wt = random(&[4, 3, 3, 3], 2);
+        let short = random(&[3], 3);
+        assert!(conv2d_add(&x, &wt, 1, 1, [Some(&short), None, None]).is_err());
+        let one_image = random(&[1, 4], 4);
+        assert!(conv2d_add(&x, &wt, 1, 1, [None, Some(&one_image), None]).is_err());
     }
 }

@@ -75,10 +75,13 @@ impl FrozenLayer {
                     None => Ok(y),
                 }
             }
-            Kind::Conv2d { padding, stride } => {
-                let y = super::conv::conv2d(x, &self.weight, padding, stride)?;
-                super::conv::add_channel_bias(y, self.bias.as_ref())
-            }
+            Kind::Conv2d { padding, stride } => super::conv::conv2d_add(
+                x,
+                &self.weight,
+                padding,
+                stride,
+                [self.bias.as_ref(), None, None],
+            ),
         }
     }
 

@@ -1,9 +1,11 @@
 //! Fused ops with their own backward, for the layers that gradients pass through: softmax over
-//! the last dimension and group normalisation. Built from candle primitives these keep every
-//! intermediate (`x − max`, `exp`, the sum, the quotient; the centred input, its square, the
-//! normalised input, the scaled one) alive until the backward ends — four to five full-size
-//! tensors per layer. These ops keep their input and output only, and compute the gradient
-//! from closed forms. Their forward is a row loop on CPU and candle's own kernels on CUDA.
+//! the last dimension, and group normalisation with or without a SiLU after it. Built from
+//! candle primitives these keep every intermediate (`x − max`, `exp`, the sum, the quotient; the
+//! centred input, its square, the normalised input, the scaled one, the sigmoid) alive until the
+//! backward ends — four to six full-size tensors per layer — and each is a pass over memory of
+//! its own. These ops keep their input and output only, and compute the gradient from closed
+//! forms. Their forward is a row loop on CPU (one pass writing the output once) and candle's own
+//! kernels on CUDA.
 
 use candle_core::{CpuStorage, Layout, Shape, Tensor, D};
 
@@ -127,26 +129,39 @@ impl candle_core::CustomOp1 for SoftmaxLastDim {
 }
 
 /// Group normalisation of x [B, C, ...] with per-channel weight and bias [C]:
-/// `y = (x − μ) / √(σ² + ε) · γ_c + β_c`, with the statistics of each group of C/G channels
-/// over all positions (biased variance, as PyTorch). Backward, with `x̂` the normalised input,
-/// `ĝ = dy ⊙ γ` and `r = 1/√(σ² + ε)`: `dx = r · (ĝ − mean(ĝ) − x̂ · mean(ĝ ⊙ x̂))` (means over
-/// the group), `dγ = Σ dy ⊙ x̂`, `dβ = Σ dy` — each only for an argument autograd tracks.
+/// `z = (x − μ) / √(σ² + ε) · γ_c + β_c`, with the statistics of each group of C/G channels
+/// over all positions (biased variance, as PyTorch), and `y = z` or, with `silu`,
+/// `y = z · σ(z)` (`GroupNorm` then `SiLU`, as every ResNet block and the VAE's output norm
+/// apply them).
+///
+/// Backward, with `x̂` the normalised input, `r = 1/√(σ² + ε)` and `dz` the gradient reaching
+/// `z` (`dy` itself, or with `silu` `dy ⊙ σ(z) ⊙ (1 + z ⊙ (1 − σ(z)))`, `z` recomputed from `x`),
+/// `ĝ = dz ⊙ γ`: `dx = r · (ĝ − mean(ĝ) − x̂ · mean(ĝ ⊙ x̂))` (means over the group),
+/// `dγ = Σ dz ⊙ x̂`, `dβ = Σ dz` — each only for an argument autograd tracks.
 #[derive(Clone, Copy, Debug)]
 pub struct GroupNormOp {
     /// Number of groups G (C is a multiple of G).
     pub groups: usize,
     /// ε.
     pub eps: f64,
+    /// Apply SiLU to the normalised output (in the same pass).
+    pub silu: bool,
+}
+
+/// `z · σ(z)` in f64.
+fn silu_f64(z: f64) -> f64 {
+    z / (1.0 + (-z).exp())
 }
 
 /// One group: `(x − μ)·r·γ_c + β_c` over `channels_per_group` rows of `spatial` values.
+/// With `silu`, each value then goes through `z · σ(z)`.
 fn normalise_group<T: candle_core::WithDType>(
     out: &mut [T],
     xs: &[T],
-    gamma: &[T],
-    beta: &[T],
+    (gamma, beta): (&[T], &[T]),
     spatial: usize,
     eps: f64,
+    silu: bool,
 ) {
     let n = xs.len().max(1) as f64;
     let mean = xs.iter().map(|v| v.to_f64()).sum::<f64>() / n;
@@ -159,20 +174,65 @@ fn normalise_group<T: candle_core::WithDType>(
     {
         let (w, b) = (gamma[ci].to_f64() * r, beta[ci].to_f64());
         for (o, x) in oc.iter_mut().zip(xc) {
-            *o = T::from_f64((x.to_f64() - mean) * w + b);
+            let z = (x.to_f64() - mean) * w + b;
+            *o = T::from_f64(if silu { silu_f64(z) } else { z });
         }
     }
 }
 
+/// [`normalise_group`] for f32: the statistics in f64, the per-value arithmetic in f32 (as
+/// PyTorch's CPU kernel), so that the loop over the group vectorises but for `exp`.
+fn normalise_group_f32(
+    out: &mut [f32],
+    xs: &[f32],
+    (gamma, beta): (&[f32], &[f32]),
+    spatial: usize,
+    eps: f64,
+    silu: bool,
+) {
+    let n = xs.len().max(1) as f64;
+    let mean = xs.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let var = xs
+        .iter()
+        .map(|&v| {
+            let d = v as f64 - mean;
+            d * d
+        })
+        .sum::<f64>()
+        / n;
+    let r = 1.0 / (var + eps).sqrt();
+    let mean = mean as f32;
+    for (ci, (oc, xc)) in out
+        .chunks_mut(spatial.max(1))
+        .zip(xs.chunks(spatial.max(1)))
+        .enumerate()
+    {
+        let (w, b) = ((gamma[ci] as f64 * r) as f32, beta[ci]);
+        if silu {
+            for (o, &x) in oc.iter_mut().zip(xc) {
+                let z = (x - mean) * w + b;
+                *o = z / (1.0 + (-z).exp());
+            }
+        } else {
+            for (o, &x) in oc.iter_mut().zip(xc) {
+                *o = (x - mean) * w + b;
+            }
+        }
+    }
+}
+
+/// A per-group kernel: output, the group's input, its channels' (γ, β), spatial size, ε, SiLU.
+type GroupKernel<T> = fn(&mut [T], &[T], (&[T], &[T]), usize, f64, bool);
+
 /// The group loop, groups in parallel: x is [B, C, spatial] flattened, `gamma`/`beta` [C].
 fn group_norm_cpu<T: candle_core::WithDType>(
+    kernel: GroupKernel<T>,
     x: &[T],
-    gamma: &[T],
-    beta: &[T],
+    (gamma, beta): (&[T], &[T]),
     (channels, spatial): (usize, usize),
-    groups: usize,
-    eps: f64,
+    op: &GroupNormOp,
 ) -> Vec<T> {
+    let (groups, eps, silu) = (op.groups, op.eps, op.silu);
     use rayon::prelude::*;
     let per_group = channels / groups;
     let group_len = (per_group * spatial).max(1);
@@ -183,7 +243,14 @@ fn group_norm_cpu<T: candle_core::WithDType>(
         .for_each(|(i, (o, xs))| {
             let c0 = (i % groups) * per_group;
             let range = c0..c0 + per_group;
-            normalise_group(o, xs, &gamma[range.clone()], &beta[range], spatial, eps);
+            kernel(
+                o,
+                xs,
+                (&gamma[range.clone()], &beta[range]),
+                spatial,
+                eps,
+                silu,
+            );
         });
     out
 }
@@ -195,9 +262,128 @@ fn contiguous_slice<'a, T>(v: &'a [T], l: &Layout) -> candle_core::Result<&'a [T
     }
 }
 
+/// One group's backward on the CPU (see [`GroupNormOp`]): the first pass writes `ĝ = dz·γ`
+/// into `dx` and sums `ĝ` and `ĝ·x̂` (and, per channel, `dz·x̂` and `dz` into `dgamma`, `dbeta`);
+/// the second turns `ĝ` into `dx` in place. Sums and per-value arithmetic in f64.
+fn group_backward<T: candle_core::WithDType>(
+    dx: &mut [T],
+    (xs, dys): (&[T], &[T]),
+    (gamma, beta): (&[T], &[T]),
+    (dgamma, dbeta): (&mut [f64], &mut [f64]),
+    spatial: usize,
+    op: &GroupNormOp,
+) {
+    let n = xs.len().max(1) as f64;
+    let mean = xs.iter().map(|v| v.to_f64()).sum::<f64>() / n;
+    let var = xs.iter().map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>() / n;
+    let r = 1.0 / (var + op.eps).sqrt();
+    let (mut sum_g, mut sum_gx) = (0f64, 0f64);
+    let rows = dx
+        .chunks_mut(spatial.max(1))
+        .zip(xs.chunks(spatial.max(1)).zip(dys.chunks(spatial.max(1))));
+    for (k, (o, (xc, dc))) in rows.enumerate() {
+        let (g, b) = (gamma[k].to_f64(), beta[k].to_f64());
+        for (o, (x, d)) in o.iter_mut().zip(xc.iter().zip(dc)) {
+            let xh = (x.to_f64() - mean) * r;
+            let mut dz = d.to_f64();
+            if op.silu {
+                let z = xh * g + b;
+                let s = 1.0 / (1.0 + (-z).exp());
+                dz *= s * (1.0 + z * (1.0 - s));
+            }
+            dgamma[k] += dz * xh;
+            dbeta[k] += dz;
+            let gh = dz * g;
+            sum_g += gh;
+            sum_gx += gh * xh;
+            *o = T::from_f64(gh);
+        }
+    }
+    let (m1, m2) = (sum_g / n, sum_gx / n);
+    for (o, x) in dx.iter_mut().zip(xs) {
+        let xh = (x.to_f64() - mean) * r;
+        *o = T::from_f64(r * (o.to_f64() - m1 - xh * m2));
+    }
+}
+
+impl GroupNormOp {
+    /// The backward on the CPU: [`group_backward`] over the groups in parallel, then the
+    /// per-channel sums over the batch; gradients only for the arguments autograd tracks.
+    #[allow(clippy::type_complexity)]
+    fn cpu_bwd<T: candle_core::WithDType>(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        use rayon::prelude::*;
+        let dims = x.dims().to_vec();
+        let (batch, channels) = (dims[0], dims[1]);
+        let spatial: usize = dims[2..].iter().product();
+        let per_group = channels / self.groups;
+        let group_len = (per_group * spatial).max(1);
+        let xs = x.flatten_all()?.to_vec1::<T>()?;
+        let dys = dy.to_dtype(x.dtype())?.flatten_all()?.to_vec1::<T>()?;
+        let gs = gamma.to_dtype(x.dtype())?.to_vec1::<T>()?;
+        let bs = beta.to_dtype(x.dtype())?.to_vec1::<T>()?;
+        let mut dx = vec![T::zero(); xs.len()];
+        // Per (image, channel): Σ dz·x̂ and Σ dz.
+        let mut dgamma = vec![0f64; batch * channels];
+        let mut dbeta = vec![0f64; batch * channels];
+        dx.par_chunks_mut(group_len)
+            .zip(xs.par_chunks(group_len).zip(dys.par_chunks(group_len)))
+            .zip(
+                dgamma
+                    .par_chunks_mut(per_group.max(1))
+                    .zip(dbeta.par_chunks_mut(per_group.max(1))),
+            )
+            .enumerate()
+            .for_each(|(i, ((o, (xg, dg)), (dgam, dbet)))| {
+                let c0 = (i % self.groups) * per_group;
+                let range = c0..c0 + per_group;
+                group_backward(
+                    o,
+                    (xg, dg),
+                    (&gs[range.clone()], &bs[range]),
+                    (dgam, dbet),
+                    spatial,
+                    self,
+                );
+            });
+        let per_channel = |sums: &[f64], like: &Tensor| -> candle_core::Result<Tensor> {
+            let total: Vec<f64> = (0..channels)
+                .map(|c| (0..batch).map(|b| sums[b * channels + c]).sum())
+                .collect();
+            Tensor::from_vec(total, channels, &candle_core::Device::Cpu)?.to_dtype(like.dtype())
+        };
+        Ok((
+            if x.track_op() {
+                Some(Tensor::from_vec(dx, dims, &candle_core::Device::Cpu)?)
+            } else {
+                None
+            },
+            if gamma.track_op() {
+                Some(per_channel(&dgamma, gamma)?)
+            } else {
+                None
+            },
+            if beta.track_op() {
+                Some(per_channel(&dbeta, beta)?)
+            } else {
+                None
+            },
+        ))
+    }
+}
+
 impl candle_core::CustomOp3 for GroupNormOp {
     fn name(&self) -> &'static str {
-        "mifo-group-norm"
+        if self.silu {
+            "mifo-group-norm-silu"
+        } else {
+            "mifo-group-norm"
+        }
     }
 
     fn cpu_fwd(
@@ -221,21 +407,25 @@ impl candle_core::CustomOp3 for GroupNormOp {
         let spatial: usize = dims[2..].iter().product();
         let shape = (channels, spatial);
         macro_rules! run {
-            ($($v:ident),*) => {
+            ($(($v:ident, $kernel:expr)),*) => {
                 match (s1, s2, s3) {
                     $((S::$v(x), S::$v(w), S::$v(b)) => S::$v(group_norm_cpu(
+                        $kernel,
                         contiguous_slice(x, l1)?,
-                        contiguous_slice(w, l2)?,
-                        contiguous_slice(b, l3)?,
+                        (contiguous_slice(w, l2)?, contiguous_slice(b, l3)?),
                         shape,
-                        self.groups,
-                        self.eps,
+                        self,
                     )),)*
                     _ => candle_core::bail!("group norm: float inputs of one dtype expected"),
                 }
             };
         }
-        let out = run!(F32, F64, F16, BF16);
+        let out = run!(
+            (F32, normalise_group_f32),
+            (F64, normalise_group),
+            (F16, normalise_group),
+            (BF16, normalise_group)
+        );
         Ok((out, l1.shape().clone()))
     }
 
@@ -267,6 +457,7 @@ impl candle_core::CustomOp3 for GroupNormOp {
         // candle's own (composite) group norm computes the forward on the device.
         let channels = x.dim(1)?;
         let y = candle_nn::GroupNorm::new(w, b, channels, self.groups, self.eps)?.forward(&x)?;
+        let y = if self.silu { y.silu()? } else { y };
         let (out, layout) = y.storage_and_layout();
         match &*out {
             Storage::Cuda(s) => Ok((s.try_clone(layout)?, y.shape().clone())),
@@ -282,6 +473,13 @@ impl candle_core::CustomOp3 for GroupNormOp {
         _res: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if x.device().is_cpu() {
+            match x.dtype() {
+                candle_core::DType::F32 => return self.cpu_bwd::<f32>(x, gamma, beta, dy),
+                candle_core::DType::F64 => return self.cpu_bwd::<f64>(x, gamma, beta, dy),
+                _ => {}
+            }
+        }
         let dims = x.dims().to_vec();
         let (b, c) = (dims[0], dims[1]);
         let g = self.groups;
@@ -301,6 +499,18 @@ impl candle_core::CustomOp3 for GroupNormOp {
         let r = (var + self.eps)?.sqrt()?.recip()?;
         let xhat = xc.broadcast_mul(&r)?; // [B, G, n]
         let dyw = dy.to_dtype(work)?;
+        // The gradient at the norm's output z (before the SiLU, recomputed from x).
+        let dyw = if self.silu {
+            let z = xhat
+                .reshape(dims.clone())?
+                .broadcast_mul(&gamma.to_dtype(work)?.reshape(cdims.clone())?)?
+                .broadcast_add(&beta.to_dtype(work)?.reshape(cdims.clone())?)?;
+            let s = (z.neg()?.exp()? + 1.0)?.recip()?;
+            let ds = ((&z * (1.0 - &s)?)? + 1.0)?;
+            (dyw * s)?.mul(&ds)?
+        } else {
+            dyw
+        };
         let mut grads = (None, None, None);
         if x.track_op() {
             let gh = dyw
@@ -326,5 +536,141 @@ impl candle_core::CustomOp3 for GroupNormOp {
             grads.2 = Some(per_channel(&dyw)?.to_dtype(beta.dtype())?);
         }
         Ok(grads)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+
+    fn random(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f64> = (0..n).map(|_| rng.random_range(-2.0..2.0)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    }
+
+    fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
+        let a = a.to_dtype(DType::F64).unwrap();
+        let b = b.to_dtype(DType::F64).unwrap();
+        let diff = (&a - &b).unwrap().abs().unwrap().max_all().unwrap();
+        let scale = b.abs().unwrap().max_all().unwrap();
+        (diff / scale).unwrap().to_scalar::<f64>().unwrap()
+    }
+
+    /// candle's composite group norm (then SiLU): the reference for the fused op.
+    fn composite(x: &Tensor, gamma: &Tensor, beta: &Tensor, groups: usize, silu: bool) -> Tensor {
+        use candle_core::Module;
+        let c = x.dim(1).unwrap();
+        let gn = candle_nn::GroupNorm::new(gamma.clone(), beta.clone(), c, groups, 1e-6).unwrap();
+        let y = gn.forward(x).unwrap();
+        if silu {
+            y.silu().unwrap()
+        } else {
+            y
+        }
+    }
+
+    fn op(groups: usize, silu: bool) -> GroupNormOp {
+        GroupNormOp {
+            groups,
+            eps: 1e-6,
+            silu,
+        }
+    }
+
+    /// Shapes with one and several channels per group, 3-D and 4-D.
+    const SHAPES: [(&[usize], usize); 3] =
+        [(&[2, 8, 5, 3], 4), (&[1, 6, 7], 3), (&[3, 4, 2, 2], 4)];
+
+    #[test]
+    fn forward_matches_group_norm_then_silu() {
+        for (i, &(shape, groups)) in SHAPES.iter().enumerate() {
+            let c = shape[1];
+            for dtype in [DType::F32, DType::F64] {
+                // An offset mean, as real activations have.
+                let x = (random(shape, i as u64, dtype) + 3.0).unwrap();
+                let gamma = random(&[c], 10 + i as u64, dtype);
+                let beta = random(&[c], 20 + i as u64, dtype);
+                for silu in [false, true] {
+                    let ours = x.apply_op3(&gamma, &beta, op(groups, silu)).unwrap();
+                    let theirs = composite(&x, &gamma, &beta, groups, silu);
+                    let err = max_rel(&ours, &theirs);
+                    let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
+                    assert!(err < tol, "shape {i}, {dtype:?}, silu {silu}: {err}");
+                }
+            }
+        }
+    }
+
+    /// The closed-form backward (input, γ, β) against candle's autograd through the composite
+    /// ops, and the input gradient against central finite differences, in f64.
+    #[test]
+    fn backward_matches_autograd_and_finite_differences() {
+        for (i, &(shape, groups)) in SHAPES.iter().enumerate() {
+            let c = shape[1];
+            for silu in [false, true] {
+                let x = Var::from_tensor(&random(shape, i as u64, DType::F64)).unwrap();
+                let gamma = Var::from_tensor(&random(&[c], 10 + i as u64, DType::F64)).unwrap();
+                let beta = Var::from_tensor(&random(&[c], 20 + i as u64, DType::F64)).unwrap();
+                let w = random(shape, 30 + i as u64, DType::F64);
+                let loss = |y: &Tensor| (y * &w).unwrap().sum_all().unwrap();
+                let (xt, gt, bt) = (x.as_tensor(), gamma.as_tensor(), beta.as_tensor());
+                let ours = loss(&xt.apply_op3(gt, bt, op(groups, silu)).unwrap())
+                    .backward()
+                    .unwrap();
+                let theirs = loss(&composite(xt, gt, bt, groups, silu))
+                    .backward()
+                    .unwrap();
+                for (name, t) in [("x", xt), ("gamma", gt), ("beta", bt)] {
+                    let err = max_rel(ours.get(t).unwrap(), theirs.get(t).unwrap());
+                    assert!(err < 1e-10, "shape {i}, silu {silu}, d{name}: {err}");
+                }
+                // The f32 kernel against the f64 gradients.
+                let f32_var = |t: &Tensor| Var::from_tensor(&t.to_dtype(DType::F32).unwrap());
+                let (x32, g32, b32) = (
+                    f32_var(xt).unwrap(),
+                    f32_var(gt).unwrap(),
+                    f32_var(bt).unwrap(),
+                );
+                let y32 = x32
+                    .as_tensor()
+                    .apply_op3(g32.as_tensor(), b32.as_tensor(), op(groups, silu))
+                    .unwrap();
+                let w32 = w.to_dtype(DType::F32).unwrap();
+                let g = (y32 * w32).unwrap().sum_all().unwrap().backward().unwrap();
+                for (name, t32, t) in [("x", &x32, xt), ("gamma", &g32, gt), ("beta", &b32, bt)] {
+                    let err = max_rel(g.get(t32.as_tensor()).unwrap(), ours.get(t).unwrap());
+                    assert!(err < 1e-5, "f32, shape {i}, silu {silu}, d{name}: {err}");
+                }
+                // Central differences on a few input entries.
+                let dx = ours.get(xt).unwrap().flatten_all().unwrap();
+                let dx = dx.to_vec1::<f64>().unwrap();
+                let base = xt.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+                let f = |v: &[f64]| -> f64 {
+                    let xv = Tensor::from_slice(v, shape, &Device::Cpu).unwrap();
+                    let y = xv.apply_op3(gt, bt, op(groups, silu)).unwrap();
+                    loss(&y).to_scalar::<f64>().unwrap()
+                };
+                let h = 1e-6;
+                for k in (0..base.len()).step_by(base.len() / 7 + 1) {
+                    let (mut up, mut down) = (base.clone(), base.clone());
+                    up[k] += h;
+                    down[k] -= h;
+                    let fd = (f(&up) - f(&down)) / (2.0 * h);
+                    let scale = dx.iter().fold(1e-3f64, |m, v| m.max(v.abs()));
+                    assert!(
+                        (fd - dx[k]).abs() < 1e-6 * scale,
+                        "shape {i}, silu {silu}, entry {k}: {fd} vs {}",
+                        dx[k]
+                    );
+                }
+            }
+        }
     }
 }

@@ -230,6 +230,15 @@ pub struct StableDiffusion {
 }
 
 impl StableDiffusion {
+    /// Bytes held by the weights of every component (UNet, text encoders, VAE), as loaded.
+    pub fn weight_bytes(&self) -> u64 {
+        let xl = self
+            .xl
+            .as_ref()
+            .map_or(0, |x| x.text_encoder_2_weights.bytes());
+        self.unet_weights.bytes() + self.text_encoder_weights.bytes() + self.vae.weight_bytes() + xl
+    }
+
     /// Loads every component of the folder `root` (model_index.json, tokenizer/,
     /// text_encoder/, unet/, vae/, scheduler/).
     pub fn load(root: &Path, dtype: DType, device: &Device) -> Result<Self> {

@@ -133,6 +133,45 @@ impl Conv2d {
         }
         Ok(self.inner.forward(x)?)
     }
+
+    /// `forward(x)` plus `image_bias` [B, C_out] (added to every position of each image's
+    /// channel) and `residual` (of the output's shape), each optional. Where no gradient can
+    /// flow, both are folded into the convolution's output pass with the bias
+    /// ([`super::conv::conv2d_add`]: on the CPU in f32 the product accumulates onto them);
+    /// otherwise they are added after [`Conv2d::forward`], so gradients take the same ops as
+    /// before.
+    pub fn forward_add(
+        &self,
+        x: &Tensor,
+        image_bias: Option<&Tensor>,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (w, b) = (self.inner.weight(), self.inner.bias());
+        let tracked = [Some(x), Some(w), b, image_bias, residual]
+            .into_iter()
+            .flatten()
+            .any(Tensor::track_op);
+        if !tracked {
+            let cfg = self.inner.config();
+            let addends = [b, image_bias, residual];
+            return Ok(super::conv::conv2d_add(
+                x,
+                w,
+                cfg.padding,
+                cfg.stride,
+                addends,
+            )?);
+        }
+        let mut y = self.forward(x)?;
+        if let Some(t) = image_bias {
+            let (n, c) = (y.dim(0)?, y.dim(1)?);
+            y = y.broadcast_add(&t.reshape((n, c, 1, 1))?)?;
+        }
+        Ok(match residual {
+            Some(r) => (r + y)?,
+            None => y,
+        })
+    }
 }
 
 /// Group normalisation over [B, C, ...]: [`super::fused::GroupNormOp`] (one pass forward,
@@ -163,15 +202,27 @@ impl GroupNorm {
     /// Normalises `x`. The fused op runs whenever autograd tracks an input, and always on
     /// CPU (one pass instead of candle's seven); CUDA without gradients keeps candle's kernels.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, false)
+    }
+
+    /// `SiLU(GroupNorm(x))` (every ResNet block's and the VAE's output norm): on the same paths
+    /// as [`GroupNorm::forward`], with the SiLU inside the fused op's pass (and its backward).
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, true)
+    }
+
+    fn apply(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
         let tracked = x.track_op() || self.weight.track_op() || self.bias.track_op();
         if tracked || x.device().is_cpu() {
             let op = super::fused::GroupNormOp {
                 groups: self.groups,
                 eps: self.eps,
+                silu,
             };
             return Ok(x.contiguous()?.apply_op3(&self.weight, &self.bias, op)?);
         }
-        Ok(self.inner.forward(x)?)
+        let y = self.inner.forward(x)?;
+        Ok(if silu { y.silu()? } else { y })
     }
 }
 

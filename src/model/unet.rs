@@ -673,7 +673,7 @@ impl UNet {
                 h = u.forward(&h, size)?;
             }
         }
-        let h = self.norm_out.forward(&h)?.silu()?;
+        let h = self.norm_out.forward_silu(&h)?;
         self.conv_out.forward(&h)
     }
 }

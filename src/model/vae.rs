@@ -158,6 +158,7 @@ impl MidBlock {
 /// The VAE.
 pub struct Vae {
     config: VaeConfig,
+    weights: Rc<WeightFile>,
     enc_conv_in: Conv2d,
     enc_blocks: Vec<(Vec<ResnetBlock>, Option<Downsample>)>,
     enc_mid: MidBlock,
@@ -175,7 +176,7 @@ pub struct Vae {
 impl Vae {
     /// Builds the VAE from a config and weights.
     pub fn load(config: VaeConfig, weights: Rc<WeightFile>) -> Result<Self> {
-        let s = Scope::root(weights);
+        let s = Scope::root(weights.clone());
         let cfg = &config;
         let boc = &cfg.block_out_channels;
         let n = boc.len();
@@ -252,6 +253,7 @@ impl Vae {
         let dec_conv_out = Conv2d::load(&d.pp("conv_out"), boc[0], cfg.out_channels, 3, 1, 1)?;
         Ok(Self {
             config,
+            weights,
             enc_conv_in,
             enc_blocks,
             enc_mid,
@@ -265,6 +267,11 @@ impl Vae {
             dec_norm_out,
             dec_conv_out,
         })
+    }
+
+    /// Bytes held by its weights.
+    pub fn weight_bytes(&self) -> u64 {
+        self.weights.bytes()
     }
 
     /// The resolved configuration.
@@ -309,7 +316,7 @@ impl Vae {
         x = self.enc_mid.forward(&x)?;
         x = self
             .enc_conv_out
-            .forward(&self.enc_norm_out.forward(&x)?.silu()?)?;
+            .forward(&self.enc_norm_out.forward_silu(&x)?)?;
         if let Some(q) = &self.quant_conv {
             x = q.forward(&x)?;
         }
@@ -345,7 +352,7 @@ impl Vae {
         }
         Ok(self
             .dec_conv_out
-            .forward(&self.dec_norm_out.forward(&x)?.silu()?)?
+            .forward(&self.dec_norm_out.forward_silu(&x)?)?
             .to_dtype(z.dtype())?)
     }
 }

@@ -325,6 +325,16 @@ impl WeightFile {
         self.tensors.extend(tensors);
     }
 
+    /// Bytes held by the tensors loaded so far (for seeded random weights: those made so far).
+    pub fn bytes(&self) -> u64 {
+        let made = self.synthetic.as_ref().map(|s| s.made.borrow());
+        self.tensors
+            .values()
+            .chain(made.iter().flat_map(|m| m.values()))
+            .map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
+            .sum()
+    }
+
     /// The file the tensors came from.
     pub fn path(&self) -> &Path {
         &self.path
