@@ -1,7 +1,7 @@
 //! `mifo demo`: the first thing to try. Draws a world scene of two similar instances (same
 //! shape, different colours), learns them with the bundled world model (`fixtures/world-sd/`,
 //! trained on the world's images), draws them with their places swapped, prints the oracle's
-//! verdict (identity, leak, outside per instance) and opens the workbench on the runs.
+//! verdict (identity, leak, outside, elsewhere per instance) and opens the workbench on the runs.
 
 use std::path::{Path, PathBuf};
 

@@ -35,8 +35,9 @@ pub enum WorldCommand {
     /// MIFO on the world: learn two similar instances from each of N world scenes, draw each
     /// pair with swapped and with moved boxes over several seeds, for MIFO, reward-only
     /// learning and each synthesis ablation; every run is stored and tagged, the oracle scores
-    /// them, and the table of present / identity / leak / outside per row is printed. Runs
-    /// that already finished (same spec) are reused, so an interrupted bench resumes.
+    /// them, and the table of present / identity / leak / outside / elsewhere per row is
+    /// printed. Runs that already finished (same spec) are reused, so an interrupted bench
+    /// resumes.
     Bench(BenchArgs),
 }
 
