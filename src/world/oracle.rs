@@ -581,18 +581,23 @@ mod tests {
         }
     }
 
-    /// A box a few pixels off its object: the spill counts as outside, not as elsewhere; the
-    /// same object under a box it does not reach is all elsewhere.
-    #[test]
-    fn a_shifted_box_spills_and_a_missed_box_is_elsewhere() {
-        let scene = SceneSpec {
+    /// Scene 5: one object on the background.
+    fn one_object_scene() -> crate::world::WorldScene {
+        SceneSpec {
             seed: 5,
             objects: 1,
             differ: None,
             size: 64,
         }
         .draw()
-        .unwrap();
+        .unwrap()
+    }
+
+    /// A box a few pixels off its object: the spill counts as outside, not as elsewhere; the
+    /// same object under a box it does not reach is all elsewhere.
+    #[test]
+    fn a_shifted_box_spills_and_a_missed_box_is_elsewhere() {
+        let scene = one_object_scene();
         let b = scene.objects[0].bbox;
         let shift = if b.x0 >= 4 { -4.0 } else { 4.0 };
         let rect = [
@@ -698,14 +703,7 @@ mod tests {
 
     #[test]
     fn empty_box_is_absent() {
-        let scene = SceneSpec {
-            seed: 5,
-            objects: 1,
-            differ: None,
-            size: 64,
-        }
-        .draw()
-        .unwrap();
+        let scene = one_object_scene();
         let o = scene.objects[0];
         // A box in a corner the object does not reach.
         let rect = if o.bbox.x0 > 32 {
