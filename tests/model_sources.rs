@@ -313,26 +313,7 @@ fn a_single_file_with_its_config_folder_is_the_folders_model() {
 fn model_verify_passes_on_the_single_file_and_names_its_kind() {
     let tmp = scratch("sources-verify");
     let reference = folder().join("reference.safetensors");
-    let out = cli_support::mifo(
-        &tmp,
-        &[
-            "model",
-            "verify",
-            single().to_str().unwrap(),
-            reference.to_str().unwrap(),
-            "--model-config",
-            folder().to_str().unwrap(),
-        ],
-    );
-    let text = cli_support::ok(&out);
-    assert!(
-        text.lines()
-            .next()
-            .unwrap()
-            .starts_with("model: single-file "),
-        "{text}"
-    );
-    assert!(text.contains(" 0 failed"), "{text}");
+    verify_single_file(&tmp, &single(), &reference, &folder());
     let info = json(&cli_support::mifo(
         &tmp,
         &[
@@ -647,26 +628,7 @@ fn model_verify_passes_on_an_sdxl_single_file() {
     let tmp = scratch("sources-xl-verify");
     let file = xl_single_f32(&tmp);
     let reference = xl_folder().join("reference.safetensors");
-    let out = cli_support::mifo(
-        &tmp,
-        &[
-            "model",
-            "verify",
-            file.to_str().unwrap(),
-            reference.to_str().unwrap(),
-            "--model-config",
-            xl_folder().to_str().unwrap(),
-        ],
-    );
-    let text = cli_support::ok(&out);
-    assert!(
-        text.lines()
-            .next()
-            .unwrap()
-            .starts_with("model: single-file "),
-        "{text}"
-    );
-    assert!(text.contains(" 0 failed"), "{text}");
+    let text = verify_single_file(&tmp, &file, &reference, &xl_folder());
     assert!(
         text.lines().filter(|l| l.ends_with(" ok")).count() >= 59,
         "{text}"
@@ -769,4 +731,30 @@ fn bad_sdxl_single_files_are_refused_in_one_line() {
     refused(&single(), Some(xl_cfg.as_str()), &["SD 2.x", "text_time"]);
     assert!(!store.join("db").exists());
     let _ = std::fs::remove_dir_all(&tmp);
+}
+
+/// `mifo model verify FILE REFERENCE --model-config CONFIG` on a single-file checkpoint: it
+/// reads the file as one and every tensor passes; the report's text.
+fn verify_single_file(tmp: &Path, file: &Path, reference: &Path, config: &Path) -> String {
+    let out = cli_support::mifo(
+        tmp,
+        &[
+            "model",
+            "verify",
+            file.to_str().unwrap(),
+            reference.to_str().unwrap(),
+            "--model-config",
+            config.to_str().unwrap(),
+        ],
+    );
+    let text = cli_support::ok(&out);
+    assert!(
+        text.lines()
+            .next()
+            .unwrap()
+            .starts_with("model: single-file "),
+        "{text}"
+    );
+    assert!(text.contains(" 0 failed"), "{text}");
+    text
 }

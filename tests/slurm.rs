@@ -63,11 +63,11 @@ fn mifo_env(store: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     cmd.output().unwrap()
 }
 
-fn start_slurm_engine(store: &Path) {
-    let out = mifo(
-        store,
-        &["engine", "start", "--executor", "slurm", "--time", "10:00"],
-    );
+/// `mifo engine start --executor slurm` with `extra` flags; the start must succeed.
+fn start_slurm_engine(store: &Path, extra: &[&str]) {
+    let mut args = vec!["engine", "start", "--executor", "slurm"];
+    args.extend_from_slice(extra);
+    let out = mifo(store, &args);
     assert!(
         out.status.success(),
         "engine start: {}",
@@ -200,7 +200,7 @@ fn a_sweep_through_slurm_ends_done_with_the_embeddings_of_a_local_engine() {
     let _cluster = shared_cluster();
     let slurm_store = scratch("slurm-sweep");
     let local_store = scratch("slurm-sweep-local");
-    start_slurm_engine(&slurm_store);
+    start_slurm_engine(&slurm_store, &["--time", "10:00"]);
     // The local engine's sweep runs beside the Slurm one.
     let local = {
         let store = local_store.clone();
@@ -290,7 +290,7 @@ fn a_killed_or_requeued_worker_resumes_to_the_same_embeddings_and_scancel_cancel
     require_slurm();
     let _cluster = shared_cluster();
     let store = scratch("slurm-kill");
-    start_slurm_engine(&store);
+    start_slurm_engine(&store, &["--time", "10:00"]);
     let steps = 45;
     let killed = launch(&store, steps);
     let cancelled = launch(&store, 600);
@@ -405,7 +405,7 @@ fn an_engine_stopped_and_started_mid_sweep_ends_every_run_once() {
     require_slurm();
     let _cluster = shared_cluster();
     let store = scratch("slurm-restart");
-    start_slurm_engine(&store);
+    start_slurm_engine(&store, &["--time", "10:00"]);
     let doc = sweep(&store, &["--name", "restart", "--detach"]);
     let runs: Vec<String> = doc["runs"]
         .as_array()
@@ -432,7 +432,7 @@ fn an_engine_stopped_and_started_mid_sweep_ends_every_run_once() {
         std::thread::sleep(Duration::from_millis(200));
     }
     // Started again: it follows the jobs it finds.
-    start_slurm_engine(&store);
+    start_slurm_engine(&store, &["--time", "10:00"]);
     let status = ok(&mifo(&store, &["engine", "status"]));
     assert!(status.contains("executor slurm"), "{status}");
     let log = std::fs::read_to_string(store.join("engine.log")).unwrap();
@@ -593,21 +593,7 @@ fn a_run_whose_node_goes_down_is_interrupted_and_resumed_when_it_returns() {
     let _cluster = CLUSTER.write().unwrap_or_else(|p| p.into_inner());
     let store = scratch("slurm-node");
     // Without Slurm's own requeue, a job on a failed node ends NODE_FAIL.
-    let out = mifo(
-        &store,
-        &[
-            "engine",
-            "start",
-            "--executor",
-            "slurm",
-            "--sbatch-arg=--no-requeue",
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    start_slurm_engine(&store, &["--sbatch-arg=--no-requeue"]);
     let steps = 30;
     let run = launch(&store, steps);
     wait_journal(&store, &run, "checkpoint", |t| {
@@ -654,22 +640,7 @@ fn an_interrupted_run_without_retries_left_resumes_through_slurm_with_learn_resu
     require_slurm();
     let _cluster = shared_cluster();
     let store = scratch("slurm-resume");
-    let out = mifo(
-        &store,
-        &[
-            "engine",
-            "start",
-            "--executor",
-            "slurm",
-            "--max-retries",
-            "0",
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    start_slurm_engine(&store, &["--max-retries", "0"]);
     let steps = 30;
     let run = launch(&store, steps);
     let text = wait_journal(&store, &run, "checkpoint", |t| {
@@ -735,22 +706,7 @@ fn a_sweep_is_one_throttled_job_array_whose_tasks_cancel_alone() {
     require_slurm();
     let _cluster = shared_cluster();
     let store = scratch("slurm-array");
-    let out = mifo(
-        &store,
-        &[
-            "engine",
-            "start",
-            "--executor",
-            "slurm",
-            "--array-limit",
-            "2",
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    start_slurm_engine(&store, &["--array-limit", "2"]);
     let mut args: Vec<String> = vec!["sweep".into(), "learn".into()];
     args.extend(learn_args(30));
     args.extend(
@@ -890,7 +846,7 @@ fn a_synthesis_run_through_slurm_makes_the_samples_of_a_local_run_and_cancels() 
     require_slurm();
     let _cluster = shared_cluster();
     let store = scratch("slurm-synth");
-    start_slurm_engine(&store);
+    start_slurm_engine(&store, &["--time", "10:00"]);
     let learned = launch(&store, 6);
     let l = wait_final(&store, &learned, Duration::from_secs(300));
     assert_eq!(l["status"], "done", "{l}");

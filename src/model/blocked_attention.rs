@@ -617,6 +617,7 @@ impl CustomOp3 for BlockedAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::test_support::max_rel_err;
     use candle_core::{Device, Var};
 
     fn randn(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
@@ -631,25 +632,6 @@ mod tests {
             .unwrap()
             .to_dtype(dtype)
             .unwrap()
-    }
-
-    fn max_abs(t: &Tensor) -> f64 {
-        t.abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
-
-    /// Largest |a − b| relative to the largest |b|.
-    fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-        let diff = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
-        max_abs(&diff) / max_abs(b).max(1e-30)
     }
 
     /// q, k, v of `[2, 3, n, d]`, `[2, 3, m, d]` as variables; `spread` widens the logits so
@@ -701,10 +683,10 @@ mod tests {
                     attention_with_blocks(q, k, v, scale, blocks)
                 });
                 assert_eq!(blk.dims(), full.dims());
-                let e = rel_err(&blk, &full);
+                let e = max_rel_err(&blk, &full);
                 assert!(e <= 1e-5, "forward n={n} m={m} blocks {blocks:?}: {e:.2e}");
                 for (name, (a, b)) in ["q", "k", "v"].iter().zip(g_blk.iter().zip(&g_full)) {
-                    let e = rel_err(a, b);
+                    let e = max_rel_err(a, b);
                     assert!(e <= 1e-4, "d{name} n={n} m={m} blocks {blocks:?}: {e:.2e}");
                 }
             }
@@ -773,7 +755,7 @@ mod tests {
         assert_eq!(out.dtype(), DType::F16);
         let f32s = [q, k, v].map(|t| t.to_dtype(DType::F32).unwrap());
         let full = reference(&f32s[0], &f32s[1], &f32s[2], 0.35).unwrap();
-        let e = rel_err(&out, &full);
+        let e = max_rel_err(&out, &full);
         assert!(e < 2e-3, "{e:.2e}");
     }
 

@@ -212,6 +212,7 @@ impl CustomOp2 for TrainableConv {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::test_support::max_rel_err;
     use candle_core::{DType, Device, Var};
 
     fn random(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
@@ -223,16 +224,6 @@ mod tests {
             .unwrap()
             .to_dtype(dtype)
             .unwrap()
-    }
-
-    fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
-        let (a, b) = (
-            a.to_dtype(DType::F64).unwrap(),
-            b.to_dtype(DType::F64).unwrap(),
-        );
-        let diff = (&a - &b).unwrap().abs().unwrap().max_all().unwrap();
-        let scale = b.abs().unwrap().max_all().unwrap();
-        (diff / scale).unwrap().to_scalar::<f64>().unwrap()
     }
 
     /// Both gradients of the trainable convolution equal candle's conv2d backward, on our CPU
@@ -263,7 +254,7 @@ mod tests {
                     .unwrap();
                 let theirs = x.as_tensor().conv2d(w.as_tensor(), p, s, 1, 1).unwrap();
                 assert!(
-                    max_rel(&ours, &theirs) < 1e-5,
+                    max_rel_err(&ours, &theirs) < 1e-5,
                     "{dtype:?} case {i}: forward"
                 );
                 let dy = random(theirs.dims(), 20 + i as u64, dtype);
@@ -280,7 +271,7 @@ mod tests {
                     .backward()
                     .unwrap();
                 for (what, v) in [("dx", &x), ("dw", &w)] {
-                    let err = max_rel(
+                    let err = max_rel_err(
                         g_ours.get(v.as_tensor()).unwrap(),
                         g_theirs.get(v.as_tensor()).unwrap(),
                     );

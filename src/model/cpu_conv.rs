@@ -606,6 +606,7 @@ pub(crate) fn conv2d_weight_grad(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::test_support::max_rel_err;
 
     fn random(shape: &[usize], seed: u64) -> Tensor {
         use rand::{Rng, SeedableRng};
@@ -619,12 +620,6 @@ mod tests {
         let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum()
-    }
-
-    fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
-        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-        let scale = b.abs().unwrap().max_all().unwrap();
-        (diff / scale).unwrap().to_scalar::<f32>().unwrap()
     }
 
     /// Shapes as in the VAE and UNet (3×3 stride 1 and 2, 1×1, odd sizes, no valid column for
@@ -676,7 +671,7 @@ mod tests {
             let ours = conv2d(&x, &wt, p, s).unwrap();
             let theirs = x.conv2d(&wt, p, s, 1, 1).unwrap();
             assert_eq!(ours.dims(), theirs.dims(), "case {i}");
-            let err = max_rel(&ours, &theirs);
+            let err = max_rel_err(&ours, &theirs);
             assert!(err < 1e-5, "case {i}: {err}");
         }
     }
@@ -700,7 +695,7 @@ mod tests {
                 let xv = candle_core::Var::from_tensor(&x).unwrap();
                 let yv = xv.as_tensor().conv2d(&wt, p, s, 1, 1).unwrap();
                 let grads = (&yv * &dy).unwrap().sum_all().unwrap().backward().unwrap();
-                let err = max_rel(&dx, grads.get(xv.as_tensor()).unwrap());
+                let err = max_rel_err(&dx, grads.get(xv.as_tensor()).unwrap());
                 assert!(err < 1e-5, "case {i}: {err}");
             }
         }
@@ -733,7 +728,7 @@ mod tests {
             ];
             for (j, (addends, expected)) in cases.into_iter().enumerate() {
                 let ours = conv2d_add(&x, &wt, p, s, addends).unwrap();
-                let err = max_rel(&ours, expected);
+                let err = max_rel_err(&ours, expected);
                 assert!(err < 1e-6, "case {i}, addends {j}: {err}");
             }
         }

@@ -542,6 +542,7 @@ impl candle_core::CustomOp3 for GroupNormOp {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::test_support::max_rel_err;
     use candle_core::{DType, Device, Var};
 
     fn random(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
@@ -553,14 +554,6 @@ mod tests {
             .unwrap()
             .to_dtype(dtype)
             .unwrap()
-    }
-
-    fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
-        let a = a.to_dtype(DType::F64).unwrap();
-        let b = b.to_dtype(DType::F64).unwrap();
-        let diff = (&a - &b).unwrap().abs().unwrap().max_all().unwrap();
-        let scale = b.abs().unwrap().max_all().unwrap();
-        (diff / scale).unwrap().to_scalar::<f64>().unwrap()
     }
 
     /// candle's composite group norm (then SiLU): the reference for the fused op.
@@ -600,7 +593,7 @@ mod tests {
                 for silu in [false, true] {
                     let ours = x.apply_op3(&gamma, &beta, op(groups, silu)).unwrap();
                     let theirs = composite(&x, &gamma, &beta, groups, silu);
-                    let err = max_rel(&ours, &theirs);
+                    let err = max_rel_err(&ours, &theirs);
                     let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
                     assert!(err < tol, "shape {i}, {dtype:?}, silu {silu}: {err}");
                 }
@@ -628,7 +621,7 @@ mod tests {
                     .backward()
                     .unwrap();
                 for (name, t) in [("x", xt), ("gamma", gt), ("beta", bt)] {
-                    let err = max_rel(ours.get(t).unwrap(), theirs.get(t).unwrap());
+                    let err = max_rel_err(ours.get(t).unwrap(), theirs.get(t).unwrap());
                     assert!(err < 1e-10, "shape {i}, silu {silu}, d{name}: {err}");
                 }
                 // The f32 kernel against the f64 gradients.
@@ -645,7 +638,7 @@ mod tests {
                 let w32 = w.to_dtype(DType::F32).unwrap();
                 let g = (y32 * w32).unwrap().sum_all().unwrap().backward().unwrap();
                 for (name, t32, t) in [("x", &x32, xt), ("gamma", &g32, gt), ("beta", &b32, bt)] {
-                    let err = max_rel(g.get(t32.as_tensor()).unwrap(), ours.get(t).unwrap());
+                    let err = max_rel_err(g.get(t32.as_tensor()).unwrap(), ours.get(t).unwrap());
                     assert!(err < 1e-5, "f32, shape {i}, silu {silu}, d{name}: {err}");
                 }
                 // Central differences on a few input entries.

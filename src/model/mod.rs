@@ -148,6 +148,29 @@ pub fn dtype_name(dtype: DType) -> &'static str {
     }
 }
 
+/// Helpers shared by the model layer's unit tests.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use candle_core::{DType, Tensor};
+
+    /// Largest |a − b| relative to the largest |b|, computed in f64.
+    pub(crate) fn max_rel_err(a: &Tensor, b: &Tensor) -> f64 {
+        let (a, b) = (
+            a.to_dtype(DType::F64).unwrap(),
+            b.to_dtype(DType::F64).unwrap(),
+        );
+        let diff = (&a - &b).unwrap().abs().unwrap().max_all().unwrap();
+        let scale = b
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        diff.to_scalar::<f64>().unwrap() / scale.max(1e-30)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
