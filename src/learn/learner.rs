@@ -1207,6 +1207,8 @@ impl<'a> Learner<'a> {
         } = self;
         let (sd, cfg, seed) = (*sd, *cfg, *seed);
         let dev = &sd.device;
+        // Nothing below trains: its forward passes (attention maps, preview) keep no graph.
+        let _inference = crate::model::no_grad();
         // Embeddings: one tensor per token.
         let mut emb = HashMap::new();
         for (i, name) in token_names.iter().enumerate() {

@@ -285,8 +285,9 @@ impl ClipTextModel {
         }
         let base_ids: Vec<u32> = flat.iter().map(|&i| if i < base { i } else { 0 }).collect();
         let base_ids = Tensor::new(base_ids, &self.device)?;
-        let mut emb = self.token_table.index_select(&base_ids, 0)?;
-        if let Some(extra) = extra {
+        let mut emb = super::grad_mode::param(&self.token_table).index_select(&base_ids, 0)?;
+        let extra = extra.map(super::grad_mode::param);
+        if let Some(extra) = &extra {
             if flat.iter().any(|&i| i >= base) {
                 let extra_ids: Vec<u32> = flat.iter().map(|&i| i.saturating_sub(base)).collect();
                 let is_extra: Vec<u8> = flat.iter().map(|&i| u8::from(i >= base)).collect();
@@ -372,7 +373,9 @@ impl ClipTextModel {
         }
         let heads = self.config.num_heads;
         let hd = d / heads;
-        let pos = self.positions.narrow(0, 0, l)?.unsqueeze(0)?;
+        let pos = super::grad_mode::param(&self.positions)
+            .narrow(0, 0, l)?
+            .unsqueeze(0)?;
         let mut h = token_embeds.broadcast_add(&pos)?;
         let mask = causal_mask(l, h.dtype(), &self.device)?;
         let scale = 1.0 / (hd as f64).sqrt();

@@ -8,6 +8,7 @@
 use candle_core::{DType, Module, Tensor};
 
 use super::frozen::FrozenLayer;
+use super::grad_mode::param;
 use super::weights::Scope;
 use crate::error::Result;
 
@@ -36,7 +37,8 @@ impl Linear {
 
     /// Applies the layer to the last dimension of `x`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (w, b) = (self.inner.weight(), self.inner.bias());
+        let (w, b) = (param(self.inner.weight()), self.inner.bias().map(param));
+        let (w, b) = (&w, b.as_ref());
         let y = if FrozenLayer::applies(x, w, b) {
             // Gradient to the input only (see [`super::frozen`]).
             let dims = x.dims();
@@ -49,7 +51,7 @@ impl Linear {
             *out_dims.last_mut().expect("x has dims") = y.dim(1)?;
             y.reshape(out_dims)?
         } else {
-            self.inner.forward(x)?
+            candle_nn::Linear::new(w.clone(), b.cloned()).forward(x)?
         };
         match &self.lora {
             None => Ok(y),
@@ -59,7 +61,10 @@ impl Linear {
                 let in_dim = dims[dims.len() - 1];
                 let rows = x.elem_count() / in_dim.max(1);
                 let x2 = x.reshape((rows, in_dim))?;
-                let (a, b) = (l.a.to_dtype(x.dtype())?, l.b.to_dtype(x.dtype())?);
+                let (a, b) = (
+                    param(&l.a).to_dtype(x.dtype())?,
+                    param(&l.b).to_dtype(x.dtype())?,
+                );
                 let up = x2.matmul(&a.t()?)?.matmul(&b.t()?)?;
                 let up = if l.scale == 1.0 { up } else { (up * l.scale)? };
                 let up = up.reshape(y.shape())?;
@@ -109,7 +114,8 @@ impl Conv2d {
 
     /// Applies the convolution to `x` [B, C, H, W].
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (w, b) = (self.inner.weight(), self.inner.bias());
+        let (w, b) = (param(self.inner.weight()), self.inner.bias().map(param));
+        let (w, b) = (&w, b.as_ref());
         let cfg = self.inner.config();
         if FrozenLayer::applies(x, w, b) {
             // Gradient to the input only (see [`super::frozen`]).
@@ -131,7 +137,7 @@ impl Conv2d {
             let y = x.contiguous()?.apply_op2(&w.contiguous()?, op)?;
             return Ok(super::conv::add_channel_bias(y, b)?);
         }
-        Ok(self.inner.forward(x)?)
+        Ok(candle_nn::Conv2d::new(w.clone(), b.cloned(), *cfg).forward(x)?)
     }
 
     /// `forward(x)` plus `image_bias` [B, C_out] (added to every position of each image's
@@ -146,7 +152,8 @@ impl Conv2d {
         image_bias: Option<&Tensor>,
         residual: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let (w, b) = (self.inner.weight(), self.inner.bias());
+        let (w, b) = (param(self.inner.weight()), self.inner.bias().map(param));
+        let (w, b) = (&w, b.as_ref());
         let tracked = [Some(x), Some(w), b, image_bias, residual]
             .into_iter()
             .flatten()
@@ -212,16 +219,23 @@ impl GroupNorm {
     }
 
     fn apply(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
-        let tracked = x.track_op() || self.weight.track_op() || self.bias.track_op();
+        let (weight, bias) = (param(&self.weight), param(&self.bias));
+        let tracked = x.track_op() || weight.track_op() || bias.track_op();
         if tracked || x.device().is_cpu() {
             let op = super::fused::GroupNormOp {
                 groups: self.groups,
                 eps: self.eps,
                 silu,
             };
-            return Ok(x.contiguous()?.apply_op3(&self.weight, &self.bias, op)?);
+            return Ok(x.contiguous()?.apply_op3(&weight, &bias, op)?);
         }
-        let y = self.inner.forward(x)?;
+        // Untracked on CUDA: candle's kernels (over detached parameters inside `no_grad`).
+        let y = if self.weight.track_op() || self.bias.track_op() {
+            let c = self.weight.dim(0)?;
+            candle_nn::GroupNorm::new(weight, bias, c, self.groups, self.eps)?.forward(x)?
+        } else {
+            self.inner.forward(x)?
+        };
         Ok(if silu { y.silu()? } else { y })
     }
 }
@@ -246,19 +260,17 @@ impl LayerNorm {
 
     /// Normalises `x`; uses the fused kernel only when no gradient can flow through it.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let needs_grad = x.track_op() || self.weight.track_op() || self.bias.track_op();
+        let (weight, bias) = (param(&self.weight), param(&self.bias));
+        let needs_grad = x.track_op() || weight.track_op() || bias.track_op();
         if needs_grad || x.dtype() == DType::F64 {
             Ok(candle_nn::ops::layer_norm_slow(
-                x,
-                &self.weight,
-                &self.bias,
-                self.eps,
+                x, &weight, &bias, self.eps,
             )?)
         } else {
             Ok(candle_nn::ops::layer_norm(
                 &x.contiguous()?,
-                &self.weight,
-                &self.bias,
+                &weight,
+                &bias,
                 self.eps,
             )?)
         }

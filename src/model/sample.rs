@@ -45,6 +45,7 @@ impl Sampler<'_> {
         steps: usize,
         guidance: f64,
     ) -> Result<Tensor> {
+        let _inference = super::no_grad();
         let cond = self.text_encoder.forward(ids, placeholder_rows)?;
         let uncond = self.text_encoder.forward(uncond_ids, None)?;
         let plain = |context: Tensor| Conditioning {
@@ -65,8 +66,9 @@ impl Sampler<'_> {
         guidance: f64,
     ) -> Result<Tensor> {
         // Inference only: nothing here may stay on the autograd graph. With trainable weights
-        // (the learning run's preview) every step's output would otherwise keep the whole
-        // chain of earlier steps alive.
+        // (the learning run's preview) each pass would otherwise hold all its activations, and
+        // every step's output the whole chain of earlier steps.
+        let _inference = super::no_grad();
         let ctx = Conditioning::cat(uncond, cond)?.detach();
         let mut x = latent.detach();
         let dev = latent.device();
