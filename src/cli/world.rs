@@ -84,8 +84,9 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value_t = PresetMapping::World)]
     pub synthesis: PresetMapping,
     /// The learning configurations: `world` (the `paper` preset with the attention loss
-    /// weighted 0.1 instead of 0.01 in both phases and every step learning from a recomposed
-    /// image, `learn.recompose_p=1`; Break-a-Scene's loss on the world UNet's 4×4 down and up
+    /// weighted 0.1 instead of 0.01 in both phases, phase B at `learn.dreambooth_lr=1.2e-5`
+    /// instead of 2e-6, and every step learning from a recomposed image,
+    /// `learn.recompose_p=1`; Break-a-Scene's loss on the world UNet's 4×4 down and up
     /// layers) or `paper` (the presets as they are on SD). Give each its own --tag.
     #[arg(long, value_enum, default_value_t = PresetMapping::World)]
     pub learning: PresetMapping,
