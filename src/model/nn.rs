@@ -185,7 +185,6 @@ impl Conv2d {
 /// closed-form backward) or candle's composite version (see [`GroupNorm::forward`]).
 #[derive(Clone, Debug)]
 pub struct GroupNorm {
-    inner: candle_nn::GroupNorm,
     weight: Tensor,
     bias: Tensor,
     groups: usize,
@@ -195,12 +194,15 @@ pub struct GroupNorm {
 impl GroupNorm {
     /// Loads `weight` and `bias` [channels].
     pub fn load(s: &Scope, groups: usize, channels: usize, eps: f64) -> Result<Self> {
-        let w = s.get("weight", channels)?;
-        let b = s.get("bias", channels)?;
+        if groups == 0 || !channels.is_multiple_of(groups) {
+            return Err(candle_core::Error::Msg(format!(
+                "group norm: {channels} channels do not split into {groups} groups"
+            ))
+            .into());
+        }
         Ok(Self {
-            inner: candle_nn::GroupNorm::new(w.clone(), b.clone(), channels, groups, eps)?,
-            weight: w,
-            bias: b,
+            weight: s.get("weight", channels)?,
+            bias: s.get("bias", channels)?,
             groups,
             eps,
         })
@@ -229,13 +231,10 @@ impl GroupNorm {
             };
             return Ok(x.contiguous()?.apply_op3(&weight, &bias, op)?);
         }
-        // Untracked on CUDA: candle's kernels (over detached parameters inside `no_grad`).
-        let y = if self.weight.track_op() || self.bias.track_op() {
-            let c = self.weight.dim(0)?;
-            candle_nn::GroupNorm::new(weight, bias, c, self.groups, self.eps)?.forward(x)?
-        } else {
-            self.inner.forward(x)?
-        };
+        // Untracked on CUDA: candle's kernels.
+        let channels = weight.dim(0)?;
+        let y =
+            candle_nn::GroupNorm::new(weight, bias, channels, self.groups, self.eps)?.forward(x)?;
         Ok(if silu { y.silu()? } else { y })
     }
 }
