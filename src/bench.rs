@@ -86,6 +86,10 @@ pub struct BenchReport {
     /// The attention path of the calls no hook reads: `blocked` (the default; on the CPU) or
     /// `full` (`MIFO_ATTENTION=full`); see [`crate::model::blocked_attention`].
     pub attention: String,
+    /// Which units of the frozen models a learning pass recomputes in its backward instead of
+    /// keeping (`MIFO_CHECKPOINT`: `large`, the default, `all` or `off`); see
+    /// [`crate::model::checkpoint`].
+    pub checkpointing: String,
     /// The rows, in order.
     pub rows: Vec<BenchRow>,
     /// Where the whole runs' time and peak memory went, part by part (CPU only; empty without
@@ -930,6 +934,9 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&BenchRow)) -> Result<B
         threads: candle_core::utils::get_num_threads(),
         memory: probe.describe(dev),
         attention: attention_path(dev).into(),
+        checkpointing: crate::model::checkpoint::Checkpointing::from_env(dev)
+            .name()
+            .into(),
         rows,
         breakdown,
     })
@@ -947,13 +954,15 @@ fn attention_path(dev: &Device) -> &'static str {
 /// The report as a table (what `mifo bench` prints).
 pub fn table(report: &BenchReport) -> String {
     let mut out = format!(
-        "model: {}\ndevice: {} ({} threads), dtype {}, image {}², attention {}; peak memory: {}\n",
+        "model: {}\ndevice: {} ({} threads), dtype {}, image {}², attention {}, checkpointing {}; \
+         peak memory: {}\n",
         report.model,
         report.device,
         report.threads,
         report.dtype,
         report.size,
         report.attention,
+        report.checkpointing,
         report.memory
     );
     out.push_str(&format!(

@@ -15,6 +15,12 @@ learn_phase_b_full, synth_step, synth_step_latent_opt, kmeans_refine. Learning a
 time whole iterations of the real loops; the first iteration of each kind is a warm-up.
 With --full (or named in --only): learn_run and synth_image, whole runs timed once.
 
+Environment (for before/after comparisons; every command reads them):
+  MIFO_ATTENTION=full     hold the [N, M] attention probabilities (default: blocked on the CPU)
+  MIFO_CHECKPOINT=off     keep every activation of the frozen models for the backward (default
+                          on the CPU `large`: recompute the units whose input has >= 32 Ki
+                          values; `all`: every unit): learning phase A's memory against its time
+
 Examples:
   mifo bench                                    # the bundled tiny model, CPU
   mifo bench --shape sd21-base --size 256 --iters 1   # SD 2.1-base shapes on a CPU box

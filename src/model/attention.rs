@@ -10,6 +10,7 @@
 
 use candle_core::{DType, Tensor};
 
+use super::checkpoint::Checkpointing;
 use super::nn::{softmax_last, Linear};
 use super::weights::Scope;
 use crate::error::Result;
@@ -54,6 +55,15 @@ pub trait AttentionHook {
         true
     }
 
+    /// Whether this hook could want a call of `kind` at module `path` (asked before the call,
+    /// without its other details; must not change the hook). `false` promises that
+    /// [`AttentionHook::wants`] will say no to it, which lets the UNet recompute the layer in
+    /// the backward pass instead of keeping its activations ([`super::checkpoint`]). The
+    /// default, `true`, never allows that.
+    fn may_read(&self, _kind: AttnKind, _path: &str) -> bool {
+        true
+    }
+
     /// An additive bias for the logits, broadcastable to `[batch, heads, queries, keys]`
     /// (use a large negative value such as -1e4 / `f32::MIN` to mask), or `None`.
     fn logit_bias(&mut self, _call: &AttnCall) -> Result<Option<Tensor>> {
@@ -86,6 +96,7 @@ pub struct HookCtx<'h> {
     next_index: usize,
     next_self: usize,
     next_cross: usize,
+    checkpointing: Checkpointing,
 }
 
 impl<'h> HookCtx<'h> {
@@ -96,12 +107,38 @@ impl<'h> HookCtx<'h> {
             next_index: 0,
             next_self: 0,
             next_cross: 0,
+            checkpointing: Checkpointing::Off,
         }
+    }
+
+    /// Which units of this forward pass are checkpointed ([`super::checkpoint`]); off unless
+    /// the model sets it.
+    pub(crate) fn set_checkpointing(&mut self, c: Checkpointing) {
+        self.checkpointing = c;
+    }
+
+    /// Whether the unit whose input is `input` is checkpointed in this pass.
+    pub(crate) fn checkpoints(&self, input: &Tensor) -> bool {
+        self.checkpointing.covers(input)
     }
 
     /// Number of attention calls seen so far.
     pub fn calls(&self) -> usize {
         self.next_index
+    }
+
+    /// Whether the hook could read a call of `kind` at `path` ([`AttentionHook::may_read`];
+    /// false without a hook).
+    pub(crate) fn may_read(&self, kind: AttnKind, path: &str) -> bool {
+        self.hook.as_deref().is_some_and(|h| h.may_read(kind, path))
+    }
+
+    /// Counts calls that ran without the hook (a checkpointed layer), so that the calls after
+    /// them keep their indices.
+    pub(crate) fn skip(&mut self, self_calls: usize, cross_calls: usize) {
+        self.next_index += self_calls + cross_calls;
+        self.next_self += self_calls;
+        self.next_cross += cross_calls;
     }
 }
 
@@ -181,6 +218,11 @@ impl Attention {
     /// Number of heads.
     pub fn heads(&self) -> usize {
         self.heads
+    }
+
+    /// Self- or cross-attention.
+    pub fn kind(&self) -> AttnKind {
+        self.kind
     }
 
     fn split_heads(&self, x: &Tensor) -> Result<Tensor> {

@@ -1,9 +1,12 @@
 //! Blocks shared by the UNet and the VAE: ResNet blocks, down/up-sampling, and the spatial
 //! transformer (`Transformer2DModel` with `BasicTransformerBlock`s) of the UNet.
 
+use std::sync::Arc;
+
 use candle_core::{Tensor, D};
 
 use super::attention::{Attention, AttentionParams, AttnKind, HookCtx};
+use super::checkpoint::checkpointed;
 use super::nn::{resize_nearest, Conv2d, GroupNorm, LayerNorm, Linear};
 use super::weights::Scope;
 use crate::error::Result;
@@ -89,6 +92,21 @@ impl ResnetBlock {
     }
 }
 
+impl ResnetBlock {
+    /// [`ResnetBlock::forward`] as one checkpointed unit when `ctx` says so for `x`
+    /// ([`super::checkpoint`]).
+    pub fn forward_in(&self, x: &Tensor, temb: &Tensor, ctx: &HookCtx) -> Result<Tensor> {
+        if !ctx.checkpoints(x) {
+            return self.forward(x, Some(temb));
+        }
+        let block = self.clone();
+        checkpointed(
+            Arc::new(move |t: &[Tensor]| block.forward(&t[0], Some(&t[1]))),
+            &[x, temb],
+        )
+    }
+}
+
 /// `Downsample2D`: a stride-2 3×3 convolution (`padding` 0 means diffusers' asymmetric
 /// right/bottom zero padding, as in the VAE encoder).
 #[derive(Clone, Debug)]
@@ -157,9 +175,7 @@ impl GegluFeedForward {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.proj.forward(x)?;
-        let chunks = h.chunk(2, D::Minus1)?;
-        let gated = (&chunks[0] * chunks[1].gelu_erf()?)?;
+        let gated = super::fused::geglu(&self.proj.forward(x)?)?;
         self.out.forward(&gated)
     }
 }
@@ -174,6 +190,72 @@ struct TransformerBlock {
     attn2: Attention,
     norm3: LayerNorm,
     ff: GegluFeedForward,
+}
+
+impl TransformerBlock {
+    /// `t + attn1(norm1(t))`.
+    fn self_attention(&self, t: &Tensor, hw: (usize, usize), ctx: &mut HookCtx) -> Result<Tensor> {
+        Ok((t + self.attn1.forward(&self.norm1.forward(t)?, None, hw, ctx)?)?)
+    }
+
+    /// `t + attn2(norm2(t), context)`.
+    fn cross_attention(
+        &self,
+        t: &Tensor,
+        context: &Tensor,
+        hw: (usize, usize),
+        ctx: &mut HookCtx,
+    ) -> Result<Tensor> {
+        Ok((t + self
+            .attn2
+            .forward(&self.norm2.forward(t)?, Some(context), hw, ctx)?)?)
+    }
+
+    /// `t + ff(norm3(t))`.
+    fn feed_forward(&self, t: &Tensor) -> Result<Tensor> {
+        Ok((t + self.ff.forward(&self.norm3.forward(t)?)?)?)
+    }
+
+    /// The block on tokens `t`: each of its three parts checkpointed where `ctx` says so for
+    /// `t` and (for the attention parts) the hook could not read it.
+    fn forward(
+        &self,
+        t: &Tensor,
+        context: &Tensor,
+        hw: (usize, usize),
+        ctx: &mut HookCtx,
+    ) -> Result<Tensor> {
+        let t = if ctx.checkpoints(t) && !ctx.may_read(AttnKind::SelfAttn, self.attn1.path()) {
+            ctx.skip(1, 0);
+            let blk = self.clone();
+            checkpointed(
+                Arc::new(move |x: &[Tensor]| {
+                    blk.self_attention(&x[0], hw, &mut HookCtx::new(None))
+                }),
+                &[t],
+            )?
+        } else {
+            self.self_attention(t, hw, ctx)?
+        };
+        let t = if ctx.checkpoints(&t) && !ctx.may_read(AttnKind::CrossAttn, self.attn2.path()) {
+            ctx.skip(0, 1);
+            let blk = self.clone();
+            checkpointed(
+                Arc::new(move |x: &[Tensor]| {
+                    blk.cross_attention(&x[0], &x[1], hw, &mut HookCtx::new(None))
+                }),
+                &[&t, context],
+            )?
+        } else {
+            self.cross_attention(&t, context, hw, ctx)?
+        };
+        if ctx.checkpoints(&t) {
+            let blk = self.clone();
+            checkpointed(Arc::new(move |x: &[Tensor]| blk.feed_forward(&x[0])), &[&t])
+        } else {
+            self.feed_forward(&t)
+        }
+    }
 }
 
 /// Shape parameters of a [`SpatialTransformer`].
@@ -195,6 +277,7 @@ pub struct TransformerParams {
     pub upcast_attention: bool,
 }
 
+#[derive(Clone, Debug)]
 enum Projection {
     Linear(Linear),
     Conv(Conv2d),
@@ -202,6 +285,7 @@ enum Projection {
 
 /// `Transformer2DModel` over a feature map: norm, project in, transformer blocks, project out,
 /// residual.
+#[derive(Clone, Debug)]
 pub struct SpatialTransformer {
     norm: GroupNorm,
     proj_in: Projection,
@@ -266,32 +350,32 @@ impl SpatialTransformer {
         })
     }
 
-    /// `x` [B, C, H, W], `context` [B, M, context_dim].
-    pub fn forward(&self, x: &Tensor, context: &Tensor, ctx: &mut HookCtx) -> Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
+    /// The attention modules in call order: each transformer block's self-attention, then its
+    /// cross-attention.
+    pub fn attention_modules(&self) -> impl Iterator<Item = &Attention> {
+        self.blocks.iter().flat_map(|b| [&b.attn1, &b.attn2])
+    }
+
+    /// Norm and `proj_in` of `x` [B, C, H, W]: tokens [B, H·W, inner].
+    fn tokens_in(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, _, h, w) = x.dims4()?;
         let to_tokens = |t: &Tensor| -> Result<Tensor> {
             let ch = t.dim(1)?;
             Ok(t.permute((0, 2, 3, 1))?.reshape((b, h * w, ch))?)
         };
         let normed = self.norm.forward(x)?;
-        let mut tokens = match &self.proj_in {
-            Projection::Linear(l) => l.forward(&to_tokens(&normed)?)?,
-            Projection::Conv(cv) => to_tokens(&cv.forward(&normed)?)?,
-        };
-        for blk in &self.blocks {
-            let a = blk
-                .attn1
-                .forward(&blk.norm1.forward(&tokens)?, None, (h, w), ctx)?;
-            tokens = (tokens + a)?;
-            let a = blk
-                .attn2
-                .forward(&blk.norm2.forward(&tokens)?, Some(context), (h, w), ctx)?;
-            tokens = (tokens + a)?;
-            tokens = (&tokens + blk.ff.forward(&blk.norm3.forward(&tokens)?)?)?;
+        match &self.proj_in {
+            Projection::Linear(l) => l.forward(&to_tokens(&normed)?),
+            Projection::Conv(cv) => to_tokens(&cv.forward(&normed)?),
         }
+    }
+
+    /// `proj_out` of `tokens` back to the feature map, plus the residual `x`.
+    fn tokens_out(&self, tokens: &Tensor, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
         let out = match &self.proj_out {
             Projection::Linear(l) => {
-                let t = l.forward(&tokens)?;
+                let t = l.forward(tokens)?;
                 t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?
             }
             Projection::Conv(cv) => {
@@ -301,5 +385,30 @@ impl SpatialTransformer {
             }
         };
         Ok((out + x)?)
+    }
+
+    /// `x` [B, C, H, W], `context` [B, M, context_dim]. Where `ctx` checkpoints
+    /// ([`super::checkpoint`]) the input and output projections and each transformer block's
+    /// parts are separate units.
+    pub fn forward(&self, x: &Tensor, context: &Tensor, ctx: &mut HookCtx) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        let mut tokens = if ctx.checkpoints(x) {
+            let me = self.clone();
+            checkpointed(Arc::new(move |t: &[Tensor]| me.tokens_in(&t[0])), &[x])?
+        } else {
+            self.tokens_in(x)?
+        };
+        for blk in &self.blocks {
+            tokens = blk.forward(&tokens, context, (h, w), ctx)?;
+        }
+        if ctx.checkpoints(&tokens) {
+            let me = self.clone();
+            checkpointed(
+                Arc::new(move |t: &[Tensor]| me.tokens_out(&t[0], &t[1])),
+                &[&tokens, x],
+            )
+        } else {
+            self.tokens_out(&tokens, x)
+        }
     }
 }

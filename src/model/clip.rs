@@ -10,10 +10,12 @@
 
 use std::path::Path;
 use std::rc::Rc;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 
+use super::checkpoint::{checkpointed, policy_for, Checkpointing};
 use super::config::ConfigJson;
 use super::nn::{softmax_last, Activation, LayerNorm, Linear};
 use super::weights::{Scope, WeightFile};
@@ -142,6 +144,7 @@ impl ClipConfig {
     }
 }
 
+#[derive(Clone, Debug)]
 struct EncoderLayer {
     ln1: LayerNorm,
     q: Linear,
@@ -162,6 +165,43 @@ pub struct ClipTextModel {
     final_ln: LayerNorm,
     projection: Option<Linear>,
     device: Device,
+    /// Which layers to checkpoint in passes that build a graph ([`super::checkpoint`]):
+    /// `MIFO_CHECKPOINT`'s policy at load when no parameter is trainable, else off.
+    checkpointing: Checkpointing,
+}
+
+impl EncoderLayer {
+    /// Pre-norm self-attention under the additive `mask` [L, L], then the pre-norm MLP, each
+    /// added to the residual stream `h` [B, L, hidden].
+    fn forward(
+        &self,
+        h: &Tensor,
+        mask: &Tensor,
+        heads: usize,
+        activation: Activation,
+    ) -> Result<Tensor> {
+        let (b, l, d) = h.dims3()?;
+        let hd = d / heads;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let split = |t: Tensor| -> Result<Tensor> {
+            Ok(t.reshape((b, l, heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let x = self.ln1.forward(h)?;
+        let q = split((self.q.forward(&x)? * scale)?)?;
+        let k = split(self.k.forward(&x)?)?;
+        let v = split(self.v.forward(&x)?)?;
+        let logits = q.matmul(&k.t()?)?.broadcast_add(mask)?;
+        let probs = softmax_last(&logits)?;
+        let a = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, d))?;
+        let h = (h + self.out.forward(&a)?)?;
+        let x = self.ln2.forward(&h)?;
+        let m = self
+            .fc2
+            .forward(&activation.forward(&self.fc1.forward(&x)?)?)?;
+        Ok((h + m)?)
+    }
 }
 
 /// The hidden states of a text forward that SDXL reads.
@@ -232,7 +272,7 @@ impl ClipTextModel {
         // `text_projection` sits beside `text_model`, at the file's root.
         let projection = match config.projection_dim {
             Some(p) => Some(Linear::load(
-                &Scope::root(weights).pp("text_projection"),
+                &Scope::root(weights.clone()).pp("text_projection"),
                 d,
                 p,
                 false,
@@ -247,7 +287,20 @@ impl ClipTextModel {
             final_ln,
             projection,
             device: device.clone(),
+            checkpointing: if weights.vars().is_empty() {
+                Checkpointing::from_env(device)
+            } else {
+                Checkpointing::Off
+            },
         })
+    }
+
+    /// Sets which layers are checkpointed ([`super::checkpoint`]); a text encoder with
+    /// trainable parameters stays at [`Checkpointing::Off`].
+    pub fn set_checkpointing(&mut self, c: Checkpointing) {
+        if self.checkpointing != Checkpointing::Off || c == Checkpointing::Off {
+            self.checkpointing = c;
+        }
     }
 
     /// The resolved configuration.
@@ -364,7 +417,7 @@ impl ClipTextModel {
         token_embeds: &Tensor,
         keep_penultimate: bool,
     ) -> Result<(Option<Tensor>, Tensor)> {
-        let (b, l, d) = token_embeds.dims3()?;
+        let (_, l, _) = token_embeds.dims3()?;
         if l > self.config.max_positions {
             return Err(Error::Input(format!(
                 "{l} tokens exceed the text encoder's {} positions",
@@ -372,37 +425,28 @@ impl ClipTextModel {
             )));
         }
         let heads = self.config.num_heads;
-        let hd = d / heads;
+        let activation = self.config.activation;
         let pos = super::grad_mode::param(&self.positions)
             .narrow(0, 0, l)?
             .unsqueeze(0)?;
         let mut h = token_embeds.broadcast_add(&pos)?;
         let mask = causal_mask(l, h.dtype(), &self.device)?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let split = |t: Tensor| -> Result<Tensor> {
-            Ok(t.reshape((b, l, heads, hd))?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
+        let policy = policy_for(self.checkpointing, &[&h]);
         let mut penultimate = None;
         let n = self.layers.len();
         for (i, layer) in self.layers.iter().enumerate() {
             if keep_penultimate && i + 1 == n {
                 penultimate = Some(h.clone());
             }
-            let x = layer.ln1.forward(&h)?;
-            let q = split((layer.q.forward(&x)? * scale)?)?;
-            let k = split(layer.k.forward(&x)?)?;
-            let v = split(layer.v.forward(&x)?)?;
-            let logits = q.matmul(&k.t()?)?.broadcast_add(&mask)?;
-            let probs = softmax_last(&logits)?;
-            let a = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, d))?;
-            h = (h + layer.out.forward(&a)?)?;
-            let x = layer.ln2.forward(&h)?;
-            let m = layer
-                .fc2
-                .forward(&self.config.activation.forward(&layer.fc1.forward(&x)?)?)?;
-            h = (h + m)?;
+            h = if policy.covers(&h) {
+                let (layer, mask) = (layer.clone(), mask.clone());
+                checkpointed(
+                    Arc::new(move |x: &[Tensor]| layer.forward(&x[0], &mask, heads, activation)),
+                    &[&h],
+                )?
+            } else {
+                layer.forward(&h, &mask, heads, activation)?
+            };
         }
         Ok((penultimate, h))
     }

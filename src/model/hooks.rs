@@ -55,12 +55,13 @@ impl ColumnRecorder {
 
 impl AttentionHook for ColumnRecorder {
     fn wants(&mut self, call: &AttnCall) -> bool {
-        call.kind == AttnKind::CrossAttn
+        self.may_read(call.kind, call.path)
+    }
+
+    fn may_read(&self, kind: AttnKind, path: &str) -> bool {
+        kind == AttnKind::CrossAttn
             && !self.columns.is_empty()
-            && self
-                .prefixes
-                .iter()
-                .any(|p| call.path.starts_with(p.as_str()))
+            && self.prefixes.iter().any(|p| path.starts_with(p.as_str()))
     }
 
     fn probs(&mut self, call: &AttnCall, probs: &Tensor) -> Result<()> {

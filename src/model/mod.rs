@@ -6,6 +6,7 @@
 pub mod attention;
 pub mod blocked_attention;
 pub mod blocks;
+pub mod checkpoint;
 pub mod clip;
 pub mod conditioning;
 pub mod config;

@@ -14,6 +14,7 @@ use super::attention::{AttentionHook, HookCtx};
 use super::blocks::{
     Downsample, ResnetBlock, ResnetParams, SpatialTransformer, TransformerParams, Upsample,
 };
+use super::checkpoint::{policy_for, Checkpointing};
 use super::config::ConfigJson;
 use super::nn::{Conv2d, GroupNorm, Linear};
 use super::weights::{Scope, WeightFile};
@@ -310,6 +311,11 @@ pub struct UNet {
     conv_out: Conv2d,
     dtype: DType,
     device: Device,
+    /// No parameter takes a gradient.
+    frozen: bool,
+    /// Which units to checkpoint in passes that build a graph ([`super::checkpoint`]):
+    /// `MIFO_CHECKPOINT`'s policy at load when no parameter is trainable, else off.
+    checkpointing: Checkpointing,
 }
 
 impl UNet {
@@ -320,6 +326,7 @@ impl UNet {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
+        let file = Rc::clone(&weights);
         let s = Scope::root(weights);
         let cfg = &config;
         let boc = &cfg.block_out_channels;
@@ -474,6 +481,8 @@ impl UNet {
             1,
             cfg.conv_out_kernel / 2,
         )?;
+        // Every parameter handed out (the LoRA adapters included) is a plain tensor.
+        let frozen = file.vars().is_empty();
         Ok(Self {
             config,
             conv_in,
@@ -489,7 +498,25 @@ impl UNet {
             conv_out,
             dtype,
             device: device.clone(),
+            frozen,
+            checkpointing: if frozen {
+                Checkpointing::from_env(device)
+            } else {
+                Checkpointing::Off
+            },
         })
+    }
+
+    /// Sets which units of this UNet are checkpointed ([`super::checkpoint`]). A UNet with
+    /// trainable parameters stays at [`Checkpointing::Off`]: the recomputation would not carry
+    /// their gradients.
+    pub fn set_checkpointing(&mut self, c: Checkpointing) {
+        self.checkpointing = if self.frozen { c } else { Checkpointing::Off };
+    }
+
+    /// Which units are checkpointed.
+    pub fn checkpointing(&self) -> Checkpointing {
+        self.checkpointing
     }
 
     /// The resolved configuration.
@@ -632,12 +659,17 @@ impl UNet {
         };
         let mut h = self.conv_in.forward(&x)?;
         let mut skips = vec![h.clone()];
+        ctx.set_checkpointing(policy_for(self.checkpointing, &[&x, context]));
+        let run = |layer: &Layer, h: &Tensor, ctx: &mut HookCtx| -> Result<Tensor> {
+            let h = layer.resnet.forward_in(h, &temb, ctx)?;
+            match &layer.attn {
+                Some(a) => a.forward(&h, context, ctx),
+                None => Ok(h),
+            }
+        };
         for blk in &self.down {
             for layer in &blk.layers {
-                h = layer.resnet.forward(&h, Some(&temb))?;
-                if let Some(a) = &layer.attn {
-                    h = a.forward(&h, context, &mut ctx)?;
-                }
+                h = run(layer, &h, &mut ctx)?;
                 skips.push(h.clone());
             }
             if let Some(d) = &blk.down {
@@ -646,20 +678,16 @@ impl UNet {
             }
         }
 
-        h = self.mid_resnet_0.forward(&h, Some(&temb))?;
+        h = self.mid_resnet_0.forward_in(&h, &temb, &ctx)?;
         h = self.mid_attn.forward(&h, context, &mut ctx)?;
-        h = self.mid_resnet_1.forward(&h, Some(&temb))?;
+        h = self.mid_resnet_1.forward_in(&h, &temb, &ctx)?;
 
         for blk in &self.up {
             for layer in &blk.layers {
                 let skip = skips
                     .pop()
                     .ok_or_else(|| Error::Input("UNet: skip connections exhausted".into()))?;
-                h = Tensor::cat(&[&h, &skip], 1)?;
-                h = layer.resnet.forward(&h, Some(&temb))?;
-                if let Some(a) = &layer.attn {
-                    h = a.forward(&h, context, &mut ctx)?;
-                }
+                h = run(layer, &Tensor::cat(&[&h, &skip], 1)?, &mut ctx)?;
             }
             if let Some(u) = &blk.up {
                 // Upsample to the next skip's size (handles sizes that are not powers of 2).
