@@ -182,7 +182,7 @@ impl GegluFeedForward {
 
 /// `BasicTransformerBlock`: self-attention, cross-attention and a GEGLU feed-forward, each
 /// pre-normed with a LayerNorm and added back to the residual stream.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 struct TransformerBlock {
     norm1: LayerNorm,
     attn1: Attention,
@@ -219,7 +219,7 @@ impl TransformerBlock {
     /// The block on tokens `t`: each of its three parts checkpointed where `ctx` says so for
     /// `t` and (for the attention parts) the hook could not read it.
     fn forward(
-        &self,
+        self: &Arc<Self>,
         t: &Tensor,
         context: &Tensor,
         hw: (usize, usize),
@@ -227,7 +227,7 @@ impl TransformerBlock {
     ) -> Result<Tensor> {
         let t = if ctx.checkpoints(t) && !ctx.may_read(AttnKind::SelfAttn, self.attn1.path()) {
             ctx.skip(1, 0);
-            let blk = self.clone();
+            let blk = Arc::clone(self);
             checkpointed(
                 Arc::new(move |x: &[Tensor]| {
                     blk.self_attention(&x[0], hw, &mut HookCtx::new(None))
@@ -239,7 +239,7 @@ impl TransformerBlock {
         };
         let t = if ctx.checkpoints(&t) && !ctx.may_read(AttnKind::CrossAttn, self.attn2.path()) {
             ctx.skip(0, 1);
-            let blk = self.clone();
+            let blk = Arc::clone(self);
             checkpointed(
                 Arc::new(move |x: &[Tensor]| {
                     blk.cross_attention(&x[0], &x[1], hw, &mut HookCtx::new(None))
@@ -250,7 +250,7 @@ impl TransformerBlock {
             self.cross_attention(&t, context, hw, ctx)?
         };
         if ctx.checkpoints(&t) {
-            let blk = self.clone();
+            let blk = Arc::clone(self);
             checkpointed(Arc::new(move |x: &[Tensor]| blk.feed_forward(&x[0])), &[&t])
         } else {
             self.feed_forward(&t)
@@ -289,7 +289,7 @@ enum Projection {
 pub struct SpatialTransformer {
     norm: GroupNorm,
     proj_in: Projection,
-    blocks: Vec<TransformerBlock>,
+    blocks: Vec<Arc<TransformerBlock>>,
     proj_out: Projection,
 }
 
@@ -311,7 +311,7 @@ impl SpatialTransformer {
         let mut blocks = Vec::with_capacity(p.layers);
         for i in 0..p.layers {
             let b = s.pp("transformer_blocks").pp(i);
-            blocks.push(TransformerBlock {
+            blocks.push(Arc::new(TransformerBlock {
                 norm1: LayerNorm::load(&b.pp("norm1"), inner, 1e-5)?,
                 attn1: Attention::load(
                     &b.pp("attn1"),
@@ -340,7 +340,7 @@ impl SpatialTransformer {
                 )?,
                 norm3: LayerNorm::load(&b.pp("norm3"), inner, 1e-5)?,
                 ff: GegluFeedForward::load(&b.pp("ff"), inner, inner * 4)?,
-            });
+            }));
         }
         Ok(Self {
             norm: GroupNorm::load(&s.pp("norm"), p.groups, channels, 1e-6)?,

@@ -23,9 +23,8 @@
 //! CUDA until it has been measured there; `MIFO_CHECKPOINT=off` keeps every activation,
 //! `large` or `all` (every unit) choose explicitly.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use candle_core::op::BackpropOp;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor, Var};
 
 use crate::error::Result;
@@ -79,6 +78,45 @@ impl Checkpointing {
     }
 }
 
+/// A model's checkpointing: the policy in force, held at [`Checkpointing::Off`] for a model
+/// with trainable parameters, whose gradients the recomputation would not carry.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ModelCheckpointing {
+    trainable: bool,
+    policy: Checkpointing,
+}
+
+impl ModelCheckpointing {
+    /// For a model just loaded from `weights` on `device`: trainable when the file handed out
+    /// any variable (the LoRA adapters included), else `MIFO_CHECKPOINT`'s policy.
+    pub(crate) fn at_load(
+        weights: &super::weights::WeightFile,
+        device: &candle_core::Device,
+    ) -> Self {
+        let trainable = !weights.vars().is_empty();
+        let mut m = Self {
+            trainable,
+            policy: Checkpointing::Off,
+        };
+        m.set(Checkpointing::from_env(device));
+        m
+    }
+
+    /// Sets the policy (refused, left off, for a trainable model).
+    pub(crate) fn set(&mut self, c: Checkpointing) {
+        self.policy = if self.trainable {
+            Checkpointing::Off
+        } else {
+            c
+        };
+    }
+
+    /// The policy in force.
+    pub(crate) fn policy(self) -> Checkpointing {
+        self.policy
+    }
+}
+
 /// Whether a forward pass should checkpoint at all: the model's policy when a graph is being
 /// built through `inputs` (something upstream is trained) outside an inference scope.
 pub(crate) fn policy_for(model: Checkpointing, inputs: &[&Tensor]) -> Checkpointing {
@@ -109,67 +147,48 @@ pub fn units_on_this_thread() -> usize {
 
 /// `unit(inputs)` on the autograd graph as one op that keeps only the inputs (one to three)
 /// and the output; the backward recomputes the unit (see the module docs).
+///
+/// The forward runs here, on the inputs detached (no copies); the op recorded afterwards only
+/// hands that output over to candle, so its own forward reads none of its arguments.
 pub(crate) fn checkpointed(unit: Arc<Unit>, inputs: &[&Tensor]) -> Result<Tensor> {
-    let (Some(first), true) = (inputs.first(), inputs.len() <= 3) else {
+    let (Some(&first), true) = (inputs.first(), inputs.len() <= 3) else {
         return Err(crate::error::Error::Input(format!(
             "a checkpointed unit takes one to three inputs, not {}",
             inputs.len()
         )));
     };
-    // Unused argument slots get a scalar constant, which takes no gradient.
-    let pad = Tensor::zeros((), first.dtype(), first.device())?;
-    let arg = |i: usize| -> Result<Tensor> {
-        match inputs.get(i) {
-            Some(t) => dense(t),
-            None => Ok(pad.clone()),
-        }
-    };
-    let (a, b, c) = (arg(0)?, arg(1)?, arg(2)?);
+    let detached: Vec<Tensor> = inputs.iter().map(|t| t.detach()).collect();
+    let output = unit(&detached)?;
+    drop(detached);
     UNITS.with(|u| u.set(u.get() + 1));
+    // Unused argument slots repeat the first input; the backward reads only `inputs.len()`.
+    let arg = |i: usize| inputs.get(i).copied().unwrap_or(first);
     let op = Checkpointed {
         unit,
         inputs: inputs.len(),
+        output: Mutex::new(Some(output)),
     };
-    Ok(a.apply_op3(&b, &c, op)?)
-}
-
-/// `t` itself when it is contiguous from the start of its storage (what the op reads), else a
-/// copy that is.
-fn dense(t: &Tensor) -> Result<Tensor> {
-    if t.is_contiguous() && t.layout().start_offset() == 0 {
-        Ok(t.clone())
-    } else {
-        Ok(t.copy()?)
-    }
+    Ok(arg(0).apply_op3(arg(1), arg(2), op)?)
 }
 
 struct Checkpointed {
     unit: Arc<Unit>,
     /// How many of the op's three arguments the unit reads.
     inputs: usize,
+    /// The forward's output, computed before the op was recorded; taken by the op's forward.
+    output: Mutex<Option<Tensor>>,
 }
 
 impl Checkpointed {
-    /// The forward on storage: the inputs as graph-free tensors, the unit, its output's
-    /// storage (a copy, which candle takes over).
-    fn run(&self, inputs: [(Storage, &Layout); 3]) -> candle_core::Result<(Storage, Shape)> {
-        let args: Vec<Tensor> = inputs
-            .into_iter()
-            .take(self.inputs)
-            .map(|(storage, layout)| {
-                Tensor::from_storage(storage, layout.shape().clone(), BackpropOp::none(), false)
-            })
-            .collect();
-        let y = (self.unit)(&args).map_err(candle_core::Error::wrap)?;
+    /// The precomputed output's storage (a copy, which candle takes over).
+    fn take_output(&self) -> candle_core::Result<(Storage, Shape)> {
+        let y = self
+            .output
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("checkpointed unit: poisoned output".into()))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("checkpointed unit: output taken".into()))?;
         super::frozen::output_storage(&y.contiguous()?)
-    }
-}
-
-fn check_dense(layout: &Layout) -> candle_core::Result<()> {
-    if layout.is_contiguous() && layout.start_offset() == 0 {
-        Ok(())
-    } else {
-        candle_core::bail!("checkpointed unit: an input is not contiguous from offset 0")
     }
 }
 
@@ -180,22 +199,14 @@ impl CustomOp3 for Checkpointed {
 
     fn cpu_fwd(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        for l in [l1, l2, l3] {
-            check_dense(l)?;
-        }
-        let (s1, s2, s3) = (s1.clone(), s2.clone(), s3.clone());
-        match self.run([
-            (Storage::Cpu(s1), l1),
-            (Storage::Cpu(s2), l2),
-            (Storage::Cpu(s3), l3),
-        ])? {
+        match self.take_output()? {
             (Storage::Cpu(s), shape) => Ok((s, shape)),
             _ => candle_core::bail!("checkpointed unit: the output left the CPU"),
         }
@@ -204,23 +215,14 @@ impl CustomOp3 for Checkpointed {
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        for l in [l1, l2, l3] {
-            check_dense(l)?;
-        }
-        let inputs = [
-            (Storage::Cuda(s1.try_clone(l1)?), l1),
-            (Storage::Cuda(s2.try_clone(l2)?), l2),
-            (Storage::Cuda(s3.try_clone(l3)?), l3),
-        ];
-        match self.run(inputs)? {
+        match self.take_output()? {
             (Storage::Cuda(s), shape) => Ok((s, shape)),
             _ => candle_core::bail!("checkpointed unit: the output left the device"),
         }

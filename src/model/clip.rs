@@ -15,7 +15,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 
-use super::checkpoint::{checkpointed, policy_for, Checkpointing};
+use super::checkpoint::{checkpointed, policy_for, Checkpointing, ModelCheckpointing};
 use super::config::ConfigJson;
 use super::nn::{softmax_last, Activation, LayerNorm, Linear};
 use super::weights::{Scope, WeightFile};
@@ -165,9 +165,8 @@ pub struct ClipTextModel {
     final_ln: LayerNorm,
     projection: Option<Linear>,
     device: Device,
-    /// Which layers to checkpoint in passes that build a graph ([`super::checkpoint`]):
-    /// `MIFO_CHECKPOINT`'s policy at load when no parameter is trainable, else off.
-    checkpointing: Checkpointing,
+    /// Which layers to checkpoint in passes that build a graph ([`super::checkpoint`]).
+    checkpointing: ModelCheckpointing,
 }
 
 impl EncoderLayer {
@@ -287,20 +286,14 @@ impl ClipTextModel {
             final_ln,
             projection,
             device: device.clone(),
-            checkpointing: if weights.vars().is_empty() {
-                Checkpointing::from_env(device)
-            } else {
-                Checkpointing::Off
-            },
+            checkpointing: ModelCheckpointing::at_load(&weights, device),
         })
     }
 
     /// Sets which layers are checkpointed ([`super::checkpoint`]); a text encoder with
     /// trainable parameters stays at [`Checkpointing::Off`].
     pub fn set_checkpointing(&mut self, c: Checkpointing) {
-        if self.checkpointing != Checkpointing::Off || c == Checkpointing::Off {
-            self.checkpointing = c;
-        }
+        self.checkpointing.set(c);
     }
 
     /// The resolved configuration.
@@ -431,7 +424,7 @@ impl ClipTextModel {
             .unsqueeze(0)?;
         let mut h = token_embeds.broadcast_add(&pos)?;
         let mask = causal_mask(l, h.dtype(), &self.device)?;
-        let policy = policy_for(self.checkpointing, &[&h]);
+        let policy = policy_for(self.checkpointing.policy(), &[&h]);
         let mut penultimate = None;
         let n = self.layers.len();
         for (i, layer) in self.layers.iter().enumerate() {

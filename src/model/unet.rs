@@ -14,7 +14,7 @@ use super::attention::{AttentionHook, HookCtx};
 use super::blocks::{
     Downsample, ResnetBlock, ResnetParams, SpatialTransformer, TransformerParams, Upsample,
 };
-use super::checkpoint::{policy_for, Checkpointing};
+use super::checkpoint::{policy_for, Checkpointing, ModelCheckpointing};
 use super::config::ConfigJson;
 use super::nn::{Conv2d, GroupNorm, Linear};
 use super::weights::{Scope, WeightFile};
@@ -311,11 +311,8 @@ pub struct UNet {
     conv_out: Conv2d,
     dtype: DType,
     device: Device,
-    /// No parameter takes a gradient.
-    frozen: bool,
-    /// Which units to checkpoint in passes that build a graph ([`super::checkpoint`]):
-    /// `MIFO_CHECKPOINT`'s policy at load when no parameter is trainable, else off.
-    checkpointing: Checkpointing,
+    /// Which units to checkpoint in passes that build a graph ([`super::checkpoint`]).
+    checkpointing: ModelCheckpointing,
 }
 
 impl UNet {
@@ -481,8 +478,6 @@ impl UNet {
             1,
             cfg.conv_out_kernel / 2,
         )?;
-        // Every parameter handed out (the LoRA adapters included) is a plain tensor.
-        let frozen = file.vars().is_empty();
         Ok(Self {
             config,
             conv_in,
@@ -498,12 +493,7 @@ impl UNet {
             conv_out,
             dtype,
             device: device.clone(),
-            frozen,
-            checkpointing: if frozen {
-                Checkpointing::from_env(device)
-            } else {
-                Checkpointing::Off
-            },
+            checkpointing: ModelCheckpointing::at_load(&file, device),
         })
     }
 
@@ -511,12 +501,12 @@ impl UNet {
     /// trainable parameters stays at [`Checkpointing::Off`]: the recomputation would not carry
     /// their gradients.
     pub fn set_checkpointing(&mut self, c: Checkpointing) {
-        self.checkpointing = if self.frozen { c } else { Checkpointing::Off };
+        self.checkpointing.set(c);
     }
 
     /// Which units are checkpointed.
     pub fn checkpointing(&self) -> Checkpointing {
-        self.checkpointing
+        self.checkpointing.policy()
     }
 
     /// The resolved configuration.
@@ -659,7 +649,7 @@ impl UNet {
         };
         let mut h = self.conv_in.forward(&x)?;
         let mut skips = vec![h.clone()];
-        ctx.set_checkpointing(policy_for(self.checkpointing, &[&x, context]));
+        ctx.set_checkpointing(policy_for(self.checkpointing.policy(), &[&x, context]));
         let run = |layer: &Layer, h: &Tensor, ctx: &mut HookCtx| -> Result<Tensor> {
             let h = layer.resnet.forward_in(h, &temb, ctx)?;
             match &layer.attn {
