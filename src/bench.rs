@@ -931,7 +931,7 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&BenchRow)) -> Result<B
         },
         dtype: format!("{:?}", opts.dtype).to_lowercase(),
         size,
-        threads: candle_core::utils::get_num_threads(),
+        threads: crate::cpu_threads::count(),
         memory: probe.describe(dev),
         attention: attention_path(dev).into(),
         checkpointing: crate::model::checkpoint::Checkpointing::from_env(dev)

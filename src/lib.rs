@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod cpu_threads;
 pub mod engine;
 pub mod error;
 pub mod eval;

@@ -158,6 +158,7 @@ pub struct WorkerArgs {
 
 /// Entry point called by `main.rs`.
 pub fn main() -> anyhow::Result<()> {
+    crate::cpu_threads::settle();
     let cli = Cli::parse();
     let Some(command) = cli.command else {
         let model = cli.source.flags(cli.model);

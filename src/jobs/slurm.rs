@@ -122,9 +122,13 @@ impl SlurmState {
 /// Runs a Slurm command, returning its stdout; an error names the command and its first line
 /// of stderr.
 fn slurm_command(program: &str, args: &[String]) -> Result<String> {
-    let out = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
+    let mut command = Command::new(program);
+    command.args(args).stdin(Stdio::null());
+    if crate::cpu_threads::set_here() {
+        // A job runs on another node: it counts its own cores.
+        command.env_remove(crate::cpu_threads::RAYON_NUM_THREADS);
+    }
+    let out = command
         .output()
         .map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {

@@ -238,7 +238,7 @@ unsafe fn matmul(
     rhs: View,
     accumulate: bool,
 ) {
-    let threads = candle_core::utils::get_num_threads();
+    let threads = crate::cpu_threads::count();
     let parallelism = if threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {

@@ -1,0 +1,63 @@
+//! How many threads candle's CPU kernels use, decided once per process.
+//!
+//! candle (0.11) asks `candle_core::utils::get_num_threads()` for the thread count of every CPU
+//! matrix product. Unless `RAYON_NUM_THREADS` is set, that call counts the physical cores again,
+//! which on a machine without `cpu_capacity` in sysfs (most x86 servers and VMs) opens and reads
+//! the whole of `/proc/cpuinfo` — about 350 times per forward of the tiny UNet, and on a
+//! many-core GPU server a file of hundreds of kilobytes each time. [`settle`] counts once and
+//! sets the variable to that count, so every later call only reads it.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
+
+/// The variable candle and rayon read for their thread counts.
+pub const RAYON_NUM_THREADS: &str = "RAYON_NUM_THREADS";
+
+static SET_HERE: AtomicBool = AtomicBool::new(false);
+
+/// A usable thread count in `RAYON_NUM_THREADS`, if the user set one.
+fn from_env() -> Option<usize> {
+    std::env::var(RAYON_NUM_THREADS)
+        .ok()
+        .and_then(|s| s.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+}
+
+/// Decides the CPU thread count for the rest of the process: a `RAYON_NUM_THREADS` the user set
+/// is kept; otherwise candle's own default (the physical cores) is counted once and written to
+/// `RAYON_NUM_THREADS`. rayon's global pool is built first, so it keeps its own default (the
+/// logical CPUs) as before. Call it at the start of `main`, before any other thread exists.
+pub fn settle() {
+    if from_env().is_some() {
+        return;
+    }
+    let count = candle_core::utils::get_num_threads();
+    // Ignored when the pool exists already: then it was sized before this call anyway.
+    let _ = rayon::ThreadPoolBuilder::new().build_global();
+    std::env::set_var(RAYON_NUM_THREADS, count.to_string());
+    SET_HERE.store(true, Ordering::Relaxed);
+}
+
+/// Whether [`settle`] wrote `RAYON_NUM_THREADS` (rather than the user): a process started on
+/// another machine (a Slurm job) must not inherit this machine's count.
+pub fn set_here() -> bool {
+    SET_HERE.load(Ordering::Relaxed)
+}
+
+/// candle's CPU thread count, read once (what our own kernels hand to `gemm`).
+pub fn count() -> usize {
+    static COUNT: OnceLock<usize> = OnceLock::new();
+    *COUNT.get_or_init(candle_core::utils::get_num_threads)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_count_is_positive_and_stable() {
+        let n = count();
+        assert!(n >= 1);
+        assert_eq!(count(), n);
+    }
+}
