@@ -49,15 +49,3 @@ pub fn count() -> usize {
     static COUNT: OnceLock<usize> = OnceLock::new();
     *COUNT.get_or_init(candle_core::utils::get_num_threads)
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_count_is_positive_and_stable() {
-        let n = count();
-        assert!(n >= 1);
-        assert_eq!(count(), n);
-    }
-}
