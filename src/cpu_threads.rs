@@ -13,6 +13,10 @@ use std::sync::OnceLock;
 /// The variable candle and rayon read for their thread counts.
 pub const RAYON_NUM_THREADS: &str = "RAYON_NUM_THREADS";
 
+/// Set beside [`RAYON_NUM_THREADS`] when mifo wrote it, to the same count, so that a child
+/// process (the engine, started by another `mifo`) knows the count was counted, not chosen.
+pub const COUNTED_THREADS: &str = "MIFO_COUNTED_THREADS";
+
 static SET_HERE: AtomicBool = AtomicBool::new(false);
 
 /// A usable thread count in `RAYON_NUM_THREADS`, if the user set one.
@@ -28,18 +32,23 @@ fn from_env() -> Option<usize> {
 /// `RAYON_NUM_THREADS`. rayon's global pool is built first, so it keeps its own default (the
 /// logical CPUs) as before. Call it at the start of `main`, before any other thread exists.
 pub fn settle() {
-    if from_env().is_some() {
+    if let Some(n) = from_env() {
+        // Inherited from a mifo process on this machine (the engine's parent) or the user's.
+        let counted = std::env::var(COUNTED_THREADS).ok() == Some(n.to_string());
+        SET_HERE.store(counted, Ordering::Relaxed);
         return;
     }
-    let count = candle_core::utils::get_num_threads();
+    let count = candle_core::utils::get_num_threads().to_string();
     // Ignored when the pool exists already: then it was sized before this call anyway.
     let _ = rayon::ThreadPoolBuilder::new().build_global();
-    std::env::set_var(RAYON_NUM_THREADS, count.to_string());
+    std::env::set_var(RAYON_NUM_THREADS, &count);
+    std::env::set_var(COUNTED_THREADS, &count);
     SET_HERE.store(true, Ordering::Relaxed);
 }
 
-/// Whether [`settle`] wrote `RAYON_NUM_THREADS` (rather than the user): a process started on
-/// another machine (a Slurm job) must not inherit this machine's count.
+/// Whether `RAYON_NUM_THREADS` holds a count mifo made on this machine (by [`settle`] here or
+/// in a parent `mifo`) rather than one the user set: a process started on another machine (a
+/// Slurm job) must not inherit it.
 pub fn set_here() -> bool {
     SET_HERE.load(Ordering::Relaxed)
 }

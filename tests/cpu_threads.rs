@@ -31,6 +31,11 @@ fn after_settling_matrix_products_read_no_files() {
     );
     assert_eq!(mifo::cpu_threads::count(), default);
     assert!(mifo::cpu_threads::set_here());
+    assert_eq!(
+        std::env::var(mifo::cpu_threads::COUNTED_THREADS).ok(),
+        Some(default.to_string()),
+        "a child mifo can tell the count was counted"
+    );
 
     let a = Tensor::ones((64, 64), DType::F32, &Device::Cpu).unwrap();
     let warm = a.matmul(&a).unwrap();
@@ -44,4 +49,12 @@ fn after_settling_matrix_products_read_no_files() {
         read < cpuinfo,
         "50 matrix products read {read} bytes (/proc/cpuinfo is {cpuinfo} bytes)"
     );
+
+    // A child mifo (the engine) inherits both variables: the count is still mifo's, and a
+    // Slurm submission drops it. A count the user set is the user's and travels with the job.
+    mifo::cpu_threads::settle();
+    assert!(mifo::cpu_threads::set_here());
+    std::env::set_var("RAYON_NUM_THREADS", (default + 3).to_string());
+    mifo::cpu_threads::settle();
+    assert!(!mifo::cpu_threads::set_here());
 }

@@ -126,7 +126,9 @@ fn slurm_command(program: &str, args: &[String]) -> Result<String> {
     command.args(args).stdin(Stdio::null());
     if crate::cpu_threads::set_here() {
         // A job runs on another node: it counts its own cores.
-        command.env_remove(crate::cpu_threads::RAYON_NUM_THREADS);
+        command
+            .env_remove(crate::cpu_threads::RAYON_NUM_THREADS)
+            .env_remove(crate::cpu_threads::COUNTED_THREADS);
     }
     let out = command
         .output()
