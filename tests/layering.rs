@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[&[&str]] = &[
     &["store"],
     &["error"],
-    &["config", "imageio", "sink"],
+    &["config", "imageio", "sink", "cpu_threads"],
     &["model"],
     &["learn", "synth"],
     &["eval"],
