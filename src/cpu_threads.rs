@@ -17,9 +17,9 @@ pub const RAYON_NUM_THREADS: &str = "RAYON_NUM_THREADS";
 /// process (the engine, started by another `mifo`) knows the count was counted, not chosen.
 pub const COUNTED_THREADS: &str = "MIFO_COUNTED_THREADS";
 
-static SET_HERE: AtomicBool = AtomicBool::new(false);
+static COUNTED_BY_MIFO: AtomicBool = AtomicBool::new(false);
 
-/// A usable thread count in `RAYON_NUM_THREADS`, if the user set one.
+/// A usable thread count in `RAYON_NUM_THREADS`, if one is set (by the user or a parent mifo).
 fn from_env() -> Option<usize> {
     std::env::var(RAYON_NUM_THREADS)
         .ok()
@@ -35,7 +35,7 @@ pub fn settle() {
     if let Some(n) = from_env() {
         // Inherited from a mifo process on this machine (the engine's parent) or the user's.
         let counted = std::env::var(COUNTED_THREADS).ok() == Some(n.to_string());
-        SET_HERE.store(counted, Ordering::Relaxed);
+        COUNTED_BY_MIFO.store(counted, Ordering::Relaxed);
         return;
     }
     let count = candle_core::utils::get_num_threads().to_string();
@@ -43,14 +43,14 @@ pub fn settle() {
     let _ = rayon::ThreadPoolBuilder::new().build_global();
     std::env::set_var(RAYON_NUM_THREADS, &count);
     std::env::set_var(COUNTED_THREADS, &count);
-    SET_HERE.store(true, Ordering::Relaxed);
+    COUNTED_BY_MIFO.store(true, Ordering::Relaxed);
 }
 
 /// Whether `RAYON_NUM_THREADS` holds a count mifo made on this machine (by [`settle`] here or
 /// in a parent `mifo`) rather than one the user set: a process started on another machine (a
 /// Slurm job) must not inherit it.
-pub fn set_here() -> bool {
-    SET_HERE.load(Ordering::Relaxed)
+pub fn counted_by_mifo() -> bool {
+    COUNTED_BY_MIFO.load(Ordering::Relaxed)
 }
 
 /// candle's CPU thread count, read once (what our own kernels hand to `gemm`).

@@ -30,7 +30,7 @@ fn after_settling_matrix_products_read_no_files() {
         "settle writes candle's own default"
     );
     assert_eq!(mifo::cpu_threads::count(), default);
-    assert!(mifo::cpu_threads::set_here());
+    assert!(mifo::cpu_threads::counted_by_mifo());
     assert_eq!(
         std::env::var(mifo::cpu_threads::COUNTED_THREADS).ok(),
         Some(default.to_string()),
@@ -53,8 +53,8 @@ fn after_settling_matrix_products_read_no_files() {
     // A child mifo (the engine) inherits both variables: the count is still mifo's, and a
     // Slurm submission drops it. A count the user set is the user's and travels with the job.
     mifo::cpu_threads::settle();
-    assert!(mifo::cpu_threads::set_here());
+    assert!(mifo::cpu_threads::counted_by_mifo());
     std::env::set_var("RAYON_NUM_THREADS", (default + 3).to_string());
     mifo::cpu_threads::settle();
-    assert!(!mifo::cpu_threads::set_here());
+    assert!(!mifo::cpu_threads::counted_by_mifo());
 }

@@ -124,7 +124,7 @@ impl SlurmState {
 fn slurm_command(program: &str, args: &[String]) -> Result<String> {
     let mut command = Command::new(program);
     command.args(args).stdin(Stdio::null());
-    if crate::cpu_threads::set_here() {
+    if crate::cpu_threads::counted_by_mifo() {
         // A job runs on another node: it counts its own cores.
         command
             .env_remove(crate::cpu_threads::RAYON_NUM_THREADS)
